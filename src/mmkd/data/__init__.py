@@ -1,0 +1,1 @@
+"""Data: sources that read real files, the built-in world, transforms and batching."""

@@ -1,0 +1,35 @@
+"""One entry point from a data spec to records: the built-in world or any on-disk format in ``sources``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmkd.data import sources, world
+from mmkd.data.records import Record
+
+WORLD_SPLITS = ("train", "val", "test", "pool")
+
+
+def records_from_spec(spec: str, cache_dir: str | Path = "runs/.cache", world_n: int = 4000,
+                      world_seed: int = 0, **options) -> list[Record]:
+    """``world:SPLIT`` generates (or reads cached) built-in world images; ``FORMAT:PATH`` reads files."""
+    fmt, _, rest = spec.partition(":")
+    if fmt == "world":
+        split = rest or "train"
+        if split not in WORLD_SPLITS:
+            raise ValueError(f"data spec {spec!r}: world split must be one of {', '.join(WORLD_SPLITS)}")
+        return world.to_records(world.load_split(split, world_n, Path(cache_dir) / "world", seed=world_seed))
+    return sources.read_records(spec, **options)
+
+
+def zeroshot_classes(spec: str, class_set: str | None = None) -> tuple[list[str], list[str]]:
+    """Class names and prompt templates for a labelled data spec."""
+    fmt, _, _ = spec.partition(":")
+    if fmt == "world":
+        cs = class_set or "colour_shape"
+        return world.class_sets()[cs], world.templates(cs)
+    names = sources.class_names(spec)
+    if not names:
+        raise ValueError(f"data spec {spec!r} has no class names; zero-shot needs a labelled set "
+                         "(imagefolder, cifar10, cifar100, stl10, wds with classes.txt)")
+    return names, ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]

@@ -1,0 +1,201 @@
+"""Image transforms on PIL/numpy (no torchvision), with augmentation that is a pure function of its inputs.
+
+Why pure: the teacher cache stores embeddings per (sample key, view), so view v of sample k must be
+the same pixels in every epoch, worker and resumed run. `view_rng` derives the generator from
+(seed, key, view) with a stable hash; view 0 is always the plain eval transform.
+
+Speed: resize + crop are fused into one PIL ``resize(box=...)`` call (no intermediate image), and the
+uint8 → normalised float32 conversion is one numpy pass into a fresh buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
+ImageLike = Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Everything that defines the pixels a model sees; mean/std must be the model's own."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: bool = False  # random resized crop (+ optional flip) when True
+    scale: tuple[float, float] = (0.6, 1.0)  # crop area range as a fraction of the image
+    hflip: bool = False  # off by default: captions say "left"/"right"!
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect-ratio range
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std need 3 values with std > 0, got {self.mean} / {self.std}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+
+
+# -------------------------------------------------------------------------------------- single transforms
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """RGB PIL image from a PIL image of any mode or an HxWx3 / HxW uint8 array."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ValueError(f"image array must be HxWx3 (or HxW) uint8, got {arr.shape} {arr.dtype}")
+    return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side is `size` (bicubic), keeping the aspect ratio."""
+    w, h = image.size
+    s = size / min(w, h)
+    return image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The central size x size square (the image must be at least that big)."""
+    w, h = image.size
+    left, top = round((w - size) / 2), round((h - size) / 2)
+    return image.crop((left, top, left + size, top + size))
+
+
+def center_box(width: int, height: int) -> Box:
+    """Source box that resize-shorter-side + centre-crop maps to the output: the central square."""
+    m = min(width, height)
+    left, top = (width - m) / 2, (height - m) / 2
+    return (left, top, left + m, top + m)
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            rng: np.random.Generator) -> Box:
+    """A random box covering `scale` of the area with aspect ratio in `ratio` (log-uniform).
+
+    Falls back to the largest centred box with a legal ratio when 10 tries do not fit.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return (left, top, left + w, top + h)
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return (left, top, left + w, top + h)
+
+
+def crop_resize(image: Image.Image, box: Box, size: int) -> Image.Image:
+    """Crop `box` and resize it to size x size in one bicubic resample (no intermediate copy)."""
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
+def hflip(image: Image.Image) -> Image.Image:
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def to_normalized_tensor(image: ImageLike, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 HxWx3 → float32 [3,H,W] of (x/255 - mean)/std, in one pass into a new buffer."""
+    return _normalize(np.asarray(image), *_affine(mean, std))
+
+
+def _affine(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(x/255 - mean)/std as x*scale + offset, shaped to broadcast over [3,H,W]."""
+    m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return (1.0 / (255.0 * s)).reshape(3, 1, 1), (-m / s).reshape(3, 1, 1)
+
+
+def _normalize(arr: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> torch.Tensor:
+    out = np.empty((3, arr.shape[0], arr.shape[1]), dtype=np.float32)
+    np.multiply(arr.transpose(2, 0, 1), scale, out=out)
+    out += offset
+    return torch.from_numpy(out)
+
+
+def compose(*steps: Callable[[Image.Image], Image.Image]) -> Callable[[Image.Image], Image.Image]:
+    """Chain PIL → PIL steps left to right (for custom pipelines; `ImageTransform` uses fused steps)."""
+
+    def run(image: Image.Image) -> Image.Image:
+        for step in steps:
+            image = step(image)
+        return image
+
+    return run
+
+
+# --------------------------------------------------------------------------------------- the model transform
+
+
+class ImageTransform:
+    """Eval: resize shorter side + centre crop; train: random resized crop (+ optional flip); normalise.
+
+    Output is float32 [3, image_size, image_size]. Train mode with ``rng=None`` draws from a fresh,
+    unseeded generator; pass `view_rng(...)` for reproducible views.
+    """
+
+    def __init__(self, cfg: TransformConfig) -> None:
+        self.cfg = cfg
+        self._scale, self._offset = _affine(cfg.mean, cfg.std)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.cfg})"
+
+    def __call__(self, image: ImageLike, rng: np.random.Generator | None = None) -> torch.Tensor:
+        cfg, size = self.cfg, self.cfg.image_size
+        if (not cfg.train and isinstance(image, np.ndarray) and image.dtype == np.uint8
+                and image.shape == (size, size, 3)):
+            return _normalize(image, self._scale, self._offset)  # already model-sized: skip PIL entirely
+        img = to_pil(image)
+        w, h = img.size
+        if cfg.train:
+            rng = rng if rng is not None else np.random.default_rng()
+            box = random_resized_crop_box(w, h, cfg.scale, cfg.ratio, rng)
+            img = crop_resize(img, box, size)
+            if cfg.hflip and rng.random() < 0.5:
+                img = hflip(img)
+        elif (w, h) != (size, size):
+            img = crop_resize(img, center_box(w, h), size)
+        return _normalize(np.asarray(img), self._scale, self._offset)
+
+
+def _key_hash(key: str) -> int:
+    """64-bit hash of a sample key that is the same in every process (unlike salted ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
+    """Generator for augmentation view `view` of sample `key`: a pure function of (seed, key, view)."""
+    if view < 0:
+        raise ValueError(f"view must be >= 0, got {view}")
+    return np.random.default_rng([seed & 0xFFFF_FFFF_FFFF_FFFF, _key_hash(key), view])
+
+
+def apply_view(transform_train: ImageTransform, transform_eval: ImageTransform, image: ImageLike,
+               seed: int, key: str, view: int) -> torch.Tensor:
+    """View 0 = the deterministic eval transform; view v > 0 = train transform seeded by (seed, key, v)."""
+    if view == 0:
+        return transform_eval(image)
+    return transform_train(image, rng=view_rng(seed, key, view))

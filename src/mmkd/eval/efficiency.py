@@ -1,0 +1,187 @@
+"""Size, compute, speed and memory of a dual encoder: the other half of a distillation trade-off."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmkd.eval.embed import eval_mode, model_device_dtype
+
+DEFAULT_CAPTION = "a small red circle on the left"
+
+
+def _unique_numel(modules: Iterable[nn.Module | None]) -> int:
+    """Parameter count over several modules, each tensor counted once even if shared or tied."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters per tower: image = vision_model + visual_projection, text = text_model + text_projection.
+
+    "total" counts every parameter of the model once, so weights shared between towers (or extra modules
+    such as a logit scale) make it differ from image + text.
+    """
+    return {
+        "image": _unique_numel([model.vision_model, getattr(model, "visual_projection", None)]),
+        "text": _unique_numel([model.text_model, getattr(model, "text_projection", None)]),
+        "total": _unique_numel([model]),
+    }
+
+
+def _random_pixels(model: nn.Module, batch_size: int) -> torch.Tensor:
+    """Random input of the model's size from a private generator, so global RNG state is left alone."""
+    device, dtype = model_device_dtype(model)
+    gen = torch.Generator().manual_seed(0)
+    size = int(model.image_size)
+    return torch.randn(batch_size, 3, size, size, generator=gen).to(device=device, dtype=dtype)
+
+
+def _tokens(model: nn.Module, caption: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    device, _ = model_device_dtype(model)
+    tok = model.tokenize([caption] * batch_size)
+    return tok["input_ids"].to(device), tok["attention_mask"].to(device)
+
+
+def flops(model: nn.Module, batch_size: int = 1, caption: str = DEFAULT_CAPTION) -> dict[str, float]:
+    """GFLOPs per image and per caption (one multiply-add = 2 FLOPs), counted by FlopCounterMode.
+
+    Only ops FlopCounterMode knows (matmuls, convolutions, attention) are counted; elementwise work, norms and
+    embedding look-ups are not, as is usual for reported model FLOPs. Tokenisation is excluded.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pixels = _random_pixels(model, batch_size)
+    ids, mask = _tokens(model, caption, batch_size)
+    with eval_mode(model), torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            model.encode_image(pixels)
+        image = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model.encode_text(ids, mask)
+        text = counter.get_total_flops()
+    return {"image_gflops": image / batch_size / 1e9, "text_gflops": text / batch_size / 1e9}
+
+
+def _time_call(fn: Callable[[], object], repeats: int, warmup: int, budget_s: float, sync: bool) -> float:
+    """Median seconds per call; stops early once ``budget_s`` is spent (always at least one timed call)."""
+    deadline = time.perf_counter() + budget_s
+    for _ in range(warmup):
+        fn()
+        if time.perf_counter() > deadline:
+            break
+    times: list[float] = []
+    for _ in range(max(1, repeats)):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return statistics.median(times)
+
+
+def latency(
+    model: nn.Module,
+    batch_sizes: Sequence[int] = (1, 64),
+    repeats: int = 10,
+    warmup: int = 2,
+    caption: str = DEFAULT_CAPTION,
+    budget_s: float = 3.0,
+) -> dict[str, float]:
+    """Median encode latency per item at each batch size, plus throughput at batch sizes above 1.
+
+    Keys: ``latency_ms_per_image`` / ``latency_ms_per_caption`` at batch 1 and ``..._b{B}`` at batch B,
+    and ``images_per_s_b{B}`` / ``captions_per_s_b{B}`` for B > 1. Inputs are prepared beforehand (random
+    pixels of ``model.image_size``, pre-tokenised caption), so only the encoders are timed. ``budget_s``
+    caps the total time: it is split evenly over the (modality, batch size) measurements, each stopping early
+    when its share is used, so large models on slow CPUs still finish in seconds (with fewer repeats).
+    """
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch_sizes must be positive, got {tuple(batch_sizes)}")
+    device, _ = model_device_dtype(model)
+    sync = device.type == "cuda"
+    share = budget_s / (2 * len(batch_sizes))
+    out: dict[str, float] = {}
+    with eval_mode(model), torch.inference_mode():
+        for b in batch_sizes:
+            pixels = _random_pixels(model, b)
+            ids, mask = _tokens(model, caption, b)
+            suffix = "" if b == 1 else f"_b{b}"
+            calls: dict[str, Callable[[], object]] = {
+                "image": lambda p=pixels: model.encode_image(p),
+                "caption": lambda i=ids, m=mask: model.encode_text(i, m),
+            }
+            for kind, fn in calls.items():
+                seconds = _time_call(fn, repeats, warmup, share, sync)
+                out[f"latency_ms_per_{kind}{suffix}"] = 1000.0 * seconds / b
+                if b > 1:
+                    out[f"{kind}s_per_s{suffix}"] = b / max(seconds, 1e-12)
+    return out
+
+
+def _rss_bytes() -> int | None:
+    """Current resident set size from /proc/self/statm (field 2, in pages); None where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_memory_mb(fn: Callable[[], object], interval_s: float = 0.001) -> float:
+    """Peak increase in resident memory (MiB) while ``fn`` runs, relative to just before it started.
+
+    Why sampling: getrusage's ru_maxrss and /proc's VmHWM are process-lifetime high-water marks, so they
+    cannot see a peak below an earlier one (e.g. after loading a bigger teacher). Instead a background thread
+    reads /proc/self/statm every ``interval_s``; spikes shorter than the interval can be missed, so treat the
+    result as a slight under-estimate. Without /proc (non-Linux) it falls back to the ru_maxrss increase,
+    which is 0 unless fn pushes the process past its previous high-water mark.
+    """
+    before = _rss_bytes()
+    if before is None:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux/BSD
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(0, end - start) * scale / 2**20
+
+    peak = before
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            rss = _rss_bytes() or 0
+            peak = max(peak, rss)
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=sample, name="mmkd-peak-rss", daemon=True)
+    thread.start()
+    try:
+        fn()
+        peak = max(peak, _rss_bytes() or 0)
+    finally:
+        stop.set()
+        thread.join()
+    return max(0, peak - before) / 2**20

@@ -1,0 +1,71 @@
+"""Running the evaluations on records: pixel batches from records, and the metrics block of one model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from mmkd.data.records import Record
+from mmkd.eval.efficiency import count_parameters, latency
+from mmkd.eval.retrieval import evaluate_retrieval
+from mmkd.eval.zeroshot import evaluate_zeroshot
+from mmkd.train.batches import ImageBank
+
+
+def pixel_batches(model: Any, records: Sequence[Record], second: Sequence[int] | None = None,
+                  batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixels, labels-or-indices) batches preprocessed with the model's own size, mean and std."""
+    meta = model.meta
+    bank = ImageBank(records, meta.image_size, meta.image_mean, meta.image_std)
+    values = list(second) if second is not None else list(range(len(records)))
+    for i in range(0, len(records), batch_size):
+        idx = list(range(i, min(i + batch_size, len(records))))
+        yield bank.pixels(idx), torch.tensor([values[j] for j in idx])
+
+
+def world_labels(records: Sequence[Record], class_set: str) -> list[int]:
+    """The built-in world's records carry colour_shape labels; derive shape or colour from them."""
+    from mmkd.data import world
+
+    n_shapes = len(world.SHAPES)
+    out = []
+    for r in records:
+        if r.label is None:
+            raise ValueError(f"{r.key}: no label (two-object image); zero-shot needs single-object images")
+        out.append({"colour_shape": r.label, "shape": r.label % n_shapes, "colour": r.label // n_shapes}[class_set])
+    return out
+
+
+def zeroshot(model: Any, records: Sequence[Record], classnames: list[str], templates: list[str],
+             labels: Sequence[int] | None = None) -> dict[str, float]:
+    labels = labels if labels is not None else [r.label for r in records]  # type: ignore[misc]
+    if any(lab is None for lab in labels):
+        raise ValueError("zero-shot evaluation needs a label on every image")
+    return evaluate_zeroshot(model, pixel_batches(model, records, labels), classnames, templates)
+
+
+def retrieval(model: Any, records: Sequence[Record]) -> dict[str, float]:
+    caps = [list(r.captions) for r in records]
+    if not any(caps):
+        raise ValueError("retrieval needs captioned images")
+    return evaluate_retrieval(model, pixel_batches(model, records), caps)
+
+
+def world_metrics(model: Any, test: Sequence[Record], class_sets: Sequence[str] = ("colour_shape", "shape",
+                  "colour"), latency_budget_s: float = 3.0) -> dict[str, Any]:
+    """The metrics.json block of one model on the built-in world's test split."""
+    from mmkd.data import world
+
+    counts = count_parameters(model)
+    out: dict[str, Any] = {"params": counts["total"], "params_per_tower": counts}
+    lat = latency(model, budget_s=latency_budget_s)
+    out["latency_ms_per_image"] = lat["latency_ms_per_image"]
+    out["latency"] = lat
+    out["zeroshot"] = {
+        cs: zeroshot(model, test, world.class_sets()[cs], world.templates(cs), world_labels(test, cs))
+        for cs in class_sets
+    }
+    out["retrieval"] = retrieval(model, test)
+    return out

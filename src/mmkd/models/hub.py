@@ -1,0 +1,202 @@
+"""Loading and saving dual encoders: mmkd folders, transformers' CLIPModel and VisionTextDualEncoderModel.
+
+A model is a folder (or hub id) holding ``config.json``, ``model.safetensors`` and tokenizer files. Saving
+is atomic: a crash mid-save never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModel
+
+from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
+from mmkd.models.towers import config_from_dict, model_from_config
+
+MIN_VOCAB = 1000
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder or hub id that cannot be used: the message names it and what to do."""
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id fetched into the local cache (fails clearly offline)."""
+    p = Path(path_or_id)
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{p} is a file; a model is a folder with config.json and weights")
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_id)))
+    except Exception as e:  # offline, unknown id, auth: all mean the same to the user
+        raise ModelLoadError(
+            f"model {str(path_or_id)!r} is neither a local folder nor a downloadable hub id ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); download it on a machine with access and pass "
+            "the folder") from None
+
+
+def check_tokenizer(tokenizer: Any, where: str, min_vocab: int = MIN_VOCAB) -> Any:
+    """Refuse empty/tiny tokenizers: offline, transformers can return an empty CLIP tokenizer silently."""
+    size = len(tokenizer) if tokenizer is not None else 0
+    if size < min_vocab:
+        raise ModelLoadError(
+            f"tokenizer of {where} has only {size} tokens (expected ≥ {min_vocab}); its vocabulary files are "
+            "missing or were not downloaded (offline hubs return an empty tokenizer). Put tokenizer files "
+            "(tokenizer.json or vocab files) in the model folder, or pass a folder that has them")
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike, where: str | None = None) -> Any:
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from None
+    return check_tokenizer(tok, where or str(path))
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    f = folder / "config.json"
+    if not f.is_file():
+        raise ModelLoadError(f"{folder} has no config.json; it is not a model folder")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{f} is not valid JSON: {e}") from None
+
+
+def weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelLoadError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}); the save was incomplete or "
+                         "only the config was copied: copy the weights file too")
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    f = weights_file(folder)
+    try:
+        if f.suffix == ".safetensors":
+            return load_file(str(f))
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read weights {f}: {e}") from None
+
+
+def _image_settings(folder: Path, image_size: int) -> dict[str, Any]:
+    """Preprocessing from preprocessor_config.json where present (as the model was trained), else CLIP's."""
+    out: dict[str, Any] = {"image_size": image_size, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+    f = folder / "preprocessor_config.json"
+    if f.is_file():
+        pc = json.loads(f.read_text())
+        if "image_mean" in pc:
+            out["image_mean"] = tuple(pc["image_mean"])
+        if "image_std" in pc:
+            out["image_std"] = tuple(pc["image_std"])
+    return out
+
+
+def drop_unused_pooler(tower: nn.Module, pooling: str) -> nn.Module:
+    """BERT/ViT poolers that the chosen pooling ignores would be dead weights (and break DDP's unused check)."""
+    if pooling != "pooler" and getattr(tower, "pooler", None) is not None and not isinstance(
+            tower, (CLIPVisionModel, CLIPTextModel)):
+        tower.pooler = None
+    return tower
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelLoadError(f"weights of {where} do not fit its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+
+def _from_dual_encoder_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> DualEncoder:
+    mm = cfg.get("mmkd")
+    vision_cfg = config_from_dict(cfg["vision_config"])
+    text_cfg = config_from_dict(cfg["text_config"])
+    if mm is None:  # a plain transformers VisionTextDualEncoderModel: its conventions
+        image_size = int(getattr(vision_cfg, "image_size", 224))
+        meta = EncoderMeta(vision_pooling="pooler", text_pooling="pooler", **_image_settings(folder, image_size))
+    else:
+        meta = EncoderMeta.from_json(mm)
+    vision = drop_unused_pooler(model_from_config(vision_cfg), meta.vision_pooling)
+    text = drop_unused_pooler(model_from_config(text_cfg), meta.text_pooling)
+    model = DualEncoder(vision, text, int(cfg["projection_dim"]), meta, tokenizer)
+    _load_strict(model, read_state_dict(folder), str(folder))
+    return model
+
+
+def _from_clip_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> DualEncoder:
+    try:
+        clip = CLIPModel.from_pretrained(str(folder))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load CLIPModel from {folder}: {e}") from None
+    vision = CLIPVisionModel(clip.config.vision_config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    text = CLIPTextModel(clip.config.text_config)
+    text.text_model.load_state_dict(clip.text_model.state_dict())
+    settings = _image_settings(folder, int(clip.config.vision_config.image_size))
+    meta = EncoderMeta(vision_pooling="pooler", text_pooling="pooler",
+                       max_text_length=int(clip.config.text_config.max_position_embeddings), **settings)
+    model = DualEncoder(vision, text, int(clip.config.projection_dim), meta, tokenizer)
+    with torch.no_grad():
+        model.visual_projection.weight.copy_(clip.visual_projection.weight)
+        model.text_projection.weight.copy_(clip.text_projection.weight)
+        model.logit_scale.copy_(clip.logit_scale)
+    return model
+
+
+LOADERS = {
+    "vision-text-dual-encoder": _from_dual_encoder_folder,
+    "clip": _from_clip_folder,
+}
+
+
+def load_dual_encoder(path_or_id: str | os.PathLike, tokenizer_path: str | None = None) -> DualEncoder:
+    """Load a dual encoder from an mmkd folder, a CLIPModel or a VisionTextDualEncoderModel (folder or hub id)."""
+    folder = resolve(path_or_id)
+    cfg = read_config(folder)
+    model_type = cfg.get("model_type")
+    if model_type not in LOADERS:
+        raise ModelLoadError(f"{folder}: model_type {model_type!r} is not a dual encoder mmkd can load; "
+                             f"supported: {', '.join(LOADERS)}")
+    weights_file(folder)  # fail on a weightless folder before anything slow
+    tokenizer = load_tokenizer(tokenizer_path or folder, where=str(tokenizer_path or folder))
+    model = LOADERS[model_type](folder, cfg, tokenizer)
+    model.eval()
+    return model
+
+
+def save_dual_encoder(model: DualEncoder, out: str | os.PathLike) -> Path:
+    """Write config.json + model.safetensors + tokenizer into ``out`` atomically (tmp folder, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(model.hf_config(), indent=2))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(tmp))
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out

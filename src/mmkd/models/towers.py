@@ -1,0 +1,165 @@
+"""Hugging Face towers: building them by architecture name, pooling their outputs, finding their layers.
+
+Any AutoModel can be a tower; mmkd only needs to know how to pool it and where its layer stack is, so it
+can shrink it (weight inheritance) without model-specific code elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    BertConfig,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    ResNetConfig,
+    ViTConfig,
+)
+
+from mmkd.registry import Registry
+
+# arch name → (config class, modality); a new architecture is one line here
+ARCHS: Registry[tuple[type[PretrainedConfig], str]] = Registry("tower architecture")
+ARCHS.register("clip_vision")((CLIPVisionConfig, "image"))
+ARCHS.register("vit")((ViTConfig, "image"))
+ARCHS.register("resnet")((ResNetConfig, "image"))
+ARCHS.register("bert")((BertConfig, "text"))
+ARCHS.register("clip_text")((CLIPTextConfig, "text"))
+
+VISION_POOLING = ("pooler", "cls", "mean")
+TEXT_POOLING = ("pooler", "cls", "mean", "eos")
+
+
+def model_from_config(config: PretrainedConfig) -> nn.Module:
+    """Instantiate a tower; CLIP sub-configs need their own classes (AutoModel maps them to CLIPModel parts)."""
+    if isinstance(config, CLIPVisionConfig):
+        return CLIPVisionModel(config)
+    if isinstance(config, CLIPTextConfig):
+        return CLIPTextModel(config)
+    if isinstance(config, (ViTConfig, BertConfig)):
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    return AutoModel.from_config(config)
+
+
+def build_tower(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A randomly initialised tower of a registered architecture."""
+    cfg_cls, _ = ARCHS.get(arch)
+    try:
+        config = cfg_cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"tower config for {arch!r}: {e}") from None
+    return model_from_config(config)
+
+
+def config_from_dict(d: dict[str, Any]) -> PretrainedConfig:
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("tower config has no model_type")
+    return AutoConfig.for_model(model_type, **d)
+
+
+def default_pooling(model: nn.Module, modality: str) -> str:
+    """Pooling that matches the architecture's own convention (what HF's dual encoders use)."""
+    if modality == "image":
+        return "pooler" if isinstance(model, CLIPVisionModel) or _is_resnet(model) else "cls"
+    if isinstance(model, CLIPTextModel):
+        return "pooler"  # CLIP's EOS token after the final layer norm
+    return "mean"
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    return getattr(model.config, "model_type", "") == "resnet"
+
+
+def tower_width(model: nn.Module) -> int:
+    cfg = model.config
+    if getattr(cfg, "model_type", "") == "resnet":
+        return int(cfg.hidden_sizes[-1])
+    return int(cfg.hidden_size)
+
+
+def pool_image(outputs: Any, pooling: str) -> torch.Tensor:
+    if pooling == "pooler":
+        pooled = outputs.pooler_output
+        if pooled is None:
+            raise ValueError("vision tower has no pooler output; set pooling to 'cls' or 'mean'")
+        return pooled.flatten(1)
+    hidden = outputs.last_hidden_state
+    if hidden.dim() == 4:  # conv feature map [B, C, H, W]
+        return hidden.mean(dim=(2, 3))
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        return hidden[:, 1:].mean(dim=1)
+    raise ValueError(f"unknown image pooling {pooling!r}; valid: {', '.join(VISION_POOLING)}")
+
+
+def pool_text(outputs: Any, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    hidden = outputs.last_hidden_state
+    if pooling == "pooler":
+        if outputs.pooler_output is None:
+            raise ValueError("text tower has no pooler output; set pooling to 'mean', 'cls' or 'eos'")
+        return outputs.pooler_output
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    if pooling == "eos":
+        last = attention_mask.sum(1).long() - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown text pooling {pooling!r}; valid: {', '.join(TEXT_POOLING)}")
+
+
+def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The ModuleList holding the transformer blocks (parent, attribute name, list), found structurally.
+
+    Looks for the ModuleList whose length equals ``config.num_hidden_layers``; works for BERT/MiniLM, ViT,
+    CLIP vision and text without per-model code.
+    """
+    n = getattr(model.config, "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == n:
+                candidates.append((module, attr, child, f"{name}.{attr}" if name else attr))
+    if len(candidates) != 1:
+        raise ValueError(
+            f"cannot find one layer stack of length {n} in {type(model).__name__} "
+            f"(found {[c[3] for c in candidates]}); this architecture cannot be shrunk by layer selection")
+    parent, attr, stack, _ = candidates[0]
+    return parent, attr, stack
+
+
+def default_keep(n_layers: int) -> list[int]:
+    """Every second layer, always keeping the last one (its output is what the projection was trained on)."""
+    keep = list(range(n_layers - 1, -1, -2))[::-1]
+    return keep
+
+
+def shrink_tower(model: nn.Module, keep: list[int] | None = None) -> nn.Module:
+    """A copy of ``model`` with only the layers in ``keep`` (weights copied): TinyCLIP-style inheritance."""
+    import copy
+
+    n = int(model.config.num_hidden_layers)
+    keep = default_keep(n) if keep is None else list(keep)
+    if not keep or any(i < 0 or i >= n for i in keep) or sorted(set(keep)) != keep:
+        raise ValueError(f"keep_layers {keep} must be increasing, unique layer indices in 0..{n - 1}")
+    new = copy.deepcopy(model)
+    parent, attr, stack = layer_stack(new)
+    kept = nn.ModuleList([stack[i] for i in keep])
+    for new_idx, layer in enumerate(kept):  # some layers carry their index (caches); keep it consistent
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_idx
+    setattr(parent, attr, kept)
+    new.config.num_hidden_layers = len(keep)
+    return new

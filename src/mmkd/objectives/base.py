@@ -1,0 +1,94 @@
+"""The objective interface and registry.
+
+An objective maps the student's outputs and the teacher's targets to named loss terms. Objectives are
+nn.Modules so that any learnable parts (projections between student and teacher widths) live in the
+optimizer, in DDP and in the checkpoint with the student, a thing CLIP-KD's code got wrong.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmkd.registry import Registry
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+@dataclass
+class ObjectiveContext:
+    """Widths an objective may need to size learnable projections."""
+
+    student_embed_dim: int
+    teacher_embed_dim: int | None = None
+    student_feature_dims: dict[str, int] = field(default_factory=dict)  # tower → pre-projection width
+    teacher_feature_dims: dict[str, int] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """Base class: ``forward(student, teacher) -> {term_name: scalar}``, unweighted.
+
+    student holds ``image_embeds`` (normalised, paired images first, then unpaired ones), ``text_embeds``
+    (one per paired image), ``image_features``/``text_features`` (pre-projection), ``logit_scale`` and
+    ``n_paired``; teacher holds the same keys for the teacher (absent when training without one).
+    """
+
+    uses_teacher: bool = True
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], **params: Any) -> None:
+        super().__init__()
+        self.towers = list(towers)
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def objective_params(cls: type[Objective]) -> dict[str, Any]:
+    """The tunable parameters of an objective and their defaults (for listing and for validation)."""
+    sig = inspect.signature(cls.__init__)
+    return {n: p.default for n, p in sig.parameters.items()
+            if n not in ("self", "ctx", "towers", "params") and p.kind is p.KEYWORD_ONLY}
+
+
+class WeightedSum(nn.Module):
+    """The weighted sum of several objectives; returns the total and every weighted term for logging."""
+
+    def __init__(self, items: list[tuple[str, float, Objective]]) -> None:
+        super().__init__()
+        self.names = [n for n, _, _ in items]
+        self.weights = [w for _, w, _ in items]
+        self.objectives = nn.ModuleList([o for _, _, o in items])
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(o.uses_teacher for o in self.objectives)
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        for name, weight, obj in zip(self.names, self.weights, self.objectives):
+            for term, value in obj(student, teacher).items():
+                key = term if term.startswith(name) else f"{name}/{term}"
+                terms[key] = value.detach()
+                total = weight * value if total is None else total + weight * value
+        assert total is not None
+        terms["loss"] = total
+        return terms
+
+
+def build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
+    """Build the weighted sum from config specs; bad names/params fail listing the valid ones."""
+    items = []
+    for i, spec in enumerate(specs):
+        cls = OBJECTIVES.get(spec.name)
+        valid = objective_params(cls)
+        unknown = sorted(set(spec.params) - set(valid))
+        if unknown:
+            raise ValueError(f"objectives[{i}] ({spec.name}): unknown parameter(s) {unknown}; "
+                             f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
+        items.append((spec.name, float(spec.weight), cls(ctx, spec.towers, **spec.params)))
+    return WeightedSum(items)

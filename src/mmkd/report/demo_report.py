@@ -1,0 +1,121 @@
+"""The demo's report: a Markdown table and PNG plots built from metrics.json and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROWS = (("teacher", "teacher"), ("student", "distilled student"), ("student_cached", "distilled (cache)"),
+        ("scratch", "scratch student"))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    models = metrics["models"]
+    teacher_top1 = models["teacher"]["zeroshot"]["colour_shape"]["top1"]
+    t_lat = models["teacher"]["latency_ms_per_image"]
+    rows = []
+    for key, label in ROWS:
+        if key not in models:
+            continue
+        m = models[key]
+        zs = m["zeroshot"]
+        rows.append({
+            "model": label,
+            "params_m": m["params"] / 1e6,
+            "colour_shape_top1": zs["colour_shape"]["top1"],
+            "colour_shape_top5": zs["colour_shape"].get("top5"),
+            "shape_top1": zs.get("shape", {}).get("top1"),
+            "colour_top1": zs.get("colour", {}).get("top1"),
+            "i2t_r1": m["retrieval"]["i2t_r1"],
+            "t2i_r1": m["retrieval"]["t2i_r1"],
+            "ms_per_image": m["latency_ms_per_image"],
+            "kept": zs["colour_shape"]["top1"] / teacher_top1 if teacher_top1 else float("nan"),
+            "speedup": t_lat / m["latency_ms_per_image"],
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| model | params (M) | colour+shape top-1 | top-5 | shape top-1 | colour top-1 | I→T R@1 | T→I R@1 "
+            "| ms/image | × faster | kept of teacher |")
+    lines = [head, "|" + "---|" * 11]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {pct(r['colour_shape_top1'])} | "
+                     f"{pct(r['colour_shape_top5'])} | {pct(r['shape_top1'])} | {pct(r['colour_top1'])} | "
+                     f"{pct(r['i2t_r1'])} | {pct(r['t2i_r1'])} | {r['ms_per_image']:.3f} | {r['speedup']:.1f} | "
+                     f"{pct(r['kept'])}% |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
+    keys = [("colour_shape_top1", "colour+shape"), ("shape_top1", "shape"), ("colour_top1", "colour"),
+            ("i2t_r1", "I→T R@1")]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        vals = [100 * (r[k] or 0) for k, _ in keys]
+        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=r["model"])
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(keys))], [n for _, n in keys])
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title("Zero-shot accuracy and retrieval on the test split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(run_dir: Path, teacher_dir: Path, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    teacher_log = read_jsonl(teacher_dir / "train_metrics.jsonl")
+    evals = [(r["step"], 100 * next(iter(r["eval"].values()))) for r in teacher_log if "eval" in r]
+    if evals:
+        axes[0].plot(*zip(*evals), marker="o")
+    axes[0].set_title("teacher: validation colour+shape top-1 (%)")
+    axes[0].set_xlabel("step")
+    for name in ("student", "student_cached", "scratch", "teacher"):
+        rows = (teacher_log if name == "teacher" else read_jsonl(run_dir / "train" / name / "metrics.jsonl"))
+        pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        if pts:
+            axes[1].plot(*zip(*pts), label=name)
+    axes[1].set_title("training loss")
+    axes[1].set_xlabel("step")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_demo_report(run_dir: Path, metrics: dict[str, Any], teacher_dir: Path) -> Path:
+    rows = table_rows(metrics)
+    plot_accuracy(rows, run_dir / "accuracy.png")
+    plot_curves(run_dir, teacher_dir, run_dir / "curves.png")
+    cfg = metrics["demo"]["config"]
+    text = [
+        "# mmkd demo report", "",
+        f"Built-in world, {cfg['image_size']} px. Teacher: ViT {cfg['teacher_vision']} locked to "
+        f"all-MiniLM-L6-v2, trained on {cfg['teacher_pool']} pool images. Students: ViT {cfg['student_vision']}"
+        f" + MiniLM with half its layers (inherited), {cfg['student_steps']} steps on {cfg['paired']} "
+        f"captioned images; the distilled student also sees {cfg['unpaired']} uncaptioned images through the "
+        "teacher's image embeddings.", "",
+        markdown_table(rows), "",
+        "![accuracy](accuracy.png)", "", "![curves](curves.png)", "",
+        f"Total demo time: {metrics['demo']['seconds']:.0f} s.", "",
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(text))
+    return path

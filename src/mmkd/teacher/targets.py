@@ -1,0 +1,131 @@
+"""What the distillation objectives see of a teacher: normalised embeddings and pooled features per batch.
+
+Two providers share one interface: ``OnlineTeacher`` runs the frozen teacher on each batch (in bfloat16
+where the CPU supports it, under inference_mode), ``TableTeacher`` looks up targets computed once. The
+teacher keeps its own tokenizer and preprocessing: nothing assumes it shares them with the student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from mmkd.models.dual_encoder import DualEncoder
+from mmkd.train.batches import ImageBank, TrainBatch
+
+
+class Targets(Protocol):
+    def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]: ...
+
+
+def bf16_supported() -> bool:
+    """bfloat16 matmuls are fast on CPUs with AVX512-BF16/AMX, and on CUDA; elsewhere fp32 is faster."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def freeze(model: DualEncoder) -> DualEncoder:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class OnlineTeacher:
+    """Runs the frozen teacher on every batch: the expensive baseline the cache is measured against."""
+
+    def __init__(self, model: DualEncoder, paired: ImageBank, unpaired: ImageBank | None = None,
+                 bf16: bool | None = None, features: bool = False) -> None:
+        self.model = freeze(model)
+        self.paired, self.unpaired = paired, unpaired
+        self.bf16 = bf16_supported() if bf16 is None else bf16
+        self.features = features
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor | None, captions: Sequence[str] | None
+               ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
+                            enabled=self.bf16):
+            if pixel_values is not None:
+                feats = self.model.image_features(pixel_values)
+                out["image_embeds"] = F.normalize(self.model.visual_projection(feats).float(), dim=-1)
+                if self.features:
+                    out["image_features"] = feats.float()
+            if captions is not None:
+                tok = self.model.tokenize(captions)
+                feats = self.model.text_features(tok["input_ids"], tok["attention_mask"])
+                out["text_embeds"] = F.normalize(self.model.text_projection(feats).float(), dim=-1)
+                if self.features:
+                    out["text_features"] = feats.float()
+        return {k: v.clone() for k, v in out.items()}  # plain tensors, usable in autograd
+
+    def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        pix = [self.paired.pixels(batch.paired_idx, batch.views[: batch.n_paired])]
+        if self.unpaired is not None and len(batch.unpaired_idx):
+            pix.append(self.unpaired.pixels(batch.unpaired_idx, batch.views[batch.n_paired:]))
+        return self.encode(torch.cat(pix), batch.captions)
+
+
+class TableTeacher:
+    """Targets looked up by sample key and caption text: the teacher never runs during training."""
+
+    def __init__(self, image: dict[str, torch.Tensor], image_keys: dict[str, int],
+                 text: dict[str, torch.Tensor], text_keys: dict[str, int]) -> None:
+        self.image, self.image_keys = image, image_keys
+        self.text, self.text_keys = text, text_keys
+
+    def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        try:
+            rows = torch.tensor([self.image_keys[k] for k in batch.keys])
+        except KeyError as e:
+            raise KeyError(f"no teacher target for sample {e.args[0]!r}") from None
+        out = {name: t[rows].float() for name, t in self.image.items()}
+        if self.text:
+            trows = torch.tensor([self.text_keys[c] for c in batch.captions])
+            out.update({name: t[trows].float() for name, t in self.text.items()})
+        return out
+
+
+def _batched(seq: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def precompute(teacher: OnlineTeacher, banks: Sequence[ImageBank], captions: Iterable[str],
+               batch_size: int = 256, progress: bool = False) -> TableTeacher:
+    """Run the teacher once over every image (view 0) and every distinct caption."""
+    from tqdm import tqdm
+
+    image: dict[str, list[torch.Tensor]] = {}
+    keys: dict[str, int] = {}
+    total = sum(len(b) for b in banks)
+    bar = tqdm(total=total, desc="teacher targets (images)", disable=not progress, leave=False)
+    for bank in banks:
+        for chunk in _batched(range(len(bank)), batch_size):
+            out = teacher.encode(bank.pixels(list(chunk)), None)
+            for name, t in out.items():
+                image.setdefault(name, []).append(t)
+            for i in chunk:
+                key = bank.records[i].key
+                if key in keys:
+                    raise ValueError(f"sample key {key!r} appears twice across the training sets; keys must be unique")
+                keys[key] = len(keys)
+            bar.update(len(chunk))
+    bar.close()
+    uniq = sorted(set(captions))
+    text: dict[str, list[torch.Tensor]] = {}
+    for chunk in _batched(uniq, batch_size):
+        for name, t in teacher.encode(None, list(chunk)).items():
+            text.setdefault(name, []).append(t)
+    return TableTeacher({k: torch.cat(v) for k, v in image.items()}, keys,
+                        {k: torch.cat(v) for k, v in text.items()}, {c: i for i, c in enumerate(uniq)})
