@@ -72,7 +72,7 @@ class TrainBatch:
 
 
 class BatchPlan:
-    """Global batch ``step`` of an epoch-wise permutation; rank r takes the r-th contiguous slice."""
+    """Global batch ``step`` of an epoch-wise permutation (drop-last), the same in every process."""
 
     def __init__(self, n: int, global_batch: int, seed: int, name: str) -> None:
         if n < global_batch:
@@ -81,12 +81,11 @@ class BatchPlan:
         self.n, self.global_batch, self.seed, self.name = n, global_batch, seed, name
         self.per_epoch = n // global_batch
 
-    def indices(self, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    def indices(self, step: int) -> np.ndarray:
+        """The global batch of ``step``; ranks slice it (see TrainData.batch)."""
         epoch, pos = divmod(step, self.per_epoch)
         perm = _rng(self.seed, self.name, epoch).permutation(self.n)
-        batch = perm[pos * self.global_batch:(pos + 1) * self.global_batch]
-        local = self.global_batch // world
-        return batch[rank * local:(rank + 1) * local]
+        return perm[pos * self.global_batch:(pos + 1) * self.global_batch]
 
 
 class TrainData:
@@ -107,18 +106,27 @@ class TrainData:
                       if unpaired is not None and unpaired_batch_size > 0 else None)
 
     def batch(self, step: int, rank: int = 0) -> TrainBatch:
-        idx = self.plan.indices(step, rank, self.world)
-        rng = _rng(self.seed, "choice", step, rank)
-        recs = [self.paired.records[i] for i in idx]
-        captions = [r.captions[int(rng.integers(len(r.captions)))] for r in recs]
-        views = [int(rng.integers(self.views)) if self.paired.augment else 0 for _ in recs]
+        """Rank ``rank``'s slice of global batch ``step``: captions and views are drawn for the whole global
+        batch first, so N processes see exactly what 1 process sees."""
+        rng = _rng(self.seed, "choice", step)
+        gidx = self.plan.indices(step)
+        recs = [self.paired.records[i] for i in gidx]
+        gcaps = [r.captions[int(rng.integers(len(r.captions)))] for r in recs]
+        gviews = rng.integers(self.views, size=len(gidx)) if self.paired.augment else np.zeros(len(gidx), int)
+        local = len(gidx) // self.world
+        sl = slice(rank * local, (rank + 1) * local)
+        idx, captions, views = gidx[sl], gcaps[sl], [int(v) for v in gviews[sl]]
         pix = [self.paired.pixels(idx, views)]
-        keys = [r.key for r in recs]
+        keys = [r.key for r in recs[sl]]
         uidx = np.zeros(0, dtype=np.int64)
         if self.uplan is not None and self.unpaired is not None:
-            uidx = self.uplan.indices(step, rank, self.world)
-            uviews = [int(rng.integers(self.views)) if self.unpaired.augment else 0 for _ in uidx]
+            guidx = self.uplan.indices(step)
+            guviews = (rng.integers(self.views, size=len(guidx)) if self.unpaired.augment
+                       else np.zeros(len(guidx), int))
+            ulocal = len(guidx) // self.world
+            usl = slice(rank * ulocal, (rank + 1) * ulocal)
+            uidx, uviews = guidx[usl], [int(v) for v in guviews[usl]]
             pix.append(self.unpaired.pixels(uidx, uviews))
             keys += [self.unpaired.records[i].key for i in uidx]
             views += uviews
-        return TrainBatch(torch.cat(pix), keys, views, captions, len(recs), idx, uidx)
+        return TrainBatch(torch.cat(pix), keys, views, captions, len(idx), idx, uidx)

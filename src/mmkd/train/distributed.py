@@ -38,17 +38,33 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every rank the summed gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along dim 0, keeping gradients to every rank's own slice.
 
-    With the loss computed on the gathered batch by every rank and DDP averaging gradients, the result equals
-    the single-process gradient of the same global batch (the autograd all_gather sums the ranks' grads).
+    Every rank computes the loss on the gathered (global) batch; the backward sums the ranks' gradients for
+    each slice, and DDP's averaging then gives exactly the single-process gradient of the global batch.
+    Equal local batch sizes are assumed (the batch plan guarantees them).
     """
     if world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

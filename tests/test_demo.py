@@ -1,0 +1,43 @@
+"""End to end: `mmkd demo --quick` trains, distils, evaluates and reports; a second run reuses the teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmkd.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| teacher |" in printed and "| distilled student |" in printed and "| scratch student |" in printed
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("teacher", "student", "scratch"):
+        m = metrics["models"][name]
+        assert isinstance(m["params"], int) and m["params"] > 0
+        assert m["latency_ms_per_image"] > 0
+        for cs in ("colour_shape", "shape", "colour"):
+            assert 0.0 <= m["zeroshot"][cs]["top1"] <= m["zeroshot"][cs]["top5"] <= 1.0
+        for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+            assert 0.0 <= m["retrieval"][k] <= 1.0
+    # the student really is smaller than the teacher, and both students are the same size
+    assert metrics["models"]["student"]["params"] < metrics["models"]["teacher"]["params"]
+    assert metrics["models"]["student"]["params"] == metrics["models"]["scratch"]["params"]
+
+    report = (out / "report.md").read_text()
+    assert "accuracy.png" in report and "curves.png" in report and "| teacher |" in report
+    for png in ("accuracy.png", "curves.png"):
+        assert (out / png).stat().st_size > 5000
+    for name in ("teacher", "student", "scratch"):
+        assert (out / name / "model.safetensors").is_file()
+    assert (out / "train" / "student" / "metrics.jsonl").is_file()
+
+    # the teacher is cached: the second run says so and does not train it again
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert "reusing the cached teacher" in capsys.readouterr().out
