@@ -67,6 +67,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_objectives(args: argparse.Namespace) -> int:
+    from mmkd.objectives import OBJECTIVES
+    from mmkd.objectives.base import objective_params
+
+    for name in OBJECTIVES.names():
+        params = objective_params(OBJECTIVES.get(name))
+        print(" ".join([name, *(f"{k}={v!r}" for k, v in params.items())]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkd", description="Multimodal knowledge distillation for CLIP-style models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     s.set_defaults(func=cmd_distill)
+
+    o = sub.add_parser("objectives", help="list every registered objective with its parameters and defaults")
+    o.set_defaults(func=cmd_objectives)
 
     e = sub.add_parser("eval", help="evaluate a model", epilog=DATA_SPECS,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,3 +48,86 @@ class ClipObjective(Objective):
             scale = student["logit_scale"].clamp(max=self.max_logit_scale)
         loss = clip_loss(gather_with_grad(image), gather_with_grad(text), scale)
         return {"clip": loss}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# triplet (S1's task loss) and SigLIP's pairwise sigmoid
+
+TRIPLET_NEGATIVES = ("all", "hardest", "semihard")
+
+
+def triplet_from_similarities(sim: torch.Tensor, margin: float, negatives: str) -> torch.Tensor:
+    """Hinge ``max(0, margin - s(a, p) + s(a, n))`` with anchors on rows, the positive on the diagonal.
+
+    all: the mean over every (anchor, negative) pair; hardest: each anchor's most similar negative (VSE++);
+    semihard: each anchor's most similar negative among those less similar than its positive (FaceNet), or its
+    least similar negative where there is none.
+    """
+    n = sim.shape[0]
+    if n < 2:
+        raise ValueError("the triplet loss needs at least 2 pairs in the (global) batch")
+    pos = sim.diagonal()
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    if negatives == "all":
+        hinge = (margin - pos[:, None] + sim).clamp_min(0).masked_fill(eye, 0.0)
+        return hinge.sum() / (n * (n - 1))
+    if negatives == "hardest":
+        neg = sim.masked_fill(eye, float("-inf")).amax(dim=1)
+    else:
+        below = sim.masked_fill(eye | (sim >= pos[:, None]), float("-inf")).amax(dim=1)
+        easiest = sim.masked_fill(eye, float("inf")).amin(dim=1)
+        neg = torch.where(torch.isfinite(below), below, easiest)
+    return (margin - pos + neg).clamp_min(0).mean()
+
+
+@OBJECTIVES.register("triplet")
+class TripletObjective(Objective):
+    """Symmetric triplet loss on cosine similarities of the student's image and caption embeddings (S1's task
+    loss): image anchors against captions and caption anchors against images, averaged; global batch.
+
+    negatives: ``all`` (batch-all), ``hardest`` or ``semihard``.
+    """
+
+    uses_teacher = False
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, margin: float = 0.2,
+                 negatives: str = "hardest") -> None:
+        super().__init__(ctx, towers)
+        if negatives not in TRIPLET_NEGATIVES:
+            raise ValueError(f"triplet: negatives must be one of {', '.join(TRIPLET_NEGATIVES)}, got {negatives!r}")
+        self.margin, self.negatives = float(margin), negatives
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image, text = paired(student)
+        image, text = gather_with_grad(image), gather_with_grad(text)
+        sim = image @ text.t()
+        loss = 0.5 * (triplet_from_similarities(sim, self.margin, self.negatives)
+                      + triplet_from_similarities(sim.t(), self.margin, self.negatives))
+        return {"triplet": loss}
+
+
+@OBJECTIVES.register("siglip")
+class SiglipObjective(Objective):
+    """SigLIP's pairwise sigmoid loss: every (image, caption) pair of the global batch is a binary decision,
+    ``-sum log sigmoid(z_ij (t x_i.y_j + b)) / n`` with z = +1 on the diagonal and -1 elsewhere.
+
+    Its own temperature t and bias b (initialised at 10 and -10, as in the paper) are learnt with the student
+    unless ``learnable: false``.
+    """
+
+    uses_teacher = False
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, init_scale: float = 10.0,
+                 init_bias: float = -10.0, learnable: bool = True) -> None:
+        super().__init__(ctx, towers)
+        if init_scale <= 0:
+            raise ValueError(f"siglip: init_scale must be > 0, got {init_scale}")
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
+        self.bias = torch.nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learnable)
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image, text = paired(student)
+        image, text = gather_with_grad(image), gather_with_grad(text)
+        logits = self.log_scale.exp().clamp(max=100.0) * image @ text.t() + self.bias
+        signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+        return {"siglip": -F.logsigmoid(signs * logits).sum() / logits.shape[0]}

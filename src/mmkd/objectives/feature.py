@@ -89,3 +89,123 @@ class FdMseCosine(FeatureObjective):
 
     def distance(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"mse": mse(s, t), "cosine": cosine(s, t)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masked feature distillation (CLIP-KD's MFD)
+
+
+def patch_embeddings_module(tower: nn.Module) -> nn.Module:
+    """The module that turns pixels into [B, 1 + patches, D] tokens (CLS first) in CLIP-vision and ViT towers."""
+    emb = getattr(tower, "embeddings", None)
+    if emb is None and hasattr(tower, "vision_model"):  # transformers 4.x nests CLIP's transformer one deeper
+        emb = getattr(tower.vision_model, "embeddings", None)
+    if emb is None or not (hasattr(emb, "patch_embedding") or hasattr(emb, "patch_embeddings")):
+        raise ValueError(f"mfd masks image patches, which needs a ViT-style vision tower (clip_vision, vit); "
+                         f"{type(tower).__name__} has no patch embeddings")
+    return emb
+
+
+def keep_indices(batch: int, patches: int, mask_ratio: float, device: torch.device,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """For every image, the sorted indices of the ``round((1 − ratio)·patches)`` patches it keeps (≥ 1)."""
+    keep = max(1, round((1.0 - mask_ratio) * patches))
+    noise = torch.rand(batch, patches, generator=generator, device=device)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def masked_image_features(model: Any, pixel_values: torch.Tensor, mask_ratio: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """The student's pooled image features when it sees only a random subset of each image's patches.
+
+    Masked patches are *dropped* after the patch and position embeddings (a forward hook on the embeddings
+    module keeps the CLS token and the kept patches), as MAE and FLIP do, rather than zeroed: a zeroed token is
+    still a token the encoder attends to, an input it never sees at test time, while a dropped one is simply
+    absent; and the masked forward costs only the kept fraction of the attention and MLP compute.
+    """
+    emb = patch_embeddings_module(model.vision_model)
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        idx = keep_indices(out.shape[0], out.shape[1] - 1, mask_ratio, out.device, generator) + 1
+        patches = out.gather(1, idx[:, :, None].expand(-1, -1, out.shape[2]))
+        return torch.cat([out[:, :1], patches], dim=1)
+
+    handle = emb.register_forward_hook(hook)
+    try:
+        return model.image_features(pixel_values)
+    finally:
+        handle.remove()
+
+
+@OBJECTIVES.register("mfd")
+class MaskedFeatureDistillation(FeatureObjective):
+    """CLIP-KD's masked feature distillation: the student sees each image with ``mask_ratio`` of its patches
+    masked and regresses the teacher's embedding of the whole image (squared L2 of normalised vectors, as
+    fd_mse). Image tower only; every image of the batch, unpaired ones included. Needs a ViT-style student.
+    """
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, mask_ratio: float = 0.5,
+                 level: str = "embeds", normalize: bool = True) -> None:
+        if list(towers) != ["image"]:
+            towers = ["image"]  # the text tower has no patches; mfd is image-side by definition
+        super().__init__(ctx, towers, level=level, normalize=normalize)
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mfd: mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.mask_ratio = float(mask_ratio)
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if "model" not in student or "pixel_values" not in student:
+            raise KeyError("mfd needs the student model and the pixel batch in its inputs (DistillTask gives them)")
+        model = student["model"]
+        feats = masked_image_features(model, student["pixel_values"], self.mask_ratio)
+        masked = {"image_features": feats}
+        if self.level == "embeds":
+            masked["image_embeds"] = F.normalize(model.visual_projection(feats), dim=-1)
+        s, t = self.pair("image", masked, teacher)
+        return {"mse_image": mse(s, t)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# S4: a multimodal student regressing a unimodal (image-only) teacher
+
+
+@OBJECTIVES.register("cls_regression")
+class ClsRegression(Objective):
+    """S4's objective: the student's pooled output for an image *and* for its caption both regress the
+    teacher's pooled image representation (its CLS vector) of that image. Terms ``image`` and ``caption``
+    (logged separately: the caption side cannot reach the image side, the CLS holds image-only detail).
+
+    One shared linear head maps the student's width to the teacher's (the student's final block is shared by
+    both modalities, so is the head). distance: ``mse`` (squared L2) or ``cosine``; normalize: compare unit
+    vectors.
+    """
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, distance: str = "mse",
+                 normalize: bool = True) -> None:
+        super().__init__(ctx, towers)
+        if distance not in ("mse", "cosine"):
+            raise ValueError(f"cls_regression: distance must be 'mse' or 'cosine', got {distance!r}")
+        self.distance, self.normalize = distance, normalize
+        s_dim = ctx.student_feature_dims.get("image")
+        t_dim = ctx.teacher_feature_dims.get("image")
+        if s_dim is not None and ctx.student_feature_dims.get("text", s_dim) != s_dim:
+            raise ValueError("cls_regression needs one width for the student's image and caption outputs "
+                             f"(got {ctx.student_feature_dims}); use a student with a shared final block")
+        self.head = nn.Linear(s_dim, t_dim, bias=False) if s_dim and t_dim and s_dim != t_dim else nn.Identity()
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if "image_features" not in teacher:
+            raise KeyError("cls_regression needs the teacher's image_features (its pooled CLS representation)")
+        target = teacher["image_features"]
+        n = int(student["n_paired"])
+        out = {}
+        for tower, name in (("image", "image"), ("text", "caption")):
+            if tower not in self.towers:
+                continue
+            s = self.head(student[f"{tower}_features"])
+            t = (target if tower == "image" else target[:n]).to(s.dtype)
+            s = s[: t.shape[0]]
+            if self.normalize:
+                s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+            out[name] = mse(s, t) if self.distance == "mse" else cosine(s, t)
+        return out

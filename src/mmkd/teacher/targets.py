@@ -69,20 +69,33 @@ class OnlineTeacher:
                     out["text_features"] = feats.float()
         return {k: v.clone() for k, v in out.items()}  # plain tensors, usable in autograd
 
+    def extras(self) -> dict[str, torch.Tensor]:
+        """Batch-independent targets: the teacher's logit scale (relational objectives use it)."""
+        return teacher_extras(self.model)
+
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         pix = [self.paired.pixels(batch.paired_idx, batch.views[: batch.n_paired])]
         if self.unpaired is not None and len(batch.unpaired_idx):
             pix.append(self.unpaired.pixels(batch.unpaired_idx, batch.views[batch.n_paired:]))
-        return self.encode(torch.cat(pix), batch.captions)
+        return {**self.encode(torch.cat(pix), batch.captions), **self.extras()}
+
+
+def teacher_extras(model: object) -> dict[str, torch.Tensor]:
+    scale = getattr(model, "logit_scale", None)
+    if not isinstance(scale, torch.Tensor):
+        return {}  # an image-only teacher has no similarity scale
+    return {"logit_scale": scale.detach().float().exp().clamp(max=100.0).clone()}
 
 
 class TableTeacher:
     """Targets looked up by sample key and caption text: the teacher never runs during training."""
 
     def __init__(self, image: dict[str, torch.Tensor], image_keys: dict[str, int],
-                 text: dict[str, torch.Tensor], text_keys: dict[str, int]) -> None:
+                 text: dict[str, torch.Tensor], text_keys: dict[str, int],
+                 extras: dict[str, torch.Tensor] | None = None) -> None:
         self.image, self.image_keys = image, image_keys
         self.text, self.text_keys = text, text_keys
+        self.extras = dict(extras or {})
 
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         try:
@@ -93,6 +106,7 @@ class TableTeacher:
         if self.text:
             trows = torch.tensor([self.text_keys[c] for c in batch.captions])
             out.update({name: t[trows].float() for name, t in self.text.items()})
+        out.update(self.extras)
         return out
 
 
@@ -128,4 +142,5 @@ def precompute(teacher: OnlineTeacher, banks: Sequence[ImageBank], captions: Ite
         for name, t in teacher.encode(None, list(chunk)).items():
             text.setdefault(name, []).append(t)
     return TableTeacher({k: torch.cat(v) for k, v in image.items()}, keys,
-                        {k: torch.cat(v) for k, v in text.items()}, {c: i for i, c in enumerate(uniq)})
+                        {k: torch.cat(v) for k, v in text.items()}, {c: i for i, c in enumerate(uniq)},
+                        teacher.extras())

@@ -66,7 +66,8 @@ class DistillTask(nn.Module):
 
     def forward(self, batch: TrainBatch, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s = self.student
-        out: dict[str, Any] = {"logit_scale": s.logit_scale.exp(), "n_paired": batch.n_paired}
+        out: dict[str, Any] = {"logit_scale": s.logit_scale.exp(), "n_paired": batch.n_paired,
+                               "pixel_values": batch.pixel_values, "model": s}  # model: for masked forwards
         feats = s.image_features(batch.pixel_values)
         out["image_features"] = feats
         out["image_embeds"] = nn.functional.normalize(s.visual_projection(feats), dim=-1)

@@ -1,0 +1,202 @@
+"""Relational distillation: the student copies how the teacher relates the samples of a batch to each other.
+
+All of these compare samples across the batch, so they run on the global batch (features gathered from every
+rank with gradients): two processes compute exactly what one process computes on the same global batch.
+
+- ``crd``  CLIP-KD's contrastive relational distillation: KL between the teacher's and the student's in-batch
+           image→text and text→image distributions, each model with its own logit scale.
+- ``afd``  TinyCLIP's affinity mimicking: the same two affinity distributions, but computed with one shared
+           temperature for both models (the teacher's logit scale unless ``temperature`` is given).
+- ``icl``  CLIP-KD's interactive contrastive learning: InfoNCE of student images against teacher captions and
+           of student captions against teacher images.
+- ``gd``   CLIP-KD's gradient distillation: the gradient of the contrastive loss with respect to the
+           embeddings, in closed form, matched between teacher and student.
+- ``rkd``  Park et al.'s relational KD: pairwise distances and triplet angles within each modality.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
+from mmkd.objectives.logit import DIRECTIONS, similarity_logits
+from mmkd.objectives.shared import (
+    MAX_LOGIT_SCALE,
+    WidthMap,
+    gathered,
+    kl_rows,
+    need,
+    paired,
+    student_scale,
+    teacher_scale,
+)
+
+
+@OBJECTIVES.register("crd")
+class CrdObjective(Objective):
+    """``KL(p_t ‖ p_s)`` of the softmax over the global batch's scaled similarities, per direction (towers:
+    ``image`` = image→text rows, ``text`` = text→image rows). CLIP-KD averages the two directions; here they
+    are two logged terms that add up (weight 0.5 reproduces CLIP-KD's average).
+    """
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, scale: float | None = None) -> None:
+        super().__init__(ctx, towers)
+        self.scale = scale
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        zs, zt = similarity_logits(student, teacher, "crd", self.scale)
+        return {DIRECTIONS[t]: kl_rows(zs, zt) if t == "image" else kl_rows(zs.t(), zt.t()) for t in self.towers}
+
+
+@OBJECTIVES.register("afd")
+class AffinityObjective(Objective):
+    """TinyCLIP's affinity mimicking: ``A = softmax(I·Tᵀ / τ)`` (image→text) and its text→image counterpart,
+    with one temperature τ for teacher and student; the student's affinities match the teacher's.
+
+    TinyCLIP's soft cross-entropy differs from the KL used here by the teacher's entropy, a constant: the
+    gradients are identical, and the loss is 0 when the student reproduces the teacher.
+    temperature: τ; default (None) the teacher's own 1/logit scale.
+    """
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, temperature: float | None = None) -> None:
+        super().__init__(ctx, towers)
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"afd: temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        scale = (1.0 / self.temperature if self.temperature is not None
+                 else float(teacher_scale(teacher, student)))
+        zs, zt = similarity_logits(student, teacher, "afd", scale)
+        return {DIRECTIONS[t]: kl_rows(zs, zt) if t == "image" else kl_rows(zs.t(), zt.t()) for t in self.towers}
+
+
+@OBJECTIVES.register("icl")
+class IclObjective(Objective):
+    """InfoNCE with the teacher's embeddings as the other side: student image i must pick teacher caption i
+    among the global batch's teacher captions (term ``i2t``, tower ``image``), student caption i teacher image i
+    (term ``t2i``, tower ``text``). The student's embeddings are mapped to the teacher's width where they
+    differ (a learnable map); the logit scale is the objective's own, learnt (CLIP-KD's cross scale), unless
+    ``temperature`` fixes it.
+    """
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, temperature: float | None = None) -> None:
+        super().__init__(ctx, towers)
+        self.temperature = temperature
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)), requires_grad=temperature is None)
+        self.width = WidthMap(["image", "text"], ctx.student_embed_dim, ctx.teacher_embed_dim)
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        t_image, t_text = paired(teacher, need(teacher, "text_embeds", "icl").shape[0])
+        s_image, s_text = paired(student)
+        s_image, s_text = self.width("image", s_image), self.width("text", s_text)
+        s_image, s_text, t_image, t_text = gathered(s_image, s_text, t_image.to(s_image.dtype),
+                                                    t_text.to(s_image.dtype))
+        scale = (torch.tensor(1.0 / self.temperature) if self.temperature is not None
+                 else self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE))
+        target = torch.arange(s_image.shape[0], device=s_image.device)
+        out = {}
+        if "image" in self.towers:
+            out["i2t"] = F.cross_entropy(scale * s_image @ t_text.t(), target)
+        if "text" in self.towers:
+            out["t2i"] = F.cross_entropy(scale * s_text @ t_image.t(), target)
+        return out
+
+
+def contrastive_gradients(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of the symmetric InfoNCE loss (``clip_loss``) w.r.t. image and text embeddings.
+
+    With S = s·I·Tᵀ, P its row softmax, Q its column softmax and L = ½(CE_rows + CE_cols) averaged over n:
+    dL/dS = (P + Q − 2E) / 2n, so dL/dI = s·dL/dS·T and dL/dT = s·(dL/dS)ᵀ·I. Returned times n (per sample),
+    so the size of the batch does not shrink them.
+    """
+    logits = scale * image @ text.t()
+    n = logits.shape[0]
+    eye = torch.eye(n, device=logits.device, dtype=logits.dtype)
+    d_logits = 0.5 * (logits.softmax(dim=1) + logits.softmax(dim=0) - 2 * eye)
+    return scale * d_logits @ text, scale * d_logits.t() @ image
+
+
+@OBJECTIVES.register("gd")
+class GdObjective(Objective):
+    """Gradient distillation: ``mean_i ‖g_s(i) − g_t(i)‖²`` where g is the closed-form gradient of the
+    contrastive loss with respect to sample i's image embedding (term ``image``) or caption embedding (term
+    ``text``) on the global batch, each model with its own logit scale. Student embeddings are mapped to the
+    teacher's width where they differ.
+    """
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, scale: float | None = None) -> None:
+        super().__init__(ctx, towers)
+        self.scale = scale
+        self.width = WidthMap(["image", "text"], ctx.student_embed_dim, ctx.teacher_embed_dim)
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        t_image, t_text = paired(teacher, need(teacher, "text_embeds", "gd").shape[0])
+        s_image, s_text = paired(student)
+        s_image, s_text = self.width("image", s_image), self.width("text", s_text)
+        s_image, s_text, t_image, t_text = gathered(s_image, s_text, t_image.to(s_image.dtype),
+                                                    t_text.to(s_image.dtype))
+        gs = contrastive_gradients(s_image, s_text, student_scale(student, self.scale))
+        with torch.no_grad():
+            gt = contrastive_gradients(t_image, t_text, teacher_scale(teacher, student, self.scale))
+        index = {"image": 0, "text": 1}
+        return {t: (gs[index[t]] - gt[index[t]]).pow(2).sum(-1).mean() for t in self.towers}
+
+
+def _gram_geometry(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise distances D [n, n] and the cosine of every angle (i, j, k) at vertex j, [n(j), n(i), n(k)].
+
+    Both come from the Gram matrix G = X·Xᵀ: (x_i − x_j)·(x_k − x_j) = G_ik − G_ij − G_jk + G_jj, so the angles
+    cost n³ scalar operations instead of the n³·d of building every difference vector.
+    """
+    g = x @ x.t()
+    sq = g.diagonal()
+    d2 = (sq[:, None] + sq[None, :] - 2 * g).clamp_min(eps)
+    d = d2.sqrt()
+    # dot[j, i, k] = G_ik - G_ij - G_jk + G_jj
+    dot = g[None, :, :] - g.t()[:, :, None] - g[:, None, :] + sq[:, None, None]
+    return d, dot / (d[:, :, None] * d[:, None, :])
+
+
+@OBJECTIVES.register("rkd")
+class RkdObjective(Objective):
+    """Relational KD (Park et al., 2019) within each tower: Huber loss between the student's and teacher's
+    distance matrices (each divided by its mean distance) and between the cosines of all triplet angles.
+    Terms ``distance_<tower>`` (times distance_weight) and ``angle_<tower>`` (times angle_weight). The image
+    tower uses every image of the batch, unpaired ones included. Cost grows as n³ in the global batch.
+    """
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, distance_weight: float = 1.0,
+                 angle_weight: float = 2.0) -> None:
+        super().__init__(ctx, towers)
+        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {}
+        for tower in self.towers:
+            key = f"{tower}_embeds"
+            t = need(teacher, key, "rkd")
+            s = student[key][: t.shape[0]]
+            s, t = gathered(s, t.to(s.dtype))
+            n = s.shape[0]
+            if n < 3:
+                raise ValueError("rkd needs at least 3 samples in the (global) batch")
+            off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+            ds, angs = _gram_geometry(s)
+            with torch.no_grad():
+                dt, angt = _gram_geometry(t)
+            ds, dt = ds[off], dt[off]
+            dist = F.smooth_l1_loss(ds / ds.mean(), dt / dt.mean())
+            distinct = off[:, :, None] & off[:, None, :] & off[None, :, :]  # j≠i, j≠k, i≠k
+            angle = F.smooth_l1_loss(angs[distinct], angt[distinct])
+            if self.distance_weight:
+                out[f"distance_{tower}"] = self.distance_weight * dist
+            if self.angle_weight:
+                out[f"angle_{tower}"] = self.angle_weight * angle
+        return out
