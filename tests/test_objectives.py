@@ -529,3 +529,91 @@ def test_cli_lists_every_objective_with_its_parameters() -> None:
     assert "margin=0.2" in by_name["triplet"] and "negatives='hardest'" in by_name["triplet"]
     assert "temperature=2.0" in by_name["kl"]
     assert "mask_ratio=0.5" in by_name["mfd"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# masked feature distillation on a real (tiny) CLIP vision tower
+
+
+def _tiny_dual_encoder() -> Any:
+    from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
+    from mmkd.models.towers import build_tower
+
+    torch.manual_seed(0)
+    vision = build_tower("clip_vision", dict(image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=16))
+    text = build_tower("bert", dict(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=16, max_position_embeddings=16))
+    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=16)
+    return DualEncoder(vision, text, DIM, meta, None).double()
+
+
+def _manual_masked_pooled(model: Any, pixels: torch.Tensor, keep: list[list[int]]) -> torch.Tensor:
+    """CLIP vision by hand: embeddings → keep CLS + chosen patches → pre-LN → encoder → post-LN of the CLS."""
+    v = model.vision_model
+    tokens = v.embeddings(pixels)
+    rows = [torch.stack([tokens[b, 0]] + [tokens[b, 1 + p] for p in keep[b]]) for b in range(len(keep))]
+    hidden = v.encoder(inputs_embeds=v.pre_layrnorm(torch.stack(rows))).last_hidden_state
+    return v.post_layernorm(hidden[:, 0])
+
+
+def test_mfd_drops_the_masked_patches_and_matches_a_hand_written_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmkd.objectives import feature
+
+    model = _tiny_dual_encoder()
+    pixels = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    keep = [[0, 5, 9, 15], [1, 2, 3, 4], [6, 7, 12, 14]]  # 4 of the 16 patches: mask_ratio 0.75
+    monkeypatch.setattr(feature, "keep_indices", lambda b, p, r, device, generator=None: torch.tensor(keep))
+    ref_feats = _manual_masked_pooled(model, pixels, keep)
+    torch.testing.assert_close(feature.masked_image_features(model, pixels, 0.75), ref_feats, rtol=1e-10, atol=1e-12)
+    # the hook is gone afterwards: the plain forward sees every patch again
+    full = model.image_features(pixels)
+    assert full.shape == ref_feats.shape and not torch.allclose(full, ref_feats)
+
+    # the objective: squared L2 between the normalised projected masked features and the teacher's embedding
+    teacher = {"image_embeds": F.normalize(torch.randn(3, DIM, dtype=torch.float64), dim=-1)}
+    student = {"model": model, "pixel_values": pixels, "n_paired": 3}
+    obj = _build("mfd", mask_ratio=0.75)
+    terms = obj(student, teacher)
+    assert list(terms) == ["mse_image"]
+    emb = _unit(list(model.visual_projection(ref_feats)))
+    tgt = list(teacher["image_embeds"])
+    ref = sum(_sq(a, b) for a, b in zip(emb, tgt)) / 3
+    assert float(terms["mse_image"].detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_obj = torch.autograd.grad(terms["mse_image"], params, allow_unused=True)
+    g_ref = torch.autograd.grad(ref, params, allow_unused=True)
+    for a, b in zip(g_obj, g_ref):
+        if b is None:
+            assert a is None or float(a.abs().max()) == 0.0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_mfd_is_zero_without_masking_when_the_student_is_the_teacher_and_positive_with_it() -> None:
+    model = _tiny_dual_encoder()
+    pixels = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        teacher = {"image_embeds": F.normalize(model.encode_image(pixels), dim=-1)}
+    student = {"model": model, "pixel_values": pixels, "n_paired": 4}
+    assert float(_build("mfd", mask_ratio=0.0)(student, teacher)["mse_image"]) < 1e-20
+    torch.manual_seed(1)
+    assert float(_build("mfd", mask_ratio=0.5)(student, teacher)["mse_image"]) > 1e-4
+
+
+def test_keep_indices_and_mfd_errors() -> None:
+    from mmkd.objectives.feature import keep_indices, patch_embeddings_module
+
+    g = torch.Generator().manual_seed(0)
+    idx = keep_indices(8, 64, 0.75, torch.device("cpu"), g)
+    assert idx.shape == (8, 16)
+    assert all(row.tolist() == sorted(set(row.tolist())) for row in idx)
+    assert len({tuple(row.tolist()) for row in idx}) == 8  # a different mask for every image
+    assert keep_indices(2, 4, 0.99, torch.device("cpu"), g).shape == (2, 1)  # always at least one patch
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+        _build("mfd", mask_ratio=1.0)
+    from mmkd.models.towers import build_tower
+
+    resnet = build_tower("resnet", dict(embedding_size=8, hidden_sizes=[8], depths=[1]))
+    with pytest.raises(ValueError, match="needs a ViT-style vision tower"):
+        patch_embeddings_module(resnet)
