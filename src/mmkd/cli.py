@@ -67,6 +67,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from mmkd.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, args.grid, args.overrides)
+    print(f"sweep: {len(sweep.runs)} runs → {sweep.out}")
+    board = run_sweep(sweep)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print()
+        print(board.read_text())
+        print(f"leaderboard: {board}  {board.with_suffix('.csv')}  {board.with_suffix('.png')}")
+    return 0
+
+
 def cmd_objectives(args: argparse.Namespace) -> int:
     from mmkd.objectives import OBJECTIVES
     from mmkd.objectives.base import objective_params
@@ -92,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     s.set_defaults(func=cmd_distill)
+
+    w = sub.add_parser("sweep", help="run a grid of distillation runs and write a leaderboard",
+                       description="Run every point of the config's sweep.grid (plus --grid axes), skip finished "
+                                   "runs, and write leaderboard.md/.csv/.png with the teacher and from-scratch "
+                                   "references. Under torchrun each process takes every N-th run.")
+    w.add_argument("config", help="YAML run config with a sweep section (see configs/s1_compare.yaml)")
+    w.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. train.steps=50")
+    w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="an axis: an objective-set axis (values name sweep.sets) or a config key; repeatable")
+    w.set_defaults(func=cmd_sweep)
 
     o = sub.add_parser("objectives", help="list every registered objective with its parameters and defaults")
     o.set_defaults(func=cmd_objectives)

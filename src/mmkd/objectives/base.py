@@ -33,11 +33,14 @@ class Objective(nn.Module):
     """Base class: ``forward(student, teacher) -> {term_name: scalar}``, unweighted.
 
     student holds ``image_embeds`` (normalised, paired images first, then unpaired ones), ``text_embeds``
-    (one per paired image), ``image_features``/``text_features`` (pre-projection), ``logit_scale`` and
-    ``n_paired``; teacher holds the same keys for the teacher (absent when training without one).
+    (one per paired image), ``image_features``/``text_features`` (pre-projection), ``logit_scale``,
+    ``n_paired``, and ``model``/``pixel_values`` (for objectives that run the student again, e.g. on masked
+    images); teacher holds the same embedding/feature keys for the teacher (empty when training without
+    one), plus its ``logit_scale`` where it has one. Parameters are keyword-only ``__init__`` arguments.
     """
 
     uses_teacher: bool = True
+    teacher_features: bool = False  # needs the teacher's pooled pre-projection features, not only embeddings
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], **params: Any) -> None:
         super().__init__()

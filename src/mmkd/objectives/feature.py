@@ -27,6 +27,7 @@ class FeatureObjective(Objective):
         if level not in ("embeds", "features"):
             raise ValueError(f"level must be 'embeds' or 'features', got {level!r}")
         self.level = level
+        self.teacher_features = level == "features"
         self.normalize = normalize
         self.proj = nn.ModuleDict()
         for tower in self.towers:
@@ -179,6 +180,8 @@ class ClsRegression(Objective):
     both modalities, so is the head). distance: ``mse`` (squared L2) or ``cosine``; normalize: compare unit
     vectors.
     """
+
+    teacher_features = True
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, distance: str = "mse",
                  normalize: bool = True) -> None:

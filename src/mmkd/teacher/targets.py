@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkd.models.dual_encoder import DualEncoder
+from mmkd.teacher.unimodal import ImageTeacher
 from mmkd.train.batches import ImageBank, TrainBatch
 
 
@@ -33,7 +34,7 @@ def bf16_supported() -> bool:
         return False
 
 
-def freeze(model: DualEncoder) -> DualEncoder:
+def freeze(model: DualEncoder | ImageTeacher) -> DualEncoder | ImageTeacher:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -43,7 +44,7 @@ def freeze(model: DualEncoder) -> DualEncoder:
 class OnlineTeacher:
     """Runs the frozen teacher on every batch: the expensive baseline the cache is measured against."""
 
-    def __init__(self, model: DualEncoder, paired: ImageBank, unpaired: ImageBank | None = None,
+    def __init__(self, model: DualEncoder | ImageTeacher, paired: ImageBank, unpaired: ImageBank | None = None,
                  bf16: bool | None = None, features: bool = False) -> None:
         self.model = freeze(model)
         self.paired, self.unpaired = paired, unpaired
@@ -58,10 +59,13 @@ class OnlineTeacher:
                             enabled=self.bf16):
             if pixel_values is not None:
                 feats = self.model.image_features(pixel_values)
-                out["image_embeds"] = F.normalize(self.model.visual_projection(feats).float(), dim=-1)
-                if self.features:
+                if self.model.visual_projection is None:  # an image-only teacher: its pooled CLS is all it has
                     out["image_features"] = feats.float()
-            if captions is not None:
+                else:
+                    out["image_embeds"] = F.normalize(self.model.visual_projection(feats).float(), dim=-1)
+                    if self.features:
+                        out["image_features"] = feats.float()
+            if captions is not None and self.model.text_model is not None:
                 tok = self.model.tokenize(captions)
                 feats = self.model.text_features(tok["input_ids"], tok["attention_mask"])
                 out["text_embeds"] = F.normalize(self.model.text_projection(feats).float(), dim=-1)

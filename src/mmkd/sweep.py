@@ -1,0 +1,237 @@
+"""``mmkd sweep CONFIG --grid key=v1,v2 …``: run a grid of distillation runs and rank them on one leaderboard.
+
+A sweep config is a run config (see ``mmkd distill``) plus a ``sweep`` section::
+
+    sweep:
+      out: runs/s1_compare            # default: the run config's out
+      sets:                           # named objective lists
+        triplet: [{name: triplet}]
+        mse: [{name: fd_mse, towers: [image, text]}]
+      grid:                           # axes; the runs are their cartesian product
+        task: [triplet, clip]         # an axis whose values name sets: the run's objectives are the
+        kd: [none, mse]               #   concatenation of the chosen sets, axis by axis
+        train.lr: [1.0e-3]            # an axis named by a config key: a key=value override
+
+``--grid key=v1,v2`` adds an axis or replaces one. A run is finished when its ``metrics.json`` exists; a
+re-run skips it. A run whose objectives need no teacher is a *scratch* reference (the same student trained
+with the task loss only); if the grid has none, one is added. The teacher is evaluated as a reference row.
+Teacher targets are computed once per sweep (not once per run), so the sweep costs only student time.
+Under ``torchrun`` each process takes every N-th run (no DDP inside a run); rank 0 writes the leaderboard.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmkd.config import ConfigError, RunConfig, _parse_scalar, apply_overrides, from_dict, validate
+from mmkd.distill import TargetCache, run_distill, run_eval_specs
+from mmkd.objectives import OBJECTIVES
+from mmkd.teacher.unimodal import ImageTeacher
+from mmkd.train.distributed import DistInfo
+
+SWEEP_KEYS = ("out", "grid", "sets")
+
+
+@dataclass
+class Run:
+    name: str
+    cfg: RunConfig
+    axes: dict[str, Any]
+    role: str  # "scratch" (no teacher term) or "distilled"
+    added: bool = False  # a scratch reference the sweep added itself
+
+
+@dataclass
+class Sweep:
+    out: Path
+    runs: list[Run]
+    axes: dict[str, list[Any]]
+    sets: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def _parse_grid_arg(item: str) -> tuple[str, list[Any]]:
+    if "=" not in item:
+        raise ConfigError(f"--grid {item!r} must look like key=v1,v2 (e.g. kd=none,mse or train.lr=1e-3,3e-3)")
+    key, _, raw = item.partition("=")
+    values = [_parse_scalar(v.strip()) for v in raw.split(",")]
+    if not key.strip() or not values:
+        raise ConfigError(f"--grid {item!r}: give a key and at least one value")
+    return key.strip(), values
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "x"
+
+
+def _config_fields() -> set[str]:
+    return {f.name for f in fields(RunConfig)}
+
+
+def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[str] | None = None) -> Sweep:
+    """Read a sweep config, expand its grid into validated run configs (before any compute is spent)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep config {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    section = data.pop("sweep", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{p}: 'sweep' must be a mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = sorted(set(section) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) sweep.{unknown[0]}; valid keys here: {', '.join(SWEEP_KEYS)}")
+    apply_overrides(data, overrides or [])
+    sets = section.get("sets") or {}
+    if not isinstance(sets, dict) or not all(isinstance(v, list) for v in sets.values()):
+        raise ConfigError("sweep.sets must map names to lists of objectives ({name: ..., weight: ..., ...})")
+    axes: dict[str, list[Any]] = {}
+    for key, values in (section.get("grid") or {}).items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep.grid.{key} must be a non-empty list of values")
+        axes[str(key)] = values
+    for item in grid or []:
+        key, values = _parse_grid_arg(item)
+        axes[key] = values  # added, or replacing the file's axis
+    config_keys = _config_fields()
+    for key, values in axes.items():
+        if key.split(".")[0] in config_keys:
+            continue
+        missing = [v for v in values if str(v) not in sets]
+        if missing:
+            raise ConfigError(f"sweep.grid.{key}: {missing[0]!r} names no objective set; sets: "
+                              f"{', '.join(sorted(sets)) or 'none'} (an axis named by a config key, e.g. "
+                              f"train.lr, takes plain values instead; config keys: {', '.join(sorted(config_keys))})")
+    out = Path(section.get("out") or data.get("out") or "runs/sweep")
+    runs = [_make_run(data, sets, dict(zip(axes, combo)), out) for combo in itertools.product(*axes.values())]
+    if not runs:
+        runs = [_make_run(data, sets, {}, out)]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep: two grid points give the same run name ({names}); make the values distinct")
+    return Sweep(out, _add_scratch_references(runs, out), axes, sets)
+
+
+def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, Any], out: Path) -> Run:
+    data = copy.deepcopy(base)
+    config_keys = _config_fields()
+    objective_axes = [k for k in axes if k.split(".")[0] not in config_keys]
+    if objective_axes:
+        data["objectives"] = [copy.deepcopy(o) for k in objective_axes for o in sets[str(axes[k])]]
+    apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in axes.items() if k not in objective_axes])
+    name = "__".join(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items()) or "run"
+    data["out"] = str(out / "runs" / name)
+    try:
+        cfg = from_dict(RunConfig, data)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"sweep run {name}: {e}") from None
+    role = "distilled" if any(OBJECTIVES.get(o.name).uses_teacher for o in cfg.objectives) else "scratch"
+    return Run(name, cfg, axes, role)
+
+
+def task_objectives(cfg: RunConfig) -> list[Any]:
+    return [o for o in cfg.objectives if not OBJECTIVES.get(o.name).uses_teacher]
+
+
+def reference_key(run: Run) -> str:
+    """Runs with the same task objectives and config-axis values share one from-scratch reference."""
+    config_keys = _config_fields()
+    task = [(o.name, o.weight, o.towers, o.params) for o in task_objectives(run.cfg)]
+    return json.dumps([task, {k: v for k, v in run.axes.items() if k.split(".")[0] in config_keys}],
+                      sort_keys=True, default=str)
+
+
+def _add_scratch_references(runs: list[Run], out: Path) -> list[Run]:
+    """For every group of runs without a task-loss-only run of its own, a scratch reference run first."""
+    have = {reference_key(r) for r in runs if r.role == "scratch"}
+    added: dict[str, Run] = {}
+    for run in runs:
+        key = reference_key(run)
+        if key in have or key in added:
+            continue
+        task = task_objectives(run.cfg)
+        if not task:
+            raise ConfigError(f"sweep run {run.name} has no task objective (clip, triplet, siglip), so it has no "
+                              "from-scratch reference; add one to its objectives")
+        config_keys = _config_fields()
+        axes = {k: v for k, v in run.axes.items() if k.split(".")[0] in config_keys}
+        name = "__".join(["reference-scratch", "+".join(o.name for o in task),
+                          *(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items())])
+        cfg = copy.deepcopy(run.cfg)
+        cfg.objectives = task
+        cfg.out = str(out / "runs" / name)
+        added[key] = Run(name, cfg, axes, "scratch", added=True)
+    return list(added.values()) + runs
+
+
+def _run_done(run: Run) -> bool:
+    return (Path(run.cfg.out) / "metrics.json").is_file()
+
+
+def _teacher_row(sweep: Sweep, cache: TargetCache, log: Any) -> dict[str, Any] | None:
+    """The teacher evaluated like the students (once; reused from OUT/teacher/metrics.json)."""
+    cfg = sweep.runs[0].cfg
+    if not cfg.teacher or not cfg.eval:
+        return None
+    path = sweep.out / "teacher" / "metrics.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    teacher = cache.teacher(cfg)
+    if isinstance(teacher, ImageTeacher):
+        log("the teacher is an image model only: no zero-shot or retrieval row for it")
+        return None
+    log(f"evaluating the teacher {cfg.teacher}")
+    metrics = {"eval": run_eval_specs(teacher, cfg), "teacher": cfg.teacher}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, metrics)
+    return metrics
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def run_sweep(sweep: Sweep, log: Any = print, progress: bool = True, poll_s: float = 5.0) -> Path:
+    """Run the unfinished runs (this process's share under torchrun), then write the leaderboard."""
+    from mmkd.report.leaderboard import write_leaderboard
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _write_json(sweep.out / "sweep.json", {"axes": sweep.axes, "runs": [
+            {"name": r.name, "role": r.role, "axes": r.axes, "added": r.added, "out": r.cfg.out,
+             "objectives": [{"name": o.name, "weight": o.weight, "towers": o.towers, "params": o.params}
+                            for o in r.cfg.objectives]} for r in sweep.runs]})
+    cache = TargetCache()
+    mine = [r for i, r in enumerate(sweep.runs) if i % world == rank]
+    for i, run in enumerate(mine, 1):
+        if _run_done(run):
+            log(f"[{i}/{len(mine)}] {run.name}: finished before (metrics.json exists), skipped")
+            continue
+        log(f"[{i}/{len(mine)}] {run.name}: {', '.join(o.name for o in run.cfg.objectives)}")
+        t0 = time.perf_counter()
+        run_distill(run.cfg, info=DistInfo(), cache=cache, log=log, progress=progress)
+        log(f"[{i}/{len(mine)}] {run.name}: done in {time.perf_counter() - t0:.0f} s")
+    if rank != 0:
+        return sweep.out
+    while not all(_run_done(r) for r in sweep.runs):  # the other processes' runs (torchrun kills us on failure)
+        time.sleep(poll_s)
+    teacher = _teacher_row(sweep, cache, log)
+    return write_leaderboard(sweep, teacher)
