@@ -104,7 +104,9 @@ def _targets_key(cfg: RunConfig) -> Hashable:
 def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in cfg.eval:
-        records = records_from_spec(spec.data, cfg.cache_dir, world_n=2000, **spec_options(spec.data, spec.split))
+        # the built-in world draws a prefix-stable sequence: a limit needs only that many images generated
+        records = records_from_spec(spec.data, cfg.cache_dir, world_n=spec.limit or 2000,
+                                    **spec_options(spec.data, spec.split))
         if spec.limit:
             records = records[: spec.limit]
         name = spec.name or (f"{spec.kind}:{spec.data}" + (f":{spec.class_set}" if spec.class_set else ""))

@@ -1,0 +1,158 @@
+"""``mmkd sweep``: grid expansion, scratch references, teacher targets computed once, skipping finished runs,
+one run per process under torchrun, and the leaderboard files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmkd import cli, distill
+from mmkd.config import ConfigError, load_config
+from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
+from mmkd.models.hub import load_tokenizer, save_dual_encoder
+from mmkd.models.towers import build_tower
+from mmkd.sweep import load_sweep, run_sweep
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_every_shipped_config_loads_and_validates() -> None:
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        if "sweep" in (yaml.safe_load(path.read_text()) or {}):
+            assert load_sweep(path).runs, path
+        else:
+            load_config(path)
+
+
+def test_s1_compare_grid_is_s1s_comparison() -> None:
+    sweep = load_sweep(CONFIGS / "s1_compare.yaml")
+    got = {r.name: ([o.name for o in r.cfg.objectives], r.role) for r in sweep.runs}
+    expected = {}
+    for task in ("triplet", "clip"):
+        for kd, obj in (("scratch", None), ("mse", "fd_mse"), ("cosine", "fd_cosine"),
+                        ("mse_cosine", "fd_mse_cosine"), ("kl", "kl")):
+            expected[f"task-{task}__kd-{kd}"] = ([task] + ([obj] if obj else []), "distilled" if obj else "scratch")
+    assert got == expected
+    assert all(r.cfg.out == f"runs/s1_compare/runs/{r.name}" for r in sweep.runs)
+
+
+def test_grid_arguments_references_and_errors(tmp_path: Path) -> None:
+    sweep = load_sweep(CONFIGS / "s1_compare.yaml", ["kd=mse,kl", "train.lr=1e-3,2e-3"], ["train.steps=7"])
+    names = [r.name for r in sweep.runs]
+    # no scratch run in the grid: one reference per (task loss, config-axis values), placed first
+    assert names[:4] == [f"reference-scratch__{t}__train.lr-{lr}" for t in ("triplet", "clip")
+                         for lr in ("0.001", "0.002")]
+    assert len(names) == 4 + 2 * 2 * 2
+    assert all(r.cfg.train.steps == 7 for r in sweep.runs)
+    assert {r.cfg.train.lr for r in sweep.runs} == {1e-3, 2e-3}
+    ref = next(r for r in sweep.runs if r.name == "reference-scratch__clip__train.lr-0.002")
+    assert [o.name for o in ref.cfg.objectives] == ["clip"] and ref.added and ref.cfg.train.lr == 2e-3
+
+    with pytest.raises(ConfigError, match=r"'hinton' names no objective set; sets: clip, cosine, kl"):
+        load_sweep(CONFIGS / "s1_compare.yaml", ["kd=hinton"])
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_sweep(CONFIGS / "s1_compare.yaml", ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="must look like key=v1,v2"):
+        load_sweep(CONFIGS / "s1_compare.yaml", ["kd"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sweep: {grids: {}}\n")
+    with pytest.raises(ConfigError, match=r"sweep.grids; valid keys here: out, grid, sets"):
+        load_sweep(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a real (tiny) sweep
+
+
+def _teacher(folder: Path, tok_path: str) -> None:
+    torch.manual_seed(0)
+    vision = build_tower("clip_vision", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64))
+    text = build_tower("bert", dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0))
+    meta = EncoderMeta(text_pooling="mean", image_size=32, image_mean=(0.5,) * 3, image_std=(0.25,) * 3,
+                       max_text_length=24)
+    save_dual_encoder(DualEncoder(vision, text, 24, meta, load_tokenizer(tok_path)), folder)
+
+
+def _config(tmp_path: Path) -> Path:
+    cfg = {
+        "teacher": str(tmp_path / "teacher"), "out": str(tmp_path / "unused"), "cache_dir": str(tmp_path / "cache"),
+        "student": {"vision": {"source": "teacher"}, "text": {"source": "teacher"}},
+        "data": {"train": "world:train", "world_size_train": 32, "batch_size": 16},
+        "train": {"steps": 2, "warmup_steps": 1, "log_every": 1, "ckpt_every": 0},
+        "eval": [{"kind": "zeroshot", "data": "world:test", "class_set": "colour_shape", "limit": 48},
+                 {"kind": "retrieval", "data": "world:test", "limit": 48}],
+        "sweep": {"out": str(tmp_path / "sweep"),
+                  "sets": {"clip": [{"name": "clip"}], "none": [], "mse": [{"name": "fd_mse"}],
+                           "kl": [{"name": "kl"}]},
+                  "grid": {"task": ["clip"], "kd": ["none", "mse", "kl"]}},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_sweep_runs_once_skips_finished_runs_and_writes_the_leaderboard(
+        tmp_path: Path, minilm_path: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    _teacher(tmp_path / "teacher", minilm_path)
+    config = _config(tmp_path)
+    calls = {"precompute": 0}
+    real_precompute = distill.precompute
+
+    def counting_precompute(*args, **kwargs):
+        calls["precompute"] += 1
+        return real_precompute(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "precompute", counting_precompute)
+
+    # under torchrun: process 1 of 2 runs every second run and leaves the leaderboard to process 0
+    sweep = load_sweep(config)
+    assert [r.name for r in sweep.runs] == ["task-clip__kd-none", "task-clip__kd-mse", "task-clip__kd-kl"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run_sweep(sweep, progress=False)
+    done = {r.name for r in sweep.runs if (Path(r.cfg.out) / "metrics.json").is_file()}
+    assert done == {"task-clip__kd-mse"}
+    assert not (tmp_path / "sweep" / "leaderboard.md").exists()
+
+    # process 0 (here: the plain CLI, alone) runs the rest, skipping the finished one, then writes the board
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert cli.main(["sweep", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "task-clip__kd-mse: finished before (metrics.json exists), skipped" in out
+    assert calls["precompute"] == 2  # once in each process (kd-mse there, kd-kl here), never once per run
+
+    board = tmp_path / "sweep" / "leaderboard.md"
+    assert board.is_file() and (tmp_path / "sweep" / "leaderboard.png").stat().st_size > 1000
+    text = board.read_text()
+    assert "| teacher | teacher |" in text and text in out
+    rows = list(csv.DictReader((tmp_path / "sweep" / "leaderboard.csv").open()))
+    assert [r["role"] for r in rows][0] == "teacher"
+    by_run = {r["run"]: r for r in rows}
+    assert set(by_run) == {"teacher", "task-clip__kd-none", "task-clip__kd-mse", "task-clip__kd-kl"}
+    scratch = by_run["task-clip__kd-none"]
+    assert scratch["role"] == "scratch" and scratch["d_top1"] == ""
+    for name in ("task-clip__kd-mse", "task-clip__kd-kl"):
+        r = by_run[name]
+        metrics = json.loads((tmp_path / "sweep" / "runs" / name / "metrics.json").read_text())
+        top1 = metrics["eval"]["zeroshot:world:test:colour_shape"]["top1"]
+        assert float(r["zs_top1"]) == pytest.approx(top1)
+        assert float(r["d_top1"]) == pytest.approx(top1 - float(scratch["zs_top1"]))
+        assert r["vs_scratch"] == "task-clip__kd-none"
+        assert float(r["train_s"]) == metrics["train"]["seconds"]
+    top1s = [float(r["zs_top1"]) for r in rows[1:]]
+    assert top1s == sorted(top1s, reverse=True)
+
+    # a second sweep run trains nothing: every run is finished
+    monkeypatch.setattr(distill, "run_distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr("mmkd.sweep.run_distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert cli.main(["sweep", str(config)]) == 0
+    assert capsys.readouterr().out.count("skipped") == 3
