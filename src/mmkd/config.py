@@ -76,6 +76,7 @@ class DataConfig:
     unpaired_batch_size: int = 0
     augment: bool = False
     label_captions: str | None = None  # e.g. "a photo of a {}.": captions for labelled, uncaptioned images
+    captions_per_image: int | None = None  # keep each image's first N captions (fewer teacher/text targets)
     max_text_length: int = 32
     world_size_train: int = 4000  # built-in world: images in the generated train split
     world_size_unpaired: int = 20000
@@ -268,6 +269,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.accumulate must be ≥ 1")
     if t.lr <= 0:
         raise ConfigError("train.lr must be > 0")
+    if cfg.data.captions_per_image is not None and cfg.data.captions_per_image < 1:
+        raise ConfigError("data.captions_per_image must be ≥ 1 (or null for all)")
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be ≥ 1")
     if cfg.teacher_modality not in ("image_text", "image"):

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mmkd.config import ConfigError, RunConfig, to_dict
@@ -51,6 +52,8 @@ def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int) -> list
     recs = recs[:limit] if limit else recs
     if cfg.data.label_captions:
         recs = label_captions(recs, spec, cfg.data.label_captions)
+    if cfg.data.captions_per_image:
+        recs = [replace(r, captions=r.captions[: cfg.data.captions_per_image]) for r in recs]
     return recs
 
 
@@ -98,7 +101,7 @@ class TargetCache:
 def _targets_key(cfg: RunConfig) -> Hashable:
     d = cfg.data
     return (cfg.teacher, cfg.teacher_modality, os.path.abspath(cfg.cache_dir), d.train, d.limit, d.unpaired,
-            d.unpaired_limit, d.world_size_train, d.world_size_unpaired, d.label_captions)
+            d.unpaired_limit, d.world_size_train, d.world_size_unpaired, d.label_captions, d.captions_per_image)
 
 
 def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
@@ -129,6 +132,8 @@ def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print, *, info:
     info: the process group (default: join torchrun's, or none); cache: teachers/targets shared across runs.
     """
     info = info or init_distributed()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)  # before the teacher targets and the evaluation, not only training
     out = Path(cfg.out)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
