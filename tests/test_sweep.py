@@ -154,5 +154,6 @@ def test_sweep_runs_once_skips_finished_runs_and_writes_the_leaderboard(
     # a second sweep run trains nothing: every run is finished
     monkeypatch.setattr(distill, "run_distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr("mmkd.sweep.run_distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    assert cli.main(["sweep", str(config)]) == 0
+    # (overrides may follow --grid options; these name the same three runs)
+    assert cli.main(["sweep", str(config), "--grid", "kd=none,mse,kl", "train.steps=2"]) == 0
     assert capsys.readouterr().out.count("skipped") == 3

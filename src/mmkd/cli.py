@@ -70,7 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from mmkd.sweep import load_sweep, run_sweep
 
-    sweep = load_sweep(args.config, args.grid, args.overrides)
+    sweep = load_sweep(args.config, args.grid, args.overrides, out=args.out)
     print(f"sweep: {len(sweep.runs)} runs → {sweep.out}")
     board = run_sweep(sweep)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. train.steps=50")
     w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="an axis: an objective-set axis (values name sweep.sets) or a config key; repeatable")
+    w.add_argument("--out", default=None, help="output folder (default: the config's sweep.out)")
     w.set_defaults(func=cmd_sweep)
 
     o = sub.add_parser("objectives", help="list every registered objective with its parameters and defaults")
@@ -134,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse gives a nargs='*' positional only one chance)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from mmkd.config import ConfigError
     from mmkd.data.records import DataError
     from mmkd.models.hub import ModelLoadError

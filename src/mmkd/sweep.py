@@ -78,7 +78,8 @@ def _config_fields() -> set[str]:
     return {f.name for f in fields(RunConfig)}
 
 
-def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[str] | None = None) -> Sweep:
+def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[str] | None = None,
+               out: str | Path | None = None) -> Sweep:
     """Read a sweep config, expand its grid into validated run configs (before any compute is spent)."""
     p = Path(path)
     if not p.is_file():
@@ -116,7 +117,7 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
             raise ConfigError(f"sweep.grid.{key}: {missing[0]!r} names no objective set; sets: "
                               f"{', '.join(sorted(sets)) or 'none'} (an axis named by a config key, e.g. "
                               f"train.lr, takes plain values instead; config keys: {', '.join(sorted(config_keys))})")
-    out = Path(section.get("out") or data.get("out") or "runs/sweep")
+    out = Path(out or section.get("out") or data.get("out") or "runs/sweep")
     runs = [_make_run(data, sets, dict(zip(axes, combo)), out) for combo in itertools.product(*axes.values())]
     if not runs:
         runs = [_make_run(data, sets, {}, out)]

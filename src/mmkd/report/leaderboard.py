@@ -151,8 +151,11 @@ def write_leaderboard(sweep: Any, teacher: dict[str, Any] | None) -> Path:
     first = sweep.runs[0].cfg
     zs = next((e for e in first.eval if e.kind == "zeroshot"), None)
     rt = next((e for e in first.eval if e.kind == "retrieval"), None)
-    notes = (f"Zero-shot: {zs.data}{' (' + zs.class_set + ')' if zs and zs.class_set else ''}; "
-             if zs else "") + (f"retrieval: {rt.data}; " if rt else "") + (
+    def where(e: Any) -> str:
+        extra = [x for x in (e.class_set, e.split and f"split {e.split}", e.limit and f"first {e.limit}") if x]
+        return e.data + (f" ({', '.join(extra)})" if extra else "")
+
+    notes = (f"Zero-shot: {where(zs)}; " if zs else "") + (f"retrieval: {where(rt)}; " if rt else "") + (
         f"teacher: {first.teacher}. Train time is student time only (teacher targets computed once per sweep).")
     _atomic_text(sweep.out / "leaderboard.md", markdown(rows, f"# Leaderboard: {sweep.out}\n\n{notes}"))
     write_csv(rows, sweep.out / "leaderboard.csv")
