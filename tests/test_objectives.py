@@ -306,7 +306,7 @@ def test_triplet_semihard_falls_back_to_the_easiest_negative() -> None:
 def test_siglip_matches_reference() -> None:
     inp = Inputs(3)
     obj = _build("siglip", init_scale=4.0, init_bias=-2.0)
-    scale, bias = float(obj.log_scale.exp()), float(obj.bias)  # the float32 parameters, as stored
+    scale, bias = float(obj.log_scale.detach().exp()), float(obj.bias.detach())  # the float32 parameters
     assert scale == pytest.approx(4.0, rel=1e-6) and bias == -2.0
     _check(obj, inp, ref_siglip(inp, scale, bias))
     # its temperature and bias are parameters of the objective, so they train with the student
@@ -501,8 +501,11 @@ def test_objective_parameters_are_keyword_only_and_validated() -> None:
     ctx = ObjectiveContext(DIM, DIM)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['temp'\].*valid: temperature=2.0"):
         build_objectives([ObjectiveSpec(name="kl", params={"temp": 2})], ctx)
-    with pytest.raises(ValueError, match="negatives must be one of all, hardest, semihard"):
+    with pytest.raises(ValueError, match=r"objectives\[0\] \(triplet\): triplet: negatives must be one of all, "
+                                         r"hardest, semihard, got 'easy'; parameters \(defaults\): margin=0.2"):
         build_objectives([ObjectiveSpec(name="triplet", params={"negatives": "easy"})], ctx)
+    with pytest.raises(ValueError, match=r"objectives\[1\] \(kl\): .*parameters \(defaults\): temperature=2.0"):
+        build_objectives([ObjectiveSpec(name="clip"), ObjectiveSpec(name="kl", params={"temperature": "hot"})], ctx)
     with pytest.raises(KeyError, match="unknown objective 'kd'; valid: afd, clip, cls_regression, crd"):
         build_objectives([ObjectiveSpec(name="kd")], ctx)
 

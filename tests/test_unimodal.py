@@ -77,6 +77,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+@pytest.mark.slow
 def test_s4_config_trains_and_both_regression_terms_fall(tmp_path: Path, minilm_path: str) -> None:
     _save_vision_teacher(tmp_path / "vision")
     cfg = _s4_config(tmp_path, minilm_path, steps=24)

@@ -93,5 +93,10 @@ def build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
         if unknown:
             raise ValueError(f"objectives[{i}] ({spec.name}): unknown parameter(s) {unknown}; "
                              f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
-        items.append((spec.name, float(spec.weight), cls(ctx, spec.towers, **spec.params)))
+        try:
+            obj = cls(ctx, spec.towers, **spec.params)
+        except (TypeError, ValueError) as e:  # a bad value: say which objective, and what it takes
+            raise ValueError(f"objectives[{i}] ({spec.name}): {e}; parameters (defaults): "
+                             f"{', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}") from None
+        items.append((spec.name, float(spec.weight), obj))
     return WeightedSum(items)

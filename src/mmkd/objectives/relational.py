@@ -97,8 +97,8 @@ class IclObjective(Objective):
         s_image, s_text = self.width("image", s_image), self.width("text", s_text)
         s_image, s_text, t_image, t_text = gathered(s_image, s_text, t_image.to(s_image.dtype),
                                                     t_text.to(s_image.dtype))
-        scale = (torch.tensor(1.0 / self.temperature) if self.temperature is not None
-                 else self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE))
+        scale = (torch.tensor(1.0 / self.temperature, dtype=s_image.dtype, device=s_image.device)
+                 if self.temperature is not None else self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE))
         target = torch.arange(s_image.shape[0], device=s_image.device)
         out = {}
         if "image" in self.towers:
