@@ -6,6 +6,7 @@ Every experiment is one YAML file; a typo in it must fail before any compute is 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,19 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key (dotted path) and what is allowed."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a number: YAML 1.1 needs a dot (``1.0e-3``), a trap for learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 @dataclass
@@ -186,7 +200,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    return _yaml_load(text) if text != "" else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -196,17 +210,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
         key, _, raw = item.partition("=")
         parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
+        try:
+            value = _parse_scalar(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+        try:  # a list index out of range or a path through a scalar: name the override, not a traceback
+            node = data
+            for part in parts[:-1]:
+                if isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    node = node.setdefault(part, {})
+            last = parts[-1]
             if isinstance(node, list):
-                node = node[int(part)]
+                node[int(last)] = value
             else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = _parse_scalar(raw)
-        else:
-            node[last] = _parse_scalar(raw)
+                node[last] = value
+        except (IndexError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a settable path here "
+                              f"({type(e).__name__}: {e})") from None
     return data
 
 
@@ -218,7 +240,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _yaml_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is None:

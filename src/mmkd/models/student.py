@@ -77,15 +77,21 @@ def build_student(teacher: DualEncoder, cfg: StudentConfig) -> DualEncoder:
 
 
 def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
-    """Freeze parameters by name prefix; a prefix matching nothing is a config error, not a silent no-op."""
+    """Freeze parameters by dotted-name prefix; a prefix matching nothing is a config error, not a silent no-op.
+
+    Prefixes match whole name components: ``vision_model.encoder.layers.1`` freezes layer 1, not 10 and 11.
+    """
     names = [n for n, _ in model.named_parameters()]
+
+    def matches(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     for prefix in prefixes:
-        hit = [n for n in names if n == prefix or n.startswith(prefix + ".") or n.startswith(prefix)]
-        if not hit:
+        if not any(matches(n, prefix) for n in names):
             raise ValueError(f"student.freeze: {prefix!r} matches no parameter; parameters start with "
                              f"{sorted({n.split('.')[0] for n in names})}")
     for n, p in model.named_parameters():
-        if any(n == pre or n.startswith(pre) for pre in prefixes):
+        if any(matches(n, pre) for pre in prefixes):
             p.requires_grad_(False)
 
 
