@@ -49,14 +49,14 @@ def minilm_path() -> str:
 class DemoConfig:
     image_size: int = 32
     teacher_vision: dict[str, Any] = field(default_factory=lambda: dict(
-        hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024, patch_size=4))
+        hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024, patch_size=8))
     teacher_pool: int = 20000
     teacher_captions_per_image: int = 2
-    teacher_steps: int = 400
+    teacher_steps: int = 600
     teacher_batch: int = 128
     teacher_lr: float = 1e-3
     student_vision: dict[str, Any] = field(default_factory=lambda: dict(
-        hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512, patch_size=4))
+        hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512, patch_size=8))
     student_text_keep: list[int] | None = None  # None: every second layer of MiniLM-L6 (3 of 6)
     paired: int = 2000
     unpaired: int = 20000
@@ -66,6 +66,8 @@ class DemoConfig:
     student_lr: float = 1e-3
     val: int = 1000
     test: int = 2000
+    teacher_evals: int = 8  # points on the teacher's validation curve
+    latency_budget_s: float = 3.0
     threads: int | None = None
 
     @classmethod
@@ -77,7 +79,7 @@ class DemoConfig:
                    student_vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=64, patch_size=8),
                    paired=256, unpaired=512, student_steps=20, student_batch=32, unpaired_batch=32,
-                   val=128, test=256)
+                   val=128, test=256, teacher_evals=2, latency_budget_s=0.5)
 
     def teacher_key(self) -> str:
         keys = ("image_size", "teacher_vision", "teacher_pool", "teacher_captions_per_image", "teacher_steps",
@@ -133,7 +135,7 @@ def get_teacher(cfg: DemoConfig, cache: Path, val: list[Record], log: Any) -> tu
     tcfg = TrainConfig(steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup_steps=max(1, cfg.teacher_steps // 20),
                        weight_decay=0.05, log_every=10, ckpt_every=100, seed=1, threads=cfg.threads)
     result = train(model, objectives, data, None, tcfg, work, resume=True, evaluate=_world_eval(val),
-                   eval_every=max(1, cfg.teacher_steps // 8), desc="teacher")
+                   eval_every=max(1, cfg.teacher_steps // cfg.teacher_evals), desc="teacher")
     log(f"teacher trained in {result.seconds:.0f} s (final loss {result.final_loss:.3f})")
     save_dual_encoder(model, folder)
     shutil.copy(work / "metrics.jsonl", folder / "train_metrics.jsonl")
@@ -201,9 +203,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     log("evaluating teacher, distilled student and scratch student")
     metrics: dict[str, Any] = {"models": {}, "demo": {"quick": quick, "config": asdict(cfg),
                                                       "teacher_dir": str(teacher_dir)}}
-    metrics["models"]["teacher"] = world_metrics(teacher, test)
+    metrics["models"]["teacher"] = world_metrics(teacher, test, latency_budget_s=cfg.latency_budget_s)
     for name, run in runs.items():
-        metrics["models"][name] = world_metrics(run["model"], test)
+        metrics["models"][name] = world_metrics(run["model"], test, latency_budget_s=cfg.latency_budget_s)
         metrics["models"][name]["train_seconds"] = round(run["seconds"], 1)
     metrics["demo"]["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
