@@ -40,6 +40,31 @@ def freeze(model: DualEncoder) -> DualEncoder:
     return model
 
 
+@torch.inference_mode()
+def teacher_outputs(model: DualEncoder, pixel_values: torch.Tensor | None, captions: Sequence[str] | None,
+                    bf16: bool = False, features: bool = False) -> dict[str, torch.Tensor]:
+    """Normalised embeddings (and pooled pre-projection features) of a teacher, as float32 plain tensors.
+
+    Shared by the online teacher and the cache builder, so a cached target is exactly what the online teacher
+    would have returned for the same pixels. The model must be in eval mode (dropout off).
+    """
+    out: dict[str, torch.Tensor] = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        if pixel_values is not None:
+            feats = model.image_features(pixel_values)
+            out["image_embeds"] = F.normalize(model.visual_projection(feats).float(), dim=-1)
+            if features:
+                out["image_features"] = feats.float()
+        if captions is not None:
+            tok = model.tokenize(captions)
+            feats = model.text_features(tok["input_ids"], tok["attention_mask"])
+            out["text_embeds"] = F.normalize(model.text_projection(feats).float(), dim=-1)
+            if features:
+                out["text_features"] = feats.float()
+    return {k: v.clone() for k, v in out.items()}  # plain tensors, usable in autograd
+
+
 class OnlineTeacher:
     """Runs the frozen teacher on every batch: the expensive baseline the cache is measured against."""
 
@@ -50,24 +75,9 @@ class OnlineTeacher:
         self.bf16 = bf16_supported() if bf16 is None else bf16
         self.features = features
 
-    @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor | None, captions: Sequence[str] | None
                ) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                            enabled=self.bf16):
-            if pixel_values is not None:
-                feats = self.model.image_features(pixel_values)
-                out["image_embeds"] = F.normalize(self.model.visual_projection(feats).float(), dim=-1)
-                if self.features:
-                    out["image_features"] = feats.float()
-            if captions is not None:
-                tok = self.model.tokenize(captions)
-                feats = self.model.text_features(tok["input_ids"], tok["attention_mask"])
-                out["text_embeds"] = F.normalize(self.model.text_projection(feats).float(), dim=-1)
-                if self.features:
-                    out["text_features"] = feats.float()
-        return {k: v.clone() for k, v in out.items()}  # plain tensors, usable in autograd
+        return teacher_outputs(self.model, pixel_values, captions, bf16=self.bf16, features=self.features)
 
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         pix = [self.paired.pixels(batch.paired_idx, batch.views[: batch.n_paired])]
