@@ -374,10 +374,20 @@ class _Writer:
         self.layout = layout
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmkd-cache-writer")
         self._pending: list[Future] = []
+        self._failed = False
         self.depth = depth
 
+    def _commit(self, chunk: Chunk, arrays: dict[str, np.ndarray]) -> None:
+        if self._failed:  # stop at the first failure, as a killed process would
+            return
+        try:
+            commit_chunk(self.layout, chunk, arrays)
+        except BaseException:
+            self._failed = True
+            raise
+
     def submit(self, chunk: Chunk, arrays: dict[str, np.ndarray]) -> None:
-        self._pending.append(self._pool.submit(commit_chunk, self.layout, chunk, arrays))
+        self._pending.append(self._pool.submit(self._commit, chunk, arrays))
         while len(self._pending) > self.depth:
             self._pending.pop(0).result()
 
