@@ -431,3 +431,30 @@ def test_distill_refuses_a_cache_without_what_the_objectives_need(
     assert main(["distill", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "--features" in err and "only view 0" in err
+
+
+def test_cache_command_takes_the_data_of_a_distill_config(teacher: DualEncoder, records: list[Record],
+                                                          tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pairs = _jsonl(tmp_path / "a", records[:16])
+    extra = _jsonl(tmp_path / "b", [Record(f"x{i}", records[30 + i].image, ("unused caption",)) for i in range(6)])
+    save_dual_encoder(teacher, tmp_path / "teacher")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+teacher: cache:{tmp_path / 'tc'}
+{STUDENT}
+data: {{train: "jsonl:{pairs}", limit: 12, unpaired: "jsonl:{extra}", unpaired_batch_size: 2, batch_size: 4}}
+objectives: [{{name: clip}}, {{name: fd_mse, towers: [image]}}]
+""")
+    assert main(["cache", "--teacher", str(tmp_path / "teacher"), "--config", str(cfg), "--threads", "1"]) == 0
+    cache = CachedTeacher.open(tmp_path / "tc")
+    assert cache.keys == [r.key for r in records[:12]] + [f"x{i}" for i in range(6)]
+    assert cache.captions == sorted({c for r in records[:12] for c in r.captions})  # unpaired captions unused
+    assert main(["distill", str(cfg), f"out={tmp_path / 'run'}", "train.steps=1", "train.threads=1"]) == 0
+    assert "fd_mse/mse_image" in (tmp_path / "run" / "metrics.jsonl").read_text()  # unpaired keys read too
+
+    from mmkd.config import load_config
+
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "s3_cached.yaml")
+    assert shipped.teacher.startswith("cache:") and shipped.student.vision.source == "new"

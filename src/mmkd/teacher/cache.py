@@ -736,6 +736,11 @@ class CachedTeacher:
         return list(self.layout.arrays)
 
     @property
+    def logit_scale(self) -> float:
+        """The teacher's temperature scale (exp'd), as the online teacher reports it."""
+        return float(self.meta["fingerprint"]["teacher"]["logit_scale"])
+
+    @property
     def weights_sha256(self) -> str:
         return str(self.meta["fingerprint"]["teacher"]["weights_sha256"])
 
@@ -811,7 +816,7 @@ class CachedTeacher:
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         out = self.images(batch.keys, batch.views)
         out.update(self.texts(batch.captions))
-        out["logit_scale"] = torch.tensor(float(self.meta["fingerprint"]["teacher"]["logit_scale"]))
+        out["logit_scale"] = torch.tensor(self.logit_scale)
         return out
 
 

@@ -38,15 +38,21 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
 
 
 def tokenizer_sha256(tokenizer: Any) -> str | None:
-    """Hash of the vocabulary and of the settings that change token ids (None when there is no tokenizer)."""
+    """Hash of everything that maps text to token ids (None when there is no tokenizer).
+
+    Fast tokenizers serialise their whole pipeline (vocabulary, normaliser, pre-tokeniser) in one Rust call;
+    slow ones are identified by their vocabulary and settings.
+    """
     if tokenizer is None:
         return None
-    h = hashlib.sha256()
-    vocab = sorted(tokenizer.get_vocab().items())
-    h.update(json.dumps(vocab, ensure_ascii=False).encode())
-    h.update(json.dumps({"class": type(tokenizer).__name__,
-                         "lower": getattr(tokenizer, "do_lower_case", None),
-                         "special": sorted(map(str, tokenizer.all_special_tokens))}).encode())
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+        h.update(repr(getattr(tokenizer, "do_lower_case", None)).encode())
+    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
     return h.hexdigest()
 
 

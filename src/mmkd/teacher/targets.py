@@ -83,16 +83,19 @@ class OnlineTeacher:
         pix = [self.paired.pixels(batch.paired_idx, batch.views[: batch.n_paired])]
         if self.unpaired is not None and len(batch.unpaired_idx):
             pix.append(self.unpaired.pixels(batch.unpaired_idx, batch.views[batch.n_paired:]))
-        return self.encode(torch.cat(pix), batch.captions)
+        out = self.encode(torch.cat(pix), batch.captions)
+        out["logit_scale"] = self.model.logit_scale.detach().float().exp()
+        return out
 
 
 class TableTeacher:
     """Targets looked up by sample key and caption text: the teacher never runs during training."""
 
     def __init__(self, image: dict[str, torch.Tensor], image_keys: dict[str, int],
-                 text: dict[str, torch.Tensor], text_keys: dict[str, int]) -> None:
+                 text: dict[str, torch.Tensor], text_keys: dict[str, int], logit_scale: float | None = None) -> None:
         self.image, self.image_keys = image, image_keys
         self.text, self.text_keys = text, text_keys
+        self.logit_scale = logit_scale  # exp'd
 
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         try:
@@ -103,6 +106,8 @@ class TableTeacher:
         if self.text:
             trows = torch.tensor([self.text_keys[c] for c in batch.captions])
             out.update({name: t[trows].float() for name, t in self.text.items()})
+        if self.logit_scale is not None:
+            out["logit_scale"] = torch.tensor(self.logit_scale)
         return out
 
 
@@ -138,4 +143,5 @@ def precompute(teacher: OnlineTeacher, banks: Sequence[ImageBank], captions: Ite
         for name, t in teacher.encode(None, list(chunk)).items():
             text.setdefault(name, []).append(t)
     return TableTeacher({k: torch.cat(v) for k, v in image.items()}, keys,
-                        {k: torch.cat(v) for k, v in text.items()}, {c: i for i, c in enumerate(uniq)})
+                        {k: torch.cat(v) for k, v in text.items()}, {c: i for i, c in enumerate(uniq)},
+                        float(teacher.model.logit_scale.detach().float().exp()))
