@@ -53,7 +53,8 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher_path, records, out = cache_inputs(args)
-    teacher = load_dual_encoder(teacher_path)
+    device = args.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    teacher = load_dual_encoder(teacher_path).to(device)
     result = build_cache(teacher, records, out, views=args.views, dtype=args.dtype, features=args.features,
                          seed=args.seed, batch_size=args.batch_size, chunk_rows=args.chunk_rows,
                          precision=args.precision, source=str(teacher_path), progress=info.is_main,

@@ -111,16 +111,18 @@ def _sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, device_type: str | None = None) -> str:
+    """``auto`` → bf16 where the device computes it fast, else fp32."""
     if precision not in PRECISIONS:
         raise CacheError(f"precision {precision!r} unknown; valid: {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
+        return "bf16" if bf16_supported(device_type) else "fp32"
     return precision
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """float32 tensor → the stored numpy array (bfloat16 as its raw bit pattern)."""
+    """float32 tensor (any device) → the stored numpy array (bfloat16 as its raw bit pattern)."""
+    t = t.detach().cpu()
     if dtype == "bfloat16":
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return t.numpy().astype(DTYPES[dtype], copy=False)
@@ -452,7 +454,7 @@ def build_cache(
     keys = _check_keys(records)
     digests = fp.record_digests(records)
     captions = sorted({c for r in records for c in r.captions})
-    prec = resolve_precision(precision)
+    prec = resolve_precision(precision, next(teacher.parameters()).device.type)
     meta = cache_meta(teacher, records, captions, views=views, dtype=dtype, features=features, seed=seed,
                       augmentation=augmentation, precision=prec, chunk_rows=chunk_rows, source=source,
                       digests=digests)

@@ -21,10 +21,13 @@ class Targets(Protocol):
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]: ...
 
 
-def bf16_supported() -> bool:
-    """bfloat16 matmuls are fast on CPUs with AVX512-BF16/AMX, and on CUDA; elsewhere fp32 is faster."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def bf16_supported(device_type: str | None = None) -> bool:
+    """bfloat16 matmuls are fast on CPUs with AVX512-BF16/AMX, and on CUDA; elsewhere fp32 is faster.
+
+    device_type: where the model runs ("cpu", "cuda"); default: CUDA when available, else the CPU.
+    """
+    if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -46,18 +49,19 @@ def teacher_outputs(model: DualEncoder, pixel_values: torch.Tensor | None, capti
     """Normalised embeddings (and pooled pre-projection features) of a teacher, as float32 plain tensors.
 
     Shared by the online teacher and the cache builder, so a cached target is exactly what the online teacher
-    would have returned for the same pixels. The model must be in eval mode (dropout off).
+    would have returned for the same pixels. Inputs move to the model's device; outputs stay there. The model
+    must be in eval mode (dropout off).
     """
     out: dict[str, torch.Tensor] = {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if pixel_values is not None:
-            feats = model.image_features(pixel_values)
+            feats = model.image_features(pixel_values.to(device, non_blocking=True))
             out["image_embeds"] = F.normalize(model.visual_projection(feats).float(), dim=-1)
             if features:
                 out["image_features"] = feats.float()
         if captions is not None:
-            tok = model.tokenize(captions)
+            tok = {k: v.to(device, non_blocking=True) for k, v in model.tokenize(captions).items()}
             feats = model.text_features(tok["input_ids"], tok["attention_mask"])
             out["text_embeds"] = F.normalize(model.text_projection(feats).float(), dim=-1)
             if features:
