@@ -180,7 +180,7 @@ def test_interrupted_build_resumes_to_the_same_cache(teacher: DualEncoder, recor
 def test_resume_with_other_settings_is_refused(teacher: DualEncoder, records: list[Record], tmp_path: Path) -> None:
     _build(teacher, records[:8], tmp_path / "c")
     before = files(tmp_path / "c")
-    with pytest.raises(CacheError, match=r"other settings.*views: expected 2, found 3"):
+    with pytest.raises(CacheError, match=r"other settings.*views: this build 2, the folder 3"):
         _build(teacher, records[:8], tmp_path / "c", views=2)
     with pytest.raises(CacheError, match="data.sha256"):
         _build(teacher, make_records(8, seed=1), tmp_path / "c")
@@ -373,7 +373,6 @@ train: {{steps: 3, log_every: 1, ckpt_every: 0, warmup_steps: 1, threads: 1}}
     return cfg
 
 
-@pytest.mark.slow
 def test_distill_from_cache_never_loads_or_runs_the_teacher(
         minilm_path: str, records: list[Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

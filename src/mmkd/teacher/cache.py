@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import resource
@@ -321,8 +322,9 @@ def _prepare(root: Path, meta: dict[str, Any], keys: list[str], digests: list[st
 
 def _check_same_build(root: Path, meta: dict[str, Any]) -> None:
     found = read_meta(root)
-    differences = fp.diff(meta["fingerprint"], found["fingerprint"]) + fp.diff(meta["layout"], found["layout"],
-                                                                               "layout")
+    names = ("this build", "the folder")
+    differences = (fp.diff(meta["fingerprint"], found["fingerprint"], names=names)
+                   + fp.diff(meta["layout"], found["layout"], "layout", names))
     if differences:
         raise CacheError(f"{root} already holds a teacher cache built with other settings, so it cannot be resumed "
                          f"or completed: {'; '.join(differences[:6])}"
@@ -671,7 +673,8 @@ class CachedTeacher:
             soft.append(f"transform.view_seed: the cache's views were drawn with seed {self.view_seed}, training "
                         f"replays seed {expect.view_seed} (build the student's image banks with CachedTeacher.bank)")
         if expect.augmentation is not None:
-            soft += fp.diff(dict(f["transform"]["augmentation"]), dict(expect.augmentation), "transform.augmentation")
+            soft += fp.diff(dict(f["transform"]["augmentation"]), dict(expect.augmentation), "transform.augmentation",
+                            ("cache", "training"))
         if f["transform"]["version"] != TRANSFORM_VERSION:
             soft.append(f"transform.version: the cache's views come from transform version "
                         f"{f['transform']['version']}, this mmkd makes version {TRANSFORM_VERSION}")
@@ -773,6 +776,9 @@ class CachedTeacher:
                     kind = "image" if array in IMAGE_ARRAYS else "text"
                     c = self.layout.chunks(kind)[chunk]
                     m = np.load(self.layout.shard(c, array), mmap_mode="r")
+                    mm = getattr(m, "_mmap", None)  # rows are read at random: no read-ahead around each one
+                    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+                        mm.madvise(mmap.MADV_RANDOM)
                     self._maps[(chunk, array)] = m
         return m
 

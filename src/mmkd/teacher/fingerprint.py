@@ -110,19 +110,19 @@ def captions_sha256(captions: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def diff(expected: Any, found: Any, path: str = "") -> list[str]:
-    """Dotted paths where two JSON-like values differ, with both values (for error messages)."""
-    if isinstance(expected, dict) and isinstance(found, dict):
+def diff(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("expected", "found")) -> list[str]:
+    """Dotted paths where two JSON-like values differ, each with both values labelled by ``names``."""
+    if isinstance(a, dict) and isinstance(b, dict):
         out = []
-        for k in sorted(set(expected) | set(found)):
+        for k in sorted(set(a) | set(b)):
             where = f"{path}.{k}" if path else str(k)
-            if k not in expected or k not in found:
-                out.append(f"{where}: {'missing' if k not in found else 'unexpected'}")
+            if k not in a or k not in b:
+                out.append(f"{where}: only in {names[0] if k in a else names[1]}")
             else:
-                out += diff(expected[k], found[k], where)
+                out += diff(a[k], b[k], where, names)
         return out
-    if _plain(expected) != _plain(found):
-        return [f"{path}: expected {_short(expected)}, found {_short(found)}"]
+    if _plain(a) != _plain(b):
+        return [f"{path}: {names[0]} {_short(a)}, {names[1]} {_short(b)}"]
     return []
 
 
