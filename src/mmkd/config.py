@@ -73,6 +73,7 @@ class DataConfig:
     batch_size: int = 128
     unpaired_batch_size: int = 0
     augment: bool = False
+    views: int | None = None  # distinct augmented views per sample (view 0 = unaugmented); None: see README
     max_text_length: int = 32
     world_size_train: int = 4000  # built-in world: images in the generated train split
     world_size_unpaired: int = 20000
@@ -101,6 +102,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     threads: int | None = None
+    ignore_cache_fingerprint: bool = False  # use a teacher cache built for other data/transforms (at your risk)
 
 
 @dataclass
@@ -115,7 +117,7 @@ class EvalSpec:
 
 @dataclass
 class RunConfig:
-    teacher: str = ""
+    teacher: str = ""  # model folder or hub id, or cache:DIR for a teacher cache built by `mmkd cache`
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])
@@ -265,6 +267,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.lr must be > 0")
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be ≥ 1")
+    if cfg.data.views is not None and cfg.data.views < 1:
+        raise ConfigError("data.views must be ≥ 1 (view 0 is the unaugmented image)")
+    if cfg.teacher.startswith("cache:") and not cfg.teacher[len("cache:"):]:
+        raise ConfigError("teacher: 'cache:' needs the cache folder, e.g. cache:runs/teacher-cache")
     if not cfg.objectives:
         raise ConfigError("objectives: list at least one objective (e.g. {name: clip})")
     for i, spec in enumerate(cfg.objectives):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModel, CLIPModel
 
 from mmkd.config import StudentConfig, TowerSpec
-from mmkd.models.dual_encoder import DualEncoder
+from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import drop_unused_pooler, load_tokenizer, resolve
 from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
 
@@ -28,10 +31,26 @@ def _pretrained_tower(source: str, modality: str) -> nn.Module:
     return model
 
 
-def make_tower(spec: TowerSpec, teacher_tower: nn.Module, modality: str, vocab_size: int | None
-               ) -> tuple[nn.Module, str | None]:
+@dataclass
+class TeacherInfo:
+    """What a student needs of a teacher that is not loaded (a cached teacher): its settings, not its weights."""
+
+    meta: EncoderMeta
+    projection_dim: int
+    logit_scale: float  # exp'd, as the model reports it
+    tokenizer: Any = None
+    source: str = "the cached teacher"
+
+
+def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, vocab_size: int | None,
+               teacher_source: str = "the teacher") -> tuple[nn.Module, str | None]:
     """The tower and, for pretrained text towers, the folder its tokenizer comes from."""
     if spec.source == "teacher":
+        if teacher_tower is None:
+            key = "vision" if modality == "image" else "text"
+            raise ValueError(f"student.{key}.source: 'teacher' shrinks the teacher's {modality} tower and needs "
+                             f"its weights, which {teacher_source} does not load; use source: new (with arch and "
+                             "config) or a folder/hub id of a pretrained tower")
         return shrink_tower(teacher_tower, spec.keep_layers), None
     if spec.source == "new":
         if spec.arch is None:
@@ -47,12 +66,17 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module, modality: str, vocab_s
     return _pretrained_tower(spec.source, modality), spec.source
 
 
-def build_student(teacher: DualEncoder, cfg: StudentConfig) -> DualEncoder:
-    """A student dual encoder shaped by ``cfg``, initialised from the teacher where asked."""
+def build_student(teacher: DualEncoder | TeacherInfo, cfg: StudentConfig) -> DualEncoder:
+    """A student dual encoder shaped by ``cfg``, initialised from the teacher where asked.
+
+    With a ``TeacherInfo`` (no weights) only new or pretrained towers can be built, and projections start fresh.
+    """
+    loaded = isinstance(teacher, DualEncoder)
     tok = teacher.tokenizer
     vocab = len(tok) if tok is not None else None
-    vision, _ = make_tower(cfg.vision, teacher.vision_model, "image", None)
-    text, tok_source = make_tower(cfg.text, teacher.text_model, "text", vocab)
+    where = "the teacher" if loaded else teacher.source
+    vision, _ = make_tower(cfg.vision, teacher.vision_model if loaded else None, "image", None, where)
+    text, tok_source = make_tower(cfg.text, teacher.text_model if loaded else None, "text", vocab, where)
     if tok_source is not None:
         tok = load_tokenizer(tok_source)
     meta = copy.deepcopy(teacher.meta)
@@ -65,8 +89,9 @@ def build_student(teacher: DualEncoder, cfg: StudentConfig) -> DualEncoder:
     drop_unused_pooler(vision, meta.vision_pooling)
     drop_unused_pooler(text, meta.text_pooling)
     dim = cfg.projection_dim or teacher.projection_dim
-    student = DualEncoder(vision, text, dim, meta, tok, logit_scale_init=float(teacher.logit_scale.detach()))
-    if cfg.init_projections_from_teacher and dim == teacher.projection_dim:
+    scale = float(teacher.logit_scale.detach()) if loaded else math.log(teacher.logit_scale)
+    student = DualEncoder(vision, text, dim, meta, tok, logit_scale_init=scale)
+    if loaded and cfg.init_projections_from_teacher and dim == teacher.projection_dim:
         with torch.no_grad():
             for name in ("visual_projection", "text_projection"):
                 s, t = getattr(student, name), getattr(teacher, name)

@@ -21,10 +21,13 @@ class Targets(Protocol):
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]: ...
 
 
-def bf16_supported() -> bool:
-    """bfloat16 matmuls are fast on CPUs with AVX512-BF16/AMX, and on CUDA; elsewhere fp32 is faster."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def bf16_supported(device_type: str | None = None) -> bool:
+    """bfloat16 matmuls are fast on CPUs with AVX512-BF16/AMX, and on CUDA; elsewhere fp32 is faster.
+
+    device_type: where the model runs ("cpu", "cuda"); default: CUDA when available, else the CPU.
+    """
+    if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -40,6 +43,32 @@ def freeze(model: DualEncoder) -> DualEncoder:
     return model
 
 
+@torch.inference_mode()
+def teacher_outputs(model: DualEncoder, pixel_values: torch.Tensor | None, captions: Sequence[str] | None,
+                    bf16: bool = False, features: bool = False) -> dict[str, torch.Tensor]:
+    """Normalised embeddings (and pooled pre-projection features) of a teacher, as float32 plain tensors.
+
+    Shared by the online teacher and the cache builder, so a cached target is exactly what the online teacher
+    would have returned for the same pixels. Inputs move to the model's device; outputs stay there. The model
+    must be in eval mode (dropout off).
+    """
+    out: dict[str, torch.Tensor] = {}
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if pixel_values is not None:
+            feats = model.image_features(pixel_values.to(device, non_blocking=True))
+            out["image_embeds"] = F.normalize(model.visual_projection(feats).float(), dim=-1)
+            if features:
+                out["image_features"] = feats.float()
+        if captions is not None:
+            tok = {k: v.to(device, non_blocking=True) for k, v in model.tokenize(captions).items()}
+            feats = model.text_features(tok["input_ids"], tok["attention_mask"])
+            out["text_embeds"] = F.normalize(model.text_projection(feats).float(), dim=-1)
+            if features:
+                out["text_features"] = feats.float()
+    return {k: v.clone() for k, v in out.items()}  # plain tensors, usable in autograd
+
+
 class OnlineTeacher:
     """Runs the frozen teacher on every batch: the expensive baseline the cache is measured against."""
 
@@ -50,39 +79,27 @@ class OnlineTeacher:
         self.bf16 = bf16_supported() if bf16 is None else bf16
         self.features = features
 
-    @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor | None, captions: Sequence[str] | None
                ) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                            enabled=self.bf16):
-            if pixel_values is not None:
-                feats = self.model.image_features(pixel_values)
-                out["image_embeds"] = F.normalize(self.model.visual_projection(feats).float(), dim=-1)
-                if self.features:
-                    out["image_features"] = feats.float()
-            if captions is not None:
-                tok = self.model.tokenize(captions)
-                feats = self.model.text_features(tok["input_ids"], tok["attention_mask"])
-                out["text_embeds"] = F.normalize(self.model.text_projection(feats).float(), dim=-1)
-                if self.features:
-                    out["text_features"] = feats.float()
-        return {k: v.clone() for k, v in out.items()}  # plain tensors, usable in autograd
+        return teacher_outputs(self.model, pixel_values, captions, bf16=self.bf16, features=self.features)
 
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         pix = [self.paired.pixels(batch.paired_idx, batch.views[: batch.n_paired])]
         if self.unpaired is not None and len(batch.unpaired_idx):
             pix.append(self.unpaired.pixels(batch.unpaired_idx, batch.views[batch.n_paired:]))
-        return self.encode(torch.cat(pix), batch.captions)
+        out = self.encode(torch.cat(pix), batch.captions)
+        out["logit_scale"] = self.model.logit_scale.detach().float().exp()
+        return out
 
 
 class TableTeacher:
     """Targets looked up by sample key and caption text: the teacher never runs during training."""
 
     def __init__(self, image: dict[str, torch.Tensor], image_keys: dict[str, int],
-                 text: dict[str, torch.Tensor], text_keys: dict[str, int]) -> None:
+                 text: dict[str, torch.Tensor], text_keys: dict[str, int], logit_scale: float | None = None) -> None:
         self.image, self.image_keys = image, image_keys
         self.text, self.text_keys = text, text_keys
+        self.logit_scale = logit_scale  # exp'd
 
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         try:
@@ -93,6 +110,8 @@ class TableTeacher:
         if self.text:
             trows = torch.tensor([self.text_keys[c] for c in batch.captions])
             out.update({name: t[trows].float() for name, t in self.text.items()})
+        if self.logit_scale is not None:
+            out["logit_scale"] = torch.tensor(self.logit_scale)
         return out
 
 
@@ -128,4 +147,5 @@ def precompute(teacher: OnlineTeacher, banks: Sequence[ImageBank], captions: Ite
         for name, t in teacher.encode(None, list(chunk)).items():
             text.setdefault(name, []).append(t)
     return TableTeacher({k: torch.cat(v) for k, v in image.items()}, keys,
-                        {k: torch.cat(v) for k, v in text.items()}, {c: i for i, c in enumerate(uniq)})
+                        {k: torch.cat(v) for k, v in text.items()}, {c: i for i, c in enumerate(uniq)},
+                        float(teacher.model.logit_scale.detach().float().exp()))
