@@ -31,7 +31,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metrics = run_demo(args.out, quick=args.quick, cache_dir=args.cache)
     print()
     _print_table(metrics)
-    print(f"\nmetrics: {os.path.join(args.out, 'metrics.json')}   report: {os.path.join(args.out, 'report.md')}")
+    print(f"\nmetrics: {os.path.join(args.out, 'metrics.json')}   report: {os.path.join(args.out, 'report.html')} "
+          f"(and report.md)")
     return 0
 
 
