@@ -60,6 +60,8 @@ def test_compare_probes_by_hand() -> None:
     assert c["mean_abs_delta"] == pytest.approx(0.075) and c["max_abs_delta"] == pytest.approx(0.2)
     assert c["spearman"] == pytest.approx(1.0) and c["sign_agreement"] == 1.0
     assert c["strength_ratio"] == pytest.approx(0.6 / 0.5)
+    spread = lambda m: np.sqrt(np.mean((np.array(m) - np.mean(m)) ** 2))  # noqa: E731
+    assert c["normalised_strength_ratio"] == pytest.approx(1.2 * spread(a["cosine"]) / spread(b["cosine"]))
     with pytest.raises(ValueError, match="same word lists"):
         compare_probes(a, {**b, "professions": ["p", "r"]})
 
@@ -123,6 +125,7 @@ def test_minilm_text_probe_finds_nurse_closer_to_she(minilm_teacher) -> None:
     score = dict(zip(profs, probe["gender_score"]))
     assert score["nurse"] > 0 and score["nurse"] > score["carpenter"] and score["nurse"] > score["engineer"]
     assert probe["mean_abs_gender_score"] == pytest.approx(np.abs(probe["gender_score"]).mean(), abs=1e-5)
+    assert probe["cosine_std"] == pytest.approx(cos.std(), abs=1e-5)
 
 
 def test_bias_probe_student_vs_teacher(minilm_teacher) -> None:

@@ -201,3 +201,16 @@ def test_headless_screenshot_is_not_blank(tmp_path: Path) -> None:
     assert colours > 200  # charts (antialiased lines and bars), not just text on white
     top = img[:400]
     assert (top < 100).all(axis=2).mean() > 0.002  # dark text (the title and the table) near the top
+
+
+def test_efficiency_table_warns_about_a_busy_cpu(tmp_path: Path) -> None:
+    from mmkd.report.page import efficiency_table
+
+    run = fake_run(tmp_path / "demo")
+    quiet = efficiency_table(load_runs([run]), set())
+    assert quiet is not None and "oversubscribed" not in quiet.note
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["models"]["student"]["latency"].update(cpu_load_1min=9.5, cpu_count=2)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    busy = efficiency_table(load_runs([run]), set())
+    assert busy is not None and "oversubscribed" in busy.note and "load up to 9.5 on 2 cores" in busy.note

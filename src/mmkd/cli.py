@@ -137,8 +137,10 @@ def format_bias(bias: dict[str, Any]) -> str:
             c = comp.get(kind)
             if c:
                 rho = "undefined" if c["spearman"] is None else f"{c['spearman']:.3f}"
+                ratio = c.get("normalised_strength_ratio")
                 lines.append(f"{n} vs {bias['reference']}: mean |Δ| {c['mean_abs_delta']:.4f}, max |Δ| "
-                             f"{c['max_abs_delta']:.4f}, Spearman {rho}, same sign {100 * c['sign_agreement']:.0f}%")
+                             f"{c['max_abs_delta']:.4f}, Spearman {rho}, same sign {100 * c['sign_agreement']:.0f}%, "
+                             f"bias strength {'undefined' if ratio is None else f'{ratio:.2f}'} × (spread-normalised)")
         lines.append("")
     if bias.get("image_skipped"):
         lines.append(f"image probe skipped: {bias['image_skipped']}")

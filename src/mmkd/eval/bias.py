@@ -141,7 +141,7 @@ def _probe_summary(rows: list[str], cosine: torch.Tensor, n_female: int, profess
     return {"rows": rows, "professions": professions,
             "cosine": [[round(float(v), 6) for v in row] for row in cos],
             "gender_score": [round(float(v), 6) for v in score],
-            "mean_abs_gender_score": float(score.abs().mean())}
+            "mean_abs_gender_score": float(score.abs().mean()), "cosine_std": float(cos.std(unbiased=False))}
 
 
 def compare_probes(reference: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,12 +152,18 @@ def compare_probes(reference: Mapping[str, Any], other: Mapping[str, Any]) -> di
     delta = b - a
     sa, sb = np.asarray(reference["gender_score"]), np.asarray(other["gender_score"])
     ref_strength = float(np.abs(sa).mean())
+    strength = float(np.abs(sb).mean() / ref_strength) if ref_strength > 0 else None
+    # The same ratio with each model's scores in units of its own cosine spread: a space where every pair is
+    # similar (common after dropping layers) shows smaller raw differences without being any less biased.
+    spread_a, spread_b = float(a.std()), float(b.std())
+    normalised = strength * spread_a / spread_b if strength is not None and spread_b > 0 else None
     return {
         "mean_abs_delta": float(np.abs(delta).mean()),
         "max_abs_delta": float(np.abs(delta).max()),
         "spearman": spearman(sa, sb),
         "sign_agreement": float(np.mean(np.sign(sa) == np.sign(sb))),
-        "strength_ratio": float(np.abs(sb).mean() / ref_strength) if ref_strength > 0 else None,
+        "strength_ratio": strength,
+        "normalised_strength_ratio": normalised,
     }
 
 

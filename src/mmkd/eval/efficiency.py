@@ -240,7 +240,8 @@ def efficiency_metrics(model: nn.Module, batch_sizes: Sequence[int] = (1, 64), b
 
     Keys are those of the metrics.json model block: ``params``, ``params_per_tower``, ``flops``
     (``image_gflops``, ``text_gflops`` per item), ``latency_ms_per_image`` (batch 1), ``latency`` (all of
-    `latency`'s keys plus ``threads``, the intra-op CPU threads used) and ``peak_memory_mb`` (``image_b64``,
+    `latency`'s keys plus ``threads``, the intra-op CPU threads used, and the machine's 1-minute load average
+    ``cpu_load_1min`` with ``cpu_count``) and ``peak_memory_mb`` (``image_b64``,
     ``caption_b64``). Memory is measured first, before the timing loops leave freed buffers behind.
     ``threads`` sets torch's CPU threads for the measurement (restored afterwards): on a shared machine
     whose cores are busy, 1 thread gives steadier numbers than several threads waiting for each other.
@@ -253,6 +254,9 @@ def efficiency_metrics(model: nn.Module, batch_sizes: Sequence[int] = (1, 64), b
         memory = encode_peak_memory_mb(model, batch_size=memory_batch)
         lat: dict[str, float] = latency(model, batch_sizes=sorted({1, *batch_sizes}), budget_s=budget_s)
         lat["threads"] = torch.get_num_threads()
+        if hasattr(os, "getloadavg"):  # busy cores make timings unreliable: keep the evidence with them
+            lat["cpu_load_1min"] = round(os.getloadavg()[0], 2)
+            lat["cpu_count"] = os.cpu_count() or 0
     finally:
         torch.set_num_threads(before)
     return {"params": counts["total"], "params_per_tower": counts, "flops": flops(model),

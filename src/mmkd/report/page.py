@@ -168,9 +168,16 @@ def efficiency_table(data: ReportData, front: set[str]) -> Table | None:
     if front:
         cols.append(Column("on the Pareto front", [m.label in front for m in models],
                            lambda v: "yes" if v else "", None))
-    note = ("Latency: median per item on this machine; b64 = batch of 64. Peak memory: extra memory while "
-            "encoding a batch of 64, weights excluded (on CPU sampled from the resident set size, a slight "
-            "under-estimate).")
+    note = ("Latency: median per item on the machine that ran the evaluation; b64 = batch of 64. Peak memory: "
+            "extra memory while encoding a batch of 64, weights excluded (on CPU sampled from the resident set "
+            "size, a slight under-estimate).")
+    busy = [(m.label, _get(m, "latency", "cpu_load_1min"), _get(m, "latency", "cpu_count")) for m in models]
+    busy = [(label, load, n) for label, load, n in busy if load is not None and n and load > n]
+    if busy:
+        worst = max(busy, key=lambda b: b[1] / b[2])
+        note += (f" Caution: the CPU was oversubscribed while timing ({', '.join(b[0] for b in busy)}; load up to "
+                 f"{worst[1]:.1f} on {worst[2]} cores), so these latencies are unreliable; measure again on a quiet "
+                 "machine or with `mmkd eval efficiency --threads 1`.")
     return Table("table-efficiency", "Size, compute and speed", [m.label for m in models], cols, note)
 
 
@@ -240,12 +247,16 @@ def bias_items(data: ReportData) -> tuple[list[Table | Figure], str]:
                          Column(f"{kind}: max |Δ|", [v and v["max_abs_delta"] for v in vs], _num(4), None),
                          Column(f"{kind}: Spearman of gender scores", [v and v["spearman"] for v in vs], _num(3),
                                 None),
-                         Column(f"{kind}: same sign", [v and v["sign_agreement"] for v in vs], _pct, None)]
+                         Column(f"{kind}: same sign", [v and v["sign_agreement"] for v in vs], _pct, None),
+                         Column(f"{kind}: bias strength vs {labels.get(ref, ref)} (spread-normalised)",
+                                [v and v.get("normalised_strength_ratio") for v in vs], _num(2), None)]
         n_img = bias["models"][names[0]].get("image", {}).get("n_images") if names else None
         note = ("Gender score of a profession: mean cosine to the female terms minus mean cosine to the male "
                 "terms (positive: closer to the female terms). Δ: the model's cosine matrix minus the reference's; "
                 "Spearman: rank correlation of the per-profession gender scores with the reference's (1: the "
-                "same order). Prompt: \"" + bias.get("words", {}).get("template", "?") + "\".")
+                "same order); bias strength: mean |gender score| relative to the reference's, each in units of its own "
+                "spread of cosines (below 1: weaker bias). Prompt: \"" + bias.get("words", {}).get("template", "?")
+                + "\".")
         if n_img:
             note += (f" Image probe on {bias.get('data')}: {n_img['female']} images whose captions mention only "
                      f"female words, {n_img['male']} only male words.")
