@@ -198,6 +198,16 @@ def test_eval_all_writes_the_extended_schema(tmp_path: Path, models: dict[str, P
     assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
     assert "fig-bias-image" in (tmp_path / "r.html").read_text() and (tmp_path / "r.md").is_file()
 
+    # another command's metrics.json is never overwritten
+    other = tmp_path / "demo"
+    other.mkdir()
+    (other / "metrics.json").write_text('{"models": {}, "demo": {}}')
+    capsys.readouterr()
+    assert main(["eval", "all", "--model", str(models["student"]), "--suite", str(_suite(tmp_path, cifar, pairs)),
+                 "--out", str(other)]) == 2
+    assert "not written by mmkd eval all" in capsys.readouterr().err
+    assert (other / "metrics.json").read_text() == '{"models": {}, "demo": {}}'
+
 
 def test_eval_bias_and_efficiency_commands(tmp_path: Path, models: dict[str, Path], pairs: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:

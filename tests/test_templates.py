@@ -71,3 +71,21 @@ def test_bad_template_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no class folders"):
         (tmp_path / "empty").mkdir()
         zeroshot_classes(f"imagefolder:{tmp_path / 'empty'}")
+
+
+def test_cifar10_shards_folder_with_only_a_test_split(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "test-0000.tar", "w") as tar:
+        for name, data in (("a.png", buf.getvalue()), ("a.cls", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "classes.txt").write_text("\n".join(f"k_{i}" for i in range(10)) + "\n")
+    names, templates = zeroshot_classes(f"cifar10:{tmp_path}", split="test")
+    assert names[3] == "k 3" and len(templates) == 18
+    with pytest.raises(DataError, match=r"train-\*.tar"):
+        zeroshot_classes(f"cifar10:{tmp_path}", split="train")

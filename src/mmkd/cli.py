@@ -92,7 +92,7 @@ def cmd_eval_single(args: argparse.Namespace) -> int:
     model = load_dual_encoder(args.model)
     records = eval_records(args.data, args.cache, args.world_n, args.split, args.limit)
     if args.task == "zeroshot":
-        names, templates = zeroshot_classes(args.data, args.class_set, args.templates)
+        names, templates = zeroshot_classes(args.data, args.class_set, args.templates, args.split)
         labels = world_labels(records, args.class_set or "colour_shape") if data_format(args.data) == "world" \
             else None
         result = zeroshot(model, records, names, templates, labels)

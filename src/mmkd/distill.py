@@ -32,7 +32,7 @@ def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
         records = eval_records(spec.data, cfg.cache_dir, world_n=2000, split="test")  # CIFAR/STL: test split
         name = spec.name or (f"{spec.kind}:{spec.data}" + (f":{spec.class_set}" if spec.class_set else ""))
         if spec.kind == "zeroshot":
-            names, templates = zeroshot_classes(spec.data, spec.class_set)
+            names, templates = zeroshot_classes(spec.data, spec.class_set, split="test")
             labels = (world_labels(records, spec.class_set or "colour_shape") if spec.data.startswith("world:")
                       else None)
             out[name] = zeroshot(model, records, names, templates, labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from mmkd.data import sources, world
@@ -22,8 +23,16 @@ def records_from_spec(spec: str, cache_dir: str | Path = "runs/.cache", world_n:
     return sources.read_records(spec, **options)
 
 
-def zeroshot_classes(spec: str, class_set: str | None = None,
-                     templates: str | Path | None = None) -> tuple[list[str], list[str]]:
+def split_options(spec: str, split: str | None) -> dict[str, str]:
+    """``{"split": split}`` for the formats whose reader has splits (CIFAR-10/100, STL-10), else nothing."""
+    fmt = spec.partition(":")[0].strip().lower()
+    if split is None or fmt not in sources.FORMATS:
+        return {}
+    return {"split": split} if "split" in inspect.signature(sources.FORMATS.get(fmt).read).parameters else {}
+
+
+def zeroshot_classes(spec: str, class_set: str | None = None, templates: str | Path | None = None,
+                     split: str | None = None) -> tuple[list[str], list[str]]:
     """Class names (as written into prompts) and prompt templates for a labelled data spec.
 
     Templates: ``templates`` (a built-in ensemble name or a file) if given, else the world's own for
@@ -40,7 +49,7 @@ def zeroshot_classes(spec: str, class_set: str | None = None,
         if cs not in sets:
             raise ValueError(f"class set {cs!r} unknown for world:; valid: {', '.join(sets)}")
         return sets[cs], load_templates(templates) if templates else world.templates(cs)
-    names = sources.class_names(spec)
+    names = sources.class_names(spec, **split_options(spec, split))
     if not names:
         raise ValueError(f"data spec {spec!r} has no class names; zero-shot needs a labelled set "
                          "(imagefolder, cifar10, cifar100, stl10, wds with classes.txt)")

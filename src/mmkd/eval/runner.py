@@ -8,7 +8,6 @@ top-level ``bias`` block.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -86,13 +85,9 @@ def data_format(spec: str) -> str:
 def eval_records(spec: str, cache_dir: str | Path = "runs/.cache", world_n: int = 2000, split: str = "test",
                  limit: int | None = None) -> list[Record]:
     """Records of a data spec for evaluation: ``split`` goes to the formats that have splits (CIFAR, STL-10)."""
-    from mmkd.data.resolve import records_from_spec
+    from mmkd.data.resolve import records_from_spec, split_options
 
-    fmt = data_format(spec)
-    options: dict[str, Any] = {}
-    if fmt in sources.FORMATS and "split" in inspect.signature(sources.FORMATS.get(fmt).read).parameters:
-        options["split"] = split
-    records = records_from_spec(spec, cache_dir, world_n=world_n, **options)
+    records = records_from_spec(spec, cache_dir, world_n=world_n, **split_options(spec, split))
     return records[:limit] if limit else records
 
 
@@ -106,7 +101,7 @@ def _zeroshot(task: TaskSpec, ctx: EvalContext) -> None:
 
     assert task.data is not None
     records = ctx.records(task)
-    names, templates = zeroshot_classes(task.data, task.class_set, task.templates)
+    names, templates = zeroshot_classes(task.data, task.class_set, task.templates, task.split)
     labels = world_labels(records, task.class_set or "colour_shape") if data_format(task.data) == "world" else None
     for name, model in ctx.models.items():
         ctx.log(f"zero-shot {task.name} ({len(records)} images, {len(names)} classes, {len(templates)} "
@@ -228,17 +223,32 @@ def run_suite(suite: SuiteConfig, models: Mapping[str, Any], reference: str | No
     return metrics
 
 
+def _refuse_foreign(target: Path) -> None:
+    """Replace an earlier ``eval all`` result, never another command's metrics.json (a demo's or a run's)."""
+    if not target.is_file():
+        return
+    try:
+        previous = json.loads(target.read_text())
+    except (OSError, json.JSONDecodeError):
+        previous = None
+    if not (isinstance(previous, dict) and isinstance(previous.get("eval"), dict) and "suite" in previous["eval"]):
+        raise ValueError(f"{target} exists and was not written by mmkd eval all (e.g. a demo's or a distill run's); "
+                         "choose another --out folder so it is not overwritten")
+
+
 def evaluate_all(suite_path: str | Path, model_paths: Mapping[str, str], out_dir: str | Path,
                  limit: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``mmkd eval all``: load the models, run the suite, write ``OUT/metrics.json``; returns the metrics."""
     from mmkd.models.hub import load_dual_encoder
 
     suite = load_suite(suite_path, limit)
+    target = Path(out_dir) / "metrics.json"
+    _refuse_foreign(target)
     start = time.perf_counter()
     models = {name: load_dual_encoder(path) for name, path in model_paths.items()}
     metrics = run_suite(suite, models, "teacher", log)
     metrics["eval"] = {"suite": suite.name, "suite_file": str(suite_path), "models": dict(model_paths),
                        "tasks": [asdict(t) for t in suite.tasks],
                        "seconds": round(time.perf_counter() - start, 1)}
-    write_json_atomic(Path(out_dir) / "metrics.json", metrics)
+    write_json_atomic(target, metrics)
     return metrics
