@@ -251,3 +251,16 @@ def test_suite_errors_name_the_task(tmp_path: Path, models: dict[str, Path],
     assert "limt" in capsys.readouterr().err
     assert main(["eval", "zeroshot", "--model", str(models["student"]), "--data", f"stl10:{tmp_path / 'no'}"]) == 2
     assert "stl10_binary" in capsys.readouterr().err
+
+
+def test_retrieval_and_bias_groups_on_coco_mini(shared_data: Path, models: dict[str, Path],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from mmkd.eval.bias import caption_groups, load_bias_words
+
+    coco = f"coco:{shared_data / 'coco-mini' / 'captions_coco_format.json'}"
+    got = _run_json(capsys, ["eval", "retrieval", "--model", str(models["student"]), "--data", coco])
+    assert got["n"] == 239
+    r = got["retrieval"]
+    assert 0 <= r["i2t_r1"] <= r["i2t_r5"] <= r["i2t_r10"] <= 1 and 1 <= r["t2i_median_rank"] <= 239
+    groups = caption_groups(read_records(coco), load_bias_words())
+    assert {k: len(v) for k, v in groups.items()} == {"female": 21, "male": 57}  # the sizes README quotes

@@ -119,7 +119,7 @@ def comparison_table(data: ReportData) -> Table:
                                  _num(2), "low")]
     for name in zs:
         cols.append(Column(f"{name} top-1", [_get(m, "zeroshot", name, "top1") for m in models]))
-        if any(_get(m, "zeroshot", name, "top5") is not None for m in models):
+        if len(zs) <= 2 and any(_get(m, "zeroshot", name, "top5") is not None for m in models):
             cols.append(Column(f"{name} top-5", [_get(m, "zeroshot", name, "top5") for m in models]))
     for name in rt:
         cols.append(Column(f"{name} I→T R@1", [_get(m, "retrieval", name, "i2t_r1") for m in models]))
@@ -139,8 +139,9 @@ def comparison_table(data: ReportData) -> Table:
             kept.append(_mean(ratios))
         if any(k is not None for k in kept):
             cols.append(Column("kept of teacher", kept, lambda v: "–" if v is None else f"{100 * v:.0f}%", None))
-    note = ("Accuracies in %. \"kept of teacher\": zero-shot top-1 relative to the teacher's, averaged over the "
-            "zero-shot sets. Best value per column in bold.")
+    note = ("Accuracies in %" + ("; top-5 of each set in its chart below" if len(zs) > 2 else "") +
+            ". \"kept of teacher\": zero-shot top-1 relative to the teacher's, averaged over the zero-shot sets. "
+            "Best value per column in bold.")
     return Table("table-comparison", "Comparison", [m.label for m in models], cols, note)
 
 
@@ -315,7 +316,7 @@ h1{margin:0 0 4px;font-size:28px} .sub{color:#59636e;margin:0 0 16px;font-size:1
 nav{margin:0 0 24px;font-size:14px} nav a{margin-right:14px;color:#0969da;text-decoration:none}
 h2{border-bottom:1px solid #d1d9e0;padding-bottom:6px;margin-top:36px} h3{margin:22px 0 8px;font-size:16px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0;display:block;overflow-x:auto}
-th,td{border:1px solid #d1d9e0;padding:5px 9px;text-align:right;white-space:nowrap}
+th,td{border:1px solid #d1d9e0;padding:4px 7px;text-align:right;white-space:nowrap}
 th{background:#f0f3f6;white-space:normal;min-width:60px;max-width:120px;vertical-align:bottom}
 td:first-child,th:first-child{text-align:left;font-weight:600}
 tr:nth-child(even) td{background:#fafbfc} td.best{font-weight:700;color:#116329}
