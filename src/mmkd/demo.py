@@ -234,9 +234,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     for name, run in runs.items():
         metrics["models"][name] = world_metrics(run["model"], test, latency_budget_s=cfg.latency_budget_s)
         metrics["models"][name]["train_seconds"] = round(run["seconds"], 1)
+    from mmkd.eval.bias import bias_probe  # S1's gender–profession probe: teacher vs students' text towers
+
+    metrics["bias"] = bias_probe({"teacher": teacher, **{name: run["model"] for name, run in runs.items()}})
     metrics["demo"]["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from mmkd.report.demo_report import write_demo_report
+    from mmkd.report.page import write_report
 
     write_demo_report(out, metrics, teacher_dir)
+    write_report([out], out / "report.html", title="mmkd demo report")  # the page to open in a browser
     return metrics

@@ -12,6 +12,7 @@ import yaml
 from mmkd.config import RunConfig, to_dict
 from mmkd.data.records import Record
 from mmkd.data.resolve import records_from_spec, zeroshot_classes
+from mmkd.eval.runner import eval_records
 from mmkd.eval.suite import retrieval, world_labels, zeroshot
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, tower_widths
@@ -31,10 +32,10 @@ def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int) -> list
 def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in cfg.eval:
-        records = records_from_spec(spec.data, cfg.cache_dir, world_n=2000)
+        records = eval_records(spec.data, cfg.cache_dir, world_n=2000, split="test")  # CIFAR/STL: test split
         name = spec.name or (f"{spec.kind}:{spec.data}" + (f":{spec.class_set}" if spec.class_set else ""))
         if spec.kind == "zeroshot":
-            names, templates = zeroshot_classes(spec.data, spec.class_set)
+            names, templates = zeroshot_classes(spec.data, spec.class_set, split="test")
             labels = (world_labels(records, spec.class_set or "colour_shape") if spec.data.startswith("world:")
                       else None)
             out[name] = zeroshot(model, records, names, templates, labels)
