@@ -10,7 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# worker processes (torchrun, spawn) inherit one thread each: several processes × several threads on 2 cores
+# oversubscribe and run many times slower; this process keeps up to 2
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

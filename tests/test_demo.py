@@ -38,6 +38,21 @@ def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.
         assert (out / name / "model.safetensors").is_file()
     assert (out / "train" / "student" / "metrics.jsonl").is_file()
 
+    # the demo ends with the HTML report, teacher and both students side by side, bias probe included
+    page = (out / "report.html").read_text()
+    for fid in ("fig-zeroshot-colour-shape", "fig-retrieval-world", "fig-pareto", "fig-curves", "fig-bias-text",
+                "table-comparison", "table-efficiency", "table-bias"):
+        assert f'id="{fid}"' in page, fid
+    assert "distilled student" in page and "scratch student" in page and "data:image/png;base64," in page
+    bias = metrics["bias"]
+    students = set(metrics["models"]) - {"teacher"}  # distilled, cached-teacher and scratch students
+    assert {"student", "student_cached", "scratch"} <= students
+    assert bias["reference"] == "teacher" and set(bias["vs_reference"]) == students
+    teacher = bias["models"]["teacher"]["text"]
+    nurse = teacher["professions"].index("nurse")
+    she, he = teacher["rows"].index("she"), teacher["rows"].index("he")
+    assert teacher["cosine"][she][nurse] > teacher["cosine"][he][nurse]
+
     # the teacher is cached: the second run says so and does not train it again
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     assert "reusing the cached teacher" in capsys.readouterr().out

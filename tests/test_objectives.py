@@ -3,6 +3,8 @@ losses at zero when the student is the teacher, KL's temperature scaling, and ha
 
 The references below are written with explicit loops over samples and dimensions, sharing no code with
 ``mmkd.objectives``; gradients of both are taken with autograd with respect to the same raw inputs.
+The last part holds fixed cases written against the objective classes directly: CLIP's symmetry, fixed
+temperature and scale clamp, feature distillation without normalisation and with learnable width maps, the weighted sum.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch.nn.functional as F
 
 from mmkd.config import ObjectiveSpec
 from mmkd.objectives import OBJECTIVES
-from mmkd.objectives.base import ObjectiveContext, build_objectives, objective_params
+from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, objective_params
+from mmkd.objectives.contrastive import ClipObjective
+from mmkd.objectives.feature import FdCosine, FdMse, FdMseCosine
 
 N_PAIRED, N_UNPAIRED, DIM = 5, 2, 4
 
@@ -283,9 +287,16 @@ def ref_cls_regression(inp: Inputs) -> dict[str, torch.Tensor]:
 # value and gradient checks, one per objective
 
 
-def test_clip_matches_reference() -> None:
-    inp = Inputs(1)
+@pytest.mark.parametrize("n", [2, 5])
+def test_clip_matches_reference(n: int) -> None:
+    inp = Inputs(1, n=n)  # unpaired images after the paired ones take no part (their gradient must be zero)
     _check(_build("clip"), inp, ref_clip(inp))
+
+
+def test_clip_of_a_single_pair_is_zero() -> None:
+    """One pair: each softmax has one entry, so the loss is exactly 0 (and finite), whatever the scale."""
+    inp = Inputs(1, n=1)
+    assert float(_build("clip")(inp.student(), inp.teacher())["clip"].detach()) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["all", "hardest", "semihard"])
@@ -377,7 +388,8 @@ def _same(seed: int = 12) -> Inputs:
 
 
 @pytest.mark.parametrize("name,params", [("fd_mse", {}), ("fd_cosine", {}), ("fd_mse_cosine", {}),
-                                         ("fd_mse", {"level": "features"}), ("kl", {"temperature": 3.0}),
+                                         ("fd_mse", {"level": "features"}), ("fd_cosine", {"level": "features"}),
+                                         ("fd_mse_cosine", {"level": "features"}), ("kl", {"temperature": 3.0}),
                                          ("crd", {}), ("afd", {}), ("gd", {}), ("rkd", {})])
 def test_mimicry_losses_are_zero_when_the_student_is_the_teacher(name: str, params: dict[str, Any]) -> None:
     inp = _same()
@@ -387,14 +399,14 @@ def test_mimicry_losses_are_zero_when_the_student_is_the_teacher(name: str, para
         assert abs(float(v.detach())) < 1e-10, (name, k, float(v.detach()))
     # …and not zero otherwise (the test has teeth)
     other = Inputs(13)
-    assert sum(float(v) for v in _build(name, **params)(other.student(), other.teacher()).values()) > 1e-4
+    assert sum(float(v.detach()) for v in _build(name, **params)(other.student(), other.teacher()).values()) > 1e-4
 
 
 def test_cls_regression_image_side_is_zero_when_the_student_outputs_the_teachers_cls() -> None:
     inp = Inputs(14)
     inp.tif = inp.sif.detach().clone()
     terms = _build("cls_regression")(inp.student(), inp.teacher())
-    assert float(terms["image"]) < 1e-12 and float(terms["caption"]) > 1e-3
+    assert float(terms["image"].detach()) < 1e-12 and float(terms["caption"].detach()) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -510,17 +522,6 @@ def test_objective_parameters_are_keyword_only_and_validated() -> None:
         build_objectives([ObjectiveSpec(name="kd")], ctx)
 
 
-def test_weighted_sum_logs_every_term_and_weights_them() -> None:
-    inp = Inputs(18)
-    ws = build_objectives([ObjectiveSpec(name="clip", weight=1.0),
-                           ObjectiveSpec(name="kl", weight=0.5, params={"temperature": 2.0})],
-                          ObjectiveContext(DIM, DIM)).double()
-    terms = ws(inp.student(), inp.teacher())
-    assert set(terms) == {"clip", "kl/i2t", "kl/t2i", "loss"}
-    expected = float(terms["clip"]) + 0.5 * (float(terms["kl/i2t"]) + float(terms["kl/t2i"]))
-    assert float(terms["loss"]) == pytest.approx(expected, rel=1e-12)
-
-
 def test_cli_lists_every_objective_with_its_parameters() -> None:
     proc = subprocess.run([sys.executable, "-m", "mmkd.cli", "objectives"], capture_output=True, text=True,
                           timeout=120)
@@ -620,3 +621,225 @@ def test_keep_indices_and_mfd_errors() -> None:
     resnet = build_tower("resnet", dict(embedding_size=8, hidden_sizes=[8], depths=[1]))
     with pytest.raises(ValueError, match="needs a ViT-style vision tower"):
         patch_embeddings_module(resnet)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fixed cases against the objective classes directly (their own width)
+
+LDIM = 6
+
+
+def unit_rows(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _ctx(student_dim: int = LDIM, teacher_dim: int | None = LDIM, s_feats: dict[str, int] | None = None,
+        t_feats: dict[str, int] | None = None) -> ObjectiveContext:
+    return ObjectiveContext(student_dim, teacher_dim, s_feats or {}, t_feats or {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# clip: symmetric InfoNCE
+
+
+def ref_clip_loops(image: list[list[float]], text: list[list[float]], scale: float) -> float:
+    """The symmetric InfoNCE loss written out with loops in python floats."""
+    n, d = len(image), len(image[0])
+    logits = [[scale * sum(image[i][k] * text[j][k] for k in range(d)) for j in range(n)] for i in range(n)]
+    i2t = sum(-logits[i][i] + math.log(sum(math.exp(x) for x in logits[i])) for i in range(n)) / n
+    t2i = sum(-logits[j][j] + math.log(sum(math.exp(logits[r][j]) for r in range(n))) for j in range(n)) / n
+    return 0.5 * (i2t + t2i)
+
+
+def test_clip_is_symmetric_in_its_two_directions() -> None:
+    """Swapping images and texts leaves the loss unchanged (both directions are averaged)."""
+    image, text = unit_rows(6, LDIM, seed=1), unit_rows(6, LDIM, seed=2)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    obj = ClipObjective(_ctx(), ["image", "text"])
+    a = obj({"image_embeds": image, "text_embeds": text, "logit_scale": scale, "n_paired": 6}, {})["clip"]
+    b = obj({"image_embeds": text, "text_embeds": image, "logit_scale": scale, "n_paired": 6}, {})["clip"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+    assert not obj.uses_teacher
+
+
+def test_clip_fixed_temperature_and_scale_clamp() -> None:
+    image, text = unit_rows(4, LDIM, seed=3), unit_rows(4, LDIM, seed=4)
+    fixed = ClipObjective(_ctx(), ["image", "text"], temperature=0.05)
+    big = torch.tensor(500.0, dtype=torch.float64, requires_grad=True)
+    s = {"image_embeds": image, "text_embeds": text, "logit_scale": big, "n_paired": 4}
+    assert fixed(s, {})["clip"].item() == pytest.approx(ref_clip_loops(image.tolist(), text.tolist(), 20.0), rel=1e-9)
+    clamped = ClipObjective(_ctx(), ["image", "text"], max_logit_scale=100.0)
+    loss = clamped(s, {})["clip"]
+    assert loss.item() == pytest.approx(ref_clip_loops(image.tolist(), text.tolist(), 100.0), rel=1e-9)
+    (g,) = torch.autograd.grad(loss, [big])
+    assert g.item() == 0.0  # clamped: the scale gets no gradient above the cap
+
+
+def test_clip_perfect_alignment_beats_random() -> None:
+    aligned = unit_rows(8, LDIM, seed=5)
+    scale = torch.tensor(50.0, dtype=torch.float64)
+    obj = ClipObjective(_ctx(), ["image", "text"])
+    good = obj({"image_embeds": aligned, "text_embeds": aligned, "logit_scale": scale, "n_paired": 8}, {})["clip"]
+    bad = obj({"image_embeds": aligned, "text_embeds": unit_rows(8, LDIM, seed=6), "logit_scale": scale,
+               "n_paired": 8}, {})["clip"]
+    assert good.item() < bad.item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# feature distillation
+
+
+def ref_normalize(v: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in v))
+    return [x / max(norm, 1e-12) for x in v]
+
+
+def ref_fd_lists(s: list[list[float]], t: list[list[float]], normalize: bool) -> dict[str, float]:
+    """Per-sample squared L2 (summed over dims) and 1 - cosine, averaged over the teacher's rows."""
+    s = s[: len(t)]
+    if normalize:
+        s, t = [ref_normalize(x) for x in s], [ref_normalize(x) for x in t]
+    mse = sum(sum((a - b) ** 2 for a, b in zip(x, y)) for x, y in zip(s, t)) / len(t)
+    cos = sum(1 - sum(a * b for a, b in zip(x, y)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in y))
+              for x, y in zip(s, t)) / len(t)
+    return {"mse": mse, "cosine": cos}
+
+
+def fd_inputs(n_img: int = 6, n_txt: int = 4, s_dim: int = LDIM, t_dim: int = LDIM, seed: int = 0
+              ) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    student = {"image_embeds": r(n_img, s_dim), "text_embeds": r(n_txt, s_dim), "image_features": r(n_img, s_dim + 2),
+               "text_features": r(n_txt, s_dim + 1), "n_paired": n_txt}
+    # the teacher has image targets for every image (paired + unpaired), text targets for paired ones only
+    teacher = {"image_embeds": r(n_img, t_dim), "text_embeds": r(n_txt, t_dim), "image_features": r(n_img, s_dim + 2),
+               "text_features": r(n_txt, s_dim + 1)}
+    return student, teacher
+
+
+@pytest.mark.parametrize("cls, terms", [(FdMse, ["mse"]), (FdCosine, ["cosine"]), (FdMseCosine, ["mse", "cosine"])])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fd_matches_reference_with_and_without_normalisation(cls: type, terms: list[str], normalize: bool) -> None:
+    student, teacher = fd_inputs()
+    for key in ("image_embeds", "text_embeds"):
+        student[key].requires_grad_()
+    obj = cls(_ctx(), ["image", "text"], normalize=normalize)
+    assert len(obj.proj) == 0  # equal widths: nothing to learn
+    out = obj(student, teacher)
+    assert set(out) == {f"{t}_{tower}" for t in terms for tower in ("image", "text")}
+    for tower in ("image", "text"):
+        ref = ref_fd_lists(student[f"{tower}_embeds"].tolist(), teacher[f"{tower}_embeds"].tolist(), normalize)
+        for t in terms:
+            assert out[f"{t}_{tower}"].item() == pytest.approx(ref[t], rel=1e-10, abs=1e-12)
+    # gradients against autograd through a plain per-element reference
+    total = sum(out.values())
+    got = torch.autograd.grad(total, [student["image_embeds"], student["text_embeds"]])
+    ref_total = 0.0
+    for tower in ("image", "text"):
+        s, t = student[f"{tower}_embeds"][: teacher[f"{tower}_embeds"].shape[0]], teacher[f"{tower}_embeds"]
+        if normalize:
+            s = s / s.pow(2).sum(-1, keepdim=True).sqrt()
+            t = t / t.pow(2).sum(-1, keepdim=True).sqrt()
+        for i in range(t.shape[0]):
+            if "mse" in terms:
+                ref_total = ref_total + sum((s[i, k] - t[i, k]) ** 2 for k in range(s.shape[1])) / t.shape[0]
+            if "cosine" in terms:
+                dot = sum(s[i, k] * t[i, k] for k in range(s.shape[1]))
+                ref_total = ref_total + (1 - dot / (s[i].norm() * t[i].norm())) / t.shape[0]
+    want = torch.autograd.grad(ref_total, [student["image_embeds"], student["text_embeds"]])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert torch.all(got[0][teacher["text_embeds"].shape[0]:] != 0)  # unpaired images do get image targets
+
+
+def test_fd_learnable_projection_when_widths_differ() -> None:
+    s_dim, t_dim = 4, 7
+    student, teacher = fd_inputs(s_dim=s_dim, t_dim=t_dim, seed=7)
+    student = {k: (v.float() if torch.is_tensor(v) else v) for k, v in student.items()}
+    teacher = {k: v.float() for k, v in teacher.items()}
+    total = build_objectives([ObjectiveSpec(name="clip"), ObjectiveSpec(name="fd_mse", weight=2.0,
+                                                                        towers=["image"])], _ctx(s_dim, t_dim))
+    fd = total.objectives[1]
+    assert set(fd.proj) == {"image"}  # only the listed tower gets a map
+    proj = fd.proj["image"]
+    assert tuple(proj.weight.shape) == (t_dim, s_dim) and proj.bias is None
+    # a real parameter of the module tree: the optimizer, DDP and checkpoints see it
+    names = dict(total.named_parameters())
+    assert names["objectives.1.proj.image.weight"] is proj.weight
+    assert "objectives.1.proj.image.weight" in total.state_dict()
+    # the term uses the mapped student vectors
+    out = fd(student, teacher)
+    mapped = (student["image_embeds"] @ proj.weight.detach().t()).tolist()
+    assert out["mse_image"].item() == pytest.approx(ref_fd_lists(mapped, teacher["image_embeds"].tolist(), True)["mse"],
+                                                    rel=1e-5)
+    # and it is trained: a backward pass gives it a gradient, an optimizer step moves it
+    student["logit_scale"] = torch.tensor(10.0)
+    loss = total(student, teacher)["loss"]
+    loss.backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    before = proj.weight.detach().clone()
+    torch.optim.SGD(total.parameters(), lr=0.1).step()
+    assert not torch.equal(before, proj.weight.detach())
+    # a state dict round trip restores it
+    other = build_objectives([ObjectiveSpec(name="clip"), ObjectiveSpec(name="fd_mse", weight=2.0,
+                                                                        towers=["image"])], _ctx(s_dim, t_dim))
+    other.load_state_dict(total.state_dict())
+    assert torch.equal(other.objectives[1].proj["image"].weight, proj.weight)
+
+
+def test_fd_feature_level_uses_feature_widths() -> None:
+    obj = FdMse(_ctx(4, 4, {"image": 8, "text": 5}, {"image": 12, "text": 5}), ["image", "text"], level="features")
+    assert set(obj.proj) == {"image"} and tuple(obj.proj["image"].weight.shape) == (12, 8)
+    with pytest.raises(ValueError, match="level"):
+        FdMse(_ctx(), ["image"], level="pixels")
+
+
+def test_fd_without_teacher_target_names_the_key() -> None:
+    student, teacher = fd_inputs()
+    del teacher["text_embeds"]
+    with pytest.raises(KeyError, match="text_embeds"):
+        FdMse(_ctx(), ["image", "text"])(student, teacher)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the weighted sum
+
+
+def test_weighted_sum_total_is_sum_of_weighted_terms() -> None:
+    student, teacher = fd_inputs(seed=11)
+    student["image_embeds"] = F.normalize(student["image_embeds"], dim=-1).requires_grad_()
+    student["text_embeds"] = F.normalize(student["text_embeds"], dim=-1)
+    student["logit_scale"] = torch.tensor(12.0, dtype=torch.float64)
+    c = _ctx()
+    weights = {"clip": 0.5, "fd_mse_cosine": 3.0, "fd_cosine": -0.25}
+    total = WeightedSum([("clip", 0.5, ClipObjective(c, ["image", "text"])),
+                         ("fd_mse_cosine", 3.0, FdMseCosine(c, ["image", "text"])),
+                         ("fd_cosine", -0.25, FdCosine(c, ["text"]))])
+    assert total.needs_teacher
+    out = total(student, teacher)
+    assert set(out) == {"loss", "clip", "fd_mse_cosine/mse_image", "fd_mse_cosine/cosine_image",
+                        "fd_mse_cosine/mse_text", "fd_mse_cosine/cosine_text", "fd_cosine/cosine_text"}
+    expected = sum(weights[k.split("/")[0]] * v.item() for k, v in out.items() if k != "loss")
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-12)
+    # terms are logged detached; the total carries the gradient
+    assert out["loss"].requires_grad and not any(v.requires_grad for k, v in out.items() if k != "loss")
+    # independently recomputed
+    img, txt = student["image_embeds"].tolist(), student["text_embeds"].tolist()
+    fi = ref_fd_lists(img, teacher["image_embeds"].tolist(), True)
+    ft = ref_fd_lists(txt, teacher["text_embeds"].tolist(), True)
+    ref = (0.5 * ref_clip_loops(img[:4], txt, 12.0) + 3.0 * (fi["mse"] + fi["cosine"] + ft["mse"] + ft["cosine"])
+           - 0.25 * ft["cosine"])
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-10)
+
+
+def test_weighted_sum_without_teacher_objectives() -> None:
+    total = build_objectives([ObjectiveSpec(name="clip", weight=2.0)], _ctx())
+    assert not total.needs_teacher
+    image, text = unit_rows(3, LDIM, seed=8), unit_rows(3, LDIM, seed=9)
+    out = total({"image_embeds": image, "text_embeds": text, "logit_scale": torch.tensor(5.0, dtype=torch.float64),
+                 "n_paired": 3}, {})
+    assert out["loss"].item() == pytest.approx(2.0 * ref_clip_loops(image.tolist(), text.tolist(), 5.0), rel=1e-10)

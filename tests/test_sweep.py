@@ -63,6 +63,10 @@ def test_grid_arguments_references_and_errors(tmp_path: Path) -> None:
     bad.write_text("sweep: {grids: {}}\n")
     with pytest.raises(ConfigError, match=r"sweep.grids; valid keys here: out, grid, sets"):
         load_sweep(bad)
+    exp = tmp_path / "exp.yaml"  # read like a run config: YAML 1.1 would leave 1e-3 a string
+    exp.write_text("train: {lr: 1e-3, steps: 2}\nsweep: {grid: {train.weight_decay: [1e-2, 2e-2]}}\n")
+    runs = load_sweep(exp).runs
+    assert {r.cfg.train.lr for r in runs} == {1e-3} and {r.cfg.train.weight_decay for r in runs} == {1e-2, 2e-2}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metrics = run_demo(args.out, quick=args.quick, cache_dir=args.cache)
     print()
     _print_table(metrics)
-    print(f"\nmetrics: {os.path.join(args.out, 'metrics.json')}   report: {os.path.join(args.out, 'report.md')}")
+    print(f"\nmetrics: {os.path.join(args.out, 'metrics.json')}   report: {os.path.join(args.out, 'report.html')} "
+          f"(and report.md)")
     return 0
 
 
@@ -39,31 +40,168 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from mmkd.config import load_config
     from mmkd.distill import run_distill
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + (["train.ignore_cache_fingerprint=true"] if args.ignore_fingerprint else [])
+    cfg = load_config(args.config, overrides)
     metrics = run_distill(cfg, resume=args.resume)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from mmkd.data.resolve import records_from_spec, zeroshot_classes
+def cmd_cache(args: argparse.Namespace) -> int:
+    if args.verify:
+        if args.teacher or args.data or args.config:
+            raise ValueError("--verify DIR checks an existing cache; it takes no --teacher/--data/--config")
+        from mmkd.teacher.cache import verify_cache
+
+        report = verify_cache(args.verify, deep=not args.quick)
+        for note in report.notes:
+            print(f"note: {note}")
+        for problem in report.problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        print(f"{'OK' if report.ok else 'DAMAGED'}: {report.root}" + (f": {report.summary}" if report.summary else ""))
+        return 0 if report.ok else 1
+    from mmkd.cache_command import run_cache
+
+    run_cache(args)
+    return 0
+
+
+def _model_paths(models: Sequence[str] | None, teacher: str | None) -> dict[str, str]:
+    """``--teacher PATH`` is "teacher"; ``--model [NAME=]PATH`` (repeatable) is NAME, else "student" when it is
+    the only one, else its folder name."""
+    out: dict[str, str] = {}
+    if teacher:
+        out["teacher"] = teacher
+    models = list(models or [])
+    for item in models:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or os.path.exists(item):
+            name, path = ("student" if len(models) == 1 else os.path.basename(os.path.normpath(item))), item
+        base, i = name, 2
+        while name in out:
+            name, i = f"{base}_{i}", i + 1
+        out[name] = path
+    if not out:
+        raise ValueError("give at least one --model PATH (and optionally --teacher PATH)")
+    return out
+
+
+def _load_models(paths: dict[str, str]) -> dict[str, Any]:
+    from mmkd.models.hub import load_dual_encoder
+
+    return {name: load_dual_encoder(path) for name, path in paths.items()}
+
+
+def _write_json(path: str | None, obj: Any) -> None:
+    if path:
+        from pathlib import Path
+
+        from mmkd.eval.runner import write_json_atomic
+
+        write_json_atomic(Path(path), obj)
+        print(f"written: {path}", file=sys.stderr)
+
+
+def cmd_eval_single(args: argparse.Namespace) -> int:
+    """``mmkd eval zeroshot|retrieval``: one model, one data set, JSON on stdout."""
+    from mmkd.data.resolve import zeroshot_classes
+    from mmkd.eval.runner import data_format, eval_records
     from mmkd.eval.suite import retrieval, world_labels, zeroshot
     from mmkd.models.hub import load_dual_encoder
 
     model = load_dual_encoder(args.model)
-    options = {"split": args.split} if args.split and not args.data.startswith(("world:", "jsonl:", "coco:",
-                                                                                 "csv:", "tsv:", "wds:",
-                                                                                 "imagefolder:")) else {}
-    records = records_from_spec(args.data, args.cache, world_n=args.world_n, **options)
-    if args.limit:
-        records = records[: args.limit]
+    records = eval_records(args.data, args.cache, args.world_n, args.split, args.limit)
     if args.task == "zeroshot":
-        names, templates = zeroshot_classes(args.data, args.class_set)
-        labels = world_labels(records, args.class_set or "colour_shape") if args.data.startswith("world:") else None
+        names, templates = zeroshot_classes(args.data, args.class_set, args.templates, args.split)
+        labels = world_labels(records, args.class_set or "colour_shape") if data_format(args.data) == "world" \
+            else None
         result = zeroshot(model, records, names, templates, labels)
     else:
         result = retrieval(model, records)
-    print(json.dumps({"model": args.model, "data": args.data, args.task: result}, indent=2))
+    print(json.dumps({"model": args.model, "data": args.data, "n": len(records), args.task: result}, indent=2))
+    return 0
+
+
+def cmd_eval_bias(args: argparse.Namespace) -> int:
+    from mmkd.eval.bias import bias_probe, load_bias_words
+    from mmkd.eval.runner import eval_records
+
+    words = load_bias_words(args.words, args.template)
+    models = _load_models(_model_paths(args.model, args.teacher))
+    records = eval_records(args.data, args.cache, args.world_n, args.split, args.limit) if args.data else None
+    result = bias_probe(models, words, "teacher", records, args.data, args.min_group_images)
+    print(format_bias(result))
+    _write_json(args.json, {"bias": result})
+    return 0
+
+
+def format_bias(bias: dict[str, Any]) -> str:
+    """Per-profession gender scores side by side, then the comparison with the reference."""
+    names = list(bias["models"])
+    lines = []
+    for kind in ("text", "image"):
+        if not all(kind in bias["models"][n] for n in names):
+            continue
+        first = bias["models"][names[0]][kind]
+        lines.append(f"gender score per profession ({kind} probe; > 0: closer to the female terms)")
+        lines.append(f"{'profession':<16}" + "".join(f"{n:>14}" for n in names))
+        for j, prof in enumerate(first["professions"]):
+            lines.append(f"{prof:<16}" + "".join(f"{bias['models'][n][kind]['gender_score'][j]:>14.4f}"
+                                                 for n in names))
+        lines.append(f"{'mean |score|':<16}" + "".join(f"{bias['models'][n][kind]['mean_abs_gender_score']:>14.4f}"
+                                                      for n in names))
+        if kind == "image":
+            lines.append(f"images: {first['n_images']['female']} female-caption, {first['n_images']['male']} "
+                         f"male-caption ({bias.get('data')})")
+        for n, comp in bias.get("vs_reference", {}).items():
+            c = comp.get(kind)
+            if c:
+                rho = "undefined" if c["spearman"] is None else f"{c['spearman']:.3f}"
+                ratio = c.get("normalised_strength_ratio")
+                lines.append(f"{n} vs {bias['reference']}: mean |Δ| {c['mean_abs_delta']:.4f}, max |Δ| "
+                             f"{c['max_abs_delta']:.4f}, Spearman {rho}, same sign {100 * c['sign_agreement']:.0f}%, "
+                             f"bias strength {'undefined' if ratio is None else f'{ratio:.2f}'} × (spread-normalised)")
+        lines.append("")
+    if bias.get("image_skipped"):
+        lines.append(f"image probe skipped: {bias['image_skipped']}")
+    return "\n".join(lines).rstrip()
+
+
+def cmd_eval_efficiency(args: argparse.Namespace) -> int:
+    from mmkd.eval.efficiency import efficiency_metrics
+
+    models = _load_models(_model_paths(args.model, args.teacher))
+    result = {"models": {name: efficiency_metrics(m, args.batch_sizes, args.budget, threads=args.threads)
+                         for name, m in models.items()}}
+    print(json.dumps(result, indent=2))
+    _write_json(args.json, result)
+    return 0
+
+
+def cmd_eval_all(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmkd.eval.runner import evaluate_all
+    from mmkd.report.collect import load_runs
+    from mmkd.report.page import comparison_table, table_markdown
+
+    paths = _model_paths(args.model, args.teacher)
+    evaluate_all(args.suite, paths, args.out, args.limit, log=lambda m: print(m, file=sys.stderr))
+    print(table_markdown(comparison_table(load_runs([args.out]))))
+    print(f"\nmetrics: {Path(args.out) / 'metrics.json'}   report: mmkd report {args.out} --out report.html")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmkd.report.page import write_report
+
+    out = Path(args.out)
+    md = None if args.no_md else Path(args.md) if args.md else out.with_suffix(".md")
+    report = write_report(args.runs, out, md, args.title)
+    print(f"report: {out} ({len(report.figures)} figures, {len(report.tables)} tables)"
+          + (f"; markdown: {md}" if md else ""))
     return 0
 
 
@@ -104,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="YAML run config (see configs/)")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    s.add_argument("--ignore-fingerprint", action="store_true",
+                   help="with teacher: cache:DIR, use a cache built for other data or transforms (at your risk)")
     s.set_defaults(func=cmd_distill)
 
     w = sub.add_parser("sweep", help="run a grid of distillation runs and write a leaderboard",
@@ -120,17 +260,93 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("objectives", help="list every registered objective with its parameters and defaults")
     o.set_defaults(func=cmd_objectives)
 
-    e = sub.add_parser("eval", help="evaluate a model", epilog=DATA_SPECS,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("task", choices=["zeroshot", "retrieval"])
-    e.add_argument("--model", required=True, help="model folder or hub id")
-    e.add_argument("--data", required=True, help="data spec FORMAT:PATH (see below)")
-    e.add_argument("--class-set", default=None, help="built-in world class set: colour_shape, shape, colour")
-    e.add_argument("--split", default="test", help="split for cifar10/cifar100/stl10 (default test)")
-    e.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
-    e.add_argument("--cache", default="runs/.cache", help="cache folder for the built-in world")
-    e.add_argument("--world-n", type=int, default=2000, help="images in a built-in world split")
-    e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("cache", help="run the teacher once over the data and store its embeddings (or --verify)",
+                       epilog=DATA_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--teacher", help="model folder or hub id of the teacher")
+    c.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="data spec FORMAT:PATH (repeat for several sets, e.g. captioned + uncaptioned images)")
+    c.add_argument("--config", help="take the data (train and unpaired specs, limits, world sizes) from a distill "
+                                    "config; --out defaults to its teacher: cache:DIR")
+    c.add_argument("--out", help="cache folder (resumed if it holds a partial cache of the same build)")
+    c.add_argument("--views", type=int, default=1, help="views per image: view 0 = eval transform, 1..K-1 "
+                                                        "augmented (default 1)")
+    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="storage type (default float16)")
+    c.add_argument("--features", action="store_true",
+                   help="also store pooled pre-projection features (for objectives with level: features)")
+    c.add_argument("--seed", type=int, default=0, help="view seed: view v of sample k is f(seed, k, v)")
+    c.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="teacher compute precision (auto: bfloat16 where the hardware supports it)")
+    c.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default 64)")
+    c.add_argument("--chunk-rows", type=int, default=1024,
+                   help="samples per shard; an interrupted build loses at most one chunk (default 1024)")
+    c.add_argument("--limit", type=int, default=None, help="keep the first N samples of each --data spec")
+    c.add_argument("--world-n", type=int, default=4000, help="images in a built-in world split (world:SPLIT)")
+    c.add_argument("--data-cache", default="runs/.cache", help="cache folder for the built-in world")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    c.add_argument("--device", default=None, help="where the teacher runs (default: cuda if available, else cpu)")
+    c.add_argument("--verify", metavar="DIR", help="check an existing cache completely and exit (1 if damaged)")
+    c.add_argument("--quick", action="store_true", help="with --verify: skip checksums and value checks")
+    c.set_defaults(func=cmd_cache)
+
+    e = sub.add_parser("eval", help="evaluate models: zeroshot, retrieval, bias, efficiency, all",
+                       epilog=DATA_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = e.add_subparsers(dest="task", required=True, metavar="{zeroshot,retrieval,bias,efficiency,all}")
+
+    def data_options(q: argparse.ArgumentParser, need_data: bool) -> None:
+        q.add_argument("--data", required=need_data, help="data spec FORMAT:PATH (see mmkd eval --help)")
+        q.add_argument("--split", default="test", help="split for cifar10/cifar100/stl10 (default test)")
+        q.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
+        q.add_argument("--cache", default="runs/.cache", help="cache folder for the built-in world")
+        q.add_argument("--world-n", type=int, default=2000, help="images in a built-in world split")
+
+    for task, text in (("zeroshot", "zero-shot classification: top1, top5, mean per-class recall"),
+                       ("retrieval", "image<->text retrieval: recall@1/5/10 both ways, mean/median rank")):
+        q = tasks.add_parser(task, help=text, epilog=DATA_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter)
+        q.add_argument("--model", required=True, help="model folder or hub id")
+        data_options(q, True)
+        if task == "zeroshot":
+            q.add_argument("--class-set", default=None, help="built-in world class set: colour_shape, shape, colour")
+            q.add_argument("--templates", default=None,
+                           help="prompt templates: a file (one per line, {c} = class) or a built-in ensemble "
+                                "(cifar10, cifar100, stl10, imagenet); default: by data format")
+        q.set_defaults(func=cmd_eval_single, task=task)
+
+    model_help = "model folder or hub id; NAME=PATH names it; repeat to compare several"
+    q = tasks.add_parser("bias", help="gender-profession bias probe, teacher vs student(s)")
+    q.add_argument("--model", action="append", required=True, help=model_help)
+    q.add_argument("--teacher", default=None, help="the reference model (its maps are compared with the others)")
+    data_options(q, False)
+    q.add_argument("--words", default=None, help="word-list YAML (default: mmkd's assets/bias_words.yaml)")
+    q.add_argument("--template", default=None, help="prompt for the text probe, {} = word (default: the word file's)")
+    q.add_argument("--min-group-images", type=int, default=5, help="fewest images per caption group (image probe)")
+    q.add_argument("--json", default=None, help="also write the full result (matrices included) to this file")
+    q.set_defaults(func=cmd_eval_bias)
+
+    q = tasks.add_parser("efficiency", help="parameters, FLOPs, latency/throughput, peak memory")
+    q.add_argument("--model", action="append", required=True, help=model_help)
+    q.add_argument("--teacher", default=None, help="a teacher to measure in the same run")
+    q.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="latency batch sizes (default 1 64)")
+    q.add_argument("--budget", type=float, default=3.0, help="seconds of timing per model (default 3)")
+    q.add_argument("--threads", type=int, default=None, help="CPU threads while timing (default: torch's)")
+    q.add_argument("--json", default=None, help="also write the result to this file")
+    q.set_defaults(func=cmd_eval_efficiency)
+
+    q = tasks.add_parser("all", help="a suite YAML (zeroshot, retrieval, bias, efficiency) into OUT/metrics.json")
+    q.add_argument("--model", action="append", required=True, help=model_help)
+    q.add_argument("--teacher", default=None, help="the teacher, evaluated too and the reference of comparisons")
+    q.add_argument("--suite", required=True, help="suite YAML (see configs/suites/)")
+    q.add_argument("--out", default="runs/eval", help="output folder for metrics.json (default runs/eval)")
+    q.add_argument("--limit", type=int, default=None, help="cap every data set at N samples (quick tries)")
+    q.set_defaults(func=cmd_eval_all)
+
+    r = sub.add_parser("report", help="an HTML page (+ Markdown) comparing the models of one or more runs")
+    r.add_argument("runs", nargs="+", help="run folders holding metrics.json (mmkd demo, eval all, distill)")
+    r.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    r.add_argument("--md", default=None, help="Markdown file (default: the HTML path with .md); PNGs go beside it")
+    r.add_argument("--no-md", action="store_true", help="write the HTML page only")
+    r.add_argument("--title", default="mmkd report", help="page title")
+    r.set_defaults(func=cmd_report)
     return p
 
 
@@ -145,10 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmkd.config import ConfigError
     from mmkd.data.records import DataError
     from mmkd.models.hub import ModelLoadError
+    from mmkd.teacher.cache import CacheError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, ModelLoadError, ValueError, KeyError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelLoadError, CacheError, ValueError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"mmkd: error: {msg}", file=sys.stderr)
         return 2

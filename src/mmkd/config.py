@@ -6,6 +6,7 @@ Every experiment is one YAML file; a typo in it must fail before any compute is 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,19 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the key (dotted path) and what is allowed."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a number: YAML 1.1 needs a dot (``1.0e-3``), a trap for learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 @dataclass
@@ -77,6 +91,7 @@ class DataConfig:
     augment: bool = False
     label_captions: str | None = None  # e.g. "a photo of a {}.": captions for labelled, uncaptioned images
     captions_per_image: int | None = None  # keep each image's first N captions (fewer teacher/text targets)
+    views: int | None = None  # distinct augmented views per sample (view 0 = unaugmented); None: see README
     max_text_length: int = 32
     world_size_train: int = 4000  # built-in world: images in the generated train split
     world_size_unpaired: int = 20000
@@ -105,6 +120,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     threads: int | None = None
+    ignore_cache_fingerprint: bool = False  # use a teacher cache built for other data/transforms (at your risk)
 
 
 @dataclass
@@ -115,13 +131,15 @@ class EvalSpec:
     data: str = "world:test"
     class_set: str | None = None
     name: str | None = None
-    split: str | None = None  # cifar10/cifar100/stl10: which split (their readers default to train)
+    split: str | None = None  # cifar10/cifar100/stl10: which split (default: test; an explicit one must exist)
     limit: int | None = None  # evaluate on the first N samples only
 
 
 @dataclass
 class RunConfig:
-    teacher: str = ""  # empty: no teacher (task objectives only: training from scratch, e.g. a teacher)
+    # model folder or hub id, cache:DIR for a teacher cache built by `mmkd cache`, or empty: no teacher
+    # (task objectives only: training from scratch, e.g. a teacher)
+    teacher: str = ""
     teacher_modality: str = "image_text"  # image_text: a dual encoder; image: an image model only (S4)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -207,14 +225,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
-    """A YAML value; numbers YAML 1.1 leaves as strings (``1e-3``: no dot) are read as numbers too."""
-    value = yaml.safe_load(text) if text != "" else ""
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value for c in ".eE") or value.lower() in ("inf", "-inf") else value
-        except ValueError:
-            return value
-    return value
+    return _yaml_load(text) if text != "" else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -224,17 +235,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
         key, _, raw = item.partition("=")
         parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
+        try:
+            value = _parse_scalar(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+        try:  # a list index out of range or a path through a scalar: name the override, not a traceback
+            node = data
+            for part in parts[:-1]:
+                if isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    node = node.setdefault(part, {})
+            last = parts[-1]
             if isinstance(node, list):
-                node = node[int(part)]
+                node[int(last)] = value
             else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = _parse_scalar(raw)
-        else:
-            node[last] = _parse_scalar(raw)
+                node[last] = value
+        except (IndexError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a settable path here "
+                              f"({type(e).__name__}: {e})") from None
     return data
 
 
@@ -246,7 +265,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _yaml_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is None:
@@ -277,6 +296,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"teacher_modality: {cfg.teacher_modality!r} is not one of image_text, image")
     if cfg.data.label_captions is not None and "{}" not in cfg.data.label_captions:
         raise ConfigError(f"data.label_captions: {cfg.data.label_captions!r} needs a '{{}}' for the class name")
+    if cfg.data.views is not None and cfg.data.views < 1:
+        raise ConfigError("data.views must be ≥ 1 (view 0 is the unaugmented image)")
+    if cfg.teacher.startswith("cache:") and not cfg.teacher[len("cache:"):]:
+        raise ConfigError("teacher: 'cache:' needs the cache folder, e.g. cache:runs/teacher-cache")
+    if cfg.teacher.startswith("cache:") and cfg.teacher_modality != "image_text":
+        raise ConfigError("teacher_modality: a teacher cache (cache:DIR) holds a dual encoder's targets; "
+                          "use teacher_modality: image_text")
     if not cfg.objectives:
         raise ConfigError("objectives: list at least one objective (e.g. {name: clip})")
     for i, spec in enumerate(cfg.objectives):

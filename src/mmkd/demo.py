@@ -28,12 +28,15 @@ from mmkd.models.hub import load_dual_encoder, load_tokenizer, save_dual_encoder
 from mmkd.models.student import apply_freeze, build_student
 from mmkd.models.towers import build_tower
 from mmkd.objectives.base import ObjectiveContext, build_objectives
+from mmkd.teacher.cache import CachedTeacher, CacheExpectation, build_cache
 from mmkd.teacher.targets import OnlineTeacher, precompute
 from mmkd.train.batches import ImageBank, TrainData
 from mmkd.train.loop import train
 
 WORLD_MEAN = (0.5, 0.5, 0.5)
 WORLD_STD = (0.25, 0.25, 0.25)
+# mild crops only, and no flips: captions say "left" and "right", and crops must keep the object in view
+WORLD_AUGMENTATION = {"scale": (0.8, 1.0), "ratio": (0.9, 1.1), "hflip": False}
 
 
 def minilm_path() -> str:
@@ -49,23 +52,26 @@ def minilm_path() -> str:
 class DemoConfig:
     image_size: int = 32
     teacher_vision: dict[str, Any] = field(default_factory=lambda: dict(
-        hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024, patch_size=4))
+        hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024, patch_size=8))
     teacher_pool: int = 20000
     teacher_captions_per_image: int = 2
-    teacher_steps: int = 400
+    teacher_steps: int = 600
     teacher_batch: int = 128
     teacher_lr: float = 1e-3
     student_vision: dict[str, Any] = field(default_factory=lambda: dict(
-        hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512, patch_size=4))
+        hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512, patch_size=8))
     student_text_keep: list[int] | None = None  # None: every second layer of MiniLM-L6 (3 of 6)
     paired: int = 2000
     unpaired: int = 20000
-    student_steps: int = 500
-    student_batch: int = 128
-    unpaired_batch: int = 128
+    student_steps: int = 300
+    student_batch: int = 64  # captions per step: the trainable text tower is the costliest part of a step
+    unpaired_batch: int = 192
     student_lr: float = 1e-3
     val: int = 1000
     test: int = 2000
+    cache_views: int = 2  # 0: no cached-teacher student
+    teacher_evals: int = 8  # points on the teacher's validation curve
+    latency_budget_s: float = 3.0
     threads: int | None = None
 
     @classmethod
@@ -77,7 +83,7 @@ class DemoConfig:
                    student_vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=64, patch_size=8),
                    paired=256, unpaired=512, student_steps=20, student_batch=32, unpaired_batch=32,
-                   val=128, test=256)
+                   val=128, test=256, teacher_evals=2, latency_budget_s=0.5)
 
     def teacher_key(self) -> str:
         keys = ("image_size", "teacher_vision", "teacher_pool", "teacher_captions_per_image", "teacher_steps",
@@ -133,7 +139,7 @@ def get_teacher(cfg: DemoConfig, cache: Path, val: list[Record], log: Any) -> tu
     tcfg = TrainConfig(steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup_steps=max(1, cfg.teacher_steps // 20),
                        weight_decay=0.05, log_every=10, ckpt_every=100, seed=1, threads=cfg.threads)
     result = train(model, objectives, data, None, tcfg, work, resume=True, evaluate=_world_eval(val),
-                   eval_every=max(1, cfg.teacher_steps // 8), desc="teacher")
+                   eval_every=max(1, cfg.teacher_steps // cfg.teacher_evals), desc="teacher")
     log(f"teacher trained in {result.seconds:.0f} s (final loss {result.final_loss:.3f})")
     save_dual_encoder(model, folder)
     shutil.copy(work / "metrics.jsonl", folder / "train_metrics.jsonl")
@@ -180,34 +186,62 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
                        [c for r in paired for c in r.captions])
 
     scfg = TrainConfig(steps=cfg.student_steps, lr=cfg.student_lr, warmup_steps=max(1, cfg.student_steps // 20),
-                       log_every=10, ckpt_every=max(50, cfg.student_steps // 4), seed=2, threads=cfg.threads)
-    runs: dict[str, dict[str, Any]] = {}
-    for name, kd in (("student", True), ("scratch", False)):
-        torch.manual_seed(2)  # same initialisation for both students
+                       log_every=10, ckpt_every=max(10, cfg.student_steps // 4), seed=2, threads=cfg.threads)
+
+    def train_student(name: str, targets: Any, pb: ImageBank, ub: ImageBank | None, views: int = 1,
+                      interrupt: bool = False) -> None:
+        torch.manual_seed(2)  # the same initialisation for every student
         student = build_student(teacher, student_config(cfg))
         specs = [ObjectiveSpec("clip")]
-        if kd:
+        if targets is not None:
             specs += [ObjectiveSpec("fd_mse_cosine", towers=["image"]),
                       ObjectiveSpec("fd_mse_cosine", towers=["text"])]
         objectives = build_objectives(specs, ObjectiveContext(student.projection_dim, teacher.projection_dim))
-        data = TrainData(paired_bank, unpaired_bank if kd else None, cfg.student_batch,
-                         cfg.unpaired_batch if kd else 0, world=1, seed=3)
-        log(f"training the {'distilled' if kd else 'from-scratch'} student: {cfg.student_steps} steps")
-        res = train(student, objectives, data, table if kd else None, scfg, out / "train" / name,
-                    resume=False, desc=name)
+        data = TrainData(pb, ub, cfg.student_batch, cfg.unpaired_batch if ub is not None else 0, world=1, seed=3,
+                         views=views)
+        if isinstance(targets, CachedTeacher):
+            targets.check(CacheExpectation.for_data(data))
+        work = out / "train" / name
+        shutil.rmtree(work, ignore_errors=True)
+        log(f"training {name}: {cfg.student_steps} steps" + (", interrupted half-way and resumed" if interrupt else ""))
+        seconds = 0.0
+        if interrupt:  # stop as a kill would (past the last checkpoint), then resume from that checkpoint
+            half = cfg.student_steps // 2 + 1
+            seconds += train(student, objectives, data, targets, scfg, work, desc=name, stop_after=half).seconds
+            torch.manual_seed(123)  # a fresh process: different init, restored from the checkpoint
+            student = build_student(teacher, student_config(cfg))
+            objectives = build_objectives(specs, ObjectiveContext(student.projection_dim, teacher.projection_dim))
+        seconds += train(student, objectives, data, targets, scfg, work, resume=interrupt, desc=name).seconds
         save_dual_encoder(student, out / name)
-        runs[name] = {"model": student, "seconds": res.seconds}
+        runs[name] = {"model": student, "seconds": seconds}
 
-    log("evaluating teacher, distilled student and scratch student")
+    runs: dict[str, dict[str, Any]] = {}
+    train_student("student", table, paired_bank, unpaired_bank)
+    if cfg.cache_views:
+        cache_dir = cache / f"teacher-cache-{cfg.teacher_key()}-n{len(recs)}-k{cfg.cache_views}"
+        log(f"teacher cache: {len(recs)} images × {cfg.cache_views} views (built once, resumable) → {cache_dir}")
+        build_cache(teacher, paired + unpaired, cache_dir, views=cfg.cache_views, dtype="float16", seed=4,
+                    augmentation=WORLD_AUGMENTATION, source=str(teacher_dir))
+        cached = CachedTeacher.open(cache_dir)
+        train_student("student_cached", cached, cached.bank(paired, *sizes), cached.bank(unpaired, *sizes),
+                      views=cached.views, interrupt=True)
+    train_student("scratch", None, paired_bank, None)
+
+    log(f"evaluating the teacher and {', '.join(runs)}")
     metrics: dict[str, Any] = {"models": {}, "demo": {"quick": quick, "config": asdict(cfg),
                                                       "teacher_dir": str(teacher_dir)}}
-    metrics["models"]["teacher"] = world_metrics(teacher, test)
+    metrics["models"]["teacher"] = world_metrics(teacher, test, latency_budget_s=cfg.latency_budget_s)
     for name, run in runs.items():
-        metrics["models"][name] = world_metrics(run["model"], test)
+        metrics["models"][name] = world_metrics(run["model"], test, latency_budget_s=cfg.latency_budget_s)
         metrics["models"][name]["train_seconds"] = round(run["seconds"], 1)
+    from mmkd.eval.bias import bias_probe  # S1's gender–profession probe: teacher vs students' text towers
+
+    metrics["bias"] = bias_probe({"teacher": teacher, **{name: run["model"] for name, run in runs.items()}})
     metrics["demo"]["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from mmkd.report.demo_report import write_demo_report
+    from mmkd.report.page import write_report
 
     write_demo_report(out, metrics, teacher_dir)
+    write_report([out], out / "report.html", title="mmkd demo report")  # the page to open in a browser
     return metrics

@@ -20,12 +20,14 @@ import yaml
 from mmkd.config import ConfigError, RunConfig, to_dict
 from mmkd.data.records import DataError, Record
 from mmkd.data.resolve import records_from_spec, spec_options, zeroshot_classes
+from mmkd.eval.runner import eval_records
 from mmkd.eval.suite import retrieval, world_labels, zeroshot
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
-from mmkd.objectives.base import ObjectiveContext, build_objectives
-from mmkd.teacher.targets import OnlineTeacher, TableTeacher, precompute
+from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives
+from mmkd.teacher.cache import CachedTeacher, CacheExpectation, arrays_needed
+from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
 from mmkd.train.batches import ImageBank, TrainData
 from mmkd.train.distributed import DistInfo, barrier, init_distributed
@@ -107,14 +109,14 @@ def _targets_key(cfg: RunConfig) -> Hashable:
 def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec in cfg.eval:
+        if spec.split:  # a split named explicitly must exist: strict, unlike the default below
+            spec_options(spec.data, spec.split)
+        split = spec.split or "test"  # CIFAR/STL-10: their test split unless told otherwise
         # the built-in world draws a prefix-stable sequence: a limit needs only that many images generated
-        records = records_from_spec(spec.data, cfg.cache_dir, world_n=spec.limit or 2000,
-                                    **spec_options(spec.data, spec.split))
-        if spec.limit:
-            records = records[: spec.limit]
+        records = eval_records(spec.data, cfg.cache_dir, world_n=spec.limit or 2000, split=split, limit=spec.limit)
         name = spec.name or (f"{spec.kind}:{spec.data}" + (f":{spec.class_set}" if spec.class_set else ""))
         if spec.kind == "zeroshot":
-            names, templates = zeroshot_classes(spec.data, spec.class_set)
+            names, templates = zeroshot_classes(spec.data, spec.class_set, split=split)
             labels = (world_labels(records, spec.class_set or "colour_shape") if spec.data.startswith("world:")
                       else None)
             out[name] = zeroshot(model, records, names, templates, labels)
@@ -125,9 +127,32 @@ def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+ONLINE_VIEWS = 1 << 30  # an online teacher sees any view: augmented views are then fresh at every step
+
+
+def training_records(cfg: RunConfig) -> tuple[list[Record], list[Record] | None]:
+    """The captioned training records and the uncaptioned (unpaired) ones a config names, as distill reads them."""
+    paired = _records(cfg, cfg.data.train, cfg.data.limit, cfg.data.world_size_train)
+    unpaired = (_records(cfg, cfg.data.unpaired, cfg.data.unpaired_limit, cfg.data.world_size_unpaired)
+                if cfg.data.unpaired else None)
+    if unpaired is not None:
+        unpaired = [replace(r, captions=()) for r in unpaired]
+    return paired, unpaired or None
+
+
+def cache_path(teacher: str) -> str | None:
+    """The folder of ``teacher: cache:DIR``, or None for a model (or no teacher)."""
+    return teacher[len("cache:"):] if teacher.startswith("cache:") else None
+
+
+def wants_features(objectives: WeightedSum) -> bool:
+    """Whether any objective reads the teacher's pooled pre-projection features (not only its embeddings)."""
+    return any(o.teacher_features for o in objectives.objectives)
+
+
 def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print, *, info: DistInfo | None = None,
                 cache: TargetCache | None = None, progress: bool = True) -> dict[str, Any]:
-    """Load teacher, build student, train with the configured objectives, save, evaluate.
+    """Load the teacher (or open its cache, or run without one), build the student, train, save, evaluate.
 
     info: the process group (default: join torchrun's, or none); cache: teachers/targets shared across runs.
     """
@@ -138,42 +163,11 @@ def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print, *, info:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    teacher = cache.teacher(cfg) if cache is not None else load_teacher(cfg)
-    student = build_student(teacher, cfg.student)
-    objectives = build_objectives(cfg.objectives, teacher_context(student, teacher))
-    if objectives.needs_teacher and teacher is None:
-        needy = sorted({n for n, o in zip(objectives.names, objectives.objectives) if o.uses_teacher})
-        raise ConfigError(f"objectives {needy} distil from a teacher, but config key 'teacher' is empty: give a "
-                          "model folder or hub id, or keep only task objectives (clip, triplet, siglip)")
-    paired = _records(cfg, cfg.data.train, cfg.data.limit, cfg.data.world_size_train)
-    unpaired = (_records(cfg, cfg.data.unpaired, cfg.data.unpaired_limit, cfg.data.world_size_unpaired)
-                if cfg.data.unpaired else None)
-    if unpaired is not None:
-        unpaired = [replace(r, captions=()) for r in unpaired]
-    sm = student.meta
-    s_paired = ImageBank(paired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
-    s_unpaired = (ImageBank(unpaired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
-                  if unpaired else None)
-    data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
-                     world=info.world_size, seed=cfg.train.seed)
-    targets = None
-    if objectives.needs_teacher:
-        tm = teacher.meta
-        t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment, cfg.train.seed)
-        t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
-                                cfg.train.seed) if unpaired else None)
-        # a shared cache computes features too, so every run of a sweep can use the same table
-        wants_features = cache is not None or any(o.teacher_features for o in objectives.objectives)
-        online = OnlineTeacher(teacher, t_paired, t_unpaired, features=wants_features)
-        if cfg.data.augment:
-            targets = online  # augmented views differ every step: the teacher must see the same view
-        else:
-            def compute() -> TableTeacher:
-                log("computing teacher targets once (no augmentation: every step reuses them)")
-                banks = [b for b in (t_paired, t_unpaired) if b is not None]
-                return precompute(online, banks, [c for r in paired for c in r.captions])
-
-            targets = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
+    cached = cache_path(cfg.teacher)
+    if cached is not None:
+        data, targets, student, objectives = _cached_setup(cfg, cached, info, log)
+    else:
+        data, targets, student, objectives = _online_setup(cfg, info, log, cache)
     result = train(student, objectives, data, targets, cfg.train, out, info, resume=resume, desc="distill",
                    progress=progress)
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
@@ -188,3 +182,68 @@ def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print, *, info:
         log(f"student saved to {out / 'student'}")
     barrier()
     return metrics
+
+
+def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None
+                  ) -> tuple[TrainData, Targets | None, Any, WeightedSum]:
+    """A loaded teacher (dual encoder or image-only) runs per batch or once up front; or there is no teacher."""
+    teacher = cache.teacher(cfg) if cache is not None else load_teacher(cfg)
+    student = build_student(teacher, cfg.student)
+    objectives = build_objectives(cfg.objectives, teacher_context(student, teacher))
+    if objectives.needs_teacher and teacher is None:
+        needy = sorted({n for n, o in zip(objectives.names, objectives.objectives) if o.uses_teacher})
+        raise ConfigError(f"objectives {needy} distil from a teacher, but config key 'teacher' is empty: give a "
+                          "model folder or hub id (or cache:DIR), or keep only task objectives "
+                          "(clip, triplet, siglip)")
+    paired, unpaired = training_records(cfg)
+    sm = student.meta
+    s_paired = ImageBank(paired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
+    s_unpaired = (ImageBank(unpaired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
+                  if unpaired else None)
+    views = cfg.data.views or (ONLINE_VIEWS if cfg.data.augment else 1)
+    data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
+                     world=info.world_size, seed=cfg.train.seed, views=views)
+    targets: Targets | None = None
+    if objectives.needs_teacher:
+        tm = teacher.meta
+        t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment, cfg.train.seed)
+        t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
+                                cfg.train.seed) if unpaired else None)
+        # a shared cache computes features too, so every run of a sweep can use the same table
+        online = OnlineTeacher(teacher, t_paired, t_unpaired, features=cache is not None or wants_features(objectives))
+        if cfg.data.augment:
+            targets = online  # augmented views differ every step: the teacher must see the same view
+        else:
+            def compute() -> TableTeacher:
+                log("computing teacher targets once (no augmentation: every step reuses them)")
+                banks = [b for b in (t_paired, t_unpaired) if b is not None]
+                return precompute(online, banks, [c for r in paired for c in r.captions])
+
+            targets = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
+    return data, targets, student, objectives
+
+
+def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any
+                  ) -> tuple[TrainData, Targets | None, Any, WeightedSum]:
+    """Train from a teacher cache: the teacher is never loaded; targets are read by key at the replayed view."""
+    cache = CachedTeacher.open(folder)
+    student = build_student(cache.teacher_info(), cfg.student)
+    paired, unpaired = training_records(cfg)
+    sm = student.meta
+    s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
+    s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
+                  if unpaired else None)
+    ctx = ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims)
+    objectives = build_objectives(cfg.objectives, ctx)
+    views = cfg.data.views or (cache.views if cfg.data.augment else 1)
+    data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
+                     world=info.world_size, seed=cfg.train.seed, views=views)
+    if not objectives.needs_teacher:
+        return data, None, student, objectives
+    expect = CacheExpectation.for_data(data, arrays=arrays_needed(objectives),
+                                       ignore_fingerprint=cfg.train.ignore_cache_fingerprint)
+    cache.check(expect)
+    if info.is_main:
+        log(f"teacher targets from the cache {folder}: {cache.layout.n_samples} samples × {cache.views} view(s); "
+            f"training draws views 0..{views - 1}")
+    return data, cache, student, objectives

@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from mmkd.config import ConfigError, RunConfig, _parse_scalar, apply_overrides, from_dict, validate
-from mmkd.distill import TargetCache, run_distill, run_eval_specs
+from mmkd.config import ConfigError, RunConfig, _parse_scalar, _yaml_load, apply_overrides, from_dict, validate
+from mmkd.distill import TargetCache, cache_path, run_distill, run_eval_specs
 from mmkd.objectives import OBJECTIVES
 from mmkd.teacher.unimodal import ImageTeacher
 from mmkd.train.distributed import DistInfo
@@ -85,7 +85,7 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
     if not p.is_file():
         raise ConfigError(f"sweep config {p} not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _yaml_load(p.read_text()) or {}  # the run config's loader: 1e-3 is a number
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -192,6 +192,9 @@ def _teacher_row(sweep: Sweep, cache: TargetCache, log: Any) -> dict[str, Any] |
     path = sweep.out / "teacher" / "metrics.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if cache_path(cfg.teacher) is not None:
+        log(f"the teacher is a cache ({cfg.teacher}): its weights are never loaded, so no teacher row")
+        return None
     teacher = cache.teacher(cfg)
     if isinstance(teacher, ImageTeacher):
         log("the teacher is an image model only: no zero-shot or retrieval row for it")

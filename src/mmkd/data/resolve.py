@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from mmkd.data import sources, world
@@ -22,17 +23,38 @@ def records_from_spec(spec: str, cache_dir: str | Path = "runs/.cache", world_n:
     return sources.read_records(spec, **options)
 
 
-def zeroshot_classes(spec: str, class_set: str | None = None) -> tuple[list[str], list[str]]:
-    """Class names and prompt templates for a labelled data spec."""
+def split_options(spec: str, split: str | None) -> dict[str, str]:
+    """``{"split": split}`` for the formats whose reader has splits (CIFAR-10/100, STL-10), else nothing."""
+    fmt = spec.partition(":")[0].strip().lower()
+    if split is None or fmt not in sources.FORMATS:
+        return {}
+    return {"split": split} if "split" in inspect.signature(sources.FORMATS.get(fmt).read).parameters else {}
+
+
+def zeroshot_classes(spec: str, class_set: str | None = None, templates: str | Path | None = None,
+                     split: str | None = None) -> tuple[list[str], list[str]]:
+    """Class names (as written into prompts) and prompt templates for a labelled data spec.
+
+    Templates: ``templates`` (a built-in ensemble name or a file) if given, else the world's own for
+    ``world:``, else CLIP_benchmark's ensemble for the format (`mmkd.eval.templates`). Underscores in class
+    names become spaces (CIFAR-100's ``maple_tree`` → "maple tree"), as CLIP_benchmark's class lists have them.
+    """
+    from mmkd.eval.templates import load_templates, templates_for_format
+
     fmt, _, _ = spec.partition(":")
+    fmt = fmt.strip().lower()
     if fmt == "world":
         cs = class_set or "colour_shape"
-        return world.class_sets()[cs], world.templates(cs)
-    names = sources.class_names(spec)
+        sets = world.class_sets()
+        if cs not in sets:
+            raise ValueError(f"class set {cs!r} unknown for world:; valid: {', '.join(sets)}")
+        return sets[cs], load_templates(templates) if templates else world.templates(cs)
+    names = sources.class_names(spec, **split_options(spec, split))
     if not names:
         raise ValueError(f"data spec {spec!r} has no class names; zero-shot needs a labelled set "
                          "(imagefolder, cifar10, cifar100, stl10, wds with classes.txt)")
-    return names, ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
+    names = [n.replace("_", " ") for n in names]
+    return names, load_templates(templates) if templates else templates_for_format(fmt)
 
 
 SPLIT_FORMATS = ("cifar10", "cifar100", "stl10")

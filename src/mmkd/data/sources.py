@@ -571,6 +571,15 @@ def _find_layout(path: str, subdir: str, marker: str) -> Path | None:
     return None
 
 
+def _check_exists(path: str, fmt: str, expected: str) -> None:
+    """A dataset path that does not exist at all gets its own message (not "wrong layout")."""
+    if any(c in path for c in "{,"):  # brace patterns and comma lists are checked shard by shard
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{fmt}:{path}: {p} not found; give the path of {expected}")
+
+
 def _check_split(split: str, valid: tuple[str, ...], fmt: str) -> None:
     if split not in valid:
         raise DataError(f"{fmt}: unknown split {split!r}; valid: {', '.join(valid)}")
@@ -578,6 +587,7 @@ def _check_split(split: str, valid: tuple[str, ...], fmt: str) -> None:
 
 def _cifar10_shards(path: str, split: str) -> str | None:
     """Shard spec for WebDataset CIFAR-10, or None when PATH is the python-pickle layout."""
+    _check_exists(path, "cifar10", "the cifar-10-batches-py folder (or its parent) or CIFAR-10 WebDataset shards")
     root = Path(path).expanduser()
     if root.is_dir():
         if _find_layout(path, "cifar-10-batches-py", "batches.meta") or \
@@ -629,6 +639,7 @@ def _read_cifar10(path: str, split: str = "train") -> list[Record]:
 
 
 def _cifar100_root(path: str) -> Path:
+    _check_exists(path, "cifar100", "the cifar-100-python folder (or its parent)")
     root = _find_layout(path, "cifar-100-python", "meta")
     if root is None:
         raise DataError(f"cifar100:{path}: no 'meta' file; expected the cifar-100-python folder "
@@ -659,6 +670,7 @@ _STL_PIXELS = 3 * 96 * 96
 
 
 def _stl10_root(path: str) -> Path:
+    _check_exists(path, "stl10", "the stl10_binary folder (or its parent)")
     root = _find_layout(path, "stl10_binary", "class_names.txt") or _find_layout(path, "stl10_binary",
                                                                                  "train_X.bin")
     if root is None:

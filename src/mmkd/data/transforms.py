@@ -22,6 +22,11 @@ from PIL import Image
 Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
 ImageLike = Image.Image | np.ndarray
 
+# Bump when the pixels a (seed, key, view) maps to change (crop sampling, resampling filter, view_rng), so
+# teacher caches built by an older version are refused instead of silently mismatching the student's views.
+TRANSFORM_VERSION = 1
+AUGMENTATION_FIELDS = ("scale", "ratio", "hflip")
+
 
 @dataclass(frozen=True)
 class TransformConfig:
@@ -179,6 +184,11 @@ class ImageTransform:
         elif (w, h) != (size, size):
             img = crop_resize(img, center_box(w, h), size)
         return _normalize(np.asarray(img), self._scale, self._offset)
+
+
+def augmentation_settings(cfg: TransformConfig) -> dict[str, object]:
+    """The settings that decide which crop view v is (image size, mean and std only decide its resolution)."""
+    return {"scale": list(cfg.scale), "ratio": list(cfg.ratio), "hflip": bool(cfg.hflip)}
 
 
 def _key_hash(key: str) -> int:

@@ -185,3 +185,80 @@ def peak_memory_mb(fn: Callable[[], object], interval_s: float = 0.001) -> float
         stop.set()
         thread.join()
     return max(0, peak - before) / 2**20
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS, so the next RSS baseline is not inflated by earlier work.
+
+    Without it, glibc keeps memory freed after an earlier forward pass, the next pass reuses it, and the RSS
+    increase (what peak_memory_mb sees) reads near zero.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def encode_peak_memory_mb(model: nn.Module, batch_size: int = 64, caption: str = DEFAULT_CAPTION,
+                          repeats: int = 3) -> dict[str, float]:
+    """Peak extra memory (MiB) of encoding a batch of images and of captions, weights excluded.
+
+    On CUDA: the allocator's peak above what was allocated before the call. On CPU: the resident-memory
+    increase seen by `peak_memory_mb` (sampled, so a slight under-estimate), after freed memory has been
+    returned to the OS; the encode runs ``repeats`` times so the sampler sees the peak more than once.
+    """
+    device, _ = model_device_dtype(model)
+    pixels = _random_pixels(model, batch_size)
+    ids, mask = _tokens(model, caption, batch_size)
+    calls: dict[str, Callable[[], object]] = {
+        f"image_b{batch_size}": lambda: model.encode_image(pixels),
+        f"caption_b{batch_size}": lambda: model.encode_text(ids, mask),
+    }
+    out: dict[str, float] = {}
+    with eval_mode(model), torch.inference_mode():
+        for key, fn in calls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                fn()
+                torch.cuda.synchronize()
+                out[key] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            else:
+                _release_free_memory()
+                out[key] = peak_memory_mb(lambda f=fn: [f() for _ in range(max(1, repeats))])
+    return out
+
+
+def efficiency_metrics(model: nn.Module, batch_sizes: Sequence[int] = (1, 64), budget_s: float = 3.0,
+                       memory_batch: int = 64, threads: int | None = None) -> dict[str, object]:
+    """Everything about cost in one block: parameters per tower, GFLOPs, latency/throughput, peak memory.
+
+    Keys are those of the metrics.json model block: ``params``, ``params_per_tower``, ``flops``
+    (``image_gflops``, ``text_gflops`` per item), ``latency_ms_per_image`` (batch 1), ``latency`` (all of
+    `latency`'s keys plus ``threads``, the intra-op CPU threads used, and the machine's 1-minute load average
+    ``cpu_load_1min`` with ``cpu_count``) and ``peak_memory_mb`` (``image_b64``,
+    ``caption_b64``). Memory is measured first, before the timing loops leave freed buffers behind.
+    ``threads`` sets torch's CPU threads for the measurement (restored afterwards): on a shared machine
+    whose cores are busy, 1 thread gives steadier numbers than several threads waiting for each other.
+    """
+    counts = count_parameters(model)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        memory = encode_peak_memory_mb(model, batch_size=memory_batch)
+        lat: dict[str, float] = latency(model, batch_sizes=sorted({1, *batch_sizes}), budget_s=budget_s)
+        lat["threads"] = torch.get_num_threads()
+        if hasattr(os, "getloadavg"):  # busy cores make timings unreliable: keep the evidence with them
+            lat["cpu_load_1min"] = round(os.getloadavg()[0], 2)
+            lat["cpu_count"] = os.cpu_count() or 0
+    finally:
+        torch.set_num_threads(before)
+    return {"params": counts["total"], "params_per_tower": counts, "flops": flops(model),
+            "latency_ms_per_image": lat["latency_ms_per_image"], "latency": lat,
+            "peak_memory_mb": {k: round(v, 3) for k, v in memory.items()}}

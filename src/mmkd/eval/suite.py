@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from mmkd.data.records import Record
-from mmkd.eval.efficiency import count_parameters, latency
+from mmkd.eval.efficiency import efficiency_metrics
 from mmkd.eval.retrieval import evaluate_retrieval
 from mmkd.eval.zeroshot import evaluate_zeroshot
 from mmkd.train.batches import ImageBank
@@ -58,11 +58,7 @@ def world_metrics(model: Any, test: Sequence[Record], class_sets: Sequence[str] 
     """The metrics.json block of one model on the built-in world's test split."""
     from mmkd.data import world
 
-    counts = count_parameters(model)
-    out: dict[str, Any] = {"params": counts["total"], "params_per_tower": counts}
-    lat = latency(model, budget_s=latency_budget_s)
-    out["latency_ms_per_image"] = lat["latency_ms_per_image"]
-    out["latency"] = lat
+    out: dict[str, Any] = efficiency_metrics(model, budget_s=latency_budget_s)
     out["zeroshot"] = {
         cs: zeroshot(model, test, world.class_sets()[cs], world.templates(cs), world_labels(test, cs))
         for cs in class_sets

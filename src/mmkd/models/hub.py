@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModel
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModel, VisionTextDualEncoderModel
 
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
 from mmkd.models.towers import config_from_dict, model_from_config
@@ -139,15 +139,33 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
                              f"unexpected {unexpected[:5]}")
 
 
+def _from_plain_dual_encoder_folder(folder: Path, tokenizer: Any) -> DualEncoder:
+    """A VisionTextDualEncoderModel saved by transformers: its towers keep their poolers (what it pools with),
+    and transformers' own loader maps the legacy parameter names its save_pretrained writes (e.g. ViT's)."""
+    try:
+        hf, info = VisionTextDualEncoderModel.from_pretrained(str(folder), output_loading_info=True)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load VisionTextDualEncoderModel from {folder}: {e}") from None
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+    if missing:
+        raise ModelLoadError(f"weights of {folder} do not fit its config: missing {sorted(missing)[:5]}")
+    image_size = int(getattr(hf.config.vision_config, "image_size", 224))
+    meta = EncoderMeta(vision_pooling="pooler", text_pooling="pooler", **_image_settings(folder, image_size))
+    model = DualEncoder(hf.vision_model, hf.text_model, int(hf.config.projection_dim), meta, tokenizer)
+    with torch.no_grad():
+        model.visual_projection.weight.copy_(hf.visual_projection.weight)
+        model.text_projection.weight.copy_(hf.text_projection.weight)
+        model.logit_scale.copy_(hf.logit_scale)
+    return model
+
+
 def _from_dual_encoder_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> DualEncoder:
     mm = cfg.get("mmkd")
+    if mm is None:  # a plain transformers VisionTextDualEncoderModel: its conventions
+        return _from_plain_dual_encoder_folder(folder, tokenizer)
     vision_cfg = config_from_dict(cfg["vision_config"])
     text_cfg = config_from_dict(cfg["text_config"])
-    if mm is None:  # a plain transformers VisionTextDualEncoderModel: its conventions
-        image_size = int(getattr(vision_cfg, "image_size", 224))
-        meta = EncoderMeta(vision_pooling="pooler", text_pooling="pooler", **_image_settings(folder, image_size))
-    else:
-        meta = EncoderMeta.from_json(mm)
+    meta = EncoderMeta.from_json(mm)
     vision = drop_unused_pooler(model_from_config(vision_cfg), meta.vision_pooling)
     text = drop_unused_pooler(model_from_config(text_cfg), meta.text_pooling)
     model = DualEncoder(vision, text, int(cfg["projection_dim"]), meta, tokenizer)
@@ -155,15 +173,23 @@ def _from_dual_encoder_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any)
     return model
 
 
+def _clip_tower(cls: type[nn.Module], config: Any, part: nn.Module, inner: str) -> nn.Module:
+    """CLIPModel's half as a standalone tower: transformers 5 keeps CLIPVisionModel/CLIPTextModel inside
+    CLIPModel, 4.x kept only their inner transformer (the ``vision_model``/``text_model`` attribute)."""
+    if isinstance(part, cls):
+        return part
+    tower = cls(config)
+    getattr(tower, inner).load_state_dict(part.state_dict())
+    return tower
+
+
 def _from_clip_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> DualEncoder:
     try:
         clip = CLIPModel.from_pretrained(str(folder))
     except Exception as e:
         raise ModelLoadError(f"cannot load CLIPModel from {folder}: {e}") from None
-    vision = CLIPVisionModel(clip.config.vision_config)
-    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
-    text = CLIPTextModel(clip.config.text_config)
-    text.text_model.load_state_dict(clip.text_model.state_dict())
+    vision = _clip_tower(CLIPVisionModel, clip.config.vision_config, clip.vision_model, "vision_model")
+    text = _clip_tower(CLIPTextModel, clip.config.text_config, clip.text_model, "text_model")
     settings = _image_settings(folder, int(clip.config.vision_config.image_size))
     meta = EncoderMeta(vision_pooling="pooler", text_pooling="pooler",
                        max_text_length=int(clip.config.text_config.max_position_embeddings), **settings)

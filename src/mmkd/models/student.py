@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,14 +31,29 @@ def _pretrained_tower(source: str, modality: str) -> nn.Module:
     return model
 
 
-def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, vocab_size: int | None
-               ) -> tuple[nn.Module, str | None]:
-    """The tower and, for pretrained text towers, the folder its tokenizer comes from."""
+@dataclass
+class TeacherInfo:
+    """What a student needs of a teacher that is not loaded (a cached teacher): its settings, not its weights."""
+
+    meta: EncoderMeta
+    projection_dim: int
+    logit_scale: float  # exp'd, as the model reports it
+    tokenizer: Any = None
+    source: str = "the cached teacher"
+
+
+def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, vocab_size: int | None,
+               missing: str = "the teacher has no such tower") -> tuple[nn.Module, str | None]:
+    """The tower and, for pretrained text towers, the folder its tokenizer comes from.
+
+    missing: why there is no teacher tower to shrink (for the error), e.g. "there is no teacher".
+    """
     if spec.source == "teacher":
         if teacher_tower is None:
-            key = "student.vision" if modality == "image" else "student.text"
-            raise ValueError(f"{key}.source is 'teacher', but the teacher has no {modality} tower (no teacher, "
-                             "or an image-only one); use source: new (with arch and config) or a pretrained folder")
+            key = "vision" if modality == "image" else "text"
+            raise ValueError(f"student.{key}.source: 'teacher' shrinks the teacher's {modality} tower and needs "
+                             f"its weights, but {missing}; use source: new (with arch and config) or a "
+                             "folder/hub id of a pretrained tower")
         return shrink_tower(teacher_tower, spec.keep_layers), None
     if spec.source == "new":
         if spec.arch is None:
@@ -65,18 +81,28 @@ def _tokenizer(cfg: StudentConfig, teacher: Any, tok_source: str | None) -> Any:
     return tok
 
 
+def _missing(teacher: Any, modality: str) -> str:
+    """Why the teacher has no ``modality`` tower to shrink, for the error message."""
+    if teacher is None:
+        return "there is no teacher (teacher is empty)"
+    if isinstance(teacher, TeacherInfo):
+        return f"{teacher.source} does not load the teacher's weights"
+    return f"the teacher has no {modality} tower (an image-only teacher)"
+
+
 def build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
     """A student dual encoder shaped by ``cfg``, initialised from the teacher where asked.
 
-    teacher: a DualEncoder, an image-only teacher (vision_model + meta), or None (training from scratch).
+    teacher: a DualEncoder; an image-only teacher (vision_model + meta); a ``TeacherInfo`` (a cached teacher: its
+    settings, no weights, so only new or pretrained towers and fresh projections); or None (training from scratch).
     """
     t_vision = getattr(teacher, "vision_model", None)
     t_text = getattr(teacher, "text_model", None)
     # a new text tower needs the vocabulary size first; a pretrained one brings its own tokenizer
     tok = _tokenizer(cfg, teacher, None) if cfg.tokenizer or cfg.text.source in ("teacher", "new") else None
     vocab = len(tok) if tok is not None else None
-    vision, _ = make_tower(cfg.vision, t_vision, "image", None)
-    text, tok_source = make_tower(cfg.text, t_text, "text", vocab)
+    vision, _ = make_tower(cfg.vision, t_vision, "image", None, _missing(teacher, "image"))
+    text, tok_source = make_tower(cfg.text, t_text, "text", vocab, _missing(teacher, "text"))
     if tok is None:
         tok = _tokenizer(cfg, teacher, tok_source)
     meta = copy.deepcopy(teacher.meta) if teacher is not None else EncoderMeta()
@@ -92,7 +118,12 @@ def build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
     drop_unused_pooler(text, meta.text_pooling)
     t_dim = getattr(teacher, "projection_dim", None)
     t_scale = getattr(teacher, "logit_scale", None)
-    scale_init = float(t_scale.detach()) if isinstance(t_scale, torch.Tensor) else math.log(1 / 0.07)
+    if isinstance(t_scale, torch.Tensor):  # a loaded teacher's parameter (log scale)
+        scale_init = float(t_scale.detach())
+    elif isinstance(t_scale, float):  # a TeacherInfo's, exp'd as the model reports it
+        scale_init = math.log(t_scale)
+    else:
+        scale_init = math.log(1 / 0.07)
     if cfg.shared is not None:
         return _shared_student(teacher, cfg, vision, text, meta, tok, scale_init)
     dim = cfg.projection_dim or t_dim
@@ -100,7 +131,7 @@ def build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
         raise ValueError("student.projection_dim is required when the teacher has no embedding width "
                          "(no teacher, or an image-only one)")
     student = DualEncoder(vision, text, dim, meta, tok, logit_scale_init=scale_init)
-    if cfg.init_projections_from_teacher and t_dim is not None and dim == t_dim:
+    if isinstance(teacher, DualEncoder) and cfg.init_projections_from_teacher and dim == t_dim:
         with torch.no_grad():
             for name in ("visual_projection", "text_projection"):
                 s, t = getattr(student, name), getattr(teacher, name)
@@ -117,9 +148,10 @@ def _shared_student(teacher: Any, cfg: StudentConfig, vision: nn.Module, text: n
 
     sh = cfg.shared
     assert sh is not None
-    width = sh.width or (tower_width(teacher.vision_model) if teacher is not None else None)
+    t_vision = getattr(teacher, "vision_model", None)
+    width = sh.width or (tower_width(t_vision) if t_vision is not None else None)
     if width is None:
-        raise ValueError("student.shared.width is required without a teacher")
+        raise ValueError("student.shared.width is required without a loaded teacher (none, or a cached one)")
     meta.vision_pooling = "cls"  # the shared block pools its own tokens; the tower's pooler is not used
     post = getattr(vision, "post_layernorm", None)
     if isinstance(post, nn.Module):  # CLIP's pooler norm would get no gradient (and trip DDP): freeze it
@@ -132,15 +164,21 @@ def _shared_student(teacher: Any, cfg: StudentConfig, vision: nn.Module, text: n
 
 
 def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
-    """Freeze parameters by name prefix; a prefix matching nothing is a config error, not a silent no-op."""
+    """Freeze parameters by dotted-name prefix; a prefix matching nothing is a config error, not a silent no-op.
+
+    Prefixes match whole name components: ``vision_model.encoder.layers.1`` freezes layer 1, not 10 and 11.
+    """
     names = [n for n, _ in model.named_parameters()]
+
+    def matches(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     for prefix in prefixes:
-        hit = [n for n in names if n == prefix or n.startswith(prefix + ".") or n.startswith(prefix)]
-        if not hit:
+        if not any(matches(n, prefix) for n in names):
             raise ValueError(f"student.freeze: {prefix!r} matches no parameter; parameters start with "
                              f"{sorted({n.split('.')[0] for n in names})}")
     for n, p in model.named_parameters():
-        if any(n == pre or n.startswith(pre) for pre in prefixes):
+        if any(matches(n, pre) for pre in prefixes):
             p.requires_grad_(False)
 
 

@@ -58,7 +58,7 @@ def objective_params(cls: type[Objective]) -> dict[str, Any]:
 
 
 class WeightedSum(nn.Module):
-    """The weighted sum of several objectives; returns the total and every weighted term for logging."""
+    """The weighted sum of several objectives; returns the total (``loss``) and every unweighted term for logging."""
 
     def __init__(self, items: list[tuple[str, float, Objective]]) -> None:
         super().__init__()

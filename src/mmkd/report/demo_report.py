@@ -25,6 +25,7 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     models = metrics["models"]
     teacher_top1 = models["teacher"]["zeroshot"]["colour_shape"]["top1"]
     t_lat = models["teacher"]["latency_ms_per_image"]
+    t_lat64 = models["teacher"]["latency"]["latency_ms_per_image_b64"]
     rows = []
     for key, label in ROWS:
         if key not in models:
@@ -41,21 +42,25 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             "i2t_r1": m["retrieval"]["i2t_r1"],
             "t2i_r1": m["retrieval"]["t2i_r1"],
             "ms_per_image": m["latency_ms_per_image"],
+            "ms_per_image_b64": m["latency"]["latency_ms_per_image_b64"],
             "kept": zs["colour_shape"]["top1"] / teacher_top1 if teacher_top1 else float("nan"),
             "speedup": t_lat / m["latency_ms_per_image"],
+            "speedup_b64": t_lat64 / m["latency"]["latency_ms_per_image_b64"],
         })
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = ("| model | params (M) | colour+shape top-1 | top-5 | shape top-1 | colour top-1 | I→T R@1 | T→I R@1 "
-            "| ms/image | × faster | kept of teacher |")
-    lines = [head, "|" + "---|" * 11]
+            "| ms/image b1 | ms/image b64 | × faster b1 / b64 | kept of teacher |")
+    lines = [head, "|" + "---|" * 12]
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['model']} | {r['params_m']:.1f} | {pct(r['colour_shape_top1'])} | "
                      f"{pct(r['colour_shape_top5'])} | {pct(r['shape_top1'])} | {pct(r['colour_top1'])} | "
-                     f"{pct(r['i2t_r1'])} | {pct(r['t2i_r1'])} | {r['ms_per_image']:.3f} | {r['speedup']:.1f} | "
+                     f"{pct(r['i2t_r1'])} | {pct(r['t2i_r1'])} | {r['ms_per_image']:.3f} | "
+                     f"{r['ms_per_image_b64']:.3f} | "
+                     f"{r['speedup']:.1f} / {r['speedup_b64']:.1f} | "
                      f"{pct(r['kept'])}% |")
     return "\n".join(lines)
 

@@ -22,10 +22,13 @@ class Targets(Protocol):
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]: ...
 
 
-def bf16_supported() -> bool:
-    """bfloat16 matmuls are fast on CPUs with AVX512-BF16/AMX, and on CUDA; elsewhere fp32 is faster."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def bf16_supported(device_type: str | None = None) -> bool:
+    """bfloat16 matmuls are fast on CPUs with AVX512-BF16/AMX, and on CUDA; elsewhere fp32 is faster.
+
+    device_type: where the model runs ("cpu", "cuda"); default: CUDA when available, else the CPU.
+    """
+    if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -41,6 +44,36 @@ def freeze(model: DualEncoder | ImageTeacher) -> DualEncoder | ImageTeacher:
     return model
 
 
+@torch.inference_mode()
+def teacher_outputs(model: DualEncoder | ImageTeacher, pixel_values: torch.Tensor | None,
+                    captions: Sequence[str] | None, bf16: bool = False, features: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """Normalised embeddings (and pooled pre-projection features) of a teacher, as float32 plain tensors.
+
+    Shared by the online teacher and the cache builder, so a cached target is exactly what the online teacher
+    would have returned for the same pixels. Inputs move to the model's device; outputs stay there. The model
+    must be in eval mode (dropout off). An image-only teacher (S4) gives its pooled image features only.
+    """
+    out: dict[str, torch.Tensor] = {}
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if pixel_values is not None:
+            feats = model.image_features(pixel_values.to(device, non_blocking=True))
+            if model.visual_projection is None:  # an image-only teacher: its pooled CLS is all it has
+                out["image_features"] = feats.float()
+            else:
+                out["image_embeds"] = F.normalize(model.visual_projection(feats).float(), dim=-1)
+                if features:
+                    out["image_features"] = feats.float()
+        if captions is not None and model.text_model is not None:
+            tok = {k: v.to(device, non_blocking=True) for k, v in model.tokenize(captions).items()}
+            feats = model.text_features(tok["input_ids"], tok["attention_mask"])
+            out["text_embeds"] = F.normalize(model.text_projection(feats).float(), dim=-1)
+            if features:
+                out["text_features"] = feats.float()
+    return {k: v.clone() for k, v in out.items()}  # plain tensors, usable in autograd
+
+
 class OnlineTeacher:
     """Runs the frozen teacher on every batch: the expensive baseline the cache is measured against."""
 
@@ -51,27 +84,9 @@ class OnlineTeacher:
         self.bf16 = bf16_supported() if bf16 is None else bf16
         self.features = features
 
-    @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor | None, captions: Sequence[str] | None
                ) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                            enabled=self.bf16):
-            if pixel_values is not None:
-                feats = self.model.image_features(pixel_values)
-                if self.model.visual_projection is None:  # an image-only teacher: its pooled CLS is all it has
-                    out["image_features"] = feats.float()
-                else:
-                    out["image_embeds"] = F.normalize(self.model.visual_projection(feats).float(), dim=-1)
-                    if self.features:
-                        out["image_features"] = feats.float()
-            if captions is not None and self.model.text_model is not None:
-                tok = self.model.tokenize(captions)
-                feats = self.model.text_features(tok["input_ids"], tok["attention_mask"])
-                out["text_embeds"] = F.normalize(self.model.text_projection(feats).float(), dim=-1)
-                if self.features:
-                    out["text_features"] = feats.float()
-        return {k: v.clone() for k, v in out.items()}  # plain tensors, usable in autograd
+        return teacher_outputs(self.model, pixel_values, captions, bf16=self.bf16, features=self.features)
 
     def extras(self) -> dict[str, torch.Tensor]:
         """Batch-independent targets: the teacher's logit scale (relational objectives use it)."""
@@ -85,6 +100,7 @@ class OnlineTeacher:
 
 
 def teacher_extras(model: object) -> dict[str, torch.Tensor]:
+    """The teacher's similarity scale, exp'd and clamped as in training (CLIP caps it at 100)."""
     scale = getattr(model, "logit_scale", None)
     if not isinstance(scale, torch.Tensor):
         return {}  # an image-only teacher has no similarity scale

@@ -8,8 +8,9 @@ the view whose embedding it stored.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,15 +25,20 @@ def _rng(*parts: int | str) -> np.random.Generator:
 
 
 class ImageBank:
-    """Turns records into normalised pixel tensors; in-memory uint8 arrays of the right size skip PIL."""
+    """Turns records into normalised pixel tensors; in-memory uint8 arrays of the right size skip PIL.
+
+    ``seed`` and ``augmentation`` (TransformConfig's ``scale``, ``ratio``, ``hflip``) decide the crop of view
+    v > 0; a teacher cache records them so that a student's bank replays exactly the views it stored.
+    """
 
     def __init__(self, records: Sequence[Record], image_size: int, mean: Sequence[float], std: Sequence[float],
-                 augment: bool = False, seed: int = 0) -> None:
+                 augment: bool = False, seed: int = 0, augmentation: Mapping[str, Any] | None = None) -> None:
         self.records = list(records)
         self.seed = seed
         self.augment = augment
+        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in (augmentation or {}).items()}
         self.eval_tf = ImageTransform(TransformConfig(image_size, tuple(mean), tuple(std), train=False))
-        self.train_tf = ImageTransform(TransformConfig(image_size, tuple(mean), tuple(std), train=True))
+        self.train_tf = ImageTransform(TransformConfig(image_size, tuple(mean), tuple(std), train=True, **aug))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._stack: torch.Tensor | None = None

@@ -45,6 +45,8 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".step-*.tmp-*"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
         path = self.folder / f"step-{step:08d}.pt"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:

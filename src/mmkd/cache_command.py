@@ -1,0 +1,68 @@
+"""``mmkd cache``: resolve the teacher and the data the way ``mmkd distill`` does, then build the teacher cache."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from mmkd.data.records import Record
+from mmkd.data.resolve import records_from_spec
+from mmkd.teacher.cache import BuildResult, CacheError, build_cache
+from mmkd.train.distributed import init_distributed
+
+
+def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:
+    """(teacher, records, out folder) from ``--teacher/--data/--out`` or from a distill ``--config``."""
+    teacher, out = args.teacher, args.out
+    if args.config:
+        if args.data:
+            raise CacheError("give the data either with --data or through --config, not both")
+        from mmkd.config import load_config
+        from mmkd.distill import cache_path, training_records
+
+        cfg = load_config(args.config)
+        paired, unpaired = training_records(cfg)
+        records = paired + (unpaired or [])
+        target = cache_path(cfg.teacher)
+        out = out or target
+        if not teacher and target is None:
+            teacher = cfg.teacher
+        if not out:
+            raise CacheError(f"--out is required: {args.config} has teacher: {cfg.teacher!r}, not cache:DIR")
+    else:
+        if not args.data:
+            raise CacheError("mmkd cache needs --data SPEC (or --config CONFIG) and --teacher MODEL and --out DIR; "
+                             "or --verify DIR")
+        records = []
+        for spec in args.data:
+            recs = records_from_spec(spec, args.data_cache, world_n=args.world_n)
+            records += recs[: args.limit] if args.limit else recs
+    if not teacher:
+        raise CacheError("--teacher MODEL is required (a model folder or hub id)")
+    if not out:
+        raise CacheError("--out DIR is required")
+    return teacher, records, out
+
+
+def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
+    from mmkd.models.hub import load_dual_encoder
+
+    info = init_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher_path, records, out = cache_inputs(args)
+    device = args.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    teacher = load_dual_encoder(teacher_path).to(device)
+    result = build_cache(teacher, records, out, views=args.views, dtype=args.dtype, features=args.features,
+                         seed=args.seed, batch_size=args.batch_size, chunk_rows=args.chunk_rows,
+                         precision=args.precision, source=str(teacher_path), progress=info.is_main,
+                         log=log if info.is_main else None)
+    if info.is_main:
+        log(f"teacher cache ready: {result.root} ({result.n_samples} samples × {result.views} view(s), "
+            f"{result.n_captions} captions; {result.chunks_built} chunk(s) written"
+            + (f" by rank 0 of {info.world_size}" if info.world_size > 1 else "")
+            + (f", {result.chunks_skipped} already there" if result.chunks_skipped else "")
+            + f", {result.seconds:.1f} s). Train from it with `teacher: cache:{result.root}`")
+    return result

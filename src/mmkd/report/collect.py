@@ -1,0 +1,183 @@
+"""Read run folders (``mmkd demo``, ``mmkd eval all``, ``mmkd distill``) into one normalised comparison.
+
+The three writers differ a little (the demo's ``retrieval`` is one flat block of the world's test split,
+``eval all`` keys retrieval by data set, ``distill`` has an ``eval`` list and no model blocks); here they
+become the same shape, so the page renderer never branches on who wrote a run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmkd.report.demo_report import ROWS, read_jsonl
+
+DEMO_LABELS = dict(ROWS)
+FLAT_RETRIEVAL_NAME = "world"  # the demo's retrieval block is the built-in world's test split
+
+
+@dataclass
+class Curve:
+    """One training log: loss per step, and the periodic evaluations the loop logged (``eval`` records)."""
+
+    label: str
+    source: Path
+    loss: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+@dataclass
+class ModelEntry:
+    label: str  # unique across the report
+    run: str
+    name: str  # the name inside its run's metrics.json
+    metrics: dict[str, Any]
+
+
+@dataclass
+class RunData:
+    name: str
+    path: Path
+    raw: dict[str, Any]
+    models: list[ModelEntry]
+    curves: list[Curve]
+    bias: dict[str, Any] | None
+
+
+@dataclass
+class ReportData:
+    runs: list[RunData]
+
+    @property
+    def models(self) -> list[ModelEntry]:
+        return [m for r in self.runs for m in r.models]
+
+    @property
+    def curves(self) -> list[Curve]:
+        return [c for r in self.runs for c in r.curves]
+
+    def reference(self) -> ModelEntry | None:
+        """The teacher (first model named ``teacher``), the 100 % of "kept of teacher"."""
+        return next((m for m in self.models if m.name == "teacher"), None)
+
+    def benchmarks(self, kind: str) -> list[str]:
+        """Zero-shot or retrieval set names in first-seen order across models."""
+        names: list[str] = []
+        for m in self.models:
+            for n in m.metrics.get(kind, {}):
+                if n not in names:
+                    names.append(n)
+        return names
+
+
+def _normalise_model(m: dict[str, Any]) -> dict[str, Any]:
+    out = dict(m)
+    ret = out.get("retrieval")
+    if isinstance(ret, dict) and "i2t_r1" in ret:
+        out["retrieval"] = {FLAT_RETRIEVAL_NAME: ret}
+    zs = out.get("zeroshot")
+    if isinstance(zs, dict):
+        out["zeroshot"] = {k: v for k, v in zs.items() if isinstance(v, dict) and "top1" in v}
+    return out
+
+
+def _from_distill(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``mmkd distill``'s metrics.json → one model block (its eval entries, keyed ``kind:DATA[:class_set]``)."""
+    block: dict[str, Any] = {"zeroshot": {}, "retrieval": {}}
+    for key, value in (raw.get("eval") or {}).items():
+        kind, _, rest = key.partition(":")
+        if kind in ("zeroshot", "retrieval") and isinstance(value, dict):
+            block[kind][rest or key] = value
+        elif isinstance(value, dict) and "top1" in value:
+            block["zeroshot"][key] = value
+        elif isinstance(value, dict) and "i2t_r1" in value:
+            block["retrieval"][key] = value
+    if "train" in raw:
+        block["train_seconds"] = raw["train"].get("seconds")
+    return {"student": block}
+
+
+def _curve(label: str, path: Path) -> Curve | None:
+    try:
+        rows = read_jsonl(path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable metrics.jsonl ({e})") from None
+    curve = Curve(label, path)
+    for r in rows:
+        if "step" not in r:
+            continue
+        if isinstance(r.get("loss"), (int, float)):
+            curve.loss.append((int(r["step"]), float(r["loss"])))
+        if isinstance(r.get("eval"), dict):
+            curve.evals.append((int(r["step"]), {k: float(v) for k, v in r["eval"].items()
+                                                 if isinstance(v, (int, float))}))
+    return curve if curve.loss or curve.evals else None
+
+
+def find_curves(run_dir: Path, distill: bool) -> list[tuple[str, Path]]:
+    """Training logs of a run: ``train/<name>/metrics.jsonl`` (demo), ``<name>/train_metrics.jsonl`` (the
+    demo's cached teacher), ``metrics.jsonl`` (``mmkd distill``: the student)."""
+    found: list[tuple[str, Path]] = []
+    for sub in sorted(p for p in (run_dir / "train").glob("*/metrics.jsonl")):
+        found.append((sub.parent.name, sub))
+    for sub in sorted(run_dir.glob("*/train_metrics.jsonl")):
+        found.append((sub.parent.name, sub))
+    if (run_dir / "metrics.jsonl").is_file():
+        found.append(("student" if distill else run_dir.name, run_dir / "metrics.jsonl"))
+    return found
+
+
+def load_run(path: str | Path) -> RunData:
+    """One run folder (or its metrics.json); errors name the file and what was expected."""
+    p = Path(path).expanduser()
+    file = p if p.is_file() else p / "metrics.json"
+    if not file.is_file():
+        raise ValueError(f"{p}: no metrics.json; give a run folder written by mmkd demo, mmkd eval all "
+                         "or mmkd distill")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object with 'models' (or 'eval' from mmkd distill)")
+    run_dir = file.parent
+    distill = "models" not in raw
+    if not distill:
+        if not isinstance(raw["models"], dict):
+            raise ValueError(f"{file}: 'models' must map model names to metric blocks")
+        blocks = raw["models"]
+    elif "eval" in raw or "train" in raw:
+        blocks = _from_distill(raw)
+    else:
+        raise ValueError(f"{file}: neither 'models' (mmkd demo / eval all) nor 'eval'/'train' (mmkd distill)")
+    name = run_dir.resolve().name
+    labels = DEMO_LABELS if "demo" in raw else {}
+    order = sorted(blocks, key=lambda n: n != "teacher")  # teacher first, the rest as written
+    models = [ModelEntry(labels.get(n, n), name, n, _normalise_model(blocks[n])) for n in order
+              if isinstance(blocks[n], dict)]
+    curves = [c for label, f in find_curves(run_dir, distill) if (c := _curve(labels.get(label, label), f))]
+    bias = raw.get("bias") if isinstance(raw.get("bias"), dict) else None
+    return RunData(name, run_dir, raw, models, curves, bias)
+
+
+def load_runs(paths: list[str | Path]) -> ReportData:
+    """Several runs; a model or curve label that occurs in more than one run gets ``run/`` in front."""
+    if not paths:
+        raise ValueError("give at least one run folder")
+    runs = [load_run(p) for p in paths]
+    names = [r.name for r in runs]
+    for i, r in enumerate(runs):  # same folder name twice (runs/a/x, runs/b/x): number them
+        if names.count(r.name) > 1:
+            r.name = f"{r.name}#{names[: i + 1].count(r.name)}"
+    for attr in ("models", "curves"):
+        items = [x for r in runs for x in getattr(r, attr)]
+        counts: dict[str, int] = {}
+        for x in items:
+            counts[x.label] = counts.get(x.label, 0) + 1
+        for r in runs:
+            for x in getattr(r, attr):
+                if counts[x.label] > 1:
+                    x.label = f"{r.name}/{x.label}"
+    return ReportData(runs)

@@ -1,0 +1,277 @@
+"""Tests for mmkd.train.checkpoint and resuming mmkd.train.loop: a kill at any instant, even mid-write, leaves
+the last complete checkpoint usable, and a resumed run ends with exactly the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from mmkd.config import ObjectiveSpec, TrainConfig
+from mmkd.data import world
+from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
+from mmkd.models.towers import build_tower
+from mmkd.objectives import ObjectiveContext, build_objectives
+from mmkd.objectives.base import WeightedSum
+from mmkd.teacher.targets import OnlineTeacher
+from mmkd.train import checkpoint as checkpoint_module
+from mmkd.train.batches import ImageBank, TrainData
+from mmkd.train.checkpoint import CheckpointManager, set_rng_state
+from mmkd.train.loop import train
+
+REAL_SAVE = torch.save
+
+
+def state(step: int) -> dict[str, Any]:
+    return {"weights": torch.full((3,), float(step)), "note": f"step {step}"}
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the manager
+
+
+def test_save_and_load_latest(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path / "ck", keep=3)
+    assert mgr.load_latest() is None  # no folder yet
+    path = mgr.save(5, state(5))
+    assert path == tmp_path / "ck" / "step-00000005.pt" and path.is_file()
+    assert (tmp_path / "ck" / "latest").read_text() == "step-00000005.pt"
+    mgr.save(12, state(12))
+    got = CheckpointManager(tmp_path / "ck").load_latest()  # a new process reads it
+    assert got is not None and got["step"] == 12 and got["note"] == "step 12"
+    assert torch.equal(got["weights"], torch.full((3,), 12.0))
+    assert {"torch", "numpy", "python"} <= set(got["rng"])
+
+
+def test_rng_state_is_restored(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    mgr.save(1, {})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    set_rng_state(mgr.load_latest()["rng"])  # type: ignore[index]
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+@pytest.mark.parametrize("keep, expected", [(2, [4, 5]), (1, [5]), (0, [5]), (10, [1, 2, 3, 4, 5])])
+def test_keep_n_prunes_older_checkpoints(tmp_path: Path, keep: int, expected: list[int]) -> None:
+    mgr = CheckpointManager(tmp_path, keep=keep)
+    for step in range(1, 6):
+        mgr.save(step, state(step))
+    assert names(tmp_path) == sorted([f"step-{s:08d}.pt" for s in expected] + ["latest"])
+    assert mgr.load_latest()["step"] == 5  # type: ignore[index]
+
+
+def test_pruning_orders_by_step_not_by_name(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for step in (9, 100_000_000, 10):  # the widest step sorts first as a string
+        mgr.save(step, state(step))
+    remaining = {p.name for p in tmp_path.glob("step-*.pt")}
+    assert remaining == {"step-100000000.pt", "step-00000010.pt"}
+
+
+def test_truncated_checkpoint_falls_back_to_the_last_complete_one(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save(1, state(1))
+    newest = mgr.save(2, state(2))
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # an external process killed mid-copy, a full disk, ...
+    got = mgr.load_latest()
+    assert got is not None and got["step"] == 1 and torch.equal(got["weights"], torch.full((3,), 1.0))
+
+
+def test_leftover_tmp_file_is_ignored(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save(1, state(1))
+    (tmp_path / ".step-00000002.pt.tmp-4242").write_bytes(b"half a checkpoint")
+    (tmp_path / "step-00000003.pt.tmp").write_bytes(b"also not one")
+    assert mgr.load_latest()["step"] == 1  # type: ignore[index]
+    mgr.save(4, state(4))
+    assert mgr.load_latest()["step"] == 4  # type: ignore[index]
+
+
+@pytest.mark.parametrize("pointer", ["step-00000009.pt", "", "garbage\n", "../outside.pt"])
+def test_pointer_to_missing_file_falls_back(tmp_path: Path, pointer: str) -> None:
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save(1, state(1))
+    mgr.save(2, state(2))
+    (tmp_path / "latest").write_text(pointer)
+    assert mgr.load_latest()["step"] == 2  # type: ignore[index]
+
+
+def test_pointer_to_corrupt_file_falls_back(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save(1, state(1))
+    mgr.save(2, state(2))
+    (tmp_path / "step-00000002.pt").write_bytes(b"\x00" * 100)
+    assert (tmp_path / "latest").read_text() == "step-00000002.pt"
+    assert mgr.load_latest()["step"] == 1  # type: ignore[index]
+
+
+def test_only_corrupt_checkpoints_mean_none(tmp_path: Path) -> None:
+    (tmp_path / "step-00000001.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "latest").write_text("step-00000001.pt")
+    assert CheckpointManager(tmp_path).load_latest() is None
+
+
+def half_then_die(calls_before_death: int) -> Any:
+    """A torch.save that works ``calls_before_death`` times, then writes half its bytes and dies."""
+    calls = {"n": 0}
+
+    def fake_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] <= calls_before_death:
+            REAL_SAVE(obj, f, *args, **kwargs)
+            return
+        buf = io.BytesIO()
+        REAL_SAVE(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        raise KeyboardInterrupt("killed while writing the checkpoint")
+
+    return fake_save
+
+
+def assert_latest_is_complete(folder: Path, step: int) -> None:
+    """The pointer names a file that exists and loads, and the dying step left no file under its real name."""
+    named = folder / (folder / "latest").read_text().strip()
+    assert named.name == f"step-{step:08d}.pt" and named.is_file()
+    assert torch.load(named, map_location="cpu", weights_only=False)["step"] == step
+    got = CheckpointManager(folder).load_latest()
+    assert got is not None and got["step"] == step
+
+
+def test_kill_during_checkpoint_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mgr = CheckpointManager(tmp_path, keep=2)
+    mgr.save(1, state(1))
+    monkeypatch.setattr(checkpoint_module.torch, "save", half_then_die(0))
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(2, state(2))
+    assert not (tmp_path / "step-00000002.pt").exists()
+    assert_latest_is_complete(tmp_path, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end: interrupted and resumed training ends where an uninterrupted run does
+
+STEPS = 8
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+              patch_size=8)
+BERT = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path: str) -> Any:
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def data() -> TrainData:
+    records = world.to_records(world.generate(24, seed=0))
+    bank = ImageBank(records, 32, CLIP_MEAN, CLIP_STD)
+    return TrainData(bank, None, batch_size=8, unpaired_batch_size=0, world=1, seed=0)
+
+
+def dual_encoder(tokenizer: Any, dim: int, seed: int) -> DualEncoder:
+    torch.manual_seed(seed)
+    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, max_text_length=16)
+    return DualEncoder(build_tower("clip_vision", VISION), build_tower("bert", BERT), dim, meta, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def teacher(tokenizer: Any, data: TrainData) -> OnlineTeacher:
+    return OnlineTeacher(dual_encoder(tokenizer, 24, seed=100), data.paired, bf16=False)
+
+
+def setup(tokenizer: Any, seed: int) -> tuple[DualEncoder, WeightedSum]:
+    """A student and its objectives; the fd_mse term maps 16 → 24 dims with a learnable projection."""
+    student = dual_encoder(tokenizer, 16, seed)
+    torch.manual_seed(seed + 1)
+    objectives = build_objectives([ObjectiveSpec(name="clip"), ObjectiveSpec(name="fd_mse", weight=2.0)],
+                                  ObjectiveContext(student_embed_dim=16, teacher_embed_dim=24))
+    return student, objectives
+
+
+def config(ckpt_every: int) -> TrainConfig:
+    return TrainConfig(steps=STEPS, lr=3e-3, warmup_steps=2, ckpt_every=ckpt_every, keep_checkpoints=2, log_every=1)
+
+
+def run(tokenizer: Any, data: TrainData, teacher: OnlineTeacher, out: Path, seed: int = 0, ckpt_every: int = 3,
+        **kwargs: Any) -> tuple[DualEncoder, WeightedSum, Any]:
+    student, objectives = setup(tokenizer, seed)
+    result = train(student, objectives, data, teacher, config(ckpt_every), out, progress=False, **kwargs)
+    return student, objectives, result
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tokenizer: Any, data: TrainData, teacher: OnlineTeacher, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[DualEncoder, WeightedSum]:
+    """Run A: 8 steps without interruption."""
+    student, objectives, result = run(tokenizer, data, teacher, tmp_path_factory.mktemp("a"))
+    assert result.steps == STEPS and result.resumed_from == 0
+    return student, objectives
+
+
+def test_resumed_run_equals_uninterrupted_run(tokenizer: Any, data: TrainData, teacher: OnlineTeacher,
+                                              straight: tuple[DualEncoder, WeightedSum], tmp_path: Path) -> None:
+    a_student, a_objectives = straight
+    fresh, _ = setup(tokenizer, 0)
+    assert not torch.equal(fresh.visual_projection.weight, a_student.visual_projection.weight)  # it trained
+    # run B: interrupted after 4 steps (the last checkpoint is step 3, so step 4 is lost and redone) ...
+    b_student, _, first = run(tokenizer, data, teacher, tmp_path, stop_after=4)
+    assert first.steps == 4 and CheckpointManager(tmp_path / "checkpoints").load_latest()["step"] == 3
+    assert not torch.equal(b_student.visual_projection.weight, a_student.visual_projection.weight)
+    # ... then resumed in a "new process": differently initialised objects, everything must come from the checkpoint
+    r_student, r_objectives, second = run(tokenizer, data, teacher, tmp_path, seed=7, resume=True)
+    assert second.resumed_from == 3 and second.steps == STEPS
+    assert_same_weights(r_student, a_student)
+    assert_same_weights(r_objectives, a_objectives)  # includes the learnable fd projection
+    assert CheckpointManager(tmp_path / "checkpoints").load_latest()["step"] == STEPS
+
+
+def test_resume_without_checkpoint_starts_fresh(tokenizer: Any, data: TrainData, teacher: OnlineTeacher,
+                                                straight: tuple[DualEncoder, WeightedSum], tmp_path: Path) -> None:
+    student, _, result = run(tokenizer, data, teacher, tmp_path, resume=True)
+    assert result.resumed_from == 0
+    assert_same_weights(student, straight[0])
+
+
+def test_kill_during_checkpoint_write_in_training(tokenizer: Any, data: TrainData, teacher: OnlineTeacher,
+                                                  straight: tuple[DualEncoder, WeightedSum], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints every 2 steps; the write at step 4 dies half-way. Resume uses step 2 and still ends equal."""
+    monkeypatch.setattr(checkpoint_module.torch, "save", half_then_die(1))
+    with pytest.raises(KeyboardInterrupt):
+        run(tokenizer, data, teacher, tmp_path, ckpt_every=2)
+    monkeypatch.undo()
+    folder = tmp_path / "checkpoints"
+    assert not (folder / "step-00000004.pt").exists()
+    assert_latest_is_complete(folder, 2)
+    student, objectives, result = run(tokenizer, data, teacher, tmp_path, seed=7, ckpt_every=2, resume=True)
+    assert result.resumed_from == 2
+    assert_same_weights(student, straight[0])
+    assert_same_weights(objectives, straight[1])
