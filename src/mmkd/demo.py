@@ -63,14 +63,15 @@ class DemoConfig:
     student_text_keep: list[int] | None = None  # None: every second layer of MiniLM-L6 (3 of 6)
     paired: int = 2000
     unpaired: int = 20000
-    student_steps: int = 300
+    student_steps: int = 250
     student_batch: int = 64  # captions per step: the trainable text tower is the costliest part of a step
     unpaired_batch: int = 192
     student_lr: float = 1e-3
     val: int = 1000
     test: int = 2000
     cache_views: int = 2  # 0: no cached-teacher student
-    teacher_evals: int = 8  # points on the teacher's validation curve
+    teacher_evals: int = 6  # points on the teacher's validation curve
+    retrieval_images: int = 1000  # test images whose captions form the retrieval gallery
     latency_budget_s: float = 3.0
     threads: int | None = None
 
@@ -83,7 +84,7 @@ class DemoConfig:
                    student_vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=64, patch_size=8),
                    paired=256, unpaired=512, student_steps=20, student_batch=32, unpaired_batch=32,
-                   val=128, test=256, teacher_evals=2, latency_budget_s=0.5)
+                   val=128, test=256, teacher_evals=2, latency_budget_s=0.5, retrieval_images=256)
 
     def teacher_key(self) -> str:
         keys = ("image_size", "teacher_vision", "teacher_pool", "teacher_captions_per_image", "teacher_steps",
@@ -230,9 +231,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     log(f"evaluating the teacher and {', '.join(runs)}")
     metrics: dict[str, Any] = {"models": {}, "demo": {"quick": quick, "config": asdict(cfg),
                                                       "teacher_dir": str(teacher_dir)}}
-    metrics["models"]["teacher"] = world_metrics(teacher, test, latency_budget_s=cfg.latency_budget_s)
+    def evaluate(model: DualEncoder) -> dict[str, Any]:
+        return world_metrics(model, test, latency_budget_s=cfg.latency_budget_s,
+                             retrieval_images=cfg.retrieval_images)
+
+    metrics["models"]["teacher"] = evaluate(teacher)
     for name, run in runs.items():
-        metrics["models"][name] = world_metrics(run["model"], test, latency_budget_s=cfg.latency_budget_s)
+        metrics["models"][name] = evaluate(run["model"])
         metrics["models"][name]["train_seconds"] = round(run["seconds"], 1)
     from mmkd.eval.bias import bias_probe  # S1's gender–profession probe: teacher vs students' text towers
 
