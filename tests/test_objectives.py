@@ -418,7 +418,8 @@ def test_kl_is_t_squared_times_the_softened_kl_and_its_gradient_has_hinton_high_
     for temperature in (1.0, 4.0):
         terms = _build("kl", temperature=temperature)(inp.student(), inp.teacher())
         zs, zt = _pair_logits(inp, inp.log_scale.exp() / temperature, inp.t_scale / temperature)
-        assert float(terms["i2t"]) == pytest.approx(temperature ** 2 * float(_kl_rows(zs, zt)), rel=1e-9)
+        want = temperature ** 2 * float(_kl_rows(zs, zt).detach())
+        assert float(terms["i2t"].detach()) == pytest.approx(want, rel=1e-9)
 
     # Hinton: for T → ∞, T²·KL → Σ (centred z_s − centred z_t)² / 2N per row, so the gradient w.r.t. the student's
     # logits tends to (centred z_s − centred z_t) / (n·N): the T² factor keeps it finite and T-independent.
