@@ -21,7 +21,8 @@ correct description that happens to come from another image (the world repeats c
 On other data, ``max_similarity`` drops near-paraphrases from the hard candidates for the same reason.
 
 Output: one JSONL file, a line per pair (``split``, ``image_key``, ``image`` (the file path, or null for
-in-memory images), ``caption``, ``label``, ``negative``, ``caption_of``), and a sidecar ``FILE.meta.json``
+in-memory images such as the world's, whose key names them), ``caption``, ``label``, ``negative``,
+``caption_of``, ``replaced``: the own caption a mismatching one stands in for), and a sidecar ``FILE.meta.json``
 recording the data spec and settings, so training reads the same images back by key.
 """
 
@@ -66,6 +67,7 @@ class MatchPair:
     image: str | None = None  # file path of the image when it has one (for people reading the file)
     negative: str | None = None  # how a mismatching caption was chosen: random, nearest, swap
     caption_of: str | None = None  # key of the image a borrowed mismatching caption belongs to
+    replaced: str | None = None  # the image's own caption that a mismatching caption stands in for
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -311,11 +313,11 @@ def _build_split(split: str, recs: list[Record], cfg: BuildConfig, rng: np.rando
             chosen[n] = (got[0], got[1], "nearest")
 
     out = [MatchPair(split, recs[i].key, caption, 1, _image_ref(recs[i])) for i, caption in positives]
-    for (i, _), pick in zip(negatives, chosen):
+    for (i, anchor), pick in zip(negatives, chosen):
         if pick is None:
             raise DataError(f"{split} split: no valid mismatching caption for image {recs[i].key!r} (every caption "
                             "of the split is its own or describes the same objects); add more varied images")
-        out.append(MatchPair(split, recs[i].key, pick[0], 0, _image_ref(recs[i]), pick[2], pick[1]))
+        out.append(MatchPair(split, recs[i].key, pick[0], 0, _image_ref(recs[i]), pick[2], pick[1], anchor))
     return [out[int(k)] for k in rng.permutation(len(out))]
 
 
