@@ -8,7 +8,7 @@ initialisation and batch order. Writes ``OUT/matching.json`` (test metrics per s
 
 Budgets (chosen for 2 shared CPU cores, stated in the report): the teacher's text tower stays frozen (its
 features computed once) and the vision tower, projections and head are fine-tuned; students train 15 epochs
-at lr 2e-3 (S2: 10 epochs at 1e-4, too slow for a from-scratch ResNet in a CPU budget). One torch thread:
+at lr 5e-3 (S2: 10 epochs at 1e-4, too slow for a from-scratch ResNet in a CPU budget). One torch thread:
 these models are small enough that more threads only add synchronisation.
 """
 
@@ -37,13 +37,13 @@ DEFAULT_COCO = "../shared/data/coco-mini"
 class MatchingDemoConfig:
     world_images: int = 3000
     teacher_pretrain: dict[str, Any] = field(default_factory=lambda: dict(
-        teacher_vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                            patch_size=8),
-        teacher_pool=4096, teacher_steps=150, teacher_batch=64))
+        teacher_vision=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                            patch_size=4),
+        teacher_pool=8192, teacher_steps=300, teacher_batch=128))
     teacher: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(
         trainable="vision", epochs=5, lr=1e-4))
     student: StudentConfig = field(default_factory=StudentConfig)
-    train: StudentTrainConfig = field(default_factory=lambda: StudentTrainConfig(epochs=15, batch_size=64, lr=2e-3))
+    train: StudentTrainConfig = field(default_factory=lambda: StudentTrainConfig(epochs=15, batch_size=64, lr=5e-3))
     kd: list[KDConfig] = field(default_factory=lambda: [KDConfig("kl", 3.0, 0.5), KDConfig("bce", 3.0, 0.5)])
     threads: int | None = 1
 
@@ -56,7 +56,7 @@ class MatchingDemoConfig:
                                                              patch_size=8),
                                          teacher_pool=256, teacher_steps=5, teacher_batch=32),
                    teacher=TeacherTrainConfig(trainable="vision", epochs=1, lr=1e-4),
-                   train=StudentTrainConfig(epochs=2, batch_size=64, lr=2e-3))
+                   train=StudentTrainConfig(epochs=2, batch_size=64, lr=5e-3))
 
     def study(self) -> StudyConfig:
         return StudyConfig(teacher=self.teacher, student=self.student, train=self.train, kd=list(self.kd))

@@ -38,7 +38,8 @@ def model_table(models: dict[str, Any], split: str = "test") -> str:
 def errors_table(errors: Sequence[dict[str, Any]], limit: int = 20) -> str:
     if not errors:
         return "(the teacher made no errors on the test split)"
-    lines = ["| truth | teacher says | caption | image (one of its own captions) | negative kind |",
+    lines = ["| truth | teacher says | caption | image: its own caption (the one replaced, for a mismatch) "
+             "| negative kind |",
              "|---|---|---|---|---|"]
     for e in errors[:limit]:
         truth = "match" if e["label"] else "mismatch"

@@ -97,7 +97,11 @@ class MatchingStudy:
 
     # -------------------------------------------------------------------------------------------- teacher
     def _fingerprint(self) -> str:
-        blob = json.dumps({"pairs": _sha1_file(self.data.pairset.path), "teacher": str(self.teacher_source.resolve()),
+        """Pairs content, teacher folder (path and weight files' size and time) and teacher settings."""
+        src = self.teacher_source.resolve()
+        weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.glob("*.safetensors")) \
+            if src.is_dir() else []
+        blob = json.dumps({"pairs": _sha1_file(self.data.pairset.path), "teacher": str(src), "weights": weights,
                            "config": asdict(self.cfg.teacher)}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -186,7 +190,7 @@ class MatchingStudy:
             if pred != p.label:
                 rows.append({"image_key": p.image_key, "image": p.image, "caption": p.caption, "label": p.label,
                              "predicted": pred, "logit": round(z, 4), "negative": p.negative,
-                             "image_caption": own[p.image_key][0] if own[p.image_key] else None,
+                             "image_caption": p.replaced or (own[p.image_key][0] if own[p.image_key] else None),
                              "margin": round(abs(z - th), 4)})
         rows.sort(key=lambda r: -r["margin"])
         return rows[:limit] if limit else rows
