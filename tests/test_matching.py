@@ -230,6 +230,19 @@ def test_matching_loss_mixes_kd_and_bce_by_alpha(variant, T, alpha):
     assert float(matching_loss(zs, y)["loss"]) == pytest.approx(float(bce), rel=1e-6)  # baseline: BCE alone
 
 
+def test_transfer_pairs_join_the_kd_term_only():
+    g = torch.Generator().manual_seed(2)
+    zs, zt, y = torch.randn(8, generator=g), torch.randn(8, generator=g), (torch.rand(8, generator=g) > 0.5).float()
+    xs, xt = torch.randn(24, generator=g), torch.randn(24, generator=g)
+    kd = KDConfig("bce", 2.0, 0.6)
+    parts = matching_loss(zs, y, zt, kd, xs, xt)
+    bce = F.binary_cross_entropy_with_logits(zs, y)
+    want = 0.6 * _ref_bce(torch.cat([zs, xs]), torch.cat([zt, xt]), 2.0) + 0.4 * bce
+    assert float(parts["loss"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(matching_loss(zs, y, None, None, xs, xt)["loss"]) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(zs, y)), rel=1e-6)  # the baseline never sees them
+
+
 @pytest.mark.parametrize("T,alpha,match", [(3.0, 1.5, "alpha"), (3.0, -0.1, "alpha"), (0.0, 0.5, "temperature"),
                                            (-1.0, 0.5, "temperature"), (math.nan, 0.5, "temperature"),
                                            (2.0, math.nan, "alpha")])
@@ -310,7 +323,8 @@ def _study_cfg(sentence):
 
     small = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
     return StudyConfig(teacher=TeacherTrainConfig(trainable="all", epochs=1, lr=1e-4),
-                       student=StudentConfig(resnet=small), train=StudentTrainConfig(epochs=1, batch_size=32, lr=1e-3),
+                       student=StudentConfig(resnet=small),
+                       train=StudentTrainConfig(epochs=1, batch_size=32, lr=1e-3, transfer=2),
                        kd=[KDConfig("kl", 2.0, 0.5), KDConfig("bce", 2.0, 0.5)], text_encoder=str(sentence))
 
 
@@ -323,6 +337,15 @@ def test_teacher_is_frozen_during_kd_and_never_runs_per_step(tmp_path, tiny_mode
                           log=lambda s: None)
     teacher = study.prepare_teacher()
     assert len(study.logits["train"]) == len(study.data.splits["train"])
+    transfer = study.transfer_set()  # the teacher scores every training image × caption once, before training
+    train = study.data.splits["train"]
+    assert transfer.logits.shape == (len(train.image_idx.unique()), len(train.caption_idx.unique()))
+    with torch.no_grad():  # a cached entry is the teacher's logit for that pair
+        inputs = study._inputs
+        for r, c in ((0, 0), (3, 5), (len(transfer.images) - 1, len(transfer.captions) - 1)):
+            img = inputs.image_embeds(transfer.images[r:r + 1])
+            txt = inputs.text_embeds(transfer.captions[c:c + 1])
+            assert float(teacher(img, txt)) == pytest.approx(float(transfer.logits[r, c]), abs=1e-4)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     calls = []
 
@@ -336,7 +359,7 @@ def test_teacher_is_frozen_during_kd_and_never_runs_per_step(tmp_path, tiny_mode
         assert set(result["test"]) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "confusion"}
     for h in hooks:
         h.remove()
-    assert calls == []  # the KD students used cached logits only
+    assert calls == []  # the KD students (labelled and transfer pairs) used cached logits only
     assert not teacher.training and all(not m.training for m in teacher.modules())
     assert all(not p.requires_grad for p in teacher.parameters())
     after = teacher.state_dict()

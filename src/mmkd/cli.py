@@ -92,7 +92,7 @@ def _study_config(args: argparse.Namespace, kd: list | None = None):
                                    seed=args.seed),
         student=StudentConfig(resnet=resnet, fusion=args.fusion, image_size=args.image_size),
         train=StudentTrainConfig(epochs=args.student_epochs, batch_size=args.student_batch, lr=args.student_lr,
-                                 seed=args.seed),
+                                 seed=args.seed, transfer=args.kd_transfer, transfer_top=args.kd_transfer_top),
         kd=kd, text_encoder=args.text_encoder)
 
 
@@ -180,6 +180,11 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resnet", default=None, help="student ResNet: a local ResNetModel folder, or ResNetConfig "
                                                   "kwargs as JSON (default: a tiny basic-block ResNet)")
     p.add_argument("--image-size", type=int, default=32, help="student image size")
+    p.add_argument("--kd-transfer", type=int, default=0,
+                   help="KD students: unlabelled pairs scored by the teacher per labelled pair (its image with other "
+                        "training captions; 0 = S2: labelled pairs only)")
+    p.add_argument("--kd-transfer-top", type=int, default=32,
+                   help="half the transfer captions come from the teacher's top-N for the image")
     p.add_argument("--text-encoder", default=None, help="student sentence encoder folder (default all-MiniLM-L6-v2)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch order (same for every student)")
     p.add_argument("--cache", default=None, help="cache of the built-in world (default: the one the pairs used)")

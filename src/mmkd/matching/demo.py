@@ -3,8 +3,9 @@ the real COCO photos beside the checkout when present.
 
 For each setting: build the pairs → fine-tune the teacher's matcher (once; its logits cached) → train the
 baseline student (BCE) → train the KD students (KL and sigmoid-BCE, T = 3, α = 0.5, S2's best) from the same
-initialisation and batch order. Writes ``OUT/matching.json`` (test metrics per setting and model),
-``OUT/report.md`` (the table), ``OUT/matching.png`` and one study folder per setting.
+initialisation and batch order, each labelled pair joined by 4 unlabelled ones scored by the teacher (its
+image with other training captions: the transfer set). Writes ``OUT/matching.json`` (test metrics per
+setting and model), ``OUT/report.md`` (the table), ``OUT/matching.png`` and one study folder per setting.
 
 Budgets (chosen for 2 shared CPU cores, stated in the report): the teacher's text tower stays frozen (its
 features computed once) and the vision tower, projections and head are fine-tuned; students train 15 epochs
@@ -43,7 +44,8 @@ class MatchingDemoConfig:
     teacher: TeacherTrainConfig = field(default_factory=lambda: TeacherTrainConfig(
         trainable="vision", epochs=5, lr=1e-4))
     student: StudentConfig = field(default_factory=StudentConfig)
-    train: StudentTrainConfig = field(default_factory=lambda: StudentTrainConfig(epochs=15, batch_size=64, lr=5e-3))
+    train: StudentTrainConfig = field(default_factory=lambda: StudentTrainConfig(epochs=15, batch_size=64, lr=5e-3,
+                                                                                 transfer=4))
     kd: list[KDConfig] = field(default_factory=lambda: [KDConfig("kl", 3.0, 0.5), KDConfig("bce", 3.0, 0.5)])
     threads: int | None = 1
 
@@ -56,7 +58,7 @@ class MatchingDemoConfig:
                                                              patch_size=8),
                                          teacher_pool=256, teacher_steps=5, teacher_batch=32),
                    teacher=TeacherTrainConfig(trainable="vision", epochs=1, lr=1e-4),
-                   train=StudentTrainConfig(epochs=2, batch_size=64, lr=5e-3))
+                   train=StudentTrainConfig(epochs=2, batch_size=64, lr=5e-3, transfer=2))
 
     def study(self) -> StudyConfig:
         return StudyConfig(teacher=self.teacher, student=self.student, train=self.train, kd=list(self.kd))
@@ -131,6 +133,7 @@ def _config_json(cfg: MatchingDemoConfig) -> dict[str, Any]:
 def _write_report(out: Path, results: dict[str, Any], details: dict[str, Any], cfg: MatchingDemoConfig,
                   teacher_dir: Path, seconds: float) -> None:
     kd = ", ".join(f"{k.variant} T={k.temperature} α={k.alpha}" for k in cfg.kd)
+    kd += f"; {cfg.train.transfer} teacher-scored unlabelled pairs per labelled pair" if cfg.train.transfer else ""
     text = ["# Binary image–text matching demo (S2's study)", "",
             f"Teacher: `{teacher_dir}` with a {cfg.teacher.head} head, fine-tuned {cfg.teacher.epochs} epochs "
             f"(Adam lr {cfg.teacher.lr}, trainable: {cfg.teacher.trainable}). Students: ResNet "

@@ -1,7 +1,8 @@
 """Distillation losses for a binary matcher, registered by name (S2's two variants).
 
 Both take the student's and the (cached, frozen) teacher's matching logits and the labels, and mix a KD term
-with the task loss (BCE with the labels): ``loss = α · KD + (1 − α) · BCE``.
+with the task loss (BCE with the labels): ``loss = α · KD + (1 − α) · BCE``. Pairs of the teacher's transfer
+set (unlabelled recombinations of training images and captions) join the KD term only.
 
 * ``kl``: Hinton's KL on the two-class softmax of ``[0, z] / T`` (whose class-1 probability is
   ``sigmoid(z / T)``), teacher distribution first, scaled by ``T²`` so its gradients keep their size as T
@@ -72,12 +73,18 @@ class KDConfig:
 
 
 def matching_loss(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None,
-                  kd: KDConfig | None = None) -> dict[str, torch.Tensor]:
-    """{loss, task, kd}: the task BCE alone without ``kd``; α·KD + (1−α)·task with it."""
+                  kd: KDConfig | None = None, transfer_student: torch.Tensor | None = None,
+                  transfer_teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{loss, task, kd}: the task BCE alone without ``kd``; α·KD + (1−α)·task with it.
+
+    ``transfer_*``: logits of extra, unlabelled pairs (the teacher's transfer set); they join the KD term only.
+    """
     task = F.binary_cross_entropy_with_logits(student, labels.float())
     if kd is None:
         return {"loss": task, "task": task.detach()}
     if teacher is None:
         raise ValueError("a KD loss needs the teacher's logits for the batch")
+    if transfer_student is not None and transfer_teacher is not None:
+        student, teacher = torch.cat([student, transfer_student]), torch.cat([teacher, transfer_teacher])
     term = MATCHING_KD.get(kd.variant)(student, teacher, kd.temperature)
     return {"loss": kd.alpha * term + (1.0 - kd.alpha) * task, "task": task.detach(), "kd": term.detach()}

@@ -30,7 +30,9 @@ from mmkd.matching.train import (
     StudentTrainConfig,
     TeacherInputs,
     TeacherTrainConfig,
+    TransferSet,
     as_numpy,
+    build_transfer_set,
     fit_teacher,
     freeze,
     student_logits,
@@ -94,6 +96,9 @@ class MatchingStudy:
         self.logits: dict[str, torch.Tensor] = {}
         self.teacher_info: dict[str, Any] = {}
         self._text_feats: torch.Tensor | None = None
+        self._inputs: TeacherInputs | None = None
+        self._transfer: TransferSet | None = None
+        self._teacher_dir: Path | None = None  # the folder this study manages (caches go there), if any
 
     # -------------------------------------------------------------------------------------------- teacher
     def _fingerprint(self) -> str:
@@ -115,6 +120,7 @@ class MatchingStudy:
             teacher, info = load_teacher_matcher(self.teacher_source)
             inputs = TeacherInputs(teacher, self.data, "all")
             self.logits = {s: teacher_logits(teacher, inputs, self.data.splits[s]) for s in SPLITS}
+            self._inputs = inputs
             self.teacher, self.teacher_info = teacher, {**info, "fine_tuned_here": False, "seconds": 0.0}
             return teacher
         fp = self._fingerprint()
@@ -124,6 +130,7 @@ class MatchingStudy:
             if info.get("fingerprint") == fp:
                 self.log(f"teacher: reusing the fine-tuned matcher {folder}")
                 self.teacher, self.teacher_info = load_teacher_matcher(folder)
+                self._teacher_dir = folder
                 freeze(self.teacher)
                 cached = load_file(str(logit_file))
                 self.logits = {s: cached[s] for s in SPLITS}
@@ -141,7 +148,30 @@ class MatchingStudy:
         save_teacher_matcher(teacher, folder, info)
         save_file({s: t.contiguous() for s, t in self.logits.items()}, str(logit_file))
         self.teacher, self.teacher_info = teacher, {"head": tcfg.head, **info}
+        self._inputs, self._teacher_dir = inputs, folder
         return teacher
+
+    def transfer_set(self) -> TransferSet:
+        """The teacher's logits for every training image × training caption, computed once and cached."""
+        if self._transfer is not None:
+            return self._transfer
+        teacher = self.prepare_teacher()
+        file = self._teacher_dir / "transfer.safetensors" if self._teacher_dir else None
+        if file is not None and file.is_file():
+            t = load_file(str(file))
+            self._transfer = TransferSet(t["images"], t["captions"], t["logits"])
+            return self._transfer
+        inputs = self._inputs or TeacherInputs(teacher, self.data, self.cfg.teacher.trainable)
+        self._inputs = inputs
+        train = self.data.splits["train"]
+        self.log(f"teacher transfer set: {len(torch.unique(train.image_idx))} training images × "
+                 f"{len(torch.unique(train.caption_idx))} training captions, scored once")
+        self._transfer = build_transfer_set(teacher, inputs, train)
+        if file is not None:
+            tr = self._transfer
+            save_file({"images": tr.images.contiguous(), "captions": tr.captions.contiguous(),
+                       "logits": tr.logits.contiguous()}, str(file))
+        return self._transfer
 
     # -------------------------------------------------------------------------------------------- student
     def text_features(self) -> torch.Tensor:
@@ -161,10 +191,13 @@ class MatchingStudy:
         if kd is not None:
             self.prepare_teacher()
         feats = self.text_features()
-        what = (f"KD-{kd.variant} (T={kd.temperature}, α={kd.alpha})" if kd else "baseline (BCE)")
+        transfer = self.transfer_set() if kd is not None and self.cfg.train.transfer > 0 else None
+        what = (f"KD-{kd.variant} (T={kd.temperature}, α={kd.alpha}"
+                + (f", +{self.cfg.train.transfer} teacher-labelled pairs per pair)" if transfer else ")")
+                if kd else "baseline (BCE)")
         self.log(f"{name}: {what}, {self.cfg.train.epochs} epochs, lr {self.cfg.train.lr}")
         run = train_student(self.data, feats, self.cfg.student, self.cfg.train, kd,
-                            self.logits.get("train") if kd else None, log=self.log, name=name)
+                            self.logits.get("train") if kd else None, log=self.log, name=name, transfer=transfer)
         images = self.data.images(self.cfg.student.image_size, self.cfg.student.image_mean, self.cfg.student.image_std)
         logits = {s: student_logits(run.model, images, feats, self.data.splits[s]) for s in ("val", "test")}
         result = {**evaluate(self.data, logits), "train_seconds": round(run.seconds, 1), "history": run.history,

@@ -56,9 +56,14 @@ class StudentTrainConfig:
     batch_size: int = 32
     lr: float = 1e-4
     seed: int = 0
+    transfer: int = 0  # KD students: teacher-labelled extra pairs per labelled pair (0: S2, labelled pairs only)
+    transfer_top: int = 32  # half the extra captions come from the teacher's top-scored ones for the image
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("epochs", "batch_size", "lr"), "student")
+        _check_positive(self, ("epochs", "batch_size", "lr", "transfer_top"), "student")
+        if not isinstance(self.transfer, int) or self.transfer < 0:
+            raise ValueError(f"student transfer (extra teacher-labelled pairs per pair) must be an integer >= 0, "
+                             f"got {self.transfer!r}")
 
 
 def _check_positive(cfg: Any, names: tuple[str, ...], what: str) -> None:
@@ -124,19 +129,21 @@ class TeacherInputs:
         enc.vision_model.train(was)
         return torch.cat(out).clone()
 
-    def embeds(self, split: SplitIndex, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        img_idx, cap_idx = split.image_idx[rows], split.caption_idx[rows]
+    def image_embeds(self, img_idx: torch.Tensor) -> torch.Tensor:
         t = self.teacher
         if self.image_feats is not None:
-            img = t.image_embeds(features=self.image_feats[img_idx])
-        else:
-            img = t.image_embeds(self.images.batch(img_idx))
+            return t.image_embeds(features=self.image_feats[img_idx])
+        return t.image_embeds(self.images.batch(img_idx))
+
+    def text_embeds(self, cap_idx: torch.Tensor) -> torch.Tensor:
+        t = self.teacher
         if self.text_feats is not None:
-            txt = t.text_embeds(features=self.text_feats[cap_idx])
-        else:
-            tok = t.encoder.tokenize([self.data.captions[int(i)] for i in cap_idx])
-            txt = t.text_embeds(tok["input_ids"], tok["attention_mask"])
-        return img, txt
+            return t.text_embeds(features=self.text_feats[cap_idx])
+        tok = t.encoder.tokenize([self.data.captions[int(i)] for i in cap_idx])
+        return t.text_embeds(tok["input_ids"], tok["attention_mask"])
+
+    def embeds(self, split: SplitIndex, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image_embeds(split.image_idx[rows]), self.text_embeds(split.caption_idx[rows])
 
 
 def _sequential(n: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -198,6 +205,67 @@ def fit_teacher(teacher: TeacherMatcher, data: PairData, cfg: TeacherTrainConfig
     return {"history": history, "seconds": time.perf_counter() - t0, "config": asdict(cfg)}, inputs
 
 
+# ------------------------------------------------------------------------------------------------ transfer set
+
+
+@dataclass
+class TransferSet:
+    """The frozen teacher's logits for every (training image, training caption) combination, computed once.
+
+    Distillation's edge over the labels: the teacher also scores pairs nobody labelled, e.g. a caption of
+    another image that describes this one too. ``logits[r, c]`` is the teacher's logit for image
+    ``images[r]`` with caption ``captions[c]`` (indices into PairData.records / .captions).
+    """
+
+    images: torch.Tensor  # long [n_img]
+    captions: torch.Tensor  # long [n_cap]
+    logits: torch.Tensor  # float [n_img, n_cap]
+
+    def __post_init__(self) -> None:
+        self.row_of = torch.full((int(self.images.max()) + 1 if len(self.images) else 0,), -1, dtype=torch.long)
+        self.row_of[self.images] = torch.arange(len(self.images))
+        self._top: dict[int, torch.Tensor] = {}
+
+    def sample(self, image_idx: torch.Tensor, k: int, top: int, g: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k captions per image: half from the teacher's top-``top`` for it, half uniform. → (row, caption, logit)."""
+        rows = self.row_of[image_idx].repeat_interleave(k)
+        if (rows < 0).any():
+            raise ValueError("an image of the batch is not in the transfer set (it is built from the train split)")
+        if top not in self._top:
+            self._top[top] = torch.topk(self.logits, min(top, self.logits.shape[1]), dim=1).indices
+        top_cols = self._top[top][rows]
+        pick_top = top_cols[torch.arange(len(rows)), torch.randint(top_cols.shape[1], (len(rows),), generator=g)]
+        uniform = torch.randint(self.logits.shape[1], (len(rows),), generator=g)
+        cols = torch.where(torch.rand(len(rows), generator=g) < 0.5, pick_top, uniform)
+        return rows, self.captions[cols], self.logits[rows, cols]
+
+
+def build_transfer_set(teacher: TeacherMatcher, inputs: TeacherInputs, split: SplitIndex,
+                       max_entries: int = 20_000_000, seed: int = 0, batch_size: int = 256) -> TransferSet:
+    """Teacher embeddings of the split's images and captions once, then its head over every combination.
+
+    Above ``max_entries`` combinations a seeded subset of the captions is kept, so memory stays bounded.
+    """
+    freeze(teacher)
+    images, captions = torch.unique(split.image_idx), torch.unique(split.caption_idx)
+    if len(images) * len(captions) > max_entries:
+        keep = max(1, max_entries // max(1, len(images)))
+        g = torch.Generator().manual_seed(seed)
+        captions = captions[torch.randperm(len(captions), generator=g)[:keep]].sort().values
+    with torch.inference_mode():
+        img = torch.cat([inputs.image_embeds(images[r]) for r in _sequential(len(images), batch_size)])
+        txt = torch.cat([inputs.text_embeds(captions[r]) for r in _sequential(len(captions), batch_size)])
+        chunk = max(1, 2_000_000 // max(1, len(captions) * img.shape[1]))
+        rows = []
+        for r in _sequential(len(images), chunk):
+            a = img[r][:, None, :].expand(-1, len(captions), -1).reshape(-1, img.shape[1])
+            b = txt.repeat(len(r), 1)
+            rows.append(teacher(a, b).float().reshape(len(r), len(captions)))
+        logits = torch.cat(rows).clone()
+    return TransferSet(images, captions, logits)
+
+
 # ------------------------------------------------------------------------------------------------ student
 
 
@@ -220,11 +288,17 @@ def student_logits(model: MatchingStudent, images: Any, text_feats: torch.Tensor
 
 def train_student(data: PairData, text_feats: torch.Tensor, model_cfg: StudentConfig, cfg: StudentTrainConfig,
                   kd: KDConfig | None = None, teacher_train_logits: torch.Tensor | None = None,
-                  log: Log = print, name: str = "student") -> StudentRun:
+                  log: Log = print, name: str = "student", transfer: TransferSet | None = None) -> StudentRun:
     """S2's student on the train pairs: BCE alone (baseline) or α·KD + (1−α)·BCE against cached teacher logits.
 
-    The same seed gives the same initial weights and batch order for the baseline and every KD variant.
+    With ``cfg.transfer = k > 0`` and a ``transfer`` set, each labelled pair of a KD batch brings k unlabelled
+    pairs (its image with other training captions) scored by the cached teacher logits; they share the
+    image features already computed, so they cost little. The same seed gives the same initial weights and
+    batch order for the baseline and every KD variant.
     """
+    use_transfer = kd is not None and cfg.transfer > 0
+    if use_transfer and transfer is None:
+        raise ValueError("student transfer > 0 needs the teacher's transfer set (build_transfer_set)")
     train = data.splits["train"]
     if kd is not None:
         if teacher_train_logits is None or teacher_train_logits.shape != (len(train),):
@@ -241,10 +315,16 @@ def train_student(data: PairData, text_feats: torch.Tensor, model_cfg: StudentCo
         model.train()
         sums: dict[str, float] = {}
         n = 0
+        g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
         for rows in _batches(len(train), cfg.batch_size, cfg.seed, epoch):
-            logits = model(images.batch(train.image_idx[rows]), text_feats[train.caption_idx[rows]])
+            img = model.image_features(images.batch(train.image_idx[rows]))
+            logits = model.fusion(img, text_feats[train.caption_idx[rows]])
             t_logits = teacher_train_logits[rows] if kd is not None else None
-            parts = matching_loss(logits, train.labels[rows], t_logits, kd)
+            extra_s = extra_t = None
+            if use_transfer:
+                _, caps, extra_t = transfer.sample(train.image_idx[rows], cfg.transfer, cfg.transfer_top, g)
+                extra_s = model.fusion(img.repeat_interleave(cfg.transfer, 0), text_feats[caps])
+            parts = matching_loss(logits, train.labels[rows], t_logits, kd, extra_s, extra_t)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()
