@@ -78,6 +78,12 @@ def _atomic_json(path: Path, obj: Any) -> None:
         raise
 
 
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
 def evaluate(data: PairData, logits: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Threshold chosen on val (best accuracy), applied to val and test."""
     th = choose_threshold(as_numpy(logits["val"]), data.splits["val"].labels.numpy())
@@ -146,7 +152,7 @@ class MatchingStudy:
         info = {"fingerprint": fp, "source": str(self.teacher_source), "seconds": round(result["seconds"], 1),
                 "history": result["history"], "config": result["config"], "fine_tuned_here": True}
         save_teacher_matcher(teacher, folder, info)
-        save_file({s: t.contiguous() for s, t in self.logits.items()}, str(logit_file))
+        _atomic_save_file(self.logits, logit_file)
         self.teacher, self.teacher_info = teacher, {"head": tcfg.head, **info}
         self._inputs, self._teacher_dir = inputs, folder
         return teacher
@@ -169,8 +175,7 @@ class MatchingStudy:
         self._transfer = build_transfer_set(teacher, inputs, train)
         if file is not None:
             tr = self._transfer
-            save_file({"images": tr.images.contiguous(), "captions": tr.captions.contiguous(),
-                       "logits": tr.logits.contiguous()}, str(file))
+            _atomic_save_file({"images": tr.images, "captions": tr.captions, "logits": tr.logits}, file)
         return self._transfer
 
     # -------------------------------------------------------------------------------------------- student
