@@ -423,7 +423,7 @@ def test_kl_is_t_squared_times_the_softened_kl_and_its_gradient_has_hinton_high_
 
     # Hinton: for T → ∞, T²·KL → Σ (centred z_s − centred z_t)² / 2N per row, so the gradient w.r.t. the student's
     # logits tends to (centred z_s − centred z_t) / (n·N): the T² factor keeps it finite and T-independent.
-    s_scale = float(inp.log_scale.exp())
+    s_scale = float(inp.log_scale.detach().exp())
     si, st = F.normalize(inp.si[: inp.n], dim=-1), F.normalize(inp.st, dim=-1)
     ti, tt = F.normalize(inp.ti[: inp.n], dim=-1), F.normalize(inp.tt, dim=-1)
     zs, zt = s_scale * si @ st.t(), float(inp.t_scale) * ti @ tt.t()
