@@ -63,7 +63,7 @@ class DemoConfig:
     student_text_keep: list[int] | None = None  # None: every second layer of MiniLM-L6 (3 of 6)
     paired: int = 2000
     unpaired: int = 20000
-    student_steps: int = 250
+    student_steps: int = 600
     student_batch: int = 64  # captions per step: the trainable text tower is the costliest part of a step
     unpaired_batch: int = 192
     student_lr: float = 1e-3
