@@ -29,9 +29,7 @@ recording the data spec and settings, so training reads the same images back by 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ import numpy as np
 
 from mmkd.data import world
 from mmkd.data.records import DataError, Record
+from mmkd.fileio import atomic_write
 
 NEGATIVE_MODES = ("random", "hard", "mixed")
 NEGATIVE_KINDS = ("random", "nearest", "swap")
@@ -342,17 +341,7 @@ def meta_path(path: str | Path) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def write_pairs(path: str | Path, pairs: Sequence[MatchPair], meta: dict[str, Any]) -> Path:

@@ -34,9 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -45,6 +43,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from mmkd.fileio import atomic_write
 
 if TYPE_CHECKING:
     from mmkd.data.records import Record
@@ -514,16 +514,7 @@ def _save(path: Path, data: WorldSplit) -> None:
         "caption_counts": np.array([len(c) for c in data.captions], dtype=np.int64),
         **{f"label_{k}": v for k, v in data.labels.items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _load(path: Path, n: int, image_size: int) -> WorldSplit:
