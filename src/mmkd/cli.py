@@ -94,11 +94,9 @@ def _load_models(paths: dict[str, str]) -> dict[str, Any]:
 
 def _write_json(path: str | None, obj: Any) -> None:
     if path:
-        from pathlib import Path
+        from mmkd.fileio import atomic_write_json
 
-        from mmkd.eval.runner import write_json_atomic
-
-        write_json_atomic(Path(path), obj)
+        atomic_write_json(path, obj)
         print(f"written: {path}", file=sys.stderr)
 
 

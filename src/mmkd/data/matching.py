@@ -39,7 +39,7 @@ import numpy as np
 
 from mmkd.data import world
 from mmkd.data.records import DataError, Record
-from mmkd.fileio import atomic_write
+from mmkd.fileio import atomic_write_text
 
 NEGATIVE_MODES = ("random", "hard", "mixed")
 NEGATIVE_KINDS = ("random", "nearest", "swap")
@@ -340,16 +340,12 @@ def meta_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), mode="w")
-
-
 def write_pairs(path: str | Path, pairs: Sequence[MatchPair], meta: dict[str, Any]) -> Path:
     """Write the pairs JSONL and its sidecar atomically (the pairs first: a sidecar always has its pairs)."""
     path = Path(path)
-    _atomic_write(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in pairs))
+    atomic_write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in pairs))
     full = {"format": FORMAT_VERSION, **meta, "counts": summarize(pairs)}
-    _atomic_write(meta_path(path), json.dumps(full, indent=2))
+    atomic_write_text(meta_path(path), json.dumps(full, indent=2))
     return path
 
 

@@ -20,8 +20,8 @@ import yaml
 from mmkd.config import ConfigError, from_dict
 from mmkd.data import sources
 from mmkd.data.records import Record
+from mmkd.fileio import atomic_write_json
 from mmkd.registry import Registry
-from mmkd.train.checkpoint import atomic_write_bytes
 
 
 @dataclass
@@ -201,12 +201,6 @@ def load_suite(path: str | Path, limit: int | None = None) -> SuiteConfig:
     return validate_suite(suite, str(p))
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it into place: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(obj, indent=2).encode("utf-8"))
-
-
 def run_suite(suite: SuiteConfig, models: Mapping[str, Any], reference: str | None = "teacher",
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every task over every model; returns ``{"models": {name: M}, "bias": …}`` (bias if asked for)."""
@@ -250,5 +244,5 @@ def evaluate_all(suite_path: str | Path, model_paths: Mapping[str, str], out_dir
     metrics["eval"] = {"suite": suite.name, "suite_file": str(suite_path), "models": dict(model_paths),
                        "tasks": [asdict(t) for t in suite.tasks],
                        "seconds": round(time.perf_counter() - start, 1)}
-    write_json_atomic(target, metrics)
+    atomic_write_json(target, metrics)
     return metrics

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmkd.fileio import atomic_write_bytes
 from mmkd.report import figures
 from mmkd.report.collect import ModelEntry, ReportData, load_runs
-from mmkd.train.checkpoint import atomic_write_bytes
 
 Fmt = Callable[[Any], str]
 
@@ -395,22 +395,17 @@ def render_markdown(report: Report, figure_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-
-
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, markdown: str | Path | None = None,
                  title: str = "mmkd report") -> Report:
     """Render ``out`` (HTML) and, if ``markdown`` is given, that Markdown file with its PNGs in
     ``<markdown stem>_files/`` beside it. Returns the report (its figures and tables)."""
     report = build_report(load_runs(list(run_dirs)), title)
     out = Path(out)
-    _write_atomic(out, render_html(report).encode("utf-8"))
+    atomic_write_bytes(out, render_html(report).encode("utf-8"))
     if markdown is not None:
         md = Path(markdown)
         fig_dir = md.parent / f"{md.stem}_files"
         for f in report.figures:
-            _write_atomic(fig_dir / f"{f.id}.png", f.png)
-        _write_atomic(md, render_markdown(report, fig_dir.name).encode("utf-8"))
+            atomic_write_bytes(fig_dir / f"{f.id}.png", f.png)
+        atomic_write_bytes(md, render_markdown(report, fig_dir.name).encode("utf-8"))
     return report

@@ -49,6 +49,7 @@ import torch
 
 from mmkd.data.records import DataError, Record
 from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augmentation_settings
+from mmkd.fileio import atomic_write, atomic_write_json
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.student import TeacherInfo
 from mmkd.teacher import fingerprint as fp
@@ -76,26 +77,12 @@ class CacheFingerprintError(CacheError):
 # ------------------------------------------------------------------------------------------------ small helpers
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(file)`` into a temporary sibling, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, lambda f: json.dump(obj, f, indent=1, ensure_ascii=False), mode="w")
+    atomic_write_json(path, obj, indent=1)
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.lib.format.write_array(f, arr, allow_pickle=False))
+    atomic_write(path, lambda f: np.lib.format.write_array(f, arr, allow_pickle=False))
 
 
 def _read_json(path: Path, what: str) -> Any:

@@ -16,16 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmkd.fileio import atomic_write, atomic_write_bytes
+
 CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,12 +41,7 @@ class CheckpointManager:
         for stale in self.folder.glob(".step-*.tmp-*"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
         path = self.folder / f"step-{step:08d}.pt"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save({"step": step, "rng": rng_state(), **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save({"step": step, "rng": rng_state(), **state}, f))
         atomic_write_bytes(self.folder / "latest", path.name.encode())
         self._prune()
         return path
