@@ -3,6 +3,7 @@ tower shrinking (weight inheritance), students and freezing. Tiny towers (hidden
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -415,6 +416,18 @@ def test_student_from_teacher_inherits_layers_and_projections(minilm_teacher: Du
     assert all(torch.equal(v, before[k]) for k, v in t.state_dict().items())
     img, txt = embeddings(student)
     assert img.shape == (3, DIM) and txt.shape == (len(TEXTS), DIM)
+
+
+def test_student_trains_what_its_own_freeze_says_not_what_the_teacher_froze(minilm_teacher: DualEncoder) -> None:
+    """The demo trains its teacher in memory with a frozen text tower; a student shrunk from it must still train its
+    inherited text layers (the bug: a first demo run froze them, a rerun from the saved teacher did not)."""
+    teacher = copy.deepcopy(minilm_teacher)
+    apply_freeze(teacher, ["text_model", "vision_model.embeddings"])
+    frozen_word = "text_model.embeddings.word_embeddings"
+    student = build_student(teacher, StudentConfig(text=TowerSpec(keep_layers=[1, 3, 5]), freeze=[frozen_word]))
+    for name, p in student.named_parameters():
+        assert p.requires_grad == (not name.startswith(frozen_word)), name
+    assert not any(p.requires_grad for p in teacher.text_model.parameters())  # the teacher is left as it was
 
 
 def test_student_projections_not_copied_when_shapes_differ(minilm_teacher: DualEncoder) -> None:

@@ -54,7 +54,11 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, 
             raise ValueError(f"student.{key}.source: 'teacher' shrinks the teacher's {modality} tower and needs "
                              f"its weights, but {missing}; use source: new (with arch and config) or a "
                              "folder/hub id of a pretrained tower")
-        return shrink_tower(teacher_tower, spec.keep_layers), None
+        tower = shrink_tower(teacher_tower, spec.keep_layers)
+        # what the student trains is decided by its own student.freeze, never by the teacher's frozen flags
+        # (an in-memory teacher with a frozen text tower would otherwise hand on a frozen copy)
+        tower.requires_grad_(True)
+        return tower, None
     if spec.source == "new":
         if spec.arch is None:
             raise ValueError(f"student.{'vision' if modality == 'image' else 'text'}.arch is required with "
