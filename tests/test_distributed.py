@@ -324,7 +324,7 @@ def test_torchrun_cli_distill_two_processes(minilm_path: str, tmp_path: Path) ->
     config = {
         "teacher": str(tmp_path / "teacher"),
         "student": {"projection_dim": STUDENT_DIM},  # ≠ the teacher's width: projections in the objectives
-        "data": {"train": "world:train", "world_size_train": 64, "batch_size": 16, "max_text_length": 16},
+        "data": {"train": "world:train", "world_size_train": 64, "batch_size": 16},
         "objectives": [{"name": "clip"}, {"name": "fd_mse_cosine", "towers": ["image", "text"]}],
         "train": {"steps": 3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 0},
         "out": str(out),

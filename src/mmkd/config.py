@@ -92,7 +92,6 @@ class DataConfig:
     label_captions: str | None = None  # e.g. "a photo of a {}.": captions for labelled, uncaptioned images
     captions_per_image: int | None = None  # keep each image's first N captions (fewer teacher/text targets)
     views: int | None = None  # distinct augmented views per sample (view 0 = unaugmented); None: see README
-    max_text_length: int = 32
     world_size_train: int = 4000  # built-in world: images in the generated train split
     world_size_unpaired: int = 20000
 
