@@ -33,7 +33,7 @@ from mmkd.teacher.cache import (
 )
 from mmkd.teacher.targets import teacher_outputs
 from mmkd.train import distributed as mdist
-from mmkd.train.batches import TrainData
+from mmkd.train.batches import ImageBank, TrainData
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 N, VIEWS = 40, 3
@@ -190,6 +190,29 @@ def test_resume_with_other_settings_is_refused(teacher: DualEncoder, records: li
         _build(teacher, records[:8], tmp_path / "other")
     assert files(tmp_path / "c") == before
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_plain_captioned_bank_with_augmented_unpaired_bank(teacher: DualEncoder, records: list[Record],
+                                                            tmp_path: Path) -> None:
+    """Captioned images may keep view 0 while uncaptioned ones replay the cached crops (the demo's default); only
+    banks that augment must agree on the view seed and crops."""
+    _build(teacher, records, tmp_path / "c", seed=7)
+    cache = CachedTeacher.open(tmp_path / "c")
+    m = teacher.meta
+    plain = ImageBank(records[:16], m.image_size, m.image_mean, m.image_std)  # no augmentation, any seed
+    data = TrainData(plain, cache.bank(records[16:], m.image_size, m.image_mean, m.image_std), 8, 8, world=1,
+                     seed=3, views=cache.views)
+    expect = CacheExpectation.for_data(data, arrays=("image_embeds", "text_embeds"))
+    assert expect.augment and expect.view_seed == 7
+    cache.check(expect)
+    batch = data.batch(0)
+    assert batch.views[:batch.n_paired] == [0] * batch.n_paired and any(batch.views[batch.n_paired:])
+    fresh = teacher_outputs(teacher.eval(), batch.pixel_values, batch.captions)
+    torch.testing.assert_close(cache(batch)["image_embeds"], fresh["image_embeds"], atol=2e-5, rtol=1e-4)
+    other = ImageBank(records[:16], m.image_size, m.image_mean, m.image_std, augment=True, seed=8,
+                      augmentation=cache.augmentation)
+    with pytest.raises(CacheError, match="different view seeds or augmentation"):
+        CacheExpectation.for_data(TrainData(other, data.unpaired, 8, 8, world=1, seed=3, views=cache.views))
 
 
 # ------------------------------------------------------------------------------------------- fingerprints, keys

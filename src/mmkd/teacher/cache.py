@@ -564,13 +564,17 @@ class CacheExpectation:
                  **kw: Any) -> CacheExpectation:
         """What training on ``data`` needs: its samples, its captions, its views and its banks' augmentation."""
         banks = [b for b in (data.paired, data.unpaired) if b is not None]
-        for b in banks[1:]:
-            if (b.seed, b.train_tf.cfg) != (banks[0].seed, banks[0].train_tf.cfg):
+        # a bank that does not augment always reads view 0 (the plain transform): its seed and crops never matter
+        augmenting = [b for b in banks if b.augment]
+        for b in augmenting[1:]:
+            if (b.seed, b.train_tf.cfg) != (augmenting[0].seed, augmenting[0].train_tf.cfg):
                 raise CacheError("the paired and unpaired image banks use different view seeds or augmentation; "
                                  "build both with CachedTeacher.bank so they replay the cached views")
+        ref = (augmenting or banks)[0]
         return cls(records=[r for b in banks for r in b.records], captioned=data.paired.records,
-                   view_seed=banks[0].seed, augmentation=augmentation_settings(banks[0].train_tf.cfg),
-                   views=data.views, augment=any(b.augment for b in banks), arrays=tuple(arrays), **kw)
+                   view_seed=ref.seed if augmenting else None,
+                   augmentation=augmentation_settings(ref.train_tf.cfg) if augmenting else None,
+                   views=data.views, augment=bool(augmenting), arrays=tuple(arrays), **kw)
 
 
 def arrays_needed(objectives: Any) -> tuple[str, ...]:
