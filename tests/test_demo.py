@@ -30,6 +30,12 @@ def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.
     assert metrics["models"]["student"]["params"] < metrics["models"]["teacher"]["params"]
     assert metrics["models"]["student"]["params"] == metrics["models"]["scratch"]["params"]
 
+    # the cached run killed after its half-way checkpoint and resumed ends with the uninterrupted run's weights
+    cached, resumed = metrics["models"]["student_cached"], metrics["models"]["student_cached_resumed"]
+    assert resumed["resumed_from"] == metrics["demo"]["config"]["student_steps"] // 2
+    assert resumed["same_weights_as_uninterrupted"] is True
+    assert resumed["zeroshot"] == cached["zeroshot"] and resumed["retrieval"] == cached["retrieval"]
+
     report = (out / "report.md").read_text()
     assert "accuracy.png" in report and "curves.png" in report and "| teacher |" in report
     for png in ("accuracy.png", "curves.png"):
@@ -46,7 +52,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.
     assert "distilled student" in page and "scratch student" in page and "data:image/png;base64," in page
     bias = metrics["bias"]
     students = set(metrics["models"]) - {"teacher"}  # distilled, cached-teacher and scratch students
-    assert {"student", "student_cached", "scratch"} <= students
+    assert {"student", "student_cached", "student_cached_resumed", "scratch"} <= students
     assert bias["reference"] == "teacher" and set(bias["vs_reference"]) == students
     teacher = bias["models"]["teacher"]["text"]
     nurse = teacher["professions"].index("nurse")
