@@ -177,6 +177,22 @@ def test_interrupted_build_resumes_to_the_same_cache(teacher: DualEncoder, recor
     assert (again.chunks_skipped, again.chunks_built) == (11, 0)
 
 
+@pytest.mark.parametrize("threaded", [True, False])
+def test_prefetcher_yields_every_job_in_order_and_surfaces_errors(threaded: bool) -> None:
+    jobs = [(i, (lambda i=i: i * i)) for i in range(7)]
+    assert list(cache_mod._Prefetcher(iter(jobs), threaded=threaded)) == [(i, i * i) for i in range(7)]
+
+    def broken() -> int:
+        raise OSError("image 3 unreadable")
+
+    p = cache_mod._Prefetcher(iter([*jobs[:3], (3, broken)]), threaded=threaded)
+    with pytest.raises(OSError, match="image 3 unreadable"):
+        list(p)
+    p.close()
+    assert cache_mod.prefetch_pays("cuda")
+    assert cache_mod.prefetch_pays("cpu") == ((os.cpu_count() or 1) > torch.get_num_threads())
+
+
 def test_resume_with_other_settings_is_refused(teacher: DualEncoder, records: list[Record], tmp_path: Path) -> None:
     _build(teacher, records[:8], tmp_path / "c")
     before = files(tmp_path / "c")
