@@ -189,8 +189,15 @@ def test_prefetcher_yields_every_job_in_order_and_surfaces_errors(threaded: bool
     with pytest.raises(OSError, match="image 3 unreadable"):
         list(p)
     p.close()
-    assert cache_mod.prefetch_pays("cuda")
-    assert cache_mod.prefetch_pays("cpu") == ((os.cpu_count() or 1) > torch.get_num_threads())
+
+
+def test_prefetch_thread_only_where_a_core_is_free_or_the_teacher_is_on_an_accelerator(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_mod.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cache_mod.torch, "get_num_threads", lambda: 4)
+    assert not cache_mod.prefetch_pays("cpu") and cache_mod.prefetch_pays("cuda")
+    monkeypatch.setattr(cache_mod.torch, "get_num_threads", lambda: 3)
+    assert cache_mod.prefetch_pays("cpu")
 
 
 def test_resume_with_other_settings_is_refused(teacher: DualEncoder, records: list[Record], tmp_path: Path) -> None:

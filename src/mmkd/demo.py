@@ -31,6 +31,7 @@ from mmkd.objectives.base import ObjectiveContext, build_objectives
 from mmkd.teacher.cache import CachedTeacher, CacheExpectation, build_cache
 from mmkd.teacher.targets import OnlineTeacher, precompute
 from mmkd.train.batches import ImageBank, TrainData
+from mmkd.train.checkpoint import CheckpointManager
 from mmkd.train.loop import train
 
 WORLD_MEAN = (0.5, 0.5, 0.5)
@@ -164,13 +165,12 @@ def leave_as_killed(run: Path, work: Path, step: int) -> int:
     """Give ``work`` what a kill of ``run`` just after its half-way checkpoint would have left: that checkpoint and
     the metrics logged up to it, nothing later. Steps 0..half of a killed run are the same computation as the
     uninterrupted run's (batches are a pure function of (seed, step)), so they are not paid for twice."""
-    ckpts = run / "checkpoints"
-    name = f"step-{step:08d}.pt"
-    if not (ckpts / name).is_file():
-        raise FileNotFoundError(f"{ckpts / name}: {run.name} left no half-way checkpoint to resume from")
-    (work / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpts / name, work / "checkpoints" / name)
-    (work / "checkpoints" / "latest").write_text(name)
+    src, dst = CheckpointManager(run / "checkpoints").path(step), CheckpointManager(work / "checkpoints").path(step)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: {run.name} left no half-way checkpoint to resume from")
+    dst.parent.mkdir(parents=True)
+    shutil.copy(src, dst)
+    (dst.parent / "latest").write_text(dst.name)
     lines = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
     (work / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
     return step
@@ -261,9 +261,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
         build_cache(teacher, paired + unpaired, cache_dir, views=cfg.cache_views, dtype="float16", seed=4,
                     augmentation=cfg.cache_augmentation, source=str(teacher_dir))
         cached = CachedTeacher.open(cache_dir)
-        banks = (cached.bank(paired, *sizes), cached.bank(unpaired, *sizes))
-        if not cfg.cache_augment_paired:
-            banks = (paired_bank, banks[1])
+        banks = (cached.bank(paired, *sizes) if cfg.cache_augment_paired else paired_bank,
+                 cached.bank(unpaired, *sizes))
         train_student("student_cached", cached, *banks, views=cached.views)
         train_student("student_cached_resumed", cached, *banks, views=cached.views, restart_of="student_cached")
         runs["student_cached_resumed"]["same_weights_as_uninterrupted"] = same_weights(

@@ -91,7 +91,7 @@ def plot_curves(run_dir: Path, teacher_dir: Path, path: Path) -> None:
         axes[0].plot(*zip(*evals), marker="o")
     axes[0].set_title("teacher: validation colour+shape top-1 (%)")
     axes[0].set_xlabel("step")
-    for name in ("student", "student_cached", "student_cached_resumed", "scratch", "teacher"):
+    for name in [n for n, _ in ROWS if n != "teacher"] + ["teacher"]:
         rows = (teacher_log if name == "teacher" else read_jsonl(run_dir / "train" / name / "metrics.jsonl"))
         pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         if pts:

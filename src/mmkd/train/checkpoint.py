@@ -36,11 +36,15 @@ class CheckpointManager:
         self.folder = Path(folder)
         self.keep = max(1, keep)
 
+    def path(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` lives (whether or not it was written)."""
+        return self.folder / f"step-{step:08d}.pt"
+
     def save(self, step: int, state: dict[str, Any]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".step-*.tmp-*"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
-        path = self.folder / f"step-{step:08d}.pt"
+        path = self.path(step)
         atomic_write(path, lambda f: torch.save({"step": step, "rng": rng_state(), **state}, f))
         atomic_write_bytes(self.folder / "latest", path.name.encode())
         self._prune()
