@@ -80,7 +80,8 @@ def _build(name: str, towers: list[str] | None = None, s_dim: int = DIM, t_dim: 
            feat_dims: dict[str, int] | None = None, **params: Any):
     ctx = ObjectiveContext(s_dim, t_dim, feat_dims or {"image": DIM, "text": DIM}, feat_dims or {"image": DIM,
                                                                                               "text": DIM})
-    obj = OBJECTIVES.get(name)(ctx, towers or ["image", "text"], **params)
+    cls = OBJECTIVES.get(name)
+    obj = cls(ctx, towers or list(cls.default_towers), **params)
     return obj.double()
 
 
@@ -617,6 +618,11 @@ def test_keep_indices_and_mfd_errors() -> None:
     assert keep_indices(2, 4, 0.99, torch.device("cpu"), g).shape == (2, 1)  # always at least one patch
     with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
         _build("mfd", mask_ratio=1.0)
+    ctx = ObjectiveContext(DIM, DIM, {"image": DIM, "text": DIM}, {"image": DIM, "text": DIM})
+    assert build_objectives([ObjectiveSpec("mfd")], ctx).objectives[0].towers == ["image"]  # its default
+    with pytest.raises(ValueError, match=r"objectives\[0\] \(mfd\): mfd masks image patches.*got towers "
+                                         r"\['image', 'text'\]"):  # refused, not silently narrowed
+        build_objectives([ObjectiveSpec("mfd", towers=["image", "text"])], ctx)
     from mmkd.models.towers import build_tower
 
     resnet = build_tower("resnet", dict(embedding_size=8, hidden_sizes=[8], depths=[1]))

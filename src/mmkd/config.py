@@ -100,7 +100,7 @@ class DataConfig:
 class ObjectiveSpec:
     name: str = "clip"
     weight: float = 1.0
-    towers: list[str] = field(default_factory=lambda: ["image", "text"])
+    towers: list[str] | None = None  # None: the objective's own default (both towers; mfd: image)
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -151,10 +151,6 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # building dataclasses from plain dicts, with errors that name the key
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -305,7 +301,7 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.objectives:
         raise ConfigError("objectives: list at least one objective (e.g. {name: clip})")
     for i, spec in enumerate(cfg.objectives):
-        for tower in spec.towers:
+        for tower in spec.towers or ():
             if tower not in ("image", "text"):
                 raise ConfigError(f"objectives[{i}].towers: {tower!r} is not one of image, text")
     from mmkd.objectives import OBJECTIVES

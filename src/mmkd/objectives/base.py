@@ -41,6 +41,7 @@ class Objective(nn.Module):
 
     uses_teacher: bool = True
     teacher_features: bool = False  # needs the teacher's pooled pre-projection features, not only embeddings
+    default_towers: tuple[str, ...] = ("image", "text")  # the towers a spec that names none applies to
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], **params: Any) -> None:
         super().__init__()
@@ -94,7 +95,8 @@ def build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
             raise ValueError(f"objectives[{i}] ({spec.name}): unknown parameter(s) {unknown}; "
                              f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
         try:
-            obj = cls(ctx, spec.towers, **spec.params)
+            towers = list(cls.default_towers) if spec.towers is None else list(spec.towers)
+            obj = cls(ctx, towers, **spec.params)
         except (TypeError, ValueError) as e:  # a bad value: say which objective, and what it takes
             raise ValueError(f"objectives[{i}] ({spec.name}): {e}; parameters (defaults): "
                              f"{', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}") from None

@@ -15,8 +15,6 @@ from torch import nn
 
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 
-TOWER_KEYS = {"image": "image", "text": "text"}
-
 
 class FeatureObjective(Objective):
     """Shared plumbing: pick the tower's vectors, map widths, normalise, then a per-sample distance."""
@@ -145,10 +143,13 @@ class MaskedFeatureDistillation(FeatureObjective):
     fd_mse). Image tower only; every image of the batch, unpaired ones included. Needs a ViT-style student.
     """
 
+    default_towers = ("image",)
+
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, mask_ratio: float = 0.5,
                  level: str = "embeds", normalize: bool = True) -> None:
-        if list(towers) != ["image"]:
-            towers = ["image"]  # the text tower has no patches; mfd is image-side by definition
+        if list(towers) != ["image"]:  # the text tower has no patches to mask: refuse rather than ignore
+            raise ValueError(f"mfd masks image patches, so it applies to towers [image] only; got towers {towers}: "
+                             "leave 'towers' out or set it to [image], and add fd_* for the text tower")
         super().__init__(ctx, towers, level=level, normalize=normalize)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mfd: mask_ratio must be in [0, 1), got {mask_ratio}")
