@@ -8,21 +8,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mmkd.report.collect import Curve  # noqa: E402
+from mmkd.report.collect import Curve
 
 DPI = 100
-COLOURS = plt.get_cmap("tab10").colors
+COLOURS = matplotlib.colormaps["tab10"].colors
 
 
-def png(fig: Any) -> bytes:
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], layout: str | None = None,
+             **kw: Any) -> tuple[Figure, Any]:
+    """A figure outside pyplot: no global backend to set at import, nothing to close (it is garbage collected)."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def png(fig: Any, dpi: int = DPI) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
@@ -30,7 +34,7 @@ def grouped_bars(title: str, groups: Sequence[str], series: Mapping[str, Sequenc
                  ylabel: str = "%", scale: float = 100.0, ylim: tuple[float, float] | None = (0, 100)) -> bytes:
     """One group of bars per metric, one bar per model; missing values are left out (no zero bar)."""
     width_in = min(10.0, 2.5 + 1.1 * len(groups) * (0.6 + 0.25 * len(series)))
-    fig, ax = plt.subplots(figsize=(max(5.5, width_in), 3.4))
+    fig, ax = subplots(figsize=(max(5.5, width_in), 3.4))
     width = 0.8 / max(1, len(series))
     for i, (label, values) in enumerate(series.items()):
         xs = [j + i * width for j, v in enumerate(values) if v is not None]
@@ -70,7 +74,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def pareto_chart(labels: Sequence[str], latency_ms: Sequence[float], accuracy: Sequence[float],
                  ylabel: str) -> bytes:
     """Accuracy against per-image latency (log x); the Pareto front is the line of models worth choosing."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     pts = list(zip(latency_ms, accuracy))
     front = pareto_front(pts)
     ax.step([pts[i][0] for i in front], [100 * pts[i][1] for i in front], where="post", color="0.5", lw=1.2,
@@ -94,7 +98,7 @@ def curves_chart(curves: Sequence[Curve]) -> bytes:
     """Training loss per run (log y) and, where the loop logged evaluations, those too."""
     with_evals = [c for c in curves if c.evals]
     n = 2 if with_evals else 1
-    fig, axes = plt.subplots(1, n, figsize=(6 * n, 3.6), squeeze=False)
+    fig, axes = subplots(1, n, figsize=(6 * n, 3.6), squeeze=False)
     ax = axes[0][0]
     for i, c in enumerate(curves):
         if c.loss:
@@ -142,7 +146,7 @@ def bias_heatmaps(bias: Mapping[str, Any], kind: str, labels: Mapping[str, str])
     ncols = max(len(models), len(others))
     nrows = 2 if others else 1
     h = 0.2 * len(rows) + 1.5  # rows of cells + the rotated profession labels
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 1.2, h * nrows + 0.5), squeeze=False,
+    fig, axes = subplots(nrows, ncols, figsize=(3.4 * ncols + 1.2, h * nrows + 0.5), squeeze=False,
                              layout="constrained")
     lo = min(float(m.min()) for m in mats.values())
     hi = max(float(m.max()) for m in mats.values())
@@ -171,7 +175,7 @@ def bias_scores_chart(bias: Mapping[str, Any], kind: str, labels: Mapping[str, s
     """Per-profession gender score (mean cosine to female terms minus to male terms), one bar per model."""
     models = [n for n, e in bias["models"].items() if kind in e]
     profs = bias["models"][models[0]][kind]["professions"]
-    fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(profs) * max(1, len(models)) ** 0.5 + 1.5))
+    fig, ax = subplots(figsize=(7.5, 0.28 * len(profs) * max(1, len(models)) ** 0.5 + 1.5))
     height = 0.8 / len(models)
     for i, n in enumerate(models):
         scores = bias["models"][n][kind]["gender_score"]
@@ -193,7 +197,7 @@ def efficiency_chart(labels: Sequence[str], params_m: Sequence[float | None], gf
     """Size, compute and speed side by side (one panel each: their units differ)."""
     panels = [("parameters (M)", params_m), ("GFLOPs per image", gflops), ("ms per image (batch 1)", latency_ms)]
     panels = [(t, v) for t, v in panels if any(x is not None for x in v)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 0.5, 3.2), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(3.3 * len(panels) + 0.5, 3.2), squeeze=False)
     for ax, (title, values) in zip(axes[0], panels):
         xs = [i for i, v in enumerate(values) if v is not None]
         bars = ax.bar(xs, [values[i] for i in xs], color=[COLOURS[i % len(COLOURS)] for i in xs])

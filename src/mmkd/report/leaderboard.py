@@ -9,15 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-COLUMNS = ("zs_top1", "zs_top5", "i2t_r1", "t2i_r1", "train_s")
+from mmkd.fileio import atomic_write_bytes, atomic_write_text
+from mmkd.report.figures import png, subplots
 
 
 def _first(evals: dict[str, Any], kind: str) -> tuple[str | None, dict[str, Any]]:
@@ -100,12 +96,6 @@ def markdown(rows: list[dict[str, Any]], title: str = "") -> str:
     return (f"{title}\n\n" if title else "") + "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys: list[str] = []
     for r in rows:
@@ -115,19 +105,17 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
-    _atomic_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     students = [r for r in rows if r["role"] != "teacher"]
     teacher = next((r for r in rows if r["role"] == "teacher"), None)
     names = [r["run"] for r in students][::-1]
     colours = ["#999999" if r["role"] == "scratch" else "#3b75af" for r in students][::-1]
     panels = [("zs_top1", "zero-shot top-1 (%)", 100), ("zs_top5", "zero-shot top-5 (%)", 100),
               ("i2t_r1", "image→text R@1 (%)", 100), ("train_s", "train time (s)", 1)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
+    fig, axes = subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
     for ax, (key, label, mult) in zip(axes, panels):
         values = [(r[key] or 0) * mult for r in students][::-1]
         ax.barh(range(len(names)), values, color=colours)
@@ -140,10 +128,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].set_yticklabels(names, fontsize=8)
     fig.suptitle("sweep leaderboard (grey: from-scratch references)")
     fig.tight_layout()
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, png(fig, dpi=110))
 
 
 def write_leaderboard(sweep: Any, teacher: dict[str, Any] | None) -> Path:
@@ -157,7 +142,7 @@ def write_leaderboard(sweep: Any, teacher: dict[str, Any] | None) -> Path:
 
     notes = (f"Zero-shot: {where(zs)}; " if zs else "") + (f"retrieval: {where(rt)}; " if rt else "") + (
         f"teacher: {first.teacher}. Train time is student time only (teacher targets computed once per sweep).")
-    _atomic_text(sweep.out / "leaderboard.md", markdown(rows, f"# Leaderboard: {sweep.out}\n\n{notes}"))
+    atomic_write_text(sweep.out / "leaderboard.md", markdown(rows, f"# Leaderboard: {sweep.out}\n\n{notes}"))
     write_csv(rows, sweep.out / "leaderboard.csv")
     plot(rows, sweep.out / "leaderboard.png")
     return sweep.out / "leaderboard.md"
