@@ -161,9 +161,13 @@ def test_zeroshot_classifier_is_normalised_mean_of_normalised_templates(model: F
 def test_evaluate_zeroshot_end_to_end(model: FakeDualEncoder) -> None:
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(20, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen), torch.arange(20) % 6)
-    out = evaluate_zeroshot(model, DataLoader(data, batch_size=7), [f"c{i}" for i in range(6)], ["{}"])
-    assert set(out) == {"top1", "top5", "mean_per_class_recall"}
-    assert all(0.0 <= v <= 1.0 for v in out.values())
+    names = [f"c{i}" for i in range(6)]
+    out = evaluate_zeroshot(model, DataLoader(data, batch_size=7), names, ["{}"])
+    with torch.no_grad():  # the whole path (batched embedding, classifier, scoring) against the reference
+        img = F.normalize(model.encode_image(data.tensors[0]), dim=-1)
+        cls = F.normalize(model.encode_text(**model.tokenize(names)), dim=-1)
+    ref = _ref_zeroshot(img, cls, data.tensors[1])
+    assert out == pytest.approx(ref, abs=1e-9)
 
 
 # ---------------------------------------------------------------- retrieval
@@ -302,4 +306,4 @@ def test_peak_memory_sees_a_transient_allocation() -> None:
         del x
 
     assert peak_memory_mb(allocate) > 32
-    assert peak_memory_mb(lambda: None) >= 0.0
+    assert peak_memory_mb(lambda: None) < 16  # relative to the start: an idle call adds next to nothing
