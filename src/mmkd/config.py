@@ -252,6 +252,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+PRESET_PREFIX = "preset:"
+
+
+def student_presets() -> dict[str, Path]:
+    """Named student recipes shipped with mmkd (``student: preset:NAME``): YAML files of StudentConfig keys."""
+    folder = Path(__file__).parent / "assets" / "presets"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"), key=lambda p: p.stem)}
+
+
+def _expand_preset(data: dict[str, Any]) -> None:
+    """``student: preset:NAME`` becomes the preset's keys; ``student: {preset: NAME, ...}`` overrides them."""
+    student = data.get("student")
+    if isinstance(student, str) and student.startswith(PRESET_PREFIX):
+        name, extra = student[len(PRESET_PREFIX):], {}
+    elif isinstance(student, dict) and "preset" in student:
+        extra = dict(student)
+        name = str(extra.pop("preset"))
+        name = name[len(PRESET_PREFIX):] if name.startswith(PRESET_PREFIX) else name
+    else:
+        return
+    presets = student_presets()
+    if name not in presets:
+        raise ConfigError(f"student: unknown preset {name!r}; valid: {', '.join(presets)}")
+    data["student"] = _merge(_yaml_load(presets[name].read_text()) or {}, extra)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or defaults when path is None), apply overrides, validate."""
     data: dict[str, Any] = {}
@@ -268,7 +301,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys")
         data = loaded
+    _expand_preset(data)  # before overrides, so that student.freeze=... refines the preset
     apply_overrides(data, overrides or [])
+    _expand_preset(data)  # an override may name a preset itself (student=preset:NAME)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg
