@@ -51,8 +51,8 @@ class TowerSpec:
 
 @dataclass
 class SharedBlockConfig:
-    """S4's student: after the modality-specific towers, both token sequences are projected to ``width`` and
-    pass through the same ``layers`` transformer layers; the pooled result is each modality's output.
+    """A unimodal-teacher student: after the modality-specific towers, both token sequences are projected to
+    ``width`` and pass through the same ``layers`` transformer layers; the pooled result is each modality's output.
 
     width: None = the teacher's pooled (CLS) width, so the output regresses it without a map.
     """
@@ -71,7 +71,7 @@ class StudentConfig:
     init_projections_from_teacher: bool = True  # where shapes allow
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
     tokenizer: str | None = None  # folder/hub id; default: the pretrained text tower's, else the teacher's
-    shared: SharedBlockConfig | None = None  # set: a student with a shared final block (S4)
+    shared: SharedBlockConfig | None = None  # set: a student with a shared final block (unimodal-teacher recipe)
 
 
 @dataclass
@@ -139,7 +139,7 @@ class RunConfig:
     # model folder or hub id, cache:DIR for a teacher cache built by `mmkd cache`, or empty: no teacher
     # (task objectives only: training from scratch, e.g. a teacher)
     teacher: str = ""
-    teacher_modality: str = "image_text"  # image_text: a dual encoder; image: an image model only (S4)
+    teacher_modality: str = "image_text"  # image_text: a dual encoder; image: an image model only (unimodal teacher)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec()])

@@ -1,4 +1,4 @@
-"""The gender–profession bias probe of S1: does distillation spread, shrink or keep the teacher's bias?
+"""The half-depth-CLIP study's gender–profession bias probe: does distillation spread, shrink or keep bias?
 
 Text probe: every gender term and profession goes through the model's text tower (inside a prompt template),
 and the cosine matrix [gender terms × professions] is the model's association map. A profession's *gender

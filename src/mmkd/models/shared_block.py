@@ -1,4 +1,4 @@
-"""S4's student: modality-specific towers followed by a final block that both modalities share.
+"""The unimodal-teacher student: modality-specific towers followed by a final block that both modalities share.
 
 The image tower's tokens and the text tower's tokens are each projected to one common width, then the same
 transformer layer(s) process either sequence; the block's pooled output (the image's CLS token, the caption's

@@ -147,7 +147,7 @@ def build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
 
 def _shared_student(teacher: Any, cfg: StudentConfig, vision: nn.Module, text: nn.Module, meta: EncoderMeta,
                     tok: Any, scale_init: float) -> DualEncoder:
-    """S4's student: the towers feed one shared block whose width defaults to the teacher's CLS width."""
+    """The unimodal-teacher student: the towers feed one shared block, as wide as the teacher's CLS by default."""
     from mmkd.models.shared_block import SharedBlockDualEncoder
 
     sh = cfg.shared

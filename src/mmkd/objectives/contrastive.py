@@ -51,7 +51,7 @@ class ClipObjective(Objective):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# triplet (S1's task loss) and SigLIP's pairwise sigmoid
+# triplet (the half-depth-CLIP recipe's task loss) and SigLIP's pairwise sigmoid
 
 TRIPLET_NEGATIVES = ("all", "hardest", "semihard")
 
@@ -82,8 +82,9 @@ def triplet_from_similarities(sim: torch.Tensor, margin: float, negatives: str) 
 
 @OBJECTIVES.register("triplet")
 class TripletObjective(Objective):
-    """Symmetric triplet loss on cosine similarities of the student's image and caption embeddings (S1's task
-    loss): image anchors against captions and caption anchors against images, averaged; global batch.
+    """Symmetric triplet loss on cosine similarities of the student's image and caption embeddings (the
+    half-depth-CLIP recipe's task loss): image anchors against captions and caption anchors against images,
+    averaged; global batch.
 
     negatives: ``all`` (batch-all), ``hardest`` or ``semihard``.
     """

@@ -1,4 +1,4 @@
-"""Feature distillation: the student's embeddings regress the teacher's (S1, CLIP-KD's FD).
+"""Feature distillation: the student's embeddings regress the teacher's (the half-depth-CLIP recipe, CLIP-KD's FD).
 
 ``level: embeds`` compares the normalised projected embeddings; ``level: features`` compares the pooled
 pre-projection representations (the CLS vector). Where widths differ, a learnable linear map takes the
@@ -84,7 +84,7 @@ class FdCosine(FeatureObjective):
 
 @OBJECTIVES.register("fd_mse_cosine")
 class FdMseCosine(FeatureObjective):
-    """S1's best: MSE plus cosine distance, each logged separately."""
+    """The half-depth-CLIP study's best: MSE plus cosine distance, each logged separately."""
 
     def distance(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"mse": mse(s, t), "cosine": cosine(s, t)}
@@ -168,12 +168,12 @@ class MaskedFeatureDistillation(FeatureObjective):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# S4: a multimodal student regressing a unimodal (image-only) teacher
+# a multimodal student regressing a unimodal (image-only) teacher
 
 
 @OBJECTIVES.register("cls_regression")
 class ClsRegression(Objective):
-    """S4's objective: the student's pooled output for an image *and* for its caption both regress the
+    """The unimodal-teacher objective: the student's pooled output for an image *and* for its caption both regress the
     teacher's pooled image representation (its CLS vector) of that image. Terms ``image`` and ``caption``
     (logged separately: the caption side cannot reach the image side, the CLS holds image-only detail).
 

@@ -82,7 +82,7 @@ def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     """KL(teacher ‖ student) of row-wise softmax distributions, averaged over rows.
 
     ``F.kl_div(input, target)`` computes KL(target ‖ input) with ``input`` in log space: the student goes
-    first. (S1's code had them the other way round, which optimises the reverse, mode-seeking divergence.)
+    first. (The half-depth-CLIP study's code had them the other way round: the reverse, mode-seeking divergence.)
     """
     return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits.to(student_logits.dtype),
                     dim=-1), reduction="batchmean", log_target=True)

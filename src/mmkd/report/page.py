@@ -271,7 +271,8 @@ def bias_items(data: ReportData) -> tuple[list[Table | Figure], str]:
             items.append(Figure(f"fig-bias-{kind}-scores{suffix}", f"Gender score per profession ({kind}){where}",
                                 figures.bias_scores_chart(bias, kind, labels)))
     if runs:
-        notes.append("How the teacher's gender–profession associations survive distillation (S1's probe).")
+        notes.append("How the teacher's gender–profession associations survive distillation "
+                     "(the half-depth-CLIP study's probe).")
     return items, " ".join(notes)
 
 

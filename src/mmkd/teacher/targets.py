@@ -52,7 +52,7 @@ def teacher_outputs(model: DualEncoder | ImageTeacher, pixel_values: torch.Tenso
 
     Shared by the online teacher and the cache builder, so a cached target is exactly what the online teacher
     would have returned for the same pixels. Inputs move to the model's device; outputs stay there. The model
-    must be in eval mode (dropout off). An image-only teacher (S4) gives its pooled image features only.
+    must be in eval mode (dropout off). An image-only (unimodal) teacher gives its pooled image features only.
     """
     out: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device

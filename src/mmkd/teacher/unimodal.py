@@ -1,4 +1,4 @@
-"""An image-only teacher (S4): any Hugging Face vision model, or the image tower of a dual encoder.
+"""An image-only (unimodal) teacher: any Hugging Face vision model, or the image tower of a dual encoder.
 
 It answers one question per image: its pooled (CLS) representation. It has no text side, no projection and
 no logit scale; objectives that need those fail naming what is missing.
