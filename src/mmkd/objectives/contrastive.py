@@ -9,13 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
+from mmkd.objectives.shared import MAX_LOGIT_SCALE, paired
 from mmkd.train.distributed import gather_with_grad
-
-
-def paired(student: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image and text embeddings of the paired samples of this rank's batch."""
-    n = int(student["n_paired"])
-    return student["image_embeds"][:n], student["text_embeds"]
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -35,7 +30,7 @@ class ClipObjective(Objective):
     uses_teacher = False
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, temperature: float | None = None,
-                 max_logit_scale: float = 100.0) -> None:
+                 max_logit_scale: float = MAX_LOGIT_SCALE) -> None:
         super().__init__(ctx, towers)
         self.temperature = temperature
         self.max_logit_scale = max_logit_scale
@@ -129,6 +124,6 @@ class SiglipObjective(Objective):
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
         image, text = paired(student)
         image, text = gather_with_grad(image), gather_with_grad(text)
-        logits = self.log_scale.exp().clamp(max=100.0) * image @ text.t() + self.bias
+        logits = self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE) * image @ text.t() + self.bias
         signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
         return {"siglip": -F.logsigmoid(signs * logits).sum() / logits.shape[0]}
