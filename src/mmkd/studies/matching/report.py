@@ -13,7 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mmkd.matching.metrics import confusion_table  # noqa: E402
+from mmkd.fileio import atomic_write_text  # noqa: E402
+from mmkd.studies.matching.metrics import confusion_table  # noqa: E402
 
 LABELS = {"teacher": "teacher", "baseline": "baseline (BCE)", "kd_kl": "KD-KL", "kd_bce": "KD-BCE"}
 
@@ -64,7 +65,7 @@ def write_study_report(out: Path, metrics: dict[str, Any]) -> Path:
                  confusion_table(m["test"]["confusion"]), ""]
     text += ["## The teacher's errors (test, most confident first)", "", errors_table(metrics["teacher_errors"]), ""]
     path = out / "report.md"
-    path.write_text("\n".join(text))
+    atomic_write_text(path, "\n".join(text))
     return path
 
 
