@@ -36,9 +36,10 @@ def _study(cfg: Any) -> Any:
     from pathlib import Path
 
     from mmkd.studies.matching.data import load_pair_data
-    from mmkd.studies.matching.pretrain import teacher_source
+    from mmkd.studies.matching.pretrain import check_teacher, teacher_source
     from mmkd.studies.matching.study import MatchingStudy
 
+    check_teacher(cfg)
     if cfg.threads:
         import torch
 

@@ -26,7 +26,7 @@ from mmkd.studies.matching.config import DemoConfig, DemoSetting
 from mmkd.studies.matching.data import load_pair_data
 from mmkd.studies.matching.metrics import summary
 from mmkd.studies.matching.pairfile import build_pairs_file
-from mmkd.studies.matching.pretrain import teacher_source
+from mmkd.studies.matching.pretrain import check_teacher, teacher_source
 from mmkd.studies.matching.report import demo_table, plot_demo
 from mmkd.studies.matching.study import MatchingStudy
 
@@ -48,6 +48,7 @@ def check_settings_data(settings: dict[str, DemoSetting], cache: Path) -> None:
 def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) -> dict[str, Any]:
     settings = cfg.setting_list()
     out, cache = Path(cfg.out), cfg.cache
+    check_teacher(cfg)
     check_settings_data(settings, cache)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

@@ -16,14 +16,19 @@ from mmkd.config import ConfigError, load_config, to_dict
 from mmkd.studies.matching.config import MatchingConfig
 
 
+def check_teacher(cfg: MatchingConfig) -> None:
+    """A teacher is named: a source, or a distill config to train one (checked before any work)."""
+    if not cfg.teacher.source and not cfg.teacher.pretrain:
+        raise ConfigError("teacher.source: give a model folder or hub id (or teacher.pretrain: a distill config "
+                          "that trains one)")
+
+
 def teacher_source(cfg: MatchingConfig, log: Any = print) -> Path:
     """The dual encoder (or matching teacher) folder / hub id the study fine-tunes."""
+    check_teacher(cfg)
     t = cfg.teacher
     if t.source:
         return Path(t.source)
-    if not t.pretrain:
-        raise ConfigError("teacher.source: give a model folder or hub id (or teacher.pretrain: a distill config "
-                          "that trains one)")
     run = load_config(t.pretrain, [f"cache_dir={cfg.cache}", *t.pretrain_overrides])
     settings = {k: v for k, v in to_dict(run).items() if k != "out"}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
