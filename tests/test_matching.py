@@ -525,3 +525,20 @@ def test_teacher_pretrain_runs_the_distill_config_once(tmp_path, minilm_path):
     assert (folder / "model.safetensors").is_file() and (folder.parent / "metrics.json").is_file()
     assert folder.parent.parent == tmp_path / "cache" and "training" in logs[0]
     assert teacher_source(quick, logs.append) == folder and "reusing" in logs[-1]
+
+
+def test_cli_wires_command_modules_without_knowing_their_flags(monkeypatch):
+    """mmkd.cli only imports each module of COMMAND_MODULES and calls its add_parser (how the study registers)."""
+    import sys
+    import types
+
+    import mmkd.cli as cli
+
+    fake = types.ModuleType("fake_study_cli")
+    fake.add_parser = lambda sub: sub.add_parser("fake").add_argument("--knob")
+    monkeypatch.setitem(sys.modules, "fake_study_cli", fake)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "fake_study_cli"))
+    parser = cli.build_parser()
+    assert parser.parse_args(["fake", "--knob", "3"]).knob == "3"
+    args = parser.parse_args(["matching", "train", "cfg.yaml", "train.epochs=1", "--out", "o"])
+    assert (args.config, args.overrides, args.out) == ("cfg.yaml", ["train.epochs=1"], "o")
