@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,18 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from mmkd.cli import main
+from mmkd.config import ConfigError
 from mmkd.data import world
-from mmkd.data.matching import (
-    BuildConfig,
-    attribute_signature,
-    build_pairs,
-    read_pairs,
-    summarize,
-    write_pairs,
-)
 from mmkd.data.records import DataError, Record
-from mmkd.matching.losses import KDConfig, check_kd_params, kd_bce, kd_kl, matching_loss
-from mmkd.matching.metrics import binary_metrics, choose_threshold, roc_auc
+from mmkd.studies.matching.config import DemoConfig, MatchingConfig, load_matching_config
+from mmkd.studies.matching.losses import KDConfig, check_kd_params, kd_bce, kd_kl, matching_loss
+from mmkd.studies.matching.metrics import binary_metrics, choose_threshold, roc_auc
+from mmkd.studies.matching.pairfile import read_pairs, write_pairs
+from mmkd.studies.matching.pairs import BuildConfig, attribute_signature, build_pairs, summarize
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "matching"
+STUDY, DEMO = str(CONFIGS / "study.yaml"), str(CONFIGS / "demo.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +155,7 @@ def test_pairs_file_round_trip_and_bad_files(tmp_path, world_records):
 
 def test_hard_negatives_with_real_minilm_on_coco(shared_data, minilm_path):
     from mmkd.data.sources import read_records
-    from mmkd.matching.text import TextEncoder
+    from mmkd.studies.matching.text import TextEncoder
 
     recs = read_records(f"jsonl:{shared_data / 'coco-mini' / 'captions.jsonl'}")[:40]
     enc = TextEncoder(minilm_path)
@@ -309,7 +310,7 @@ def tiny_models(tmp_path_factory, minilm_path):
 
 @pytest.fixture(scope="module")
 def world_pairs(tmp_path_factory, world_records):
-    from mmkd.data.matching import build_pairs_file
+    from mmkd.studies.matching.pairfile import build_pairs_file
 
     cache = tmp_path_factory.mktemp("wcache")
     path, _ = build_pairs_file("world:train", cache / "pairs.jsonl", BuildConfig(seed=0), cache_dir=cache, world_n=200)
@@ -317,20 +318,19 @@ def world_pairs(tmp_path_factory, world_records):
 
 
 def _study_cfg(sentence):
-    from mmkd.matching.models import StudentConfig
-    from mmkd.matching.study import StudyConfig
-    from mmkd.matching.train import StudentTrainConfig, TeacherTrainConfig
+    """The study config from configs/matching/study.yaml with tiny budgets, as a user's overrides would set it."""
+    resnet = json.dumps(SMALL_RESNET)
+    return load_matching_config(STUDY, ["teacher.epochs=1", "teacher.lr=1e-4", f"student.resnet={resnet}",
+                                        "train.epochs=1", "train.batch_size=32", "train.lr=1e-3", "train.transfer=2",
+                                        "kd.0.temperature=2.0", "kd.1.temperature=2.0", f"text_encoder={sentence}"])
 
-    small = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
-    return StudyConfig(teacher=TeacherTrainConfig(trainable="all", epochs=1, lr=1e-4),
-                       student=StudentConfig(resnet=small),
-                       train=StudentTrainConfig(epochs=1, batch_size=32, lr=1e-3, transfer=2),
-                       kd=[KDConfig("kl", 2.0, 0.5), KDConfig("bce", 2.0, 0.5)], text_encoder=str(sentence))
+
+SMALL_RESNET = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
 
 
 def test_teacher_is_frozen_during_kd_and_never_runs_per_step(tmp_path, tiny_models, world_pairs):
-    from mmkd.matching.data import load_pair_data
-    from mmkd.matching.study import MatchingStudy
+    from mmkd.studies.matching.data import load_pair_data
+    from mmkd.studies.matching.study import MatchingStudy
 
     teacher_dir, sentence = tiny_models
     study = MatchingStudy(load_pair_data(world_pairs), teacher_dir, tmp_path / "study", _study_cfg(sentence),
@@ -373,9 +373,9 @@ def test_teacher_is_frozen_during_kd_and_never_runs_per_step(tmp_path, tiny_mode
 
 def test_student_learns_from_the_teacher_logits_not_the_labels(tmp_path, tiny_models, world_pairs):
     """With α = 1 the labels play no part: flipping them leaves the KD student unchanged; the baseline changes."""
-    from mmkd.matching.data import load_pair_data
-    from mmkd.matching.models import StudentConfig
-    from mmkd.matching.train import StudentTrainConfig, train_student
+    from mmkd.studies.matching.data import load_pair_data
+    from mmkd.studies.matching.models import StudentConfig
+    from mmkd.studies.matching.train import StudentTrainConfig, train_student
 
     data = load_pair_data(world_pairs)
     feats = torch.randn(len(data.captions), 8, generator=torch.Generator().manual_seed(0))
@@ -395,18 +395,40 @@ def test_student_learns_from_the_teacher_logits_not_the_labels(tmp_path, tiny_mo
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def test_cli_rejects_bad_kd_settings_before_any_work(tmp_path, capsys):
+def test_config_errors_name_the_key():
+    for override, key, what in (("kd.0.alpha=1.5", "kd[0]", "alpha"), ("kd.1.temperature=0", "kd[1]", "temperature"),
+                                ("sweep.alphas=[0.5,1.5]", "sweep", "alpha"),
+                                ("kd.0.variant=mse", "kd[0]", "valid: bce, kl"),
+                                ("teacher.trainable=some", "teacher", "trainable"),
+                                ("pairs.build.negatives=easy", "pairs.build", "negatives"),
+                                ("student.fusion=sum", "student", "valid: concat, interact"),
+                                ("train.epochs=0", "train", "epochs"), ("pairs.negatives=hard", "pairs.negatives", "")):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*{re.escape(what)}"):
+            load_matching_config(STUDY, [override])
+    cfg = load_matching_config(STUDY, ["sweep.temperatures=[1.5,3]", "sweep.alphas=[0.5]"])
+    assert [(k.variant, k.temperature, k.alpha) for k in cfg.sweep.configs()] == [
+        ("kl", 1.5, 0.5), ("kl", 3.0, 0.5), ("bce", 1.5, 0.5), ("bce", 3.0, 0.5)]
+    assert isinstance(cfg, MatchingConfig) and cfg.student.image_mean == tuple(cfg.student.image_mean)
+    demo = load_matching_config(DEMO, ["settings.coco=null"], DemoConfig, quick=True)
+    assert list(demo.setting_list()) == ["random", "hard"] and demo.setting_list()["hard"].world_n == 240
+    with pytest.raises(ConfigError, match="settings: name at least one"):
+        load_matching_config(DEMO, ["settings.coco=null", "settings.random=null", "settings.hard=null"],
+                             DemoConfig).setting_list()
+
+
+def test_cli_rejects_bad_settings_before_any_work(tmp_path, capsys):
     missing = str(tmp_path / "nothing.jsonl")
-    assert main(["matching", "train", "--pairs", missing, "--teacher", "x", "--out", str(tmp_path),
-                 "--alpha", "1.2"]) == 2
-    assert "alpha" in capsys.readouterr().err
-    assert main(["matching", "train", "--pairs", missing, "--teacher", "x", "--out", str(tmp_path), "-T", "0"]) == 2
-    assert "temperature" in capsys.readouterr().err
-    assert main(["matching", "sweep", "--pairs", missing, "--teacher", "x", "--out", str(tmp_path),
-                 "--alphas", "0.5,1.5"]) == 2
-    assert "alpha" in capsys.readouterr().err
-    assert main(["matching", "train", "--pairs", missing, "--teacher", "x", "--out", str(tmp_path)]) == 2
+    base = [STUDY, f"pairs.file={missing}", "teacher.source=x", "--out", str(tmp_path)]
+    assert main(["matching", "train", *base, "kd.0.alpha=1.2"]) == 2
+    assert "kd[0]: alpha" in capsys.readouterr().err
+    assert main(["matching", "train", *base, "kd.1.temperature=0"]) == 2
+    assert "kd[1]: temperature" in capsys.readouterr().err
+    assert main(["matching", "sweep", *base, "sweep.alphas=[0.5,1.5]"]) == 2
+    assert "sweep: alpha" in capsys.readouterr().err
+    assert main(["matching", "train", *base]) == 2
     assert "pairs file" in capsys.readouterr().err
+    assert main(["matching", "train", STUDY, f"pairs.file={missing}"]) == 2  # no teacher named
+    assert "teacher.source" in capsys.readouterr().err
 
 
 def test_cli_build_errors(tmp_path, capsys):
@@ -416,26 +438,44 @@ def test_cli_build_errors(tmp_path, capsys):
     for i in range(6):
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
     data.write_text("".join(json.dumps({"image": f"{i}.png", "captions": [f"c{i}"]}) + "\n" for i in range(6)))
-    assert main(["matching", "build", "--data", f"jsonl:{data}", "--out", str(tmp_path / "p.jsonl")]) == 2
+    build = ["matching", "build", STUDY, f"pairs.source=jsonl:{data}", f"pairs.file={tmp_path / 'p.jsonl'}"]
+    assert main(build) == 2
     assert "too small to split" in capsys.readouterr().err
-    assert main(["matching", "build", "--data", f"jsonl:{data}", "--out", str(tmp_path / "p.jsonl"),
-                 "--captions-per-image", "2"]) == 2
+    assert main([*build, "pairs.build.captions_per_image=2"]) == 2
     assert "captions_per_image=2" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_cli_build_writes_pairs_and_sidecar(tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    assert main(["matching", "build", STUDY, f"pairs.file={out}", "pairs.world_n=60",
+                 f"pairs.cache_dir={tmp_path / 'cache'}", "pairs.build.seed=4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pairs"] == str(out) and printed["counts"]["train"]["pairs"] == 48
+    back = read_pairs(out)
+    assert back.meta["data"] == "world:train" and back.meta["build"]["seed"] == 4
+
+
+def test_demo_fails_in_one_line_when_a_settings_data_is_missing(tmp_path, capsys):
+    gone = tmp_path / "coco-mini" / "captions.jsonl"
+    assert main(["matching", "demo", DEMO, "--out", str(tmp_path / "out"), f"settings.coco.data=jsonl:{gone}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "settings.coco.data" in err and "settings.coco=null" in err
+    assert not (tmp_path / "out").exists()  # nothing trained or written
 
 
 @pytest.mark.slow
 def test_cli_train_and_sweep_end_to_end(tmp_path, tiny_models, world_pairs, capsys):
     teacher_dir, sentence = tiny_models
-    common = ["--pairs", str(world_pairs), "--teacher", str(teacher_dir), "--teacher-epochs", "1",
-              "--student-epochs", "1", "--student-lr", "1e-3", "--text-encoder", str(sentence),
-              "--resnet", '{"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}']
+    common = [STUDY, f"pairs.file={world_pairs}", f"teacher.source={teacher_dir}", "teacher.epochs=1",
+              "train.epochs=1", "train.lr=1e-3", f"text_encoder={sentence}",
+              f"student.resnet={json.dumps(SMALL_RESNET)}"]
     out = tmp_path / "train"
     assert main(["matching", "train", *common, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["models"]) == ["teacher", "baseline", "kd_kl", "kd_bce"]
     for m in metrics["models"].values():
-        for k in ("accuracy", "precision", "recall", "f1", "roc_auc"):
-            assert 0.0 <= m["test"][k] <= 1.0
+        assert set(m["test"]) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "confusion"}
     report = (out / "report.md").read_text()
     assert "Confusion tables" in report and "teacher's errors" in report
     for e in metrics["teacher_errors"]:
@@ -443,8 +483,8 @@ def test_cli_train_and_sweep_end_to_end(tmp_path, tiny_models, world_pairs, caps
     assert (out / "teacher" / "head.safetensors").is_file()
 
     sweep = tmp_path / "sweep"
-    assert main(["matching", "sweep", *common, "--out", str(sweep), "--temperatures", "1.5,3",
-                 "--alphas", "0.5"]) == 0
+    assert main(["matching", "sweep", *common, "--out", str(sweep), "sweep.temperatures=[1.5,3]",
+                 "sweep.alphas=[0.5]"]) == 0
     rows = list(csv.DictReader((sweep / "leaderboard.csv").open()))
     kd_rows = [r for r in rows if r["rank"]]
     assert len(kd_rows) == 4 and {r["variant"] for r in kd_rows} == {"kl", "bce"}
@@ -459,8 +499,9 @@ def test_cli_train_and_sweep_end_to_end(tmp_path, tiny_models, world_pairs, caps
 def test_matching_demo_quick_writes_the_contract(tmp_path, tiny_models, shared_data):
     teacher_dir, _ = tiny_models
     out = tmp_path / "demo"
-    assert main(["matching", "demo", "--quick", "--out", str(out), "--teacher", str(teacher_dir),
-                 "--coco", str(shared_data / "coco-mini")]) == 0
+    coco = shared_data / "coco-mini" / "captions.jsonl"
+    assert main(["matching", "demo", DEMO, "--quick", "--out", str(out), f"teacher.source={teacher_dir}",
+                 f"settings.coco.data=jsonl:{coco}"]) == 0
     result = json.loads((out / "matching.json").read_text())
     assert list(result) == ["random", "hard", "coco"]
     for setting in result.values():
@@ -472,3 +513,32 @@ def test_matching_demo_quick_writes_the_contract(tmp_path, tiny_models, shared_d
     assert "| hard | KD-BCE |" in (out / "report.md").read_text()
     hard = read_pairs(out / "pairs" / "hard.jsonl")
     assert {p.negative for p in hard.pairs if p.label == 0} == {"nearest", "swap"}
+
+
+def test_teacher_pretrain_runs_the_distill_config_once(tmp_path, minilm_path):
+    """Without teacher.source, the demo's teacher config is trained by run_distill into the cache, then reused."""
+    from mmkd.studies.matching.pretrain import teacher_source
+
+    quick = load_matching_config(DEMO, [f"out={tmp_path}"], DemoConfig, quick=True)
+    logs: list[str] = []
+    folder = teacher_source(quick, logs.append)
+    assert (folder / "model.safetensors").is_file() and (folder.parent / "metrics.json").is_file()
+    assert folder.parent.parent == tmp_path / "cache" and "training" in logs[0]
+    assert teacher_source(quick, logs.append) == folder and "reusing" in logs[-1]
+
+
+def test_cli_wires_command_modules_without_knowing_their_flags(monkeypatch):
+    """mmkd.cli only imports each module of COMMAND_MODULES and calls its add_parser (how the study registers)."""
+    import sys
+    import types
+
+    import mmkd.cli as cli
+
+    fake = types.ModuleType("fake_study_cli")
+    fake.add_parser = lambda sub: sub.add_parser("fake").add_argument("--knob")
+    monkeypatch.setitem(sys.modules, "fake_study_cli", fake)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "fake_study_cli"))
+    parser = cli.build_parser()
+    assert parser.parse_args(["fake", "--knob", "3"]).knob == "3"
+    args = parser.parse_args(["matching", "train", "cfg.yaml", "train.epochs=1", "--out", "o"])
+    assert (args.config, args.overrides, args.out) == ("cfg.yaml", ["train.epochs=1"], "o")

@@ -212,7 +212,13 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], where)
-    return cls(**kwargs)
+    try:  # a dataclass that validates itself (__post_init__): say which section its message is about
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(f"{path}: {msg}" if path else str(msg)) from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -283,6 +289,22 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a plain mapping (this module's loader: ``1e-3`` is a number), errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        loaded = _yaml_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    return loaded
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

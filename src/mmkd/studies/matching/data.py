@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmkd.data.matching import SPLITS, MatchPair, PairSet, read_pairs
 from mmkd.data.records import DataError, Record, open_image
 from mmkd.data.transforms import center_box, crop_resize, to_pil
+from mmkd.studies.matching.pairfile import PairSet, read_pairs
+from mmkd.studies.matching.pairs import SPLITS, MatchPair
 
 
 @dataclass

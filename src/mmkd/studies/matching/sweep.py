@@ -1,4 +1,5 @@
-"""``mmkd matching sweep``: both KD variants over a grid of temperatures and α, ranked on validation F1.
+"""``mmkd matching sweep``: the KD variants over a grid of temperatures and α (the config's ``sweep``), ranked on
+validation F1.
 
 The teacher is fine-tuned once and its logits cached, and the student's sentence features are computed once,
 so each grid point costs one student training. The ranking uses validation F1 only; test numbers are shown
@@ -11,25 +12,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mmkd.matching.losses import MATCHING_KD, KDConfig, check_kd_params
-from mmkd.matching.report import leaderboard_csv, leaderboard_md, leaderboard_rows
-from mmkd.matching.study import MatchingStudy, _atomic_json
-
-TEMPERATURES = (1.5, 2.0, 2.5, 3.0)
-ALPHAS = (0.4, 0.5, 0.6)
-
-
-def grid(temperatures: Sequence[float] = TEMPERATURES, alphas: Sequence[float] = ALPHAS,
-         variants: Sequence[str] = ("kl", "bce")) -> list[KDConfig]:
-    """Every (variant, T, α), validated before anything trains."""
-    if not temperatures or not alphas or not variants:
-        raise ValueError("the sweep needs at least one temperature, one alpha and one variant")
-    for t in temperatures:
-        for a in alphas:
-            check_kd_params(t, a)
-    for v in variants:
-        MATCHING_KD.get(v)
-    return [KDConfig(v, float(t), float(a)) for v in variants for t in temperatures for a in alphas]
+from mmkd.config import to_dict
+from mmkd.fileio import atomic_write_json, atomic_write_text
+from mmkd.studies.matching.losses import KDConfig
+from mmkd.studies.matching.report import leaderboard_csv, leaderboard_md, leaderboard_rows
+from mmkd.studies.matching.study import MatchingStudy
 
 
 def run_sweep(study: MatchingStudy, configs: Sequence[KDConfig], log: Any = print) -> dict[str, Any]:
@@ -44,12 +31,12 @@ def run_sweep(study: MatchingStudy, configs: Sequence[KDConfig], log: Any = prin
         results.append({"name": kd.name, **r})
     rows = leaderboard_rows(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.csv").write_text(leaderboard_csv(rows))
+    atomic_write_text(out / "leaderboard.csv", leaderboard_csv(rows))
     head = [f"# KD sweep on `{study.data.pairset.path}`", "",
             "Ranked by validation F1 (threshold chosen on val); test columns are for reading, not choosing.", ""]
-    (out / "leaderboard.md").write_text("\n".join(head + [leaderboard_md(rows), ""]))
+    atomic_write_text(out / "leaderboard.md", "\n".join(head + [leaderboard_md(rows), ""]))
     summary = {"pairs": str(study.data.pairset.path), "leaderboard": rows,
                "runs": [{k: v for k, v in r.items() if k != "history"} for r in results],
-               "config": study.cfg.to_json(), "seconds": round(time.perf_counter() - t0, 1)}
-    _atomic_json(out / "sweep.json", summary)
+               "config": to_dict(study.cfg), "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(out / "sweep.json", summary)
     return summary

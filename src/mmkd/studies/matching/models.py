@@ -1,4 +1,4 @@
-"""The matchers: a dual-encoder teacher with a matching head, and S2's ResNet + MiniLM student.
+"""The matchers: a dual-encoder teacher with a matching head, and the study's ResNet + MiniLM student.
 
 Heads and student fusions are registered by name. The teacher keeps the dual encoder it was given (its
 tokenizer and preprocessing included) and adds a head on the normalised embeddings; the student has its own
@@ -153,9 +153,9 @@ def load_teacher_matcher(folder: str | Path) -> tuple[TeacherMatcher, dict[str, 
 
 @FUSIONS.register("concat")
 class ConcatFusion(nn.Module):
-    """S2 exactly: one linear layer over [image features; text features]. Its logit is a sum of an image
-    score and a text score, so it cannot tell which caption goes with which image (a limit, kept on purpose
-    for comparison)."""
+    """The original study's fusion: one linear layer over [image features; text features]. Its logit is a sum
+    of an image score and a text score, so it cannot tell which caption goes with which image (a limit, kept on
+    purpose for comparison)."""
 
     def __init__(self, image_dim: int, text_dim: int) -> None:
         super().__init__()
@@ -168,7 +168,7 @@ class ConcatFusion(nn.Module):
 @FUSIONS.register("interact")
 class InteractFusion(nn.Module):
     """Image features mapped to the text width, then one linear layer over [img, txt, img·txt, |img−txt|]:
-    S2's single linear classifier on a pair representation that can express agreement."""
+    the original single linear classifier on a pair representation that can express agreement."""
 
     def __init__(self, image_dim: int, text_dim: int) -> None:
         super().__init__()
@@ -181,7 +181,7 @@ class InteractFusion(nn.Module):
 
 @dataclass
 class StudentConfig:
-    """S2's student: a ResNet image tower (random init from ``resnet`` kwargs, or a local folder) and frozen
+    """The student: a ResNet image tower (random init from ``resnet`` kwargs, or a local folder) and frozen
     sentence features, joined by a registered fusion."""
 
     resnet: dict[str, Any] | str = field(default_factory=lambda: dict(
@@ -193,11 +193,14 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         FUSIONS.get(self.fusion)
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)  # a YAML list → a tuple
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_mean and image_std take three numbers (R, G, B)")
         if self.image_size < 8:
-            raise ValueError(f"student image_size must be >= 8, got {self.image_size}")
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
         if isinstance(self.resnet, str) and not Path(self.resnet).is_dir():
-            raise FileNotFoundError(f"student resnet folder {self.resnet} not found; pass a local folder saved by "
-                                    "ResNetModel.save_pretrained, or ResNetConfig kwargs")
+            raise ValueError(f"resnet folder {self.resnet} not found; give a local folder saved by "
+                             "ResNetModel.save_pretrained, or ResNetConfig kwargs")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

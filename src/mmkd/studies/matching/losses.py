@@ -1,4 +1,4 @@
-"""Distillation losses for a binary matcher, registered by name (S2's two variants).
+"""Distillation losses for a binary matcher, registered by name (the study's two variants).
 
 Both take the student's and the (cached, frozen) teacher's matching logits and the labels, and mix a KD term
 with the task loss (BCE with the labels): ``loss = α · KD + (1 − α) · BCE``. Pairs of the teacher's transfer
@@ -7,7 +7,7 @@ set (unlabelled recombinations of training images and captions) join the KD term
 * ``kl``: Hinton's KL on the two-class softmax of ``[0, z] / T`` (whose class-1 probability is
   ``sigmoid(z / T)``), teacher distribution first, scaled by ``T²`` so its gradients keep their size as T
   grows.
-* ``bce``: sigmoid with temperature on both logits and BCE between the probabilities, as S2 describes it
+* ``bce``: sigmoid with temperature on both logits and BCE between the probabilities, as the original study describes it
   (no ``T²``).
 
 For a single logit the two are the same divergence: ``KL = BCE − H(p_teacher)``, so the ``kl`` term's

@@ -8,12 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from mmkd.matching.metrics import confusion_table  # noqa: E402
+from mmkd.fileio import atomic_write_text
+from mmkd.studies.matching.metrics import confusion_table
 
 LABELS = {"teacher": "teacher", "baseline": "baseline (BCE)", "kd_kl": "KD-KL", "kd_bce": "KD-BCE"}
 
@@ -64,7 +60,7 @@ def write_study_report(out: Path, metrics: dict[str, Any]) -> Path:
                  confusion_table(m["test"]["confusion"]), ""]
     text += ["## The teacher's errors (test, most confident first)", "", errors_table(metrics["teacher_errors"]), ""]
     path = out / "report.md"
-    path.write_text("\n".join(text))
+    atomic_write_text(path, "\n".join(text))
     return path
 
 
@@ -127,7 +123,10 @@ def plot_demo(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> No
     """F1 and accuracy of each model, one group per setting."""
     settings = list(summary)
     names = list(next(iter(summary.values()))) if summary else []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    from matplotlib.figure import Figure  # no pyplot: no backend to choose, no global state
+
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     width = 0.8 / max(1, len(names))
     for ax, key in zip(axes, ("f1", "accuracy")):
         for i, name in enumerate(names):
@@ -141,4 +140,3 @@ def plot_demo(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> No
     fig.suptitle("Binary image–text matching: teacher, baseline and KD students")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

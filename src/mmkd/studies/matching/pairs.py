@@ -1,12 +1,12 @@
-"""Binary image–text matching pairs (S2's data), with the hard negatives S2 lacked.
+"""Balanced matching/mismatching image–text pairs, with hard negatives (the matching study's data).
 
-Every image gives ``captions_per_image`` pairs (default one, as in S2): a caption drawn from its own, kept as
+Every image gives ``captions_per_image`` pairs (default one): a caption drawn from its own, kept as
 a *matching* pair, or swapped for a *mismatching* caption. Images are shuffled and split into train/val/test
 first, and half of each split's pairs (rounded down) keep their caption, so labels are balanced per split.
 
 Mismatching captions:
 
-* ``random``: a random caption of another image of the same split (S2).
+* ``random``: a random caption of another image of the same split (the original study's negatives).
 * ``hard``: the caption of another image most similar to the image's own caption by a sentence encoder's
   embedding (cosine of mean-pooled MiniLM by default); on the built-in world, half of them are instead
   *attribute swaps*: one colour or shape word of the image's caption replaced by another of
@@ -20,15 +20,13 @@ also never names the same set of colours and shapes as the image's caption, so a
 correct description that happens to come from another image (the world repeats colour–shape combinations).
 On other data, ``max_similarity`` drops near-paraphrases from the hard candidates for the same reason.
 
-Output: one JSONL file, a line per pair (``split``, ``image_key``, ``image`` (the file path, or null for
-in-memory images such as the world's, whose key names them), ``caption``, ``label``, ``negative``,
-``caption_of``, ``replaced``: the own caption a mismatching one stands in for), and a sidecar ``FILE.meta.json``
-recording the data spec and settings, so training reads the same images back by key.
+A pair records ``split``, ``image_key``, ``image`` (the file path, or null for in-memory images such as the
+world's, whose key names them), ``caption``, ``label``, ``negative``, ``caption_of`` and ``replaced`` (the own
+caption a mismatching one stands in for); ``pairfile`` writes and reads them.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,14 +37,12 @@ import numpy as np
 
 from mmkd.data import world
 from mmkd.data.records import DataError, Record
-from mmkd.fileio import atomic_write_text
 
 NEGATIVE_MODES = ("random", "hard", "mixed")
 NEGATIVE_KINDS = ("random", "nearest", "swap")
 HARD_CANDIDATES = ("all", "drawn")
 SPLITS = ("train", "val", "test")
 MIN_SPLIT_IMAGES = 2  # a split needs one matching and one mismatching pair, and a second image to borrow from
-FORMAT_VERSION = 1
 
 Embed = Callable[[Sequence[str]], np.ndarray]  # texts -> L2-normalised [n, d]
 
@@ -135,7 +131,7 @@ def _check_records(records: Sequence[Record], cfg: BuildConfig) -> None:
         if distinct < cfg.captions_per_image:
             raise DataError(f"{where}: image {r.key!r} has {distinct} distinct caption(s) but "
                             f"captions_per_image={cfg.captions_per_image} asks for that many; give every "
-                            "image enough captions, drop the short ones, or lower --captions-per-image")
+                            "image enough captions, drop the short ones, or lower pairs.build.captions_per_image")
 
 
 def split_sizes(n: int, cfg: BuildConfig) -> dict[str, int]:
@@ -146,7 +142,7 @@ def split_sizes(n: int, cfg: BuildConfig) -> dict[str, int]:
         raise DataError(
             f"data set too small to split: {n} images give train/val/test = {sizes['train']}/{sizes['val']}/"
             f"{sizes['test']} images, and every split needs at least {MIN_SPLIT_IMAGES} (one matching and one "
-            "mismatching pair); add images or raise --val-frac/--test-frac")
+            "mismatching pair); add images or raise pairs.build.val_frac/test_frac")
     return sizes
 
 
@@ -330,112 +326,3 @@ def summarize(pairs: Sequence[MatchPair]) -> dict[str, dict[str, int]]:
         row.update({k: sum(p.negative == k for p in ps) for k in NEGATIVE_KINDS})
         out[s] = row
     return out
-
-
-# ------------------------------------------------------------------------------------------------ files
-
-
-def meta_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".meta.json")
-
-
-def write_pairs(path: str | Path, pairs: Sequence[MatchPair], meta: dict[str, Any]) -> Path:
-    """Write the pairs JSONL and its sidecar atomically (the pairs first: a sidecar always has its pairs)."""
-    path = Path(path)
-    atomic_write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in pairs))
-    full = {"format": FORMAT_VERSION, **meta, "counts": summarize(pairs)}
-    atomic_write_text(meta_path(path), json.dumps(full, indent=2))
-    return path
-
-
-@dataclass
-class PairSet:
-    """A pairs file read back: its settings (sidecar) and its pairs, per split."""
-
-    path: Path
-    meta: dict[str, Any]
-    pairs: list[MatchPair]
-
-    def split(self, name: str) -> list[MatchPair]:
-        return [p for p in self.pairs if p.split == name]
-
-
-_FIELDS = {f for f in MatchPair.__dataclass_fields__}
-
-
-def read_pairs(path: str | Path) -> PairSet:
-    """Read a pairs file and its sidecar; every bad line is reported with its file and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"pairs file {path} not found; build it with `mmkd matching build --data SPEC --out {path}`")
-    mpath = meta_path(path)
-    if not mpath.is_file():
-        raise DataError(f"{mpath} not found: it is written beside the pairs file by `mmkd matching build` and "
-                        "names the data set the image keys refer to; rebuild the pairs")
-    try:
-        meta = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{mpath}: not valid JSON ({e}); rebuild the pairs") from None
-    if not isinstance(meta, dict) or "data" not in meta:
-        raise DataError(f"{mpath}: has no 'data' field; rebuild the pairs with `mmkd matching build`")
-    pairs: list[MatchPair] = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{no}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object per line")
-        missing = {"split", "image_key", "caption", "label"} - set(obj)
-        if missing:
-            raise DataError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
-        if obj["split"] not in SPLITS:
-            raise DataError(f"{where}: split must be one of {', '.join(SPLITS)}, got {obj['split']!r}")
-        if obj["label"] not in (0, 1) or isinstance(obj["label"], bool):
-            raise DataError(f"{where}: label must be 0 or 1, got {obj['label']!r}")
-        if not isinstance(obj["caption"], str) or not obj["caption"].strip():
-            raise DataError(f"{where}: caption must be a non-empty string")
-        pairs.append(MatchPair(**{k: v for k, v in obj.items() if k in _FIELDS}))
-    for s in SPLITS:
-        labels = {p.label for p in pairs if p.split == s}
-        if labels != {0, 1}:
-            raise DataError(f"{path}: the {s} split needs both matching and mismatching pairs, has labels "
-                            f"{sorted(labels)}; rebuild the pairs")
-    return PairSet(path, meta, pairs)
-
-
-def build_pairs_file(spec: str, out: str | Path, cfg: BuildConfig, cache_dir: str | Path = "runs/.cache",
-                     world_n: int = 4000, embed: Embed | None = None, limit: int | None = None,
-                     text_encoder: str | None = None) -> tuple[Path, dict[str, dict[str, int]]]:
-    """Read a data spec, build the pairs and write them (with the sidecar); returns the path and the counts.
-
-    ``world:`` specs turn on the world's attribute swaps and colour/shape guard. Hard or mixed negatives load
-    the sentence encoder (``text_encoder`` folder, default all-MiniLM-L6-v2) unless ``embed`` is given.
-    """
-    from dataclasses import replace
-
-    from mmkd.data.resolve import records_from_spec
-
-    is_world = spec.startswith("world:")
-    cfg = replace(cfg, world_attributes=is_world)
-    records = records_from_spec(spec, cache_dir, world_n=world_n)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        records = records[:limit]
-    encoder_name = getattr(embed, "path", None)
-    if embed is None and cfg.negatives != "random":
-        from mmkd.matching.text import TextEncoder
-
-        enc = TextEncoder(text_encoder)
-        embed, encoder_name = enc, enc.path
-    pairs = build_pairs(records, cfg, embed)
-    meta = {"data": spec, "world_n": world_n if is_world else None,
-            "cache": str(Path(cache_dir).resolve()) if is_world else None, "limit": limit,
-            "text_encoder": encoder_name, "build": asdict(cfg)}
-    path = write_pairs(out, pairs, meta)
-    return path, summarize(pairs)

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from mmkd.data.matching import SPLITS
-from mmkd.matching.data import PairData
-from mmkd.matching.losses import KDConfig
-from mmkd.matching.metrics import binary_metrics, choose_threshold
-from mmkd.matching.models import StudentConfig, TeacherMatcher, load_teacher_matcher, save_teacher_matcher
-from mmkd.matching.train import (
+from mmkd.config import to_dict
+from mmkd.fileio import atomic_write_bytes, atomic_write_json
+from mmkd.studies.matching.config import MatchingConfig
+from mmkd.studies.matching.data import PairData
+from mmkd.studies.matching.losses import KDConfig
+from mmkd.studies.matching.metrics import binary_metrics, choose_threshold
+from mmkd.studies.matching.models import TeacherMatcher, load_teacher_matcher, save_teacher_matcher
+from mmkd.studies.matching.pairs import SPLITS
+from mmkd.studies.matching.train import (
     Log,
-    StudentTrainConfig,
     TeacherInputs,
     TeacherTrainConfig,
     TransferSet,
@@ -40,23 +40,6 @@ from mmkd.matching.train import (
     train_student,
 )
 
-MODEL_NAMES = ("teacher", "baseline", "kd_kl", "kd_bce")
-
-
-@dataclass
-class StudyConfig:
-    """Teacher fine-tuning, student architecture and training, and the KD settings to run."""
-
-    teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    train: StudentTrainConfig = field(default_factory=StudentTrainConfig)
-    kd: list[KDConfig] = field(default_factory=lambda: [KDConfig("kl", 3.0, 0.5), KDConfig("bce", 3.0, 0.5)])
-    text_encoder: str | None = None  # sentence encoder folder for the student (default: all-MiniLM-L6-v2)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"teacher": asdict(self.teacher), "student": self.student.to_json(), "train": asdict(self.train),
-                "kd": [asdict(k) for k in self.kd], "text_encoder": self.text_encoder}
-
 
 def _sha1_file(path: Path) -> str:
     h = hashlib.sha1()
@@ -66,22 +49,13 @@ def _sha1_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def teacher_settings(cfg: MatchingConfig) -> dict[str, Any]:
+    """How the teacher is fine-tuned (not where it comes from): what its reuse depends on besides the source."""
+    return {f.name: getattr(cfg.teacher, f.name) for f in fields(TeacherTrainConfig)}
 
 
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def evaluate(data: PairData, logits: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -91,9 +65,9 @@ def evaluate(data: PairData, logits: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 class MatchingStudy:
-    def __init__(self, data: PairData, teacher_source: str | Path, out: str | Path, cfg: StudyConfig | None = None,
+    def __init__(self, data: PairData, teacher_source: str | Path, out: str | Path, cfg: MatchingConfig | None = None,
                  text_cache: str | Path | None = None, log: Log = print, text_encoder: Any = None) -> None:
-        self.data, self.cfg, self.log = data, cfg or StudyConfig(), log
+        self.data, self.cfg, self.log = data, cfg or MatchingConfig(), log
         self.teacher_source = Path(teacher_source)
         self.out = Path(out)
         self.text_cache = text_cache
@@ -113,7 +87,7 @@ class MatchingStudy:
         weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.glob("*.safetensors")) \
             if src.is_dir() else []
         blob = json.dumps({"pairs": _sha1_file(self.data.pairset.path), "teacher": str(src), "weights": weights,
-                           "config": asdict(self.cfg.teacher)}, sort_keys=True)
+                           "config": teacher_settings(self.cfg)}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     def prepare_teacher(self) -> TeacherMatcher:
@@ -152,7 +126,7 @@ class MatchingStudy:
         info = {"fingerprint": fp, "source": str(self.teacher_source), "seconds": round(result["seconds"], 1),
                 "history": result["history"], "config": result["config"], "fine_tuned_here": True}
         save_teacher_matcher(teacher, folder, info)
-        _atomic_save_file(self.logits, logit_file)
+        _save_tensors(self.logits, logit_file)
         self.teacher, self.teacher_info = teacher, {"head": tcfg.head, **info}
         self._inputs, self._teacher_dir = inputs, folder
         return teacher
@@ -175,13 +149,13 @@ class MatchingStudy:
         self._transfer = build_transfer_set(teacher, inputs, train)
         if file is not None:
             tr = self._transfer
-            _atomic_save_file({"images": tr.images, "captions": tr.captions, "logits": tr.logits}, file)
+            _save_tensors({"images": tr.images, "captions": tr.captions, "logits": tr.logits}, file)
         return self._transfer
 
     # -------------------------------------------------------------------------------------------- student
     def text_features(self) -> torch.Tensor:
         if self._text_feats is None:
-            from mmkd.matching.text import TextEncoder
+            from mmkd.studies.matching.text import TextEncoder
 
             enc = self._encoder or TextEncoder(self.cfg.text_encoder, cache_file=self.text_cache)
             self.log(f"student text features: {len(self.data.captions)} captions through {enc.path} "
@@ -246,9 +220,9 @@ class MatchingStudy:
         metrics = {"pairs": str(self.data.pairset.path), "data": meta.get("data"),
                    "negatives": (meta.get("build") or {}).get("negatives"), "teacher_source": str(self.teacher_source),
                    "models": models, "teacher_errors": self.teacher_errors(),
-                   "config": self.cfg.to_json(), "seconds": round(time.perf_counter() - t0, 1)}
-        _atomic_json(self.out / "metrics.json", metrics)
-        from mmkd.matching.report import write_study_report
+                   "config": to_dict(self.cfg), "seconds": round(time.perf_counter() - t0, 1)}
+        atomic_write_json(self.out / "metrics.json", metrics)
+        from mmkd.studies.matching.report import write_study_report
 
         write_study_report(self.out, metrics)
         return metrics

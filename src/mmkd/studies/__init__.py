@@ -1,0 +1,1 @@
+"""Studies built on the core (data, models, objectives, training, evaluation); each registers its commands."""
