@@ -15,8 +15,10 @@ from typing import Any, Union
 
 import yaml
 
+from mmkd.errors import MmkdError
 
-class ConfigError(ValueError):
+
+class ConfigError(MmkdError, ValueError):
     """A bad configuration: the message names the key (dotted path) and what is allowed."""
 
 

@@ -123,7 +123,7 @@ def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
         elif spec.kind == "retrieval":
             out[name] = retrieval(model, records)
         else:
-            raise ValueError(f"eval kind {spec.kind!r} unknown; valid: zeroshot, retrieval")
+            raise ConfigError(f"eval kind {spec.kind!r} unknown; valid: zeroshot, retrieval")
     return out
 
 

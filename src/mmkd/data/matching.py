@@ -39,6 +39,7 @@ import numpy as np
 
 from mmkd.data import world
 from mmkd.data.records import DataError, Record
+from mmkd.errors import UsageError
 from mmkd.fileio import atomic_write_text
 
 NEGATIVE_MODES = ("random", "hard", "mixed")
@@ -88,23 +89,23 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if self.negatives not in NEGATIVE_MODES:
-            raise ValueError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {self.negatives!r}")
+            raise UsageError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {self.negatives!r}")
         if self.captions_per_image < 1:
-            raise ValueError(f"captions_per_image must be >= 1, got {self.captions_per_image}")
+            raise UsageError(f"captions_per_image must be >= 1, got {self.captions_per_image}")
         for name in ("val_frac", "test_frac"):
             v = getattr(self, name)
             if not 0.0 < v < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {v}")
+                raise UsageError(f"{name} must be in (0, 1), got {v}")
         if self.val_frac + self.test_frac >= 1.0:
-            raise ValueError(f"val_frac + test_frac must be < 1 (something must be left to train on), got "
+            raise UsageError(f"val_frac + test_frac must be < 1 (something must be left to train on), got "
                              f"{self.val_frac} + {self.test_frac}")
         if not 0.0 < self.max_similarity <= 1.0:
-            raise ValueError(f"max_similarity must be in (0, 1], got {self.max_similarity}")
+            raise UsageError(f"max_similarity must be in (0, 1], got {self.max_similarity}")
         if self.hard_candidates not in HARD_CANDIDATES:
-            raise ValueError(f"hard_candidates must be one of {', '.join(HARD_CANDIDATES)}, got "
+            raise UsageError(f"hard_candidates must be one of {', '.join(HARD_CANDIDATES)}, got "
                              f"{self.hard_candidates!r}")
         if not 0.0 <= self.swap_fraction <= 1.0:
-            raise ValueError(f"swap_fraction must be in [0, 1], got {self.swap_fraction}")
+            raise UsageError(f"swap_fraction must be in [0, 1], got {self.swap_fraction}")
 
 
 def attribute_signature(caption: str) -> tuple[frozenset[str], frozenset[str]]:
@@ -425,7 +426,7 @@ def build_pairs_file(spec: str, out: str | Path, cfg: BuildConfig, cache_dir: st
     records = records_from_spec(spec, cache_dir, world_n=world_n)
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+            raise UsageError(f"limit must be >= 1, got {limit}")
         records = records[:limit]
     encoder_name = getattr(embed, "path", None)
     if embed is None and cfg.negatives != "random":

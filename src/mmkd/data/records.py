@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mmkd.errors import MmkdError
+
 ImageRef = Path | bytes | np.ndarray
 
 
-class DataError(ValueError):
+class DataError(MmkdError, ValueError):
     """Bad input data: the message names the file/field and what to do."""
 
 

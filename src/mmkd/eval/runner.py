@@ -20,6 +20,7 @@ import yaml
 from mmkd.config import ConfigError, from_dict
 from mmkd.data import sources
 from mmkd.data.records import Record
+from mmkd.errors import UsageError
 from mmkd.fileio import atomic_write_json
 from mmkd.registry import Registry
 
@@ -226,7 +227,7 @@ def _refuse_foreign(target: Path) -> None:
     except (OSError, json.JSONDecodeError):
         previous = None
     if not (isinstance(previous, dict) and isinstance(previous.get("eval"), dict) and "suite" in previous["eval"]):
-        raise ValueError(f"{target} exists and was not written by mmkd eval all (e.g. a demo's or a distill run's); "
+        raise UsageError(f"{target} exists and was not written by mmkd eval all (e.g. a demo's or a distill run's); "
                          "choose another --out folder so it is not overwritten")
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmkd.errors import UsageError
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder
 from mmkd.registry import Registry
 
@@ -105,7 +106,7 @@ class TeacherMatcher(nn.Module):
     def set_trainable(self, mode: str) -> None:
         """all: end to end; vision: text tower frozen; head: both towers frozen (projections and head train)."""
         if mode not in TRAINABLE:
-            raise ValueError(f"teacher trainable must be one of {', '.join(TRAINABLE)}, got {mode!r}")
+            raise UsageError(f"teacher trainable must be one of {', '.join(TRAINABLE)}, got {mode!r}")
         for p in self.parameters():
             p.requires_grad_(True)
         frozen = {"all": [], "vision": [self.encoder.text_model],
@@ -194,7 +195,7 @@ class StudentConfig:
     def __post_init__(self) -> None:
         FUSIONS.get(self.fusion)
         if self.image_size < 8:
-            raise ValueError(f"student image_size must be >= 8, got {self.image_size}")
+            raise UsageError(f"student image_size must be >= 8, got {self.image_size}")
         if isinstance(self.resnet, str) and not Path(self.resnet).is_dir():
             raise FileNotFoundError(f"student resnet folder {self.resnet} not found; pass a local folder saved by "
                                     "ResNetModel.save_pretrained, or ResNetConfig kwargs")
@@ -216,7 +217,7 @@ class MatchingStudent(nn.Module):
             try:
                 self.resnet = ResNetModel(ResNetConfig(**cfg.resnet))
             except TypeError as e:
-                raise ValueError(f"student resnet config: {e}") from None
+                raise UsageError(f"student resnet config: {e}") from None
         self.cfg = cfg
         self.image_dim = int(self.resnet.config.hidden_sizes[-1])
         self.fusion = FUSIONS.get(cfg.fusion)(self.image_dim, text_dim)

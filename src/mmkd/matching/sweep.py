@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mmkd.errors import UsageError
 from mmkd.matching.losses import MATCHING_KD, KDConfig, check_kd_params
 from mmkd.matching.report import leaderboard_csv, leaderboard_md, leaderboard_rows
 from mmkd.matching.study import MatchingStudy, _atomic_json
@@ -23,7 +24,7 @@ def grid(temperatures: Sequence[float] = TEMPERATURES, alphas: Sequence[float] =
          variants: Sequence[str] = ("kl", "bce")) -> list[KDConfig]:
     """Every (variant, T, α), validated before anything trains."""
     if not temperatures or not alphas or not variants:
-        raise ValueError("the sweep needs at least one temperature, one alpha and one variant")
+        raise UsageError("the sweep needs at least one temperature, one alpha and one variant")
     for t in temperatures:
         for a in alphas:
             check_kd_params(t, a)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkd.errors import UsageError
 from mmkd.matching.data import PairData, SplitIndex
 from mmkd.matching.losses import KDConfig, matching_loss
 from mmkd.matching.models import TRAINABLE, MatchingStudent, StudentConfig, TeacherMatcher
@@ -41,10 +42,10 @@ class TeacherTrainConfig:
 
         HEADS.get(self.head)
         if self.trainable not in TRAINABLE:
-            raise ValueError(f"teacher trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+            raise UsageError(f"teacher trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         _check_positive(self, ("batch_size", "lr", "head_lr"), "teacher")
         if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"teacher epochs must be an integer >= 0 (0: only calibrate the head), "
+            raise UsageError(f"teacher epochs must be an integer >= 0 (0: only calibrate the head), "
                              f"got {self.epochs!r}")
 
 
@@ -62,7 +63,7 @@ class StudentTrainConfig:
     def __post_init__(self) -> None:
         _check_positive(self, ("epochs", "batch_size", "lr", "transfer_top"), "student")
         if not isinstance(self.transfer, int) or self.transfer < 0:
-            raise ValueError(f"student transfer (extra teacher-labelled pairs per pair) must be an integer >= 0, "
+            raise UsageError(f"student transfer (extra teacher-labelled pairs per pair) must be an integer >= 0, "
                              f"got {self.transfer!r}")
 
 
@@ -70,7 +71,7 @@ def _check_positive(cfg: Any, names: tuple[str, ...], what: str) -> None:
     for n in names:
         v = getattr(cfg, n)
         if not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"{what} {n} must be > 0, got {v!r}")
+            raise UsageError(f"{what} {n} must be > 0, got {v!r}")
 
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:

@@ -49,6 +49,7 @@ import torch
 
 from mmkd.data.records import DataError, Record
 from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augmentation_settings
+from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write, atomic_write_json
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.student import TeacherInfo
@@ -66,7 +67,7 @@ TEXT_ARRAYS = ("text_embeds", "text_features")
 NORM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
 
 
-class CacheError(ValueError):
+class CacheError(MmkdError, ValueError):
     """A cache that cannot be used or built as asked: the message names the file or field and what to do."""
 
 
