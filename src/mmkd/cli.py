@@ -43,10 +43,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from mmkd.config import load_config
+    from mmkd.data.records import set_max_image_pixels
     from mmkd.distill import run_distill
 
     overrides = list(args.overrides) + (["train.ignore_cache_fingerprint=true"] if args.ignore_fingerprint else [])
     cfg = load_config(args.config, overrides)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     metrics = run_distill(cfg, resume=args.resume)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -587,9 +589,19 @@ def run_command(args: argparse.Namespace) -> int:
     2: a problem the user can fix (an ``MmkdError`` or an ``OSError``); 130: Ctrl-C; 1: anything else (a bug),
     with its traceback when ``MMKD_DEBUG=1``.
     """
+    import warnings
+
+    from PIL import Image
+
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    pixel_limit = Image.MAX_IMAGE_PIXELS
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # the command's image limit and warning filter end with the command
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse before decoding, not after
+            from mmkd.data.records import max_image_pixels_from_env, set_max_image_pixels
+
+            set_max_image_pixels(max_image_pixels_from_env())
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         step = interrupted_step(e.__traceback__) if getattr(args, "command", None) == "distill" else None
         print("mmkd: interrupted" + (f" at step {step}; resume with --resume" if step is not None else ""),
@@ -607,6 +619,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"mmkd: internal error: {type(e).__name__}: {_one_line(str(e))} "
               f"(rerun with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        Image.MAX_IMAGE_PIXELS = pixel_limit
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,24 @@ class ConfigError(MmkdError, ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-3`` as a number: YAML 1.1 needs a dot (``1.0e-3``), a trap for learning rates."""
+    """SafeLoader that reads ``1e-3`` as a number (YAML 1.1 needs a dot, ``1.0e-3``: a trap for learning rates) and
+    refuses a key given twice in one mapping (plain YAML keeps the last silently: an edit that seems ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise ConfigError(f"{self.name}:{line}: duplicate key {key!r} (first given at line {first[key]}); "
+                                      "keep one of them")
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -31,8 +48,19 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+def load_yaml(text: str, where: str | Path = "<text>") -> Any:
+    """Parse YAML as every mmkd file is read: safe types only, ``1e-3`` a number, duplicate keys refused naming
+    ``where`` and the line. A syntax error raises ``yaml.YAMLError`` for the caller to name its file."""
+    loader = _Loader(text)
+    loader.name = str(where)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_load(text: str, where: str | Path = "<text>") -> Any:
+    return load_yaml(text, where)
 
 
 @dataclass
@@ -76,6 +104,9 @@ class StudentConfig:
     shared: SharedBlockConfig | None = None  # set: a student with a shared final block (S4)
 
 
+ON_ERROR = ("raise", "skip")
+
+
 @dataclass
 class DataConfig:
     """Where training pairs come from.
@@ -96,6 +127,8 @@ class DataConfig:
     views: int | None = None  # distinct augmented views per sample (view 0 = unaugmented); None: see README
     world_size_train: int = 4000  # built-in world: images in the generated train split
     world_size_unpaired: int = 20000
+    on_error: str = "raise"  # a bad sample (e.g. a shard member missing): raise (stop, naming it) or skip (count it)
+    max_image_pixels: int | None = None  # refuse larger images (decompression bombs); None: PIL's 89,478,485
 
 
 @dataclass
@@ -266,7 +299,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         try:
-            loaded = _yaml_load(p.read_text())
+            loaded = load_yaml(p.read_text(), p)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is None:
@@ -293,6 +326,20 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.captions_per_image must be ≥ 1 (or null for all)")
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be ≥ 1")
+    for key in ("limit", "unpaired_limit", "max_image_pixels"):
+        value = getattr(cfg.data, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be ≥ 1 (or null for no limit), got {value}")
+    for key in ("world_size_train", "world_size_unpaired"):
+        if getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key} must be ≥ 1, got {getattr(cfg.data, key)}")
+    if cfg.data.unpaired_batch_size < 0:
+        raise ConfigError(f"data.unpaired_batch_size must be ≥ 0, got {cfg.data.unpaired_batch_size}")
+    if cfg.data.on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error: {cfg.data.on_error!r} is not one of {', '.join(ON_ERROR)}")
+    for i, spec in enumerate(cfg.eval):
+        if spec.limit is not None and spec.limit < 1:
+            raise ConfigError(f"eval[{i}].limit must be ≥ 1 (or null for all samples), got {spec.limit}")
     if cfg.teacher_modality not in ("image_text", "image"):
         raise ConfigError(f"teacher_modality: {cfg.teacher_modality!r} is not one of image_text, image")
     if cfg.data.label_captions is not None and "{}" not in cfg.data.label_captions:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 
+from mmkd.config import load_yaml
 from mmkd.data.records import Record
 from mmkd.errors import UsageError
 from mmkd.eval.embed import embed_images, embed_texts
@@ -79,7 +80,7 @@ def load_bias_words(path: str | Path | None = None, template: str | None = None)
             raise UsageError(f"bias word file {p} not found")
         where, text = str(p), p.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, where)
     except yaml.YAMLError as e:
         raise UsageError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

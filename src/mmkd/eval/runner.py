@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mmkd.config import ConfigError, from_dict
+from mmkd.config import ConfigError, from_dict, load_yaml
 from mmkd.data import sources
 from mmkd.data.records import Record
 from mmkd.errors import UsageError
@@ -187,7 +187,7 @@ def load_suite(path: str | Path, limit: int | None = None) -> SuiteConfig:
     if not p.is_file():
         raise ConfigError(f"suite file {p} not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text(), p)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -64,6 +64,12 @@ DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np
 PRECISIONS = ("auto", "bf16", "fp32")
 IMAGE_ARRAYS = ("image_embeds", "image_features")
 TEXT_ARRAYS = ("text_embeds", "text_features")
+# every key of meta.json that readers index: checked once on reading, so a damaged file is named, not a KeyError
+META_KEYS = ("layout.n_samples", "layout.n_captions", "layout.chunk_rows", "layout.arrays", "fingerprint.views",
+             "fingerprint.storage.dtype", "fingerprint.teacher.projection_dim", "fingerprint.teacher.feature_dims",
+             "fingerprint.teacher.logit_scale", "fingerprint.teacher.weights_sha256", "fingerprint.teacher.meta",
+             "fingerprint.data.sha256", "fingerprint.data.captions_sha256", "fingerprint.transform.view_seed",
+             "fingerprint.transform.augmentation", "fingerprint.transform.version")
 NORM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
 
 
@@ -164,8 +170,13 @@ class Layout:
     @classmethod
     def from_meta(cls, root: Path, meta: dict[str, Any]) -> Layout:
         lay = meta["layout"]
-        return cls(root, int(lay["n_samples"]), int(lay["n_captions"]), int(lay["chunk_rows"]),
-                   {k: tuple(v) for k, v in lay["arrays"].items()}, meta["fingerprint"]["storage"]["dtype"])
+        try:
+            return cls(root, int(lay["n_samples"]), int(lay["n_captions"]), int(lay["chunk_rows"]),
+                       {str(k): tuple(int(x) for x in v) for k, v in lay["arrays"].items()},
+                       meta["fingerprint"]["storage"]["dtype"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CacheError(f"{root / 'meta.json'}: its 'layout' is not valid ({type(e).__name__}: {e}; the file is "
+                             f"damaged): rebuild the cache (delete {root} and rerun `mmkd cache`)") from None
 
     def chunks(self, kind: str | None = None) -> list[Chunk]:
         out = []
@@ -221,6 +232,17 @@ def read_meta(root: Path) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{root} is a teacher cache of format version {meta.get('format_version')}; this mmkd "
                          f"reads version {FORMAT_VERSION}: rebuild it with `mmkd cache`")
+    for dotted in META_KEYS:
+        node: Any = meta
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise CacheError(f"{root / 'meta.json'} has no key {dotted!r} (the file is damaged): rebuild the "
+                                 f"cache (delete {root} and rerun `mmkd cache`)")
+            node = node[part]
+    dtype = meta["fingerprint"]["storage"]["dtype"]
+    if dtype not in DTYPES:
+        raise CacheError(f"{root / 'meta.json'}: fingerprint.storage.dtype {dtype!r} is not one of "
+                         f"{', '.join(DTYPES)} (the file is damaged): rebuild the cache")
     return meta
 
 
@@ -631,7 +653,7 @@ class CachedTeacher:
         meta = read_meta(root)
         index = _read_json(root / "keys.json", "the cache's sample index is missing: rebuild the cache")
         captions = _read_json(root / "captions.json", "the cache's caption index is missing: rebuild the cache")
-        keys, digests = index.get("keys"), index.get("digests")
+        keys, digests = (index.get("keys"), index.get("digests")) if isinstance(index, dict) else (None, None)
         layout = Layout.from_meta(root, meta)
         if (not isinstance(keys, list) or not isinstance(digests, list) or len(keys) != layout.n_samples
                 or len(digests) != len(keys) or not isinstance(captions, list)
@@ -859,11 +881,15 @@ def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
         meta = read_meta(root)
         index = _read_json(root / "keys.json", "the sample index is missing")
         captions = _read_json(root / "captions.json", "the caption index is missing")
+        layout = Layout.from_meta(root, meta)
     except CacheError as e:
         rep.problems.append(str(e))
         return rep
-    layout = Layout.from_meta(root, meta)
     f = meta["fingerprint"]
+    if not isinstance(index, dict) or not isinstance(captions, list):
+        rep.problems.append(f"{root / 'keys.json'} or {root / 'captions.json'} does not hold what the cache writes "
+                            "(damaged): rebuild the cache")
+        return rep
     keys, digests = index.get("keys", []), index.get("digests", [])
     if len(keys) != layout.n_samples or len(digests) != len(keys):
         rep.problems.append(f"keys.json holds {len(keys)} keys / {len(digests)} digests, meta.json says "
