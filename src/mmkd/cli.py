@@ -24,6 +24,17 @@ DATA_SPECS = """data specs are FORMAT:PATH:
   cifar10:DIR_OR_SHARDS  cifar100:DIR  stl10:DIR   their own on-disk formats (split: test)"""
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and limits: a negative limit would silently drop samples from the end."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def _print_table(metrics: dict[str, Any]) -> None:
     from mmkd.report.demo_report import markdown_table, table_rows
 
@@ -376,7 +387,7 @@ def _add_matching(sub) -> None:
                    help="hard negatives among all captions of the split, or only the captions drawn for pairs")
     b.add_argument("--max-similarity", type=float, default=0.95,
                    help="hard candidates this similar or more count as paraphrases and are skipped")
-    b.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    b.add_argument("--limit", type=positive_int, default=None, help="use the first N images only")
     b.add_argument("--world-n", type=int, default=4000, help="images in a built-in world split")
     b.add_argument("--cache", default="runs/.cache", help="cache folder for the built-in world")
     b.add_argument("--text-encoder", default=None, help="sentence encoder folder for hard negatives "
@@ -461,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default 64)")
     c.add_argument("--chunk-rows", type=int, default=1024,
                    help="samples per shard; an interrupted build loses at most one chunk (default 1024)")
-    c.add_argument("--limit", type=int, default=None, help="keep the first N samples of each --data spec")
+    c.add_argument("--limit", type=positive_int, default=None, help="keep the first N samples of each --data spec")
+    c.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="a bad sample (e.g. a shard member missing): stop naming it (default) or skip and count it")
     c.add_argument("--world-n", type=int, default=4000, help="images in a built-in world split (world:SPLIT)")
     c.add_argument("--data-cache", default="runs/.cache", help="cache folder for the built-in world")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -477,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     def data_options(q: argparse.ArgumentParser, need_data: bool) -> None:
         q.add_argument("--data", required=need_data, help="data spec FORMAT:PATH (see mmkd eval --help)")
         q.add_argument("--split", default="test", help="split for cifar10/cifar100/stl10 (default test)")
-        q.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
+        q.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N samples only")
         q.add_argument("--cache", default="runs/.cache", help="cache folder for the built-in world")
         q.add_argument("--world-n", type=int, default=2000, help="images in a built-in world split")
 
@@ -518,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--teacher", default=None, help="the teacher, evaluated too and the reference of comparisons")
     q.add_argument("--suite", required=True, help="suite YAML (see configs/suites/)")
     q.add_argument("--out", default="runs/eval", help="output folder for metrics.json (default runs/eval)")
-    q.add_argument("--limit", type=int, default=None, help="cap every data set at N samples (quick tries)")
+    q.add_argument("--limit", type=positive_int, default=None, help="cap every data set at N samples (quick tries)")
     q.set_defaults(func=cmd_eval_all)
 
     r = sub.add_parser("report", help="an HTML page (+ Markdown) comparing the models of one or more runs")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,32 @@ MAX_PIXELS_ENV = "MMKD_MAX_IMAGE_PIXELS"
 
 class DataError(MmkdError, ValueError):
     """Bad input data: the message names the file/field and what to do."""
+
+
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass
+class BadSamples:
+    """What a reader does with a bad sample (a member missing, a shard cut short): ``raise`` stops at the first,
+    naming it (the default); ``skip`` leaves it out and keeps the reason, so the run can count and log them."""
+
+    policy: str = "raise"
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ON_ERROR:
+            raise DataError(f"data.on_error: {self.policy!r} is not one of {', '.join(ON_ERROR)}")
+
+    def report(self, error: DataError) -> None:
+        """Raise ``error`` or, with ``skip``, record it: the caller then leaves the sample out."""
+        if self.policy == "raise":
+            raise error
+        self.skipped.append(str(error))
+
+    @property
+    def count(self) -> int:
+        return len(self.skipped)
 
 
 @dataclass(frozen=True)

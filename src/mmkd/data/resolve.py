@@ -6,21 +6,23 @@ import inspect
 from pathlib import Path
 
 from mmkd.data import sources, world
-from mmkd.data.records import DataError, Record
+from mmkd.data.records import BadSamples, DataError, Record
 
 WORLD_SPLITS = ("train", "val", "test", "pool")
 
 
 def records_from_spec(spec: str, cache_dir: str | Path = "runs/.cache", world_n: int = 4000,
-                      world_seed: int = 0, **options) -> list[Record]:
-    """``world:SPLIT`` generates (or reads cached) built-in world images; ``FORMAT:PATH`` reads files."""
+                      world_seed: int = 0, bad: BadSamples | None = None, **options) -> list[Record]:
+    """``world:SPLIT`` generates (or reads cached) built-in world images; ``FORMAT:PATH`` reads files.
+
+    bad: raise at a bad sample (default) or skip and count it (formats that can tell one; see sources)."""
     fmt, _, rest = spec.partition(":")
     if fmt == "world":
         split = rest or "train"
         if split not in WORLD_SPLITS:
             raise DataError(f"data spec {spec!r}: world split must be one of {', '.join(WORLD_SPLITS)}")
         return world.to_records(world.load_split(split, world_n, Path(cache_dir) / "world", seed=world_seed))
-    return sources.read_records(spec, **options)
+    return sources.read_records(spec, bad=bad, **options)
 
 
 def split_options(spec: str, split: str | None) -> dict[str, str]:

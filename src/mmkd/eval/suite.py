@@ -41,8 +41,13 @@ def world_labels(records: Sequence[Record], class_set: str) -> list[int]:
 def zeroshot(model: Any, records: Sequence[Record], classnames: list[str], templates: list[str],
              labels: Sequence[int] | None = None) -> dict[str, float]:
     labels = labels if labels is not None else [r.label for r in records]  # type: ignore[misc]
-    if any(lab is None for lab in labels):
-        raise DataError("zero-shot evaluation needs a label on every image")
+    for r, lab in zip(records, labels):
+        if lab is None:
+            raise DataError(f"{r.origin or r.key}: no label; zero-shot evaluation needs a label on every image")
+        if not 0 <= lab < len(classnames):
+            raise DataError(f"{r.origin or r.key}: label {lab} is out of range: the data has {len(classnames)} "
+                            f"classes (labels 0..{len(classnames) - 1}); fix the label or the class list "
+                            "(e.g. classes.txt beside WebDataset shards)")
     return evaluate_zeroshot(model, pixel_batches(model, records, labels), classnames, templates)
 
 
