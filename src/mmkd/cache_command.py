@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import torch
 
-from mmkd.data.records import Record
+from mmkd.data.records import BadSamples, Record, set_max_image_pixels
 from mmkd.data.resolve import records_from_spec
 from mmkd.teacher.cache import BuildResult, CacheError, build_cache
 from mmkd.train.distributed import init_distributed
@@ -16,6 +17,7 @@ from mmkd.train.distributed import init_distributed
 def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:
     """(teacher, records, out folder) from ``--teacher/--data/--out`` or from a distill ``--config``."""
     teacher, out = args.teacher, args.out
+    bad = BadSamples(getattr(args, "on_error", "raise"))
     if args.config:
         if args.data:
             raise CacheError("give the data either with --data or through --config, not both")
@@ -23,7 +25,9 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:
         from mmkd.distill import cache_path, training_records
 
         cfg = load_config(args.config)
-        paired, unpaired = training_records(cfg)
+        set_max_image_pixels(cfg.data.max_image_pixels)
+        bad = BadSamples(cfg.data.on_error)
+        paired, unpaired = training_records(cfg, bad)
         records = paired + (unpaired or [])
         target = cache_path(cfg.teacher)
         out = out or target
@@ -37,13 +41,21 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:
                              "or --verify DIR")
         records = []
         for spec in args.data:
-            recs = records_from_spec(spec, args.data_cache, world_n=args.world_n)
+            recs = records_from_spec(spec, args.data_cache, world_n=args.world_n, bad=bad)
             records += recs[: args.limit] if args.limit else recs
     if not teacher:
         raise CacheError("--teacher MODEL is required (a model folder or hub id)")
     if not out:
         raise CacheError("--out DIR is required")
+    if bad.count:
+        print(f"on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
     return teacher, records, out
+
+
+def _source_name(teacher: str) -> str:
+    """A local teacher by its absolute path (the same folder named relatively or absolutely is one teacher), a hub
+    id as given. Recorded in meta.json for people; the build's identity is the teacher's weights hash."""
+    return os.path.abspath(teacher) if os.path.exists(teacher) else teacher
 
 
 def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
@@ -57,7 +69,7 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
     teacher = load_dual_encoder(teacher_path).to(device)
     result = build_cache(teacher, records, out, views=args.views, dtype=args.dtype, features=args.features,
                          seed=args.seed, batch_size=args.batch_size, chunk_rows=args.chunk_rows,
-                         precision=args.precision, source=str(teacher_path), progress=info.is_main,
+                         precision=args.precision, source=_source_name(teacher_path), progress=info.is_main,
                          log=log if info.is_main else None)
     if info.is_main:
         log(f"teacher cache ready: {result.root} ({result.n_samples} samples × {result.views} view(s), "

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
+
+from mmkd.errors import MmkdError, UsageError
 
 DATA_SPECS = """data specs are FORMAT:PATH:
   world:SPLIT                      the built-in world (train, val, test, pool)
@@ -22,6 +27,17 @@ DATA_SPECS = """data specs are FORMAT:PATH:
 
 # packages that register their own subcommands: each module exposes ``add_parser(subparsers)``
 COMMAND_MODULES = ("mmkd.studies.matching.cli",)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and limits: a negative limit would silently drop samples from the end."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
 
 
 def _print_table(metrics: dict[str, Any]) -> None:
@@ -43,10 +59,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from mmkd.config import load_config
+    from mmkd.data.records import set_max_image_pixels
     from mmkd.distill import run_distill
 
     overrides = list(args.overrides) + (["train.ignore_cache_fingerprint=true"] if args.ignore_fingerprint else [])
     cfg = load_config(args.config, overrides)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     metrics = run_distill(cfg, resume=args.resume)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -55,7 +73,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     if args.verify:
         if args.teacher or args.data or args.config:
-            raise ValueError("--verify DIR checks an existing cache; it takes no --teacher/--data/--config")
+            raise UsageError("--verify DIR checks an existing cache; it takes no --teacher/--data/--config")
         from mmkd.teacher.cache import verify_cache
 
         report = verify_cache(args.verify, deep=not args.quick)
@@ -87,7 +105,7 @@ def _model_paths(models: Sequence[str] | None, teacher: str | None) -> dict[str,
             name, i = f"{base}_{i}", i + 1
         out[name] = path
     if not out:
-        raise ValueError("give at least one --model PATH (and optionally --teacher PATH)")
+        raise UsageError("give at least one --model PATH (and optionally --teacher PATH)")
     return out
 
 
@@ -283,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default 64)")
     c.add_argument("--chunk-rows", type=int, default=1024,
                    help="samples per shard; an interrupted build loses at most one chunk (default 1024)")
-    c.add_argument("--limit", type=int, default=None, help="keep the first N samples of each --data spec")
+    c.add_argument("--limit", type=positive_int, default=None, help="keep the first N samples of each --data spec")
+    c.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="a bad sample (e.g. a shard member missing): stop naming it (default) or skip and count it")
     c.add_argument("--world-n", type=int, default=4000, help="images in a built-in world split (world:SPLIT)")
     c.add_argument("--data-cache", default="runs/.cache", help="cache folder for the built-in world")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -299,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     def data_options(q: argparse.ArgumentParser, need_data: bool) -> None:
         q.add_argument("--data", required=need_data, help="data spec FORMAT:PATH (see mmkd eval --help)")
         q.add_argument("--split", default="test", help="split for cifar10/cifar100/stl10 (default test)")
-        q.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
+        q.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N samples only")
         q.add_argument("--cache", default="runs/.cache", help="cache folder for the built-in world")
         q.add_argument("--world-n", type=int, default=2000, help="images in a built-in world split")
 
@@ -340,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--teacher", default=None, help="the teacher, evaluated too and the reference of comparisons")
     q.add_argument("--suite", required=True, help="suite YAML (see configs/suites/)")
     q.add_argument("--out", default="runs/eval", help="output folder for metrics.json (default runs/eval)")
-    q.add_argument("--limit", type=int, default=None, help="cap every data set at N samples (quick tries)")
+    q.add_argument("--limit", type=positive_int, default=None, help="cap every data set at N samples (quick tries)")
     q.set_defaults(func=cmd_eval_all)
 
     r = sub.add_parser("report", help="an HTML page (+ Markdown) comparing the models of one or more runs")
@@ -356,6 +376,96 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEBUG_ENV = "MMKD_DEBUG"
+
+# what to do about an OSError, by errno: the file is named from the error itself
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose a folder on another disk",
+    errno.EDQUOT: "the disk quota is exhausted: free space or choose another folder",
+    errno.EACCES: "check its permissions or choose another folder",
+    errno.EPERM: "check its permissions or choose another folder",
+    errno.EROFS: "the file system is read-only: choose another folder",
+    errno.EBUSY: "it is in use by another program: close that program or choose another path",
+    errno.ETXTBSY: "it is in use by another program: close that program or choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder, not a file: check the path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun",
+    errno.ENAMETOOLONG: "shorten the path",
+    errno.EIO: "the disk reported an I/O error: check the disk and rerun",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the file(s), the system's reason and what to do."""
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e)
+    hint = _OS_HINTS.get(e.errno or -1, "check the path and rerun")
+    return f"{where + ': ' if where else ''}{reason}; {hint}"
+
+
+def interrupted_step(tb: TracebackType | None) -> int | None:
+    """The optimizer steps completed when Ctrl-C stopped ``mmkd.train.loop.train``, read from its frame.
+
+    Read from the traceback rather than threaded through every caller, so that the training loop needs no
+    interrupt handling of its own: ``done`` (steps finished) once a step has finished in this process, else
+    ``step`` (where the loop is, i.e. the steps finished before it). None when training was not running.
+    """
+    from mmkd.train.loop import train
+
+    step = None
+    for frame, _ in traceback.walk_tb(tb):
+        if frame.f_code is train.__code__:
+            local = frame.f_locals
+            value = local.get("done", local.get("step"))
+            step = int(value) if isinstance(value, int) else step
+    return step
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command, turning every failure into one line on stderr and an exit status.
+
+    2: a problem the user can fix (an ``MmkdError`` or an ``OSError``); 130: Ctrl-C; 1: anything else (a bug),
+    with its traceback when ``MMKD_DEBUG=1``.
+    """
+    import warnings
+
+    from PIL import Image
+
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    pixel_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():  # the command's image limit and warning filter end with the command
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse before decoding, not after
+            from mmkd.data.records import max_image_pixels_from_env, set_max_image_pixels
+
+            set_max_image_pixels(max_image_pixels_from_env())
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        step = interrupted_step(e.__traceback__) if getattr(args, "command", None) == "distill" else None
+        print("mmkd: interrupted" + (f" at step {step}; resume with --resume" if step is not None else ""),
+              file=sys.stderr)
+        return 130
+    except (MmkdError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        msg = str(e) if isinstance(e, MmkdError) else os_error_message(e)
+        print(f"mmkd: error: {_one_line(msg)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: say so in one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        print(f"mmkd: internal error: {type(e).__name__}: {_one_line(str(e))} "
+              f"(rerun with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        Image.MAX_IMAGE_PIXELS = pixel_limit
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -364,17 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from mmkd.config import ConfigError
-    from mmkd.data.records import DataError
-    from mmkd.models.hub import ModelLoadError
-    from mmkd.teacher.cache import CacheError
-
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, DataError, ModelLoadError, CacheError, ValueError, KeyError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"mmkd: error: {msg}", file=sys.stderr)
-        return 2
+    return run_command(args)
 
 
 if __name__ == "__main__":

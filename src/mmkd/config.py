@@ -15,13 +15,32 @@ from typing import Any, Union
 
 import yaml
 
+from mmkd.errors import MmkdError
 
-class ConfigError(ValueError):
+
+class ConfigError(MmkdError, ValueError):
     """A bad configuration: the message names the key (dotted path) and what is allowed."""
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-3`` as a number: YAML 1.1 needs a dot (``1.0e-3``), a trap for learning rates."""
+    """SafeLoader that reads ``1e-3`` as a number (YAML 1.1 needs a dot, ``1.0e-3``: a trap for learning rates) and
+    refuses a key given twice in one mapping (plain YAML keeps the last silently: an edit that seems ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise ConfigError(f"{self.name}:{line}: duplicate key {key!r} (first given at line {first[key]}); "
+                                      "keep one of them")
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -29,8 +48,15 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+def load_yaml(text: str, where: str | Path = "<text>") -> Any:
+    """Parse YAML as every mmkd file is read: safe types only, ``1e-3`` a number, duplicate keys refused naming
+    ``where`` and the line. A syntax error raises ``yaml.YAMLError`` for the caller to name its file."""
+    loader = _Loader(text)
+    loader.name = str(where)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -74,6 +100,9 @@ class StudentConfig:
     shared: SharedBlockConfig | None = None  # set: a student with a shared final block (unimodal-teacher recipe)
 
 
+ON_ERROR = ("raise", "skip")
+
+
 @dataclass
 class DataConfig:
     """Where training pairs come from.
@@ -94,6 +123,8 @@ class DataConfig:
     views: int | None = None  # distinct augmented views per sample (view 0 = unaugmented); None: see README
     world_size_train: int = 4000  # built-in world: images in the generated train split
     world_size_unpaired: int = 20000
+    on_error: str = "raise"  # a bad sample (e.g. a shard member missing): raise (stop, naming it) or skip (count it)
+    max_image_pixels: int | None = None  # refuse larger images (decompression bombs); None: PIL's 89,478,485
 
 
 @dataclass
@@ -226,7 +257,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def _parse_scalar(text: str) -> Any:
-    return _yaml_load(text) if text != "" else ""
+    return load_yaml(text) if text != "" else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -281,7 +312,7 @@ def _expand_preset(data: dict[str, Any]) -> None:
     presets = student_presets()
     if name not in presets:
         raise ConfigError(f"student: unknown preset {name!r}; valid: {', '.join(presets)}")
-    data["student"] = _merge(_yaml_load(presets[name].read_text()) or {}, extra)
+    data["student"] = _merge(read_yaml(presets[name]), extra)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +328,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {p} not found")
     try:
-        loaded = _yaml_load(p.read_text())
+        loaded = load_yaml(p.read_text(), p)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if loaded is None:
@@ -309,20 +340,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or defaults when path is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        try:
-            loaded = _yaml_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys")
-        data = loaded
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     _expand_preset(data)  # before overrides, so that student.freeze=... refines the preset
     apply_overrides(data, overrides or [])
     _expand_preset(data)  # an override may name a preset itself (student=preset:NAME)
@@ -344,6 +362,20 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.captions_per_image must be ≥ 1 (or null for all)")
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be ≥ 1")
+    for key in ("limit", "unpaired_limit", "max_image_pixels"):
+        value = getattr(cfg.data, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be ≥ 1 (or null for no limit), got {value}")
+    for key in ("world_size_train", "world_size_unpaired"):
+        if getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key} must be ≥ 1, got {getattr(cfg.data, key)}")
+    if cfg.data.unpaired_batch_size < 0:
+        raise ConfigError(f"data.unpaired_batch_size must be ≥ 0, got {cfg.data.unpaired_batch_size}")
+    if cfg.data.on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error: {cfg.data.on_error!r} is not one of {', '.join(ON_ERROR)}")
+    for i, spec in enumerate(cfg.eval):
+        if spec.limit is not None and spec.limit < 1:
+            raise ConfigError(f"eval[{i}].limit must be ≥ 1 (or null for all samples), got {spec.limit}")
     if cfg.teacher_modality not in ("image_text", "image"):
         raise ConfigError(f"teacher_modality: {cfg.teacher_modality!r} is not one of image_text, image")
     if cfg.data.label_captions is not None and "{}" not in cfg.data.label_captions:

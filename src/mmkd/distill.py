@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from mmkd.config import ConfigError, RunConfig, to_dict
-from mmkd.data.records import DataError, Record
+from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, spec_options, zeroshot_classes
 from mmkd.eval.runner import eval_records
 from mmkd.eval.suite import retrieval, world_labels, zeroshot
@@ -45,12 +45,16 @@ def label_captions(records: list[Record], spec: str, template: str) -> list[Reco
         if r.label is None:
             raise DataError(f"{r.origin or r.key}: data.label_captions needs a class label on every uncaptioned "
                             "image; this one has none")
+        if not 0 <= r.label < len(names):
+            raise DataError(f"{r.origin or r.key}: label {r.label} is out of range: {spec} has {len(names)} classes "
+                            f"(labels 0..{len(names) - 1}); fix the label or the class list")
         out.append(replace(r, captions=(template.format(names[r.label]),)))
     return out
 
 
-def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int) -> list[Record]:
-    recs = records_from_spec(spec, cfg.cache_dir, world_n=n_world)
+def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int, bad: BadSamples | None = None
+             ) -> list[Record]:
+    recs = records_from_spec(spec, cfg.cache_dir, world_n=n_world, bad=bad)
     recs = recs[:limit] if limit else recs
     if cfg.data.label_captions:
         recs = label_captions(recs, spec, cfg.data.label_captions)
@@ -123,17 +127,20 @@ def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
         elif spec.kind == "retrieval":
             out[name] = retrieval(model, records)
         else:
-            raise ValueError(f"eval kind {spec.kind!r} unknown; valid: zeroshot, retrieval")
+            raise ConfigError(f"eval kind {spec.kind!r} unknown; valid: zeroshot, retrieval")
     return out
 
 
 ONLINE_VIEWS = 1 << 30  # an online teacher sees any view: augmented views are then fresh at every step
 
 
-def training_records(cfg: RunConfig) -> tuple[list[Record], list[Record] | None]:
-    """The captioned training records and the uncaptioned (unpaired) ones a config names, as distill reads them."""
-    paired = _records(cfg, cfg.data.train, cfg.data.limit, cfg.data.world_size_train)
-    unpaired = (_records(cfg, cfg.data.unpaired, cfg.data.unpaired_limit, cfg.data.world_size_unpaired)
+def training_records(cfg: RunConfig, bad: BadSamples | None = None) -> tuple[list[Record], list[Record] | None]:
+    """The captioned training records and the uncaptioned (unpaired) ones a config names, as distill reads them.
+
+    bad: collects the samples left out under ``data.on_error: skip`` (default: ``cfg.data.on_error``, uncounted)."""
+    bad = bad or BadSamples(cfg.data.on_error)
+    paired = _records(cfg, cfg.data.train, cfg.data.limit, cfg.data.world_size_train, bad)
+    unpaired = (_records(cfg, cfg.data.unpaired, cfg.data.unpaired_limit, cfg.data.world_size_unpaired, bad)
                 if cfg.data.unpaired else None)
     if unpaired is not None:
         unpaired = [replace(r, captions=()) for r in unpaired]
@@ -164,14 +171,18 @@ def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print, *, info:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     cached = cache_path(cfg.teacher)
+    bad = BadSamples(cfg.data.on_error)
     if cached is not None:
-        data, targets, student, objectives = _cached_setup(cfg, cached, info, log)
+        data, targets, student, objectives = _cached_setup(cfg, cached, info, log, bad)
     else:
-        data, targets, student, objectives = _online_setup(cfg, info, log, cache)
+        data, targets, student, objectives = _online_setup(cfg, info, log, cache, bad)
+    if bad.count and info.is_main:
+        log(f"data.on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
     result = train(student, objectives, data, targets, cfg.train, out, info, resume=resume, desc="distill",
                    progress=progress)
     metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
-                                         "final_loss": result.final_loss}}
+                                         "final_loss": result.final_loss},
+                              "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
     if info.is_main:
         save_dual_encoder(student, out / "student")
         if cfg.eval:
@@ -184,7 +195,7 @@ def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print, *, info:
     return metrics
 
 
-def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None
+def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None, bad: BadSamples | None = None
                   ) -> tuple[TrainData, Targets | None, Any, WeightedSum]:
     """A loaded teacher (dual encoder or image-only) runs per batch or once up front; or there is no teacher."""
     teacher = cache.teacher(cfg) if cache is not None else load_teacher(cfg)
@@ -195,7 +206,7 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
         raise ConfigError(f"objectives {needy} distil from a teacher, but config key 'teacher' is empty: give a "
                           "model folder or hub id (or cache:DIR), or keep only task objectives "
                           "(clip, triplet, siglip)")
-    paired, unpaired = training_records(cfg)
+    paired, unpaired = training_records(cfg, bad)
     sm = student.meta
     s_paired = ImageBank(paired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
     s_unpaired = (ImageBank(unpaired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
@@ -223,12 +234,12 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
     return data, targets, student, objectives
 
 
-def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any
+def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: BadSamples | None = None
                   ) -> tuple[TrainData, Targets | None, Any, WeightedSum]:
     """Train from a teacher cache: the teacher is never loaded; targets are read by key at the replayed view."""
     cache = CachedTeacher.open(folder)
     student = build_student(cache.teacher_info(), cfg.student)
-    paired, unpaired = training_records(cfg)
+    paired, unpaired = training_records(cfg, bad)
     sm = student.meta
     s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
     s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)

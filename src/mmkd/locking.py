@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from types import TracebackType
 
+from mmkd.errors import MmkdError
 
-class FolderLockedError(RuntimeError):
+
+class FolderLockedError(MmkdError, RuntimeError):
     """Another process holds the folder's lock."""
 
 

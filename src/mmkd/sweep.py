@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from mmkd.config import ConfigError, RunConfig, _parse_scalar, _yaml_load, apply_overrides, from_dict, validate
+from mmkd.config import ConfigError, RunConfig, _parse_scalar, apply_overrides, from_dict, load_yaml, validate
 from mmkd.distill import TargetCache, cache_path, run_distill, run_eval_specs
 from mmkd.objectives import OBJECTIVES
 from mmkd.teacher.unimodal import ImageTeacher
@@ -85,7 +85,7 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
     if not p.is_file():
         raise ConfigError(f"sweep config {p} not found")
     try:
-        data = _yaml_load(p.read_text()) or {}  # the run config's loader: 1e-3 is a number
+        data = load_yaml(p.read_text(), p) or {}  # the run config's loader: 1e-3 is a number, no duplicate keys
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

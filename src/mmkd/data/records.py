@@ -3,17 +3,47 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mmkd.errors import MmkdError
+
 ImageRef = Path | bytes | np.ndarray
+MAX_PIXELS_ENV = "MMKD_MAX_IMAGE_PIXELS"
 
 
-class DataError(ValueError):
+class DataError(MmkdError, ValueError):
     """Bad input data: the message names the file/field and what to do."""
+
+
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass
+class BadSamples:
+    """What a reader does with a bad sample (a member missing, a shard cut short): ``raise`` stops at the first,
+    naming it (the default); ``skip`` leaves it out and keeps the reason, so the run can count and log them."""
+
+    policy: str = "raise"
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ON_ERROR:
+            raise DataError(f"data.on_error: {self.policy!r} is not one of {', '.join(ON_ERROR)}")
+
+    def report(self, error: DataError) -> None:
+        """Raise ``error`` or, with ``skip``, record it: the caller then leaves the sample out."""
+        if self.policy == "raise":
+            raise error
+        self.skipped.append(str(error))
+
+    @property
+    def count(self) -> int:
+        return len(self.skipped)
 
 
 @dataclass(frozen=True)
@@ -32,23 +62,56 @@ class Record:
     origin: str = ""
 
 
+def set_max_image_pixels(limit: int | None) -> None:
+    """Refuse images of more than ``limit`` pixels (None: keep the current limit, PIL's 89,478,485 by default).
+
+    The limit guards against decompression bombs (a small file that decodes to gigabytes). It is PIL's own
+    process-wide setting (``Image.MAX_IMAGE_PIXELS``), so the CLI sets it once from ``data.max_image_pixels`` or
+    the ``MMKD_MAX_IMAGE_PIXELS`` environment variable.
+    """
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise DataError(f"the image pixel limit must be a positive integer, got {limit!r}")
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def max_image_pixels_from_env() -> int | None:
+    """``MMKD_MAX_IMAGE_PIXELS`` as an integer, None when unset; a bad value is a DataError naming the variable."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise DataError(f"environment variable {MAX_PIXELS_ENV}={os.environ[MAX_PIXELS_ENV]!r} must be a positive "
+                        "integer (pixels)")
+    return int(raw)
+
+
+def _too_big(where: str, name: str, detail: str) -> DataError:
+    return DataError(f"{where}: image {name} {detail}, over the limit of {Image.MAX_IMAGE_PIXELS} pixels (a "
+                     "decompression-bomb guard); if it is genuine, raise data.max_image_pixels (or the environment "
+                     f"variable {MAX_PIXELS_ENV}), else remove the sample")
+
+
 def open_image(record: Record) -> Image.Image:
-    """Decode a record's image as RGB, or raise DataError naming the file."""
+    """Decode a record's image as RGB, or raise DataError naming the file (too large images included)."""
     ref = record.image
     where = record.origin or record.key
+    name = str(ref) if not isinstance(ref, bytes) else "(bytes)"
     if isinstance(ref, np.ndarray):
         if ref.ndim != 3 or ref.shape[2] != 3 or ref.dtype != np.uint8:
             raise DataError(f"{where}: image array must be HxWx3 uint8, got {ref.shape} {ref.dtype}")
         return Image.fromarray(ref)
     try:
-        if isinstance(ref, bytes):
-            img = Image.open(io.BytesIO(ref))
-        else:
-            img = Image.open(ref)
+        img = Image.open(io.BytesIO(ref)) if isinstance(ref, bytes) else Image.open(ref)
+        w, h = img.size  # read from the header: refuse before decoding
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            raise _too_big(where, name, f"is {w}×{h} = {w * h} pixels")
         img.load()
     except FileNotFoundError:
         raise DataError(f"{where}: image file {ref} not found; check the path in your data file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning when made an error
+        raise _too_big(where, name, f"is too large ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{where}: cannot read image {ref if not isinstance(ref, bytes) else '(bytes)'}: {e}; "
+        raise DataError(f"{where}: cannot read image {name}: {e}; "
                         "remove the sample or replace the file") from None
     return img.convert("RGB")

@@ -6,21 +6,23 @@ import inspect
 from pathlib import Path
 
 from mmkd.data import sources, world
-from mmkd.data.records import Record
+from mmkd.data.records import BadSamples, DataError, Record
 
 WORLD_SPLITS = ("train", "val", "test", "pool")
 
 
 def records_from_spec(spec: str, cache_dir: str | Path = "runs/.cache", world_n: int = 4000,
-                      world_seed: int = 0, **options) -> list[Record]:
-    """``world:SPLIT`` generates (or reads cached) built-in world images; ``FORMAT:PATH`` reads files."""
+                      world_seed: int = 0, bad: BadSamples | None = None, **options) -> list[Record]:
+    """``world:SPLIT`` generates (or reads cached) built-in world images; ``FORMAT:PATH`` reads files.
+
+    bad: raise at a bad sample (default) or skip and count it (formats that can tell one; see sources)."""
     fmt, _, rest = spec.partition(":")
     if fmt == "world":
         split = rest or "train"
         if split not in WORLD_SPLITS:
-            raise ValueError(f"data spec {spec!r}: world split must be one of {', '.join(WORLD_SPLITS)}")
+            raise DataError(f"data spec {spec!r}: world split must be one of {', '.join(WORLD_SPLITS)}")
         return world.to_records(world.load_split(split, world_n, Path(cache_dir) / "world", seed=world_seed))
-    return sources.read_records(spec, **options)
+    return sources.read_records(spec, bad=bad, **options)
 
 
 def split_options(spec: str, split: str | None) -> dict[str, str]:
@@ -47,11 +49,11 @@ def zeroshot_classes(spec: str, class_set: str | None = None, templates: str | P
         cs = class_set or "colour_shape"
         sets = world.class_sets()
         if cs not in sets:
-            raise ValueError(f"class set {cs!r} unknown for world:; valid: {', '.join(sets)}")
+            raise DataError(f"class set {cs!r} unknown for world:; valid: {', '.join(sets)}")
         return sets[cs], load_templates(templates) if templates else world.templates(cs)
     names = sources.class_names(spec, **split_options(spec, split))
     if not names:
-        raise ValueError(f"data spec {spec!r} has no class names; zero-shot needs a labelled set "
+        raise DataError(f"data spec {spec!r} has no class names; zero-shot needs a labelled set "
                          "(imagefolder, cifar10, cifar100, stl10, wds with classes.txt)")
     names = [n.replace("_", " ") for n in names]
     return names, load_templates(templates) if templates else templates_for_format(fmt)
@@ -66,6 +68,6 @@ def spec_options(spec: str, split: str | None) -> dict[str, str]:
         return {}
     fmt = spec.partition(":")[0]
     if fmt not in SPLIT_FORMATS:
-        raise ValueError(f"data spec {spec!r}: split {split!r} given, but only {', '.join(SPLIT_FORMATS)} "
+        raise DataError(f"data spec {spec!r}: split {split!r} given, but only {', '.join(SPLIT_FORMATS)} "
                          "have splits; point the spec at the split's files instead")
     return {"split": split}

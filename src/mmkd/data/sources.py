@@ -36,14 +36,14 @@ import json
 import pickle
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmkd.data.records import DataError, Record
+from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -91,11 +91,17 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return fmt, path.strip()
 
 
-def read_records(spec: str, **options: Any) -> list[Record]:
-    """Read all records of a ``FORMAT:PATH`` spec; keys are unique (DataError naming duplicates if not)."""
+def read_records(spec: str, bad: BadSamples | None = None, **options: Any) -> list[Record]:
+    """Read all records of a ``FORMAT:PATH`` spec; keys are unique (DataError naming duplicates if not).
+
+    bad: what to do with a bad sample in formats that can tell one (WebDataset shards): raise (default) or skip
+    and count it.
+    """
     fmt, path = parse_spec(spec)
     src = FORMATS.get(fmt)
     _check_options(src, options)
+    if "bad" in inspect.signature(src.read).parameters:
+        options = {**options, "bad": bad}
     records = src.read(path, **options)
     _check_unique_keys(records, spec)
     return records
@@ -120,7 +126,7 @@ def class_names(spec: str, **options: Any) -> list[str] | None:
 
 def _check_options(src: SourceFormat, options: dict[str, Any]) -> None:
     params = inspect.signature(src.read).parameters
-    valid = [p for p in params if p != "path"]
+    valid = [p for p in params if p not in ("path", "bad")]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise DataError(f"format {src.name!r} has no option(s) {', '.join(unknown)}; "
@@ -419,13 +425,22 @@ def shard_paths(spec_path: str) -> list[Path]:
     return paths
 
 
-def _tar_samples(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) per sample; members of one sample are contiguous, as in webdataset."""
+def _tar_samples(tar: Path, bad: BadSamples) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample; members of one sample are contiguous, as in webdataset.
+
+    A shard that ends without tar's end-of-archive marker was cut short: ``tarfile`` reads such a file as a clean,
+    shorter archive when the cut falls on a 512-byte block boundary, so the last sample silently loses members.
+    Its last sample is reported (``bad``) as possibly incomplete.
+    """
+    samples: list[tuple[str, dict[str, bytes]]] = []
     key: str | None = None
     parts: dict[str, bytes] = {}
+    problem = None
     try:
         with tarfile.open(tar, "r:*") as tf:
+            last = None
             for m in tf:
+                last = m
                 if not m.isfile():
                     continue
                 dirname, _, base = m.name.rpartition("/")
@@ -435,14 +450,32 @@ def _tar_samples(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 k = f"{dirname}/{stem}" if dirname else stem
                 if k != key:
                     if key is not None:
-                        yield key, parts
+                        samples.append((key, parts))
                     key, parts = k, {}
                 f = tf.extractfile(m)
                 parts[ext.lower()] = f.read() if f is not None else b""
+            if last is not None and not _has_end_marker(tf, last):
+                problem = (f"the shard ends without tar's end-of-archive marker after member {last.name!r}: it was "
+                           "cut short (a partial download or copy)")
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{tar}: cannot read tar shard ({e}); re-download or re-create it") from None
+        if key is None:
+            raise DataError(f"{tar}: cannot read tar shard ({e}); re-download or re-create it") from None
+        problem = f"the shard is damaged after sample {key!r} ({e})"
     if key is not None:
-        yield key, parts
+        samples.append((key, parts))
+    if problem is not None:
+        cut = samples.pop()[0]  # the sample the cut fell in or after: its members may be incomplete
+        bad.report(DataError(f"{tar}:{cut}: {problem}, so this sample may have lost members (extensions read: "
+                             f"{', '.join(sorted(parts)) or 'none'}); re-download or re-create the shard"))
+    return samples
+
+
+def _has_end_marker(tf: tarfile.TarFile, last: tarfile.TarInfo) -> bool:
+    """Whether a zero block (tar's end-of-archive marker) follows the last member's data."""
+    assert tf.fileobj is not None
+    tf.fileobj.seek(last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+    block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
 def _wds_captions(data: bytes, ext: str, origin: str) -> tuple[str, ...]:
@@ -477,46 +510,71 @@ def _wds_class_names(path: str) -> list[str] | None:
 
 @_format("wds", class_names=_wds_class_names)
 def _read_wds(path: str, caption_key: str | None = None, image_key: str | None = None,
-              label_key: str | None = "cls") -> list[Record]:
+              label_key: str | None = "cls", bad: BadSamples | None = None) -> list[Record]:
     """WebDataset tar shards read with `tarfile`; image bytes stay encoded until a worker decodes them.
 
     An explicitly requested ``caption_key`` missing from a sample fails at that (first) sample, listing
-    the extensions present, instead of silently yielding nothing as webdataset pipelines do.
+    the extensions present, instead of silently yielding nothing as webdataset pipelines do. A caption that other
+    samples have, and in a classification set (``classes.txt`` beside the shards) a label, is needed by every
+    sample: one without it is reported by shard and key (``bad``: raise, or skip and count), as is the last sample
+    of a shard cut short.
     """
+    bad = bad or BadSamples()
     cap_ext = caption_key.lstrip(".").lower() if caption_key else None
     img_ext = image_key.lstrip(".").lower() if image_key else None
     lab_ext = label_key.lstrip(".").lower() if label_key else None
+    samples = [(tar, key, parts) for tar in shard_paths(path) for key, parts in _tar_samples(tar, bad)]
+    auto_caps = ("txt", "json")
+    captioned = next((f"{t}:{k}" for t, k, p in samples if any(e in p for e in auto_caps)), None) \
+        if cap_ext is None else None
+    # labels are needed by every sample of a classification set (classes.txt beside the shards), else optional
+    labelled = next((f"{t}:{k}" for t, k, p in samples if lab_ext in p), None) \
+        if lab_ext and _wds_class_names(path) is not None else None
     records: list[Record] = []
-    for tar in shard_paths(path):
-        for key, parts in _tar_samples(tar):
-            origin = f"{tar}:{key}"
-            found = ", ".join(sorted(parts))
-            if img_ext:
-                if img_ext not in parts:
-                    raise DataError(f"{origin}: no .{img_ext} image (image_key); extensions found: {found}")
-                image = parts[img_ext]
-            else:
-                image = next((parts[e] for e in WDS_IMAGE_EXTENSIONS if e in parts), None)
-                if image is None:
-                    raise DataError(f"{origin}: no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)}); "
-                                    f"extensions found: {found}; pass image_key=EXT")
-            if cap_ext:
-                if cap_ext not in parts:
-                    raise DataError(f"{origin}: no .{cap_ext} caption (caption_key={caption_key!r}); "
-                                    f"extensions found: {found}; set caption_key to one of those")
-                captions = _wds_captions(parts[cap_ext], cap_ext, origin)
-            else:
-                ext = next((e for e in ("txt", "json") if e in parts), None)
-                captions = _wds_captions(parts[ext], ext, origin) if ext else ()
-            label = None
-            if lab_ext and lab_ext in parts:
-                try:
-                    label = int(parts[lab_ext].decode("ascii").strip())
-                except (UnicodeDecodeError, ValueError):
-                    raise DataError(f"{origin}.{lab_ext}: label must be an integer in ASCII digits, "
-                                    f"got {parts[lab_ext][:20]!r}") from None
-            records.append(Record(key=key, image=image, captions=captions, label=label, origin=origin))
+    for tar, key, parts in samples:
+        try:
+            records.append(_wds_record(tar, key, parts, cap_ext, img_ext, lab_ext, captioned, labelled))
+        except DataError as e:
+            bad.report(e)
     return records
+
+
+def _wds_record(tar: Path, key: str, parts: dict[str, bytes], cap_ext: str | None, img_ext: str | None,
+                lab_ext: str | None, captioned: str | None, labelled: str | None) -> Record:
+    """One sample's record, or DataError naming shard and key (captioned/labelled: a sample that has one)."""
+    origin = f"{tar}:{key}"
+    found = ", ".join(sorted(parts))
+    if img_ext:
+        if img_ext not in parts:
+            raise DataError(f"{origin}: no .{img_ext} image (image_key); extensions found: {found}")
+        image = parts[img_ext]
+    else:
+        image = next((parts[e] for e in WDS_IMAGE_EXTENSIONS if e in parts), None)
+        if image is None:
+            raise DataError(f"{origin}: no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)}); "
+                            f"extensions found: {found}; pass image_key=EXT")
+    if cap_ext:
+        if cap_ext not in parts:
+            raise DataError(f"{origin}: no .{cap_ext} caption (caption_key={cap_ext!r}); "
+                            f"extensions found: {found}; set caption_key to one of those")
+        captions = _wds_captions(parts[cap_ext], cap_ext, origin)
+    else:
+        ext = next((e for e in ("txt", "json") if e in parts), None)
+        if ext is None and captioned is not None:
+            raise DataError(f"{origin}: no caption (.txt/.json) although other samples have one (e.g. "
+                            f"{captioned}); extensions found: {found}; add the caption or remove the sample")
+        captions = _wds_captions(parts[ext], ext, origin) if ext else ()
+    label = None
+    if lab_ext and lab_ext in parts:
+        try:
+            label = int(parts[lab_ext].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise DataError(f"{origin}.{lab_ext}: label must be an integer in ASCII digits, "
+                            f"got {parts[lab_ext][:20]!r}") from None
+    elif lab_ext and labelled is not None:
+        raise DataError(f"{origin}: no .{lab_ext} label, which every sample of a classification set (classes.txt) "
+                        f"needs (e.g. {labelled} has one); extensions found: {found}; add it or remove the sample")
+    return Record(key=key, image=image, captions=captions, label=label, origin=origin)
 
 
 # ------------------------------------------------------------------------------------ CIFAR-10 / CIFAR-100
@@ -614,12 +672,12 @@ def _cifar10_class_names(path: str, split: str = "train") -> list[str]:
 
 
 @_format("cifar10", class_names=_cifar10_class_names)
-def _read_cifar10(path: str, split: str = "train") -> list[Record]:
+def _read_cifar10(path: str, split: str = "train", bad: BadSamples | None = None) -> list[Record]:
     """CIFAR-10 from the python pickles or from WebDataset shards (``.jpg`` + ``.cls``)."""
     _check_split(split, ("train", "test"), "cifar10")
     shards = _cifar10_shards(path, split)
     if shards is not None:
-        records = _read_wds(shards)
+        records = _read_wds(shards, bad=bad)
         unlabeled = next((r for r in records if r.label is None), None)
         if unlabeled is not None:
             raise DataError(f"{unlabeled.origin}: CIFAR-10 shard sample has no .cls label")

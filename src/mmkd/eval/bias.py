@@ -28,7 +28,9 @@ import numpy as np
 import torch
 import yaml
 
+from mmkd.config import load_yaml
 from mmkd.data.records import Record
+from mmkd.errors import UsageError
 from mmkd.eval.embed import embed_images, embed_texts
 from mmkd.eval.suite import pixel_batches
 
@@ -56,14 +58,14 @@ class BiasWords:
 def _words(data: dict[str, Any], key: str, where: str) -> list[str]:
     value = data.get(key)
     if not isinstance(value, list) or not value or not all(isinstance(w, str) and w.strip() for w in value):
-        raise ValueError(f"{where}: '{key}' must be a non-empty list of words")
+        raise UsageError(f"{where}: '{key}' must be a non-empty list of words")
     return [w.strip() for w in value]
 
 
 def _template(data: dict[str, Any], key: str, default: str, where: str) -> str:
     value = data.get(key, default)
     if not isinstance(value, str) or value.count("{}") != 1:
-        raise ValueError(f"{where}: '{key}' must be a string with exactly one {{}} for the word, got {value!r}")
+        raise UsageError(f"{where}: '{key}' must be a string with exactly one {{}} for the word, got {value!r}")
     return value
 
 
@@ -75,21 +77,21 @@ def load_bias_words(path: str | Path | None = None, template: str | None = None)
     else:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise ValueError(f"bias word file {p} not found")
+            raise UsageError(f"bias word file {p} not found")
         where, text = str(p), p.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, where)
     except yaml.YAMLError as e:
-        raise ValueError(f"{where}: not valid YAML: {e}") from None
+        raise UsageError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: the top level must be a mapping (female, male, professions, ...)")
+        raise UsageError(f"{where}: the top level must be a mapping (female, male, professions, ...)")
     known = {"template", "female", "male", "professions", "caption_words", "image_template"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     caps = data.get("caption_words") or {}
     if not isinstance(caps, dict):
-        raise ValueError(f"{where}: 'caption_words' must be a mapping with 'female' and 'male' lists")
+        raise UsageError(f"{where}: 'caption_words' must be a mapping with 'female' and 'male' lists")
     if template is not None:
         data["template"] = template
     return BiasWords(
@@ -186,7 +188,7 @@ def _mentions(text: str, vocab: set[str]) -> bool:
 def caption_groups(records: Sequence[Record], words: BiasWords) -> dict[str, list[int]]:
     """Indices of images whose captions mention only female words / only male words."""
     if not words.caption_female or not words.caption_male:
-        raise ValueError("the word file has no caption_words (female, male); the image probe needs them")
+        raise UsageError("the word file has no caption_words (female, male); the image probe needs them")
     fem, mal = {w.lower() for w in words.caption_female}, {w.lower() for w in words.caption_male}
     groups: dict[str, list[int]] = {"female": [], "male": []}
     for i, r in enumerate(records):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmkd.errors import UsageError
 from mmkd.eval.embed import eval_mode, model_device_dtype
 
 DEFAULT_CAPTION = "a small red circle on the left"
@@ -67,7 +68,7 @@ def flops(model: nn.Module, batch_size: int = 1, caption: str = DEFAULT_CAPTION)
     embedding look-ups are not, as is usual for reported model FLOPs. Tokenisation is excluded.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     pixels = _random_pixels(model, batch_size)
     ids, mask = _tokens(model, caption, batch_size)
     with eval_mode(model), torch.no_grad():
@@ -118,7 +119,7 @@ def latency(
     when its share is used, so large models on slow CPUs still finish in seconds (with fewer repeats).
     """
     if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"batch_sizes must be positive, got {tuple(batch_sizes)}")
+        raise UsageError(f"batch_sizes must be positive, got {tuple(batch_sizes)}")
     device, _ = model_device_dtype(model)
     sync = device.type == "cuda"
     share = budget_s / (2 * len(batch_sizes))

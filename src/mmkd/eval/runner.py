@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
-from mmkd.config import ConfigError, from_dict
+from mmkd.config import ConfigError, from_dict, load_yaml
 from mmkd.data import sources
 from mmkd.data.records import Record
+from mmkd.errors import UsageError
 from mmkd.fileio import atomic_write_json
 from mmkd.registry import Registry
 
@@ -186,7 +187,7 @@ def load_suite(path: str | Path, limit: int | None = None) -> SuiteConfig:
     if not p.is_file():
         raise ConfigError(f"suite file {p} not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text(), p)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -226,7 +227,7 @@ def _refuse_foreign(target: Path) -> None:
     except (OSError, json.JSONDecodeError):
         previous = None
     if not (isinstance(previous, dict) and isinstance(previous.get("eval"), dict) and "suite" in previous["eval"]):
-        raise ValueError(f"{target} exists and was not written by mmkd eval all (e.g. a demo's or a distill run's); "
+        raise UsageError(f"{target} exists and was not written by mmkd eval all (e.g. a demo's or a distill run's); "
                          "choose another --out folder so it is not overwritten")
 
 

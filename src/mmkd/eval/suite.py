@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mmkd.data.records import Record
+from mmkd.data.records import DataError, Record
 from mmkd.eval.efficiency import efficiency_metrics
 from mmkd.eval.retrieval import evaluate_retrieval
 from mmkd.eval.zeroshot import evaluate_zeroshot
@@ -33,7 +33,7 @@ def world_labels(records: Sequence[Record], class_set: str) -> list[int]:
     out = []
     for r in records:
         if r.label is None:
-            raise ValueError(f"{r.key}: no label (two-object image); zero-shot needs single-object images")
+            raise DataError(f"{r.key}: no label (two-object image); zero-shot needs single-object images")
         out.append({"colour_shape": r.label, "shape": r.label % n_shapes, "colour": r.label // n_shapes}[class_set])
     return out
 
@@ -41,15 +41,20 @@ def world_labels(records: Sequence[Record], class_set: str) -> list[int]:
 def zeroshot(model: Any, records: Sequence[Record], classnames: list[str], templates: list[str],
              labels: Sequence[int] | None = None) -> dict[str, float]:
     labels = labels if labels is not None else [r.label for r in records]  # type: ignore[misc]
-    if any(lab is None for lab in labels):
-        raise ValueError("zero-shot evaluation needs a label on every image")
+    for r, lab in zip(records, labels):
+        if lab is None:
+            raise DataError(f"{r.origin or r.key}: no label; zero-shot evaluation needs a label on every image")
+        if not 0 <= lab < len(classnames):
+            raise DataError(f"{r.origin or r.key}: label {lab} is out of range: the data has {len(classnames)} "
+                            f"classes (labels 0..{len(classnames) - 1}); fix the label or the class list "
+                            "(e.g. classes.txt beside WebDataset shards)")
     return evaluate_zeroshot(model, pixel_batches(model, records, labels), classnames, templates)
 
 
 def retrieval(model: Any, records: Sequence[Record]) -> dict[str, float]:
     caps = [list(r.captions) for r in records]
     if not any(caps):
-        raise ValueError("retrieval needs captioned images")
+        raise DataError("retrieval needs captioned images")
     return evaluate_retrieval(model, pixel_batches(model, records), caps)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from mmkd.errors import UsageError
+
 # data format -> built-in ensemble; formats not listed get DEFAULT_TEMPLATES.
 FORMAT_TEMPLATES = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10"}
 DEFAULT_TEMPLATES = "imagenet"
@@ -30,11 +32,11 @@ def parse_templates(text: str, where: str) -> list[str]:
             continue
         slots = line.count("{c}") + line.count("{}")
         if slots != 1 or line.count("{") != 1:
-            raise ValueError(f"{where}:{n}: template {line!r} must contain the class-name slot {{c}} (or {{}}) "
+            raise UsageError(f"{where}:{n}: template {line!r} must contain the class-name slot {{c}} (or {{}}) "
                              "exactly once and no other braces")
         out.append(line)
     if not out:
-        raise ValueError(f"{where}: no templates (one per line, e.g. 'a photo of a {{c}}.')")
+        raise UsageError(f"{where}: no templates (one per line, e.g. 'a photo of a {{c}}.')")
     return out
 
 
@@ -47,7 +49,7 @@ def load_templates(name_or_path: str | Path) -> list[str]:
     builtin = resources.files("mmkd") / "assets" / "templates" / f"{name}.txt"
     if "/" not in name and builtin.is_file():
         return parse_templates(builtin.read_text(encoding="utf-8"), f"mmkd/assets/templates/{name}.txt")
-    raise ValueError(f"templates {name!r}: no such file and not a built-in ensemble "
+    raise UsageError(f"templates {name!r}: no such file and not a built-in ensemble "
                      f"(built-in: {', '.join(builtin_template_names())})")
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModel, VisionTextDualEncoderModel
 
+from mmkd.errors import MmkdError
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
 from mmkd.models.towers import config_from_dict, model_from_config
 
@@ -25,7 +26,7 @@ MIN_VOCAB = 1000
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MmkdError, RuntimeError):
     """A model folder or hub id that cannot be used: the message names it and what to do."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmkd.config import ConfigError
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.towers import tower_width
 
@@ -29,7 +30,7 @@ class SharedBlockDualEncoder(DualEncoder):
                  layers: int = 1, heads: int = 4, mlp_ratio: float = 4.0) -> None:
         super().__init__(vision_model, text_model, projection_dim, meta, tokenizer, logit_scale_init)
         if width % heads:
-            raise ValueError(f"student.shared: width {width} must be divisible by heads {heads}")
+            raise ConfigError(f"student.shared: width {width} must be divisible by heads {heads}")
         self.image_in = nn.Linear(tower_width(vision_model), width)
         self.text_in = nn.Linear(tower_width(text_model), width)
         self.shared = nn.ModuleList([

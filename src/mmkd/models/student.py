@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, CLIPModel
 
-from mmkd.config import StudentConfig, TowerSpec
+from mmkd.config import ConfigError, StudentConfig, TowerSpec
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import drop_unused_pooler, load_tokenizer, resolve
 from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
@@ -22,7 +22,7 @@ def _pretrained_tower(source: str, modality: str) -> nn.Module:
     try:
         model = AutoModel.from_pretrained(str(folder))
     except Exception as e:
-        raise ValueError(f"cannot load a {modality} tower from {source}: {e}") from None
+        raise ConfigError(f"cannot load a {modality} tower from {source}: {e}") from None
     if isinstance(model, CLIPModel):  # a whole CLIP given as a tower source: take the matching half
         from mmkd.models.hub import load_dual_encoder
 
@@ -51,7 +51,7 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, 
     if spec.source == "teacher":
         if teacher_tower is None:
             key = "vision" if modality == "image" else "text"
-            raise ValueError(f"student.{key}.source: 'teacher' shrinks the teacher's {modality} tower and needs "
+            raise ConfigError(f"student.{key}.source: 'teacher' shrinks the teacher's {modality} tower and needs "
                              f"its weights, but {missing}; use source: new (with arch and config) or a "
                              "folder/hub id of a pretrained tower")
         tower = shrink_tower(teacher_tower, spec.keep_layers)
@@ -61,11 +61,11 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, 
         return tower, None
     if spec.source == "new":
         if spec.arch is None:
-            raise ValueError(f"student.{'vision' if modality == 'image' else 'text'}.arch is required with "
+            raise ConfigError(f"student.{'vision' if modality == 'image' else 'text'}.arch is required with "
                              f"source: new; valid: {', '.join(ARCHS.names())}")
         _, arch_modality = ARCHS.get(spec.arch)
         if arch_modality != modality:
-            raise ValueError(f"architecture {spec.arch!r} is a {arch_modality} tower, not a {modality} tower")
+            raise ConfigError(f"architecture {spec.arch!r} is a {arch_modality} tower, not a {modality} tower")
         kwargs = dict(spec.config)
         if modality == "text" and vocab_size is not None:
             kwargs.setdefault("vocab_size", vocab_size)
@@ -80,7 +80,7 @@ def _tokenizer(cfg: StudentConfig, teacher: Any, tok_source: str | None) -> Any:
         return load_tokenizer(resolve(source), where=source)
     tok = getattr(teacher, "tokenizer", None)
     if tok is None:
-        raise ValueError("the student needs a tokenizer: set student.tokenizer (a folder or hub id with tokenizer "
+        raise ConfigError("the student needs a tokenizer: set student.tokenizer (a folder or hub id with tokenizer "
                          "files, e.g. sentence-transformers/all-MiniLM-L6-v2), or use a pretrained text tower")
     return tok
 
@@ -132,7 +132,7 @@ def build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
         return _shared_student(teacher, cfg, vision, text, meta, tok, scale_init)
     dim = cfg.projection_dim or t_dim
     if dim is None:
-        raise ValueError("student.projection_dim is required when the teacher has no embedding width "
+        raise ConfigError("student.projection_dim is required when the teacher has no embedding width "
                          "(no teacher, or an image-only one)")
     student = DualEncoder(vision, text, dim, meta, tok, logit_scale_init=scale_init)
     if isinstance(teacher, DualEncoder) and cfg.init_projections_from_teacher and dim == t_dim:
@@ -155,7 +155,7 @@ def _shared_student(teacher: Any, cfg: StudentConfig, vision: nn.Module, text: n
     t_vision = getattr(teacher, "vision_model", None)
     width = sh.width or (tower_width(t_vision) if t_vision is not None else None)
     if width is None:
-        raise ValueError("student.shared.width is required without a loaded teacher (none, or a cached one)")
+        raise ConfigError("student.shared.width is required without a loaded teacher (none, or a cached one)")
     meta.vision_pooling = "cls"  # the shared block pools its own tokens; the tower's pooler is not used
     post = getattr(vision, "post_layernorm", None)
     if isinstance(post, nn.Module):  # CLIP's pooler norm would get no gradient (and trip DDP): freeze it
@@ -179,7 +179,7 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
 
     for prefix in prefixes:
         if not any(matches(n, prefix) for n in names):
-            raise ValueError(f"student.freeze: {prefix!r} matches no parameter; parameters start with "
+            raise ConfigError(f"student.freeze: {prefix!r} matches no parameter; parameters start with "
                              f"{sorted({n.split('.')[0] for n in names})}")
     for n, p in model.named_parameters():
         if any(matches(n, pre) for pre in prefixes):

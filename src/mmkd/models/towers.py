@@ -23,6 +23,7 @@ from transformers import (
     ViTConfig,
 )
 
+from mmkd.config import ConfigError
 from mmkd.registry import Registry
 
 # arch name → (config class, modality); a new architecture is one line here
@@ -54,7 +55,7 @@ def build_tower(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         config = cfg_cls(**kwargs)
     except TypeError as e:
-        raise ValueError(f"tower config for {arch!r}: {e}") from None
+        raise ConfigError(f"tower config for {arch!r}: {e}") from None
     return model_from_config(config)
 
 
@@ -62,7 +63,7 @@ def config_from_dict(d: dict[str, Any]) -> PretrainedConfig:
     d = dict(d)
     model_type = d.pop("model_type", None)
     if model_type is None:
-        raise ValueError("tower config has no model_type")
+        raise ConfigError("tower config has no model_type")
     return AutoConfig.for_model(model_type, **d)
 
 
@@ -90,7 +91,7 @@ def pool_image(outputs: Any, pooling: str) -> torch.Tensor:
     if pooling == "pooler":
         pooled = outputs.pooler_output
         if pooled is None:
-            raise ValueError("vision tower has no pooler output; set pooling to 'cls' or 'mean'")
+            raise ConfigError("vision tower has no pooler output; set pooling to 'cls' or 'mean'")
         return pooled.flatten(1)
     hidden = outputs.last_hidden_state
     if hidden.dim() == 4:  # conv feature map [B, C, H, W]
@@ -99,14 +100,14 @@ def pool_image(outputs: Any, pooling: str) -> torch.Tensor:
         return hidden[:, 0]
     if pooling == "mean":
         return hidden[:, 1:].mean(dim=1)
-    raise ValueError(f"unknown image pooling {pooling!r}; valid: {', '.join(VISION_POOLING)}")
+    raise ConfigError(f"unknown image pooling {pooling!r}; valid: {', '.join(VISION_POOLING)}")
 
 
 def pool_text(outputs: Any, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     hidden = outputs.last_hidden_state
     if pooling == "pooler":
         if outputs.pooler_output is None:
-            raise ValueError("text tower has no pooler output; set pooling to 'mean', 'cls' or 'eos'")
+            raise ConfigError("text tower has no pooler output; set pooling to 'mean', 'cls' or 'eos'")
         return outputs.pooler_output
     if pooling == "cls":
         return hidden[:, 0]
@@ -116,7 +117,7 @@ def pool_text(outputs: Any, attention_mask: torch.Tensor, pooling: str) -> torch
     if pooling == "eos":
         last = attention_mask.sum(1).long() - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown text pooling {pooling!r}; valid: {', '.join(TEXT_POOLING)}")
+    raise ConfigError(f"unknown text pooling {pooling!r}; valid: {', '.join(TEXT_POOLING)}")
 
 
 def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
@@ -152,7 +153,7 @@ def shrink_tower(model: nn.Module, keep: list[int] | None = None) -> nn.Module:
     n = int(model.config.num_hidden_layers)
     keep = default_keep(n) if keep is None else list(keep)
     if not keep or any(i < 0 or i >= n for i in keep) or sorted(set(keep)) != keep:
-        raise ValueError(f"keep_layers {keep} must be increasing, unique layer indices in 0..{n - 1}")
+        raise ConfigError(f"keep_layers {keep} must be increasing, unique layer indices in 0..{n - 1}")
     new = copy.deepcopy(model)
     parent, attr, stack = layer_stack(new)
     kept = nn.ModuleList([stack[i] for i in keep])

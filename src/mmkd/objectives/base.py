@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmkd.config import ConfigError
 from mmkd.registry import Registry
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
@@ -92,13 +93,13 @@ def build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
         valid = objective_params(cls)
         unknown = sorted(set(spec.params) - set(valid))
         if unknown:
-            raise ValueError(f"objectives[{i}] ({spec.name}): unknown parameter(s) {unknown}; "
+            raise ConfigError(f"objectives[{i}] ({spec.name}): unknown parameter(s) {unknown}; "
                              f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
         try:
             towers = list(cls.default_towers) if spec.towers is None else list(spec.towers)
             obj = cls(ctx, towers, **spec.params)
         except (TypeError, ValueError) as e:  # a bad value: say which objective, and what it takes
-            raise ValueError(f"objectives[{i}] ({spec.name}): {e}; parameters (defaults): "
+            raise ConfigError(f"objectives[{i}] ({spec.name}): {e}; parameters (defaults): "
                              f"{', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}") from None
         items.append((spec.name, float(spec.weight), obj))
     return WeightedSum(items)

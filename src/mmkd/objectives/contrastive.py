@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmkd.config import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from mmkd.objectives.shared import MAX_LOGIT_SCALE, paired
 from mmkd.train.distributed import gather_with_grad
@@ -90,7 +91,7 @@ class TripletObjective(Objective):
                  negatives: str = "hardest") -> None:
         super().__init__(ctx, towers)
         if negatives not in TRIPLET_NEGATIVES:
-            raise ValueError(f"triplet: negatives must be one of {', '.join(TRIPLET_NEGATIVES)}, got {negatives!r}")
+            raise ConfigError(f"triplet: negatives must be one of {', '.join(TRIPLET_NEGATIVES)}, got {negatives!r}")
         self.margin, self.negatives = float(margin), negatives
 
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -117,7 +118,7 @@ class SiglipObjective(Objective):
                  init_bias: float = -10.0, learnable: bool = True) -> None:
         super().__init__(ctx, towers)
         if init_scale <= 0:
-            raise ValueError(f"siglip: init_scale must be > 0, got {init_scale}")
+            raise ConfigError(f"siglip: init_scale must be > 0, got {init_scale}")
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
         self.bias = torch.nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learnable)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkd.config import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 
 
@@ -23,7 +24,7 @@ class FeatureObjective(Objective):
                  normalize: bool = True) -> None:
         super().__init__(ctx, towers)
         if level not in ("embeds", "features"):
-            raise ValueError(f"level must be 'embeds' or 'features', got {level!r}")
+            raise ConfigError(f"level must be 'embeds' or 'features', got {level!r}")
         self.level = level
         self.teacher_features = level == "features"
         self.normalize = normalize
@@ -100,7 +101,7 @@ def patch_embeddings_module(tower: nn.Module) -> nn.Module:
     if emb is None and hasattr(tower, "vision_model"):  # transformers 4.x nests CLIP's transformer one deeper
         emb = getattr(tower.vision_model, "embeddings", None)
     if emb is None or not (hasattr(emb, "patch_embedding") or hasattr(emb, "patch_embeddings")):
-        raise ValueError(f"mfd masks image patches, which needs a ViT-style vision tower (clip_vision, vit); "
+        raise ConfigError(f"mfd masks image patches, which needs a ViT-style vision tower (clip_vision, vit); "
                          f"{type(tower).__name__} has no patch embeddings")
     return emb
 
@@ -152,7 +153,7 @@ class MaskedFeatureDistillation(FeatureObjective):
                              "leave 'towers' out or set it to [image], and add fd_* for the text tower")
         super().__init__(ctx, towers, level=level, normalize=normalize)
         if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mfd: mask_ratio must be in [0, 1), got {mask_ratio}")
+            raise ConfigError(f"mfd: mask_ratio must be in [0, 1), got {mask_ratio}")
         self.mask_ratio = float(mask_ratio)
 
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -188,12 +189,12 @@ class ClsRegression(Objective):
                  normalize: bool = True) -> None:
         super().__init__(ctx, towers)
         if distance not in ("mse", "cosine"):
-            raise ValueError(f"cls_regression: distance must be 'mse' or 'cosine', got {distance!r}")
+            raise ConfigError(f"cls_regression: distance must be 'mse' or 'cosine', got {distance!r}")
         self.distance, self.normalize = distance, normalize
         s_dim = ctx.student_feature_dims.get("image")
         t_dim = ctx.teacher_feature_dims.get("image")
         if s_dim is not None and ctx.student_feature_dims.get("text", s_dim) != s_dim:
-            raise ValueError("cls_regression needs one width for the student's image and caption outputs "
+            raise ConfigError("cls_regression needs one width for the student's image and caption outputs "
                              f"(got {ctx.student_feature_dims}); use a student with a shared final block")
         self.head = nn.Linear(s_dim, t_dim, bias=False) if s_dim and t_dim and s_dim != t_dim else nn.Identity()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mmkd.config import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from mmkd.objectives.shared import gathered, kl_rows, need, paired, student_scale, teacher_scale
 
@@ -41,7 +42,7 @@ class KlObjective(Objective):
                  scale: float | None = None) -> None:
         super().__init__(ctx, towers)
         if temperature <= 0:
-            raise ValueError(f"kl: temperature must be > 0, got {temperature}")
+            raise ConfigError(f"kl: temperature must be > 0, got {temperature}")
         self.temperature, self.scale = float(temperature), scale
 
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:

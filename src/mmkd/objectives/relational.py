@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkd.config import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from mmkd.objectives.logit import DIRECTIONS, similarity_logits
 from mmkd.objectives.shared import (
@@ -66,7 +67,7 @@ class AffinityObjective(Objective):
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, temperature: float | None = None) -> None:
         super().__init__(ctx, towers)
         if temperature is not None and temperature <= 0:
-            raise ValueError(f"afd: temperature must be > 0, got {temperature}")
+            raise ConfigError(f"afd: temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmkd.errors import UsageError
 from mmkd.report.demo_report import ROWS, read_jsonl
 
 DEMO_LABELS = dict(ROWS)
@@ -103,7 +104,7 @@ def _curve(label: str, path: Path) -> Curve | None:
     try:
         rows = read_jsonl(path)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable metrics.jsonl ({e})") from None
+        raise UsageError(f"{path}: not a readable metrics.jsonl ({e})") from None
     curve = Curve(label, path)
     for r in rows:
         if "step" not in r:
@@ -134,24 +135,24 @@ def load_run(path: str | Path) -> RunData:
     p = Path(path).expanduser()
     file = p if p.is_file() else p / "metrics.json"
     if not file.is_file():
-        raise ValueError(f"{p}: no metrics.json; give a run folder written by mmkd demo, mmkd eval all "
+        raise UsageError(f"{p}: no metrics.json; give a run folder written by mmkd demo, mmkd eval all "
                          "or mmkd distill")
     try:
         raw = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not readable JSON ({e})") from None
+        raise UsageError(f"{file}: not readable JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{file}: expected a JSON object with 'models' (or 'eval' from mmkd distill)")
+        raise UsageError(f"{file}: expected a JSON object with 'models' (or 'eval' from mmkd distill)")
     run_dir = file.parent
     distill = "models" not in raw
     if not distill:
         if not isinstance(raw["models"], dict):
-            raise ValueError(f"{file}: 'models' must map model names to metric blocks")
+            raise UsageError(f"{file}: 'models' must map model names to metric blocks")
         blocks = raw["models"]
     elif "eval" in raw or "train" in raw:
         blocks = _from_distill(raw)
     else:
-        raise ValueError(f"{file}: neither 'models' (mmkd demo / eval all) nor 'eval'/'train' (mmkd distill)")
+        raise UsageError(f"{file}: neither 'models' (mmkd demo / eval all) nor 'eval'/'train' (mmkd distill)")
     name = run_dir.resolve().name
     labels = DEMO_LABELS if "demo" in raw else {}
     order = sorted(blocks, key=lambda n: n != "teacher")  # teacher first, the rest as written
@@ -165,7 +166,7 @@ def load_run(path: str | Path) -> RunData:
 def load_runs(paths: list[str | Path]) -> ReportData:
     """Several runs; a model or curve label that occurs in more than one run gets ``run/`` in front."""
     if not paths:
-        raise ValueError("give at least one run folder")
+        raise UsageError("give at least one run folder")
     runs = [load_run(p) for p in paths]
     names = [r.name for r in runs]
     for i, r in enumerate(runs):  # same folder name twice (runs/a/x, runs/b/x): number them

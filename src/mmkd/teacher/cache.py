@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,9 @@ import torch
 
 from mmkd.data.records import DataError, Record
 from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augmentation_settings
+from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write, atomic_write_json
+from mmkd.locking import FolderLock
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.student import TeacherInfo
 from mmkd.teacher import fingerprint as fp
@@ -63,10 +66,16 @@ DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np
 PRECISIONS = ("auto", "bf16", "fp32")
 IMAGE_ARRAYS = ("image_embeds", "image_features")
 TEXT_ARRAYS = ("text_embeds", "text_features")
+# every key of meta.json that readers index: checked once on reading, so a damaged file is named, not a KeyError
+META_KEYS = ("layout.n_samples", "layout.n_captions", "layout.chunk_rows", "layout.arrays", "fingerprint.views",
+             "fingerprint.storage.dtype", "fingerprint.teacher.projection_dim", "fingerprint.teacher.feature_dims",
+             "fingerprint.teacher.logit_scale", "fingerprint.teacher.weights_sha256", "fingerprint.teacher.meta",
+             "fingerprint.data.sha256", "fingerprint.data.captions_sha256", "fingerprint.transform.view_seed",
+             "fingerprint.transform.augmentation", "fingerprint.transform.version")
 NORM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
 
 
-class CacheError(ValueError):
+class CacheError(MmkdError, ValueError):
     """A cache that cannot be used or built as asked: the message names the file or field and what to do."""
 
 
@@ -163,8 +172,13 @@ class Layout:
     @classmethod
     def from_meta(cls, root: Path, meta: dict[str, Any]) -> Layout:
         lay = meta["layout"]
-        return cls(root, int(lay["n_samples"]), int(lay["n_captions"]), int(lay["chunk_rows"]),
-                   {k: tuple(v) for k, v in lay["arrays"].items()}, meta["fingerprint"]["storage"]["dtype"])
+        try:
+            return cls(root, int(lay["n_samples"]), int(lay["n_captions"]), int(lay["chunk_rows"]),
+                       {str(k): tuple(int(x) for x in v) for k, v in lay["arrays"].items()},
+                       meta["fingerprint"]["storage"]["dtype"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CacheError(f"{root / 'meta.json'}: its 'layout' is not valid ({type(e).__name__}: {e}; the file is "
+                             f"damaged): rebuild the cache (delete {root} and rerun `mmkd cache`)") from None
 
     def chunks(self, kind: str | None = None) -> list[Chunk]:
         out = []
@@ -220,6 +234,17 @@ def read_meta(root: Path) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{root} is a teacher cache of format version {meta.get('format_version')}; this mmkd "
                          f"reads version {FORMAT_VERSION}: rebuild it with `mmkd cache`")
+    for dotted in META_KEYS:
+        node: Any = meta
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise CacheError(f"{root / 'meta.json'} has no key {dotted!r} (the file is damaged): rebuild the "
+                                 f"cache (delete {root} and rerun `mmkd cache`)")
+            node = node[part]
+    dtype = meta["fingerprint"]["storage"]["dtype"]
+    if dtype not in DTYPES:
+        raise CacheError(f"{root / 'meta.json'}: fingerprint.storage.dtype {dtype!r} is not one of "
+                         f"{', '.join(DTYPES)} (the file is damaged): rebuild the cache")
     return meta
 
 
@@ -284,34 +309,71 @@ def cache_meta(teacher: DualEncoder, records: Sequence[Record], captions: Sequen
     }
 
 
+INDEX_NAMES = ("meta.json", "keys.json", "captions.json", "tokenizer", "shards")  # what a cache folder holds
+LOCK_NAME = ".lock"  # mmkd.locking.FolderLock's file: one build per folder
+
+
+def _committed(root: Path) -> bool:
+    """Whether any chunk of the folder is committed (its done.json written): then it holds work worth keeping."""
+    return (root / "shards").is_dir() and any((root / "shards").glob("*.done.json"))
+
+
+def _clear_unfinished(root: Path) -> None:
+    """Remove what a build that committed no chunk left (index files, uncommitted shards); never other files."""
+    for name in INDEX_NAMES:
+        p = root / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    for tmp in root.glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
 def _prepare(root: Path, meta: dict[str, Any], keys: list[str], digests: list[str], captions: list[str],
-             tokenizer: Any) -> None:
-    """Create the cache folder atomically (index first, meta.json last), or check an existing one matches."""
+             tokenizer: Any, log: Callable[[str], None] | None = None) -> None:
+    """Create the cache's index (meta.json last: its commit), or check that an existing cache is of this build.
+
+    Called with the folder's lock held. A folder whose first build committed no chunk (it failed or was killed
+    early, e.g. on bad data) is started over, so the corrected rerun is not refused as "other settings".
+    """
     if (root / "meta.json").is_file():
-        _check_same_build(root, meta)
-        for tmp in (root / "shards").glob(".*.tmp-*"):  # leftovers of a killed writer; no one writes yet
-            tmp.unlink(missing_ok=True)
-        return
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise CacheError(f"{root} exists and is not an mmkd teacher cache (no meta.json); choose another --out "
-                         "or delete it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    stage = root.parent / f".{root.name}.init-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    (stage / "shards").mkdir(parents=True)
-    _write_json(stage / "keys.json", {"keys": keys, "digests": digests})
-    _write_json(stage / "captions.json", captions)
+        try:
+            _check_same_build(root, meta)
+        except CacheError as e:
+            if _committed(root):
+                raise
+            if log:
+                log(f"{root}: starting over: its earlier build wrote no chunk, and was for other settings ({e})")
+            _clear_unfinished(root)
+        else:
+            for tmp in (root / "shards").glob(".*.tmp-*"):  # leftovers of a killed writer; the lock says no one writes
+                tmp.unlink(missing_ok=True)
+            return
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"{root} exists and is a file, not a teacher cache folder; choose another --out")
+    foreign = sorted(p.name for p in root.iterdir()
+                     if p.name not in INDEX_NAMES and p.name != LOCK_NAME and ".tmp-" not in p.name)
+    if foreign:
+        raise CacheError(f"{root} exists and is not an mmkd teacher cache (no meta.json; it holds {foreign[:3]}); "
+                         "choose another --out or delete it")
+    _clear_unfinished(root)  # an earlier build killed before its meta.json: nothing of it was committed
+    (root / "shards").mkdir(parents=True)
+    _write_json(root / "keys.json", {"keys": keys, "digests": digests})
+    _write_json(root / "captions.json", captions)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(stage / "tokenizer"))
-    _write_json(stage / "meta.json", meta)
-    os.replace(stage, root)  # replaces an empty folder, never a filled one
+        tokenizer.save_pretrained(str(root / "tokenizer"))
+    _write_json(root / "meta.json", meta)  # last, atomically: a folder with meta.json has its complete index
 
 
 def _check_same_build(root: Path, meta: dict[str, Any]) -> None:
     found = read_meta(root)
     names = ("this build", "the folder")
-    differences = (fp.diff(meta["fingerprint"], found["fingerprint"], names=names)
-                   + fp.diff(meta["layout"], found["layout"], "layout", names))
+    # teacher.source is how the teacher was named (a relative or an absolute path, a hub id): its identity is the
+    # weights', tokenizer's and config's hashes, so the same teacher named another way resumes the build
+    mine, theirs = (dict(m["fingerprint"], teacher={k: v for k, v in m["fingerprint"]["teacher"].items()
+                                                     if k != "source"}) for m in (meta, found))
+    differences = (fp.diff(mine, theirs, names=names) + fp.diff(meta["layout"], found["layout"], "layout", names))
     if differences:
         raise CacheError(f"{root} already holds a teacher cache built with other settings, so it cannot be resumed "
                          f"or completed: {'; '.join(differences[:6])}"
@@ -464,32 +526,36 @@ def build_cache(
                       digests=digests)
     root = Path(out_dir)
     rank, world = mdist.rank(), mdist.world_size()
-    if rank == 0:
-        _prepare(root, meta, keys, digests, captions, teacher.tokenizer)
-    mdist.barrier()
-    if rank != 0:
-        _check_same_build(root, meta)
-    layout = Layout.from_meta(root, meta)
-    mine = [c for g, c in enumerate(layout.chunks()) if g % world == rank]
-    todo = []
-    for c in mine:
-        if layout.marker(c).is_file():
-            for name in layout.arrays_of(c.kind):
-                layout.check_shard(c, name)
-        else:
-            todo.append(c)
-    if log and rank == 0:
-        done = len(mine) - len(todo)
-        log(f"teacher cache {root}: {len(records)} samples × {views} view(s), {len(captions)} captions, "
-            f"{dtype}, {prec} compute" + (f"; resuming ({done} of {len(mine)} chunks already written)" if done else ""))
-    if todo:
-        _compute(teacher, records, captions, layout, todo, views=views, seed=seed, augmentation=augmentation,
-                 features=features, bf16=prec == "bf16", batch_size=batch_size, progress=progress and rank == 0)
-    mdist.barrier()
-    if rank == 0:
-        missing = [c.name for c in layout.chunks() if not layout.marker(c).is_file()]
-        if missing:
-            raise CacheError(f"{root}: chunks {missing[:5]} were not written by their ranks; rerun to complete")
+    # rank 0 holds the folder for the whole build: a second build fails at once instead of deleting this one's
+    # temporary shards or racing it at the rename
+    with FolderLock(root, "teacher cache folder") if rank == 0 else nullcontext():
+        if rank == 0:
+            _prepare(root, meta, keys, digests, captions, teacher.tokenizer, log)
+        mdist.barrier()
+        if rank != 0:
+            _check_same_build(root, meta)
+        layout = Layout.from_meta(root, meta)
+        mine = [c for g, c in enumerate(layout.chunks()) if g % world == rank]
+        todo = []
+        for c in mine:
+            if layout.marker(c).is_file():
+                for name in layout.arrays_of(c.kind):
+                    layout.check_shard(c, name)
+            else:
+                todo.append(c)
+        if log and rank == 0:
+            done = len(mine) - len(todo)
+            log(f"teacher cache {root}: {len(records)} samples × {views} view(s), {len(captions)} captions, "
+                f"{dtype}, {prec} compute"
+                + (f"; resuming ({done} of {len(mine)} chunks already written)" if done else ""))
+        if todo:
+            _compute(teacher, records, captions, layout, todo, views=views, seed=seed, augmentation=augmentation,
+                     features=features, bf16=prec == "bf16", batch_size=batch_size, progress=progress and rank == 0)
+        mdist.barrier()
+        if rank == 0:
+            missing = [c.name for c in layout.chunks() if not layout.marker(c).is_file()]
+            if missing:
+                raise CacheError(f"{root}: chunks {missing[:5]} were not written by their ranks; rerun to complete")
     return BuildResult(root, len(records), len(captions), views, len(todo), len(mine) - len(todo),
                        time.perf_counter() - t0)
 
@@ -630,7 +696,7 @@ class CachedTeacher:
         meta = read_meta(root)
         index = _read_json(root / "keys.json", "the cache's sample index is missing: rebuild the cache")
         captions = _read_json(root / "captions.json", "the cache's caption index is missing: rebuild the cache")
-        keys, digests = index.get("keys"), index.get("digests")
+        keys, digests = (index.get("keys"), index.get("digests")) if isinstance(index, dict) else (None, None)
         layout = Layout.from_meta(root, meta)
         if (not isinstance(keys, list) or not isinstance(digests, list) or len(keys) != layout.n_samples
                 or len(digests) != len(keys) or not isinstance(captions, list)
@@ -858,11 +924,15 @@ def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
         meta = read_meta(root)
         index = _read_json(root / "keys.json", "the sample index is missing")
         captions = _read_json(root / "captions.json", "the caption index is missing")
+        layout = Layout.from_meta(root, meta)
     except CacheError as e:
         rep.problems.append(str(e))
         return rep
-    layout = Layout.from_meta(root, meta)
     f = meta["fingerprint"]
+    if not isinstance(index, dict) or not isinstance(captions, list):
+        rep.problems.append(f"{root / 'keys.json'} or {root / 'captions.json'} does not hold what the cache writes "
+                            "(damaged): rebuild the cache")
+        return rep
     keys, digests = index.get("keys", []), index.get("digests", [])
     if len(keys) != layout.n_samples or len(digests) != len(keys):
         rep.problems.append(f"keys.json holds {len(keys)} keys / {len(digests)} digests, meta.json says "
@@ -875,7 +945,7 @@ def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
         rep.problems.append("captions.json is not the sorted, duplicate-free caption list meta.json describes")
     elif fp.captions_sha256(captions) != f["data"]["captions_sha256"]:
         rep.problems.append("captions.json does not match the caption fingerprint in meta.json")
-    expected_files = {"meta.json", "keys.json", "captions.json", "tokenizer", "shards"}
+    expected_files = {*INDEX_NAMES, LOCK_NAME}
     stray = sorted(p.name for p in root.iterdir() if p.name not in expected_files)
     if stray:
         rep.notes.append(f"files that are not part of the cache: {stray[:5]}")

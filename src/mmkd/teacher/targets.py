@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from mmkd.data.records import DataError
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher.unimodal import ImageTeacher
 from mmkd.train.batches import ImageBank, TrainBatch
@@ -152,7 +153,7 @@ def precompute(teacher: OnlineTeacher, banks: Sequence[ImageBank], captions: Ite
             for i in chunk:
                 key = bank.records[i].key
                 if key in keys:
-                    raise ValueError(f"sample key {key!r} appears twice across the training sets; keys must be unique")
+                    raise DataError(f"sample key {key!r} appears twice across the training sets; keys must be unique")
                 keys[key] = len(keys)
             bar.update(len(chunk))
     bar.close()

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmkd.data.records import Record, open_image
+from mmkd.config import ConfigError
+from mmkd.data.records import DataError, Record, open_image
 from mmkd.data.transforms import ImageTransform, TransformConfig, view_rng
 
 
@@ -82,7 +83,7 @@ class BatchPlan:
 
     def __init__(self, n: int, global_batch: int, seed: int, name: str) -> None:
         if n < global_batch:
-            raise ValueError(f"{name}: {n} samples is fewer than one global batch of {global_batch}; "
+            raise ConfigError(f"{name}: {n} samples is fewer than one global batch of {global_batch}; "
                              "lower the batch size or add data")
         self.n, self.global_batch, self.seed, self.name = n, global_batch, seed, name
         self.per_epoch = n // global_batch
@@ -101,9 +102,9 @@ class TrainData:
                  world: int, seed: int, views: int = 1) -> None:
         for r in paired.records:
             if not r.captions:
-                raise ValueError(f"{r.origin or r.key}: a paired training sample has no caption")
+                raise DataError(f"{r.origin or r.key}: a paired training sample has no caption")
         if batch_size % world or unpaired_batch_size % world:
-            raise ValueError(f"batch sizes ({batch_size}, {unpaired_batch_size}) must divide by the number of "
+            raise ConfigError(f"batch sizes ({batch_size}, {unpaired_batch_size}) must divide by the number of "
                              f"processes ({world})")
         self.paired, self.unpaired = paired, unpaired
         self.seed, self.world, self.views = seed, world, views

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mmkd.errors import UsageError
 from mmkd.registry import Registry
 
 KDTerm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -33,9 +34,9 @@ MATCHING_KD: Registry[KDTerm] = Registry("matching KD loss")
 def check_kd_params(temperature: float, alpha: float) -> None:
     """α ∈ [0, 1] and T > 0 (finite), or a ValueError that names the parameter."""
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0 or math.isnan(float(alpha)):
-        raise ValueError(f"alpha (the weight of the KD term) must be in [0, 1], got {alpha!r}")
+        raise UsageError(f"alpha (the weight of the KD term) must be in [0, 1], got {alpha!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(float(temperature)) or temperature <= 0:
-        raise ValueError(f"temperature T must be a finite number > 0, got {temperature!r}")
+        raise UsageError(f"temperature T must be a finite number > 0, got {temperature!r}")
 
 
 @MATCHING_KD.register("kl")

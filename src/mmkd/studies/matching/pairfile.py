@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.data.records import DataError
+from mmkd.errors import UsageError
 from mmkd.fileio import atomic_write_text
 from mmkd.studies.matching.pairs import SPLITS, BuildConfig, Embed, MatchPair, build_pairs, summarize
 
@@ -107,7 +108,7 @@ def build_pairs_file(spec: str, out: str | Path, cfg: BuildConfig, cache_dir: st
     records = records_from_spec(spec, cache_dir, world_n=world_n)
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+            raise UsageError(f"limit must be >= 1, got {limit}")
         records = records[:limit]
     encoder_name = getattr(embed, "path", None)
     if embed is None and cfg.negatives != "random":
