@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test lint readme clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/mmkd demo
+
+# the README's results sections (<!-- results:NAME -->) from runs/demo/metrics.json and bench/results/*.json
+readme: $(VENV)/.installed
+	$(VENV)/bin/mmkd readme --readme README.md
 
 # pytest exits 5 when it collects no test: that is not a failure of the code
 test: $(VENV)/.installed

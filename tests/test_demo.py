@@ -9,11 +9,13 @@ import pytest
 
 from mmkd.cli import main
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--configs", str(CONFIGS)]) == 0
     printed = capsys.readouterr().out
     assert "| teacher |" in printed and "| distilled student |" in printed and "| scratch student |" in printed
 
@@ -30,11 +32,20 @@ def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.
     assert metrics["models"]["student"]["params"] < metrics["models"]["teacher"]["params"]
     assert metrics["models"]["student"]["params"] == metrics["models"]["scratch"]["params"]
 
-    # the cached run killed after its half-way checkpoint and resumed ends with the uninterrupted run's weights
-    cached, resumed = metrics["models"]["student_cached"], metrics["models"]["student_cached_resumed"]
-    assert resumed["resumed_from"] == metrics["demo"]["config"]["student_steps"] // 2
-    assert resumed["same_weights_as_uninterrupted"] is True
-    assert resumed["zeroshot"] == cached["zeroshot"] and resumed["retrieval"] == cached["retrieval"]
+    # the cached student ran as `mmkd distill` in a child process, was SIGKILLed after its first checkpoint and
+    # finished in a new process with --resume: its log shows both starts, and the stamp records the kill
+    kill = metrics["models"]["student_cached"]["killed_and_resumed"]
+    cached_cfg = metrics["demo"]["configs"]["student_cached"]
+    assert kill["killed_with"] == "SIGKILL" and kill["checkpoint_step"] == cached_cfg["train"]["ckpt_every"]
+    assert kill["checkpoint_step"] <= kill["last_logged_step_before_kill"] < cached_cfg["train"]["steps"]
+    assert kill["resumed_with"].endswith("--resume")
+    run_log = (out / "train" / "student_cached.log").read_text()
+    assert run_log.count("teacher targets from the cache") == 2  # two processes
+    assert (out / "train" / "student_cached" / "student" / "model.safetensors").is_file()
+    # every model is a config run through run_distill, evaluated once by the demo; the phases are timed
+    assert set(metrics["demo"]["configs"]) == {"teacher", "student", "student_cached", "scratch"}
+    assert {"teacher", "student", "scratch", "evaluation", "report"} <= set(metrics["demo"]["phases_s"])
+    assert "time per phase: teacher" in printed
 
     report = (out / "report.md").read_text()
     assert "accuracy.png" in report and "curves.png" in report and "| teacher |" in report
@@ -52,13 +63,15 @@ def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.
     assert "distilled student" in page and "scratch student" in page and "data:image/png;base64," in page
     bias = metrics["bias"]
     students = set(metrics["models"]) - {"teacher"}  # distilled, cached-teacher and scratch students
-    assert {"student", "student_cached", "student_cached_resumed", "scratch"} <= students
+    assert {"student", "student_cached", "scratch"} <= students
     assert bias["reference"] == "teacher" and set(bias["vs_reference"]) == students
     teacher = bias["models"]["teacher"]["text"]
     nurse = teacher["professions"].index("nurse")
     she, he = teacher["rows"].index("she"), teacher["rows"].index("he")
     assert teacher["cosine"][she][nurse] > teacher["cosine"][he][nurse]
 
-    # the teacher is cached: the second run says so and does not train it again
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert "reusing the cached teacher" in capsys.readouterr().out
+    # a second run reuses the finished teacher and students (same configs) instead of training them again
+    assert main(["demo", "--quick", "--out", str(out), "--configs", str(CONFIGS)]) == 0
+    again = capsys.readouterr().out
+    assert "reusing the cached teacher" in again and "training" not in again
+    assert "reusing student_cached" in again

@@ -49,9 +49,11 @@ def _print_table(metrics: dict[str, Any]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmkd.demo import run_demo
 
-    metrics = run_demo(args.out, quick=args.quick, cache_dir=args.cache)
+    metrics = run_demo(args.out, quick=args.quick, cache_dir=args.cache, config_dir=args.configs)
     print()
     _print_table(metrics)
+    print("\ntime per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in metrics["demo"]["phases_s"].items())
+          + f"; total {metrics['demo']['seconds'] / 60:.1f} min")
     print(f"\nmetrics: {os.path.join(args.out, 'metrics.json')}   report: {os.path.join(args.out, 'report.html')} "
           f"(and report.md)")
     return 0
@@ -213,6 +215,14 @@ def cmd_eval_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_readme(args: argparse.Namespace) -> int:
+    from mmkd.report.readme import update_readme
+
+    done = update_readme(args.readme, args.root, args.section or None)
+    print(f"{args.readme}: regenerated {', '.join(done) or 'no section'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -257,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="tiny models and budgets (about a minute)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--cache", default=None, help="cache folder for world data and the teacher (default OUT/cache)")
+    d.add_argument("--configs", default="configs/demo",
+                   help="folder of the demo's run configs (default configs/demo, from the repository root)")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("distill", help="distil a teacher into a student from a YAML config")
@@ -370,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-md", action="store_true", help="write the HTML page only")
     r.add_argument("--title", default="mmkd report", help="page title")
     r.set_defaults(func=cmd_report)
+
+    rd = sub.add_parser("readme", help="regenerate the README's results sections from the runs' JSON")
+    rd.add_argument("--readme", default="README.md", help="the file whose <!-- results:NAME --> blocks to rewrite")
+    rd.add_argument("--root", default=".", help="project root the JSON paths are read under (default .)")
+    rd.add_argument("--section", action="append", default=[], metavar="NAME",
+                    help="only this section (repeatable; default: every marked one)")
+    rd.set_defaults(func=cmd_readme)
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)

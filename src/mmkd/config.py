@@ -69,7 +69,7 @@ class TowerSpec:
     """
 
     source: str = "teacher"
-    keep_layers: list[int] | None = None
+    keep_layers: list[int] | None = None  # source teacher: default every second layer; pretrained: default all
     arch: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     pooling: str | None = None
@@ -118,6 +118,8 @@ class DataConfig:
     batch_size: int = 128
     unpaired_batch_size: int = 0
     augment: bool = False
+    augment_paired: bool = True  # false: with augment, captioned images keep view 0 (their captions may name
+    # positions a crop contradicts); only the uncaptioned ones are augmented
     label_captions: str | None = None  # e.g. "a photo of a {}.": captions for labelled, uncaptioned images
     captions_per_image: int | None = None  # keep each image's first N captions (fewer teacher/text targets)
     views: int | None = None  # distinct augmented views per sample (view 0 = unaugmented); None: see README

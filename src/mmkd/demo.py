@@ -1,38 +1,51 @@
 """``mmkd demo``: a real teacher distilled into a smaller student on the built-in world, end to end.
 
-It mirrors real use: the teacher (a ViT locked to the real all-MiniLM-L6-v2 text encoder) is trained once
-on a large generated pool and cached; the students get only a small captioned subset, and the distilled
-student may also learn from uncaptioned images through the teacher's image embeddings, something only
-distillation can use. A same-size student trained from scratch on the same captioned subset, for the same
-steps and from the same initialisation, shows what distillation is worth.
+Every model is a run config in ``configs/demo/`` trained by ``run_distill``, the path ``mmkd distill`` takes:
+the teacher (a ViT aligned to the real all-MiniLM-L6-v2 text encoder) is trained once on a large generated pool
+and reused; the students get only a small captioned subset, and the distilled ones also learn from uncaptioned
+images through the teacher's image embeddings, something only distillation can use. The cached-teacher student
+runs as ``mmkd distill`` in a child process that is SIGKILLed after its first checkpoint and resumed with
+``--resume`` in another one. A same-size student trained from scratch shows what distillation is worth. The
+demo ends by printing where its time went, phase by phase.
+
+``DemoConfig``/``get_teacher`` below are the hand-built teacher recipe the matching study and the cache
+benchmark still use; the demo itself no longer does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from mmkd.config import ObjectiveSpec, StudentConfig, TowerSpec, TrainConfig
+from mmkd.config import ObjectiveSpec, RunConfig, StudentConfig, TowerSpec, TrainConfig, load_config, to_dict
 from mmkd.data import world
 from mmkd.data.records import Record
 from mmkd.eval.suite import world_labels, world_metrics, zeroshot
+from mmkd.fileio import atomic_write_json, atomic_write_text
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import load_dual_encoder, load_tokenizer, save_dual_encoder
-from mmkd.models.student import apply_freeze, build_student
+from mmkd.models.student import apply_freeze
 from mmkd.models.towers import build_tower
 from mmkd.objectives.base import ObjectiveContext, build_objectives
-from mmkd.teacher.cache import CachedTeacher, CacheExpectation, build_cache
-from mmkd.teacher.targets import OnlineTeacher, precompute
 from mmkd.train.batches import ImageBank, TrainData
 from mmkd.train.checkpoint import CheckpointManager
 from mmkd.train.loop import train
+
+RUNS = ("teacher", "student", "student_cached", "scratch")  # the order they are trained in
 
 WORLD_MEAN = (0.5, 0.5, 0.5)
 WORLD_STD = (0.25, 0.25, 0.25)
@@ -74,7 +87,7 @@ class DemoConfig:
     cache_augmentation: dict[str, Any] = field(default_factory=lambda: dict(
         scale=(0.8, 1.0), ratio=(0.9, 1.1), hflip=False))
     # captions name positions ("top left"), so a crop can contradict its caption: by default captioned images
-    # keep view 0 and only uncaptioned ones replay the cached crops (measured: 47.0 vs 43.8 top-1 with crops on all)
+    # keep view 0 and only uncaptioned ones replay the cached crops
     cache_augment_paired: bool = False
     teacher_evals: int = 6  # points on the teacher's validation curve
     retrieval_images: int = 1000  # test images whose captions form the retrieval gallery
@@ -161,26 +174,6 @@ def get_teacher(cfg: DemoConfig, cache: Path, val: list[Record], log: Any) -> tu
     return model, folder
 
 
-def leave_as_killed(run: Path, work: Path, step: int) -> int:
-    """Give ``work`` what a kill of ``run`` just after its half-way checkpoint would have left: that checkpoint and
-    the metrics logged up to it, nothing later. Steps 0..half of a killed run are the same computation as the
-    uninterrupted run's (batches are a pure function of (seed, step)), so they are not paid for twice."""
-    src, dst = CheckpointManager(run / "checkpoints").path(step), CheckpointManager(work / "checkpoints").path(step)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: {run.name} left no half-way checkpoint to resume from")
-    dst.parent.mkdir(parents=True)
-    shutil.copy(src, dst)
-    (dst.parent / "latest").write_text(dst.name)
-    lines = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
-    (work / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
-    return step
-
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def student_config(cfg: DemoConfig) -> StudentConfig:
     return StudentConfig(
         vision=TowerSpec(source="new", arch="clip_vision",
@@ -192,105 +185,279 @@ def student_config(cfg: DemoConfig) -> StudentConfig:
     )
 
 
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+
+
+@dataclass
+class DemoSettings:
+    """What is not a run config: the teacher cache's views and the evaluation's size."""
+
+    cache_views: int = 2
+    # mild crops only, and no flips: captions say "left" and "right", and crops must keep the object in view
+    cache_augmentation: dict[str, Any] = field(default_factory=lambda: dict(
+        scale=[0.8, 1.0], ratio=[0.9, 1.1], hflip=False))
+    test: int = 2000  # held-out single-object test images
+    retrieval_images: int = 1000  # test images whose captions form the retrieval gallery
+    latency_budget_s: float = 3.0
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        return cls(test=256, retrieval_images=256, latency_budget_s=0.5)
+
+
+class Phases:
+    """Wall time per phase of the demo, in the order they ran (printed at the end, kept in metrics.json)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 1)
+
+
+def config_key(cfg: RunConfig) -> str:
+    """A run's identity: its config without where it writes (``out``) and where world data is cached."""
+    d = to_dict(cfg)
+    d.pop("out"), d.pop("cache_dir")
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def demo_configs(config_dir: Path, out: Path, cache: Path, quick: bool) -> dict[str, RunConfig]:
+    """The four run configs, pointed at this demo's folders (``--quick``: plus the overrides of quick.yaml)."""
+    missing = [n for n in RUNS if not (config_dir / f"{n}.yaml").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{config_dir}: no {', '.join(f'{n}.yaml' for n in missing)}; run mmkd demo from "
+                                "the repository root or give --configs DIR (the folder holding configs/demo)")
+    quick_overrides: dict[str, list[str]] = {}
+    if quick:
+        quick_overrides = yaml.safe_load((config_dir / "quick.yaml").read_text()) or {}
+    base = [f"cache_dir={cache}"]
+    teacher = load_config(config_dir / "teacher.yaml", base + quick_overrides.get("teacher", []))
+    teacher = replace(teacher, out=str(cache / f"teacher-{config_key(teacher)}"))
+    teacher_model = str(Path(teacher.out) / "student")
+    cfgs = {"teacher": teacher}
+    for name in RUNS[1:]:
+        cfg = load_config(config_dir / f"{name}.yaml", base + [f"out={out / 'train' / name}"]
+                          + quick_overrides.get(name, []))
+        cfgs[name] = replace(cfg, teacher=teacher_model) if not cfg.teacher.startswith("cache:") else cfg
+    return cfgs
+
+
+def cache_folder(cfgs: dict[str, RunConfig], cache: Path, settings: DemoSettings) -> Path:
+    """The teacher cache's folder: named by its teacher, its data and its views (a change builds a new one)."""
+    d = cfgs["student_cached"].data
+    blob = json.dumps([config_key(cfgs["teacher"]), d.train, d.world_size_train, d.unpaired, d.world_size_unpaired,
+                       d.limit, d.unpaired_limit, settings.cache_views, settings.cache_augmentation], sort_keys=True)
+    return cache / f"teacher-cache-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+STAMP = "demo_run.json"  # in a run folder: the config key of the finished run, so a later demo can reuse it
+
+
+def finished(cfg: RunConfig) -> bool:
+    """Whether ``cfg.out`` holds a finished run of exactly this config (metrics.json and a matching stamp)."""
+    folder = Path(cfg.out)
+    stamp = folder / STAMP
+    if not (folder / "metrics.json").is_file() or not stamp.is_file():
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("config_key") == config_key(cfg)
+    except (OSError, ValueError):
+        return False
+
+
+def fresh_folder(cfg: RunConfig) -> None:
+    """Clear a demo-owned run folder that holds another or an unfinished run, so the run starts fresh there."""
+    shutil.rmtree(cfg.out, ignore_errors=True)
+
+
+def stamp(cfg: RunConfig, **extra: Any) -> None:
+    atomic_write_json(Path(cfg.out) / STAMP, {"config_key": config_key(cfg), **extra})
+
+
+def run_config(name: str, cfg: RunConfig, log: Any, cache: Any) -> None:
+    """Train one run in this process through ``run_distill`` (the path of ``mmkd distill``), from a fresh folder."""
+    from mmkd.distill import run_distill
+
+    log(f"training {name}: {cfg.train.steps} steps → {cfg.out}")
+    fresh_folder(cfg)
+    torch.manual_seed(cfg.train.seed)  # students of one seed start from the same initialisation
+    run_distill(cfg, log=log, cache=cache)
+    stamp(cfg)
+
+
+def last_logged_step(run: Path) -> int:
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    return max((json.loads(ln)["step"] for ln in lines if ln.strip()), default=0)
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
+
+
+def kill_and_resume(cfg: RunConfig, config_file: Path, log: Any, poll_s: float = 0.05,
+                    deadline_s: float = 3600.0) -> dict[str, Any]:
+    """Run ``mmkd distill CONFIG`` in a child process, SIGKILL it as soon as its first checkpoint is on disk,
+    then finish the run with ``mmkd distill CONFIG --resume`` in a new process. Returns what happened."""
+    run = Path(cfg.out)
+    fresh_folder(cfg)
+    run.mkdir(parents=True)
+    at = cfg.train.ckpt_every
+    if not 0 < at < cfg.train.steps:
+        raise ValueError(f"{config_file}: train.ckpt_every ({at}) must fall inside train.steps "
+                         f"({cfg.train.steps}) for the demo to kill the run after a checkpoint")
+    ckpt = CheckpointManager(run / "checkpoints").path(at)
+    command = [sys.executable, "-m", "mmkd.cli", "distill", str(config_file)]
+    logs = run.parent / f"{run.name}.log"  # beside the run folder: the run owns its own folder
+    log(f"training {cfg.train.steps} steps in a child process ({' '.join(command[1:])}), to be killed after its "
+        f"step-{at} checkpoint; its output: {logs}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(logs, "w") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        t0 = time.monotonic()
+        try:
+            while not ckpt.is_file():
+                if child.poll() is not None:
+                    raise RuntimeError(f"the child run exited with {child.returncode} before writing {ckpt}; "
+                                       f"its last lines:\n{_tail(logs)}")
+                if time.monotonic() - t0 > deadline_s:
+                    raise RuntimeError(f"no {ckpt} after {deadline_s:.0f} s; see {logs}")
+                time.sleep(poll_s)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    if child.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"the child run finished (exit {child.returncode}) before it could be killed; "
+                           f"give it more steps after its step-{at} checkpoint")
+    killed_at = last_logged_step(run)
+    log(f"killed the child (pid {child.pid}) with SIGKILL at step ~{killed_at}; resuming in a new process")
+    with open(logs, "a") as out:
+        done = subprocess.run(command + ["--resume"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the resumed run failed (exit {done.returncode}); its last lines:\n{_tail(logs)}")
+    return {"killed_with": "SIGKILL", "killed_pid": child.pid, "checkpoint_step": at,
+            "last_logged_step_before_kill": killed_at, "resumed_with": f"mmkd distill {config_file} --resume"}
+
+
+def build_teacher_cache(cfg: RunConfig, teacher: DualEncoder, teacher_dir: str, folder: Path,
+                        settings: DemoSettings, log: Any) -> None:
+    """The cache ``mmkd cache --config`` would build for the cached student's data, with the demo's mild crops
+    (built once; a partial one resumes)."""
+    from mmkd.distill import training_records
+    from mmkd.teacher.cache import build_cache
+
+    paired, unpaired = training_records(cfg)
+    records = paired + (unpaired or [])
+    build_cache(teacher, records, folder, views=settings.cache_views, dtype="float16", seed=4,
+                augmentation=settings.cache_augmentation, source=teacher_dir, log=log)
+
+
+def link(name: Path, target: Path) -> None:
+    if name.is_symlink() or name.is_file():
+        name.unlink()
+    elif name.exists():
+        shutil.rmtree(name)
+    name.symlink_to(target.resolve(), target_is_directory=True)
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str | Path | None = None,
-             cfg: DemoConfig | None = None, log: Any = print) -> dict[str, Any]:
-    """Teacher → distilled student and scratch student → evaluation → metrics.json, report.md, plots."""
-    cfg = cfg or (DemoConfig.quick() if quick else DemoConfig())
+             config_dir: str | Path = "configs/demo", settings: DemoSettings | None = None,
+             log: Any = print) -> dict[str, Any]:
+    """Teacher → students (configs through run_distill) → one evaluation per model → metrics.json, reports."""
+    from mmkd.distill import TargetCache
+
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     out = Path(out)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    phases = Phases()
     t_start = time.perf_counter()
-    val = world.to_records(world.load_split("val", cfg.val, cache / "world"))
-    test = world.to_records(world.load_split("test", cfg.test, cache / "world"))
-    teacher, teacher_dir = get_teacher(cfg, cache, val, log)
-    link = out / "teacher"
-    if link.is_symlink() or link.exists():
-        link.unlink() if link.is_symlink() else shutil.rmtree(link)
-    link.symlink_to(teacher_dir.resolve(), target_is_directory=True)
-
-    both = world.load_split("train", cfg.paired + cfg.unpaired, cache / "world")
-    recs = world.to_records(both)
-    paired = recs[: cfg.paired]
-    unpaired = [replace(r, captions=()) for r in recs[cfg.paired:]]  # their captions are never used
-    sizes = (cfg.image_size, WORLD_MEAN, WORLD_STD)
-    paired_bank, unpaired_bank = ImageBank(paired, *sizes), ImageBank(unpaired, *sizes)
-
-    log(f"teacher targets: {len(paired) + len(unpaired)} images, captions of {len(paired)} (computed once)")
-    table = precompute(OnlineTeacher(teacher, paired_bank, unpaired_bank), [paired_bank, unpaired_bank],
-                       [c for r in paired for c in r.captions])
-
-    scfg = TrainConfig(steps=cfg.student_steps, lr=cfg.student_lr, warmup_steps=max(1, cfg.student_steps // 20),
-                       log_every=10, ckpt_every=max(1, cfg.student_steps // 2), seed=2, threads=cfg.threads)
-
-    def train_student(name: str, targets: Any, pb: ImageBank, ub: ImageBank | None, views: int = 1,
-                      restart_of: str | None = None) -> None:
-        torch.manual_seed(2)  # the same initialisation for every student
-        student = build_student(teacher, student_config(cfg))
-        specs = [ObjectiveSpec("clip")]
-        if targets is not None:
-            specs += [ObjectiveSpec("fd_mse_cosine", towers=["image"]),
-                      ObjectiveSpec("fd_mse_cosine", towers=["text"])]
-        objectives = build_objectives(specs, ObjectiveContext(student.projection_dim, teacher.projection_dim))
-        data = TrainData(pb, ub, cfg.student_batch, cfg.unpaired_batch if ub is not None else 0, world=1, seed=3,
-                         views=views)
-        if isinstance(targets, CachedTeacher):
-            targets.check(CacheExpectation.for_data(data))
-        work = out / "train" / name
-        shutil.rmtree(work, ignore_errors=True)
-        if restart_of is not None:
-            step = leave_as_killed(out / "train" / restart_of, work, scfg.ckpt_every)
-            torch.manual_seed(123)  # a fresh process: another init, everything must come from the checkpoint
-            student = build_student(teacher, student_config(cfg))
-            objectives = build_objectives(specs, ObjectiveContext(student.projection_dim, teacher.projection_dim))
-            log(f"training {name}: {restart_of} killed after its step-{step} checkpoint, resumed from it")
-        else:
-            log(f"training {name}: {cfg.student_steps} steps")
-        result = train(student, objectives, data, targets, scfg, work, resume=restart_of is not None, desc=name)
-        save_dual_encoder(student, out / name)
-        runs[name] = {"model": student, "seconds": result.seconds}
-        if restart_of is not None:
-            runs[name]["resumed_from"] = result.resumed_from
-
+    cfgs = demo_configs(Path(config_dir), out, cache, quick)
+    shared = TargetCache()  # the teacher is loaded once for every in-process run
     runs: dict[str, dict[str, Any]] = {}
-    train_student("student", table, paired_bank, unpaired_bank)
-    if cfg.cache_views:
-        cache_dir = cache / f"teacher-cache-{cfg.cache_key()}"
-        log(f"teacher cache: {len(recs)} images × {cfg.cache_views} views (built once, resumable) → {cache_dir}")
-        build_cache(teacher, paired + unpaired, cache_dir, views=cfg.cache_views, dtype="float16", seed=4,
-                    augmentation=cfg.cache_augmentation, source=str(teacher_dir))
-        cached = CachedTeacher.open(cache_dir)
-        banks = (cached.bank(paired, *sizes) if cfg.cache_augment_paired else paired_bank,
-                 cached.bank(unpaired, *sizes))
-        train_student("student_cached", cached, *banks, views=cached.views)
-        train_student("student_cached_resumed", cached, *banks, views=cached.views, restart_of="student_cached")
-        runs["student_cached_resumed"]["same_weights_as_uninterrupted"] = same_weights(
-            runs["student_cached"]["model"], runs["student_cached_resumed"]["model"])
-    train_student("scratch", None, paired_bank, None)
 
-    log(f"evaluating the teacher and {', '.join(runs)}")
-    metrics: dict[str, Any] = {"models": {}, "demo": {"quick": quick, "config": asdict(cfg),
-                                                      "teacher_dir": str(teacher_dir)}}
-    def evaluate(model: DualEncoder) -> dict[str, Any]:
-        return world_metrics(model, test, latency_budget_s=cfg.latency_budget_s,
-                             retrieval_images=cfg.retrieval_images)
+    with phases("teacher"):
+        t = cfgs["teacher"]
+        if finished(t):
+            log(f"reusing the cached teacher {t.out}")
+        else:
+            run_config("teacher", t, log, None)
+        teacher_dir = Path(t.out) / "student"
+        link(out / "teacher", teacher_dir)
+    for name in ("student", "scratch"):
+        with phases(name):
+            if finished(cfgs[name]):
+                log(f"reusing {name}: {cfgs[name].out}")
+            else:
+                run_config(name, cfgs[name], log, shared)
+    if settings.cache_views:
+        c = cfgs["student_cached"]
+        folder = cache_folder(cfgs, cache, settings)
+        c = cfgs["student_cached"] = replace(c, teacher=f"cache:{folder}")
+        with phases("teacher cache"):
+            teacher = shared.teacher(cfgs["student"])
+            build_teacher_cache(c, teacher, str(teacher_dir), folder, settings, log)
+        with phases("student_cached (killed + resumed)"):
+            if finished(c):
+                log(f"reusing student_cached: {c.out}")
+            else:
+                config_file = out / "configs" / "student_cached.yaml"
+                config_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(config_file, yaml.safe_dump(to_dict(c), sort_keys=False))
+                kill = kill_and_resume(c, config_file, log)
+                stamp(c, kill=kill)
+            runs["student_cached"] = {"kill": json.loads((Path(c.out) / STAMP).read_text()).get("kill")}
 
-    metrics["models"]["teacher"] = evaluate(teacher)
-    for name, run in runs.items():
-        metrics["models"][name] = evaluate(run["model"])
-        metrics["models"][name]["train_seconds"] = round(run["seconds"], 1)
-        for key in ("resumed_from", "same_weights_as_uninterrupted"):
-            if key in run:
-                metrics["models"][name][key] = run[key]
-    from mmkd.eval.bias import bias_probe  # S1's gender–profession probe: teacher vs students' text towers
+    with phases("evaluation"):
+        test = world.to_records(world.load_split("test", settings.test, cache / "world"))
+        models: dict[str, Any] = {"teacher": load_dual_encoder(teacher_dir)}
+        metrics: dict[str, Any] = {"models": {}}
+        for name in RUNS:
+            if name == "teacher" or name not in cfgs or (name == "student_cached" and not settings.cache_views):
+                continue
+            run = Path(cfgs[name].out)
+            link(out / name, run / "student")
+            models[name] = load_dual_encoder(run / "student")
+        log(f"evaluating {', '.join(models)} on {len(test)} test images")
+        for name, model in models.items():
+            m = world_metrics(model, test, latency_budget_s=settings.latency_budget_s,
+                              retrieval_images=settings.retrieval_images)
+            run_metrics = json.loads((Path(cfgs[name].out) / "metrics.json").read_text())
+            m["train_seconds"] = run_metrics["train"]["seconds"]
+            if runs.get(name, {}).get("kill"):
+                m["killed_and_resumed"] = runs[name]["kill"]
+            metrics["models"][name] = m
+        from mmkd.eval.bias import bias_probe  # the gender–profession probe: teacher vs students' text towers
 
-    metrics["bias"] = bias_probe({"teacher": teacher, **{name: run["model"] for name, run in runs.items()}})
+        metrics["bias"] = bias_probe(models)
+    metrics["demo"] = {"quick": quick, "configs": {n: to_dict(c) for n, c in cfgs.items()},
+                       "settings": asdict(settings), "teacher_dir": str(teacher_dir), "machine": machine(),
+                       "phases_s": phases.seconds, "seconds": round(time.perf_counter() - t_start, 1)}
+    atomic_write_json(out / "metrics.json", metrics)  # the report reads it
+    with phases("report"):
+        shutil.copy(Path(cfgs["teacher"].out) / "metrics.jsonl", teacher_dir / "train_metrics.jsonl")
+        from mmkd.report.demo_report import write_demo_report
+        from mmkd.report.page import write_report
+
+        write_demo_report(out, metrics, teacher_dir)
+        write_report([out], out / "report.html", title="mmkd demo report")  # the page to open in a browser
+    metrics["demo"]["phases_s"] = phases.seconds
     metrics["demo"]["seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    from mmkd.report.demo_report import write_demo_report
-    from mmkd.report.page import write_report
-
-    write_demo_report(out, metrics, teacher_dir)
-    write_report([out], out / "report.html", title="mmkd demo report")  # the page to open in a browser
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def machine() -> dict[str, Any]:
+    """What the demo's times depend on: cores, torch threads, and whether the CPU has fast bfloat16."""
+    from mmkd.teacher.targets import bf16_supported
+
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "bf16": bf16_supported()}

@@ -147,6 +147,11 @@ def training_records(cfg: RunConfig, bad: BadSamples | None = None) -> tuple[lis
     return paired, unpaired or None
 
 
+def augment_paired(cfg: RunConfig) -> bool:
+    """Whether the captioned images are augmented (``data.augment`` unless ``data.augment_paired: false``)."""
+    return cfg.data.augment and cfg.data.augment_paired
+
+
 def cache_path(teacher: str) -> str | None:
     """The folder of ``teacher: cache:DIR``, or None for a model (or no teacher)."""
     return teacher[len("cache:"):] if teacher.startswith("cache:") else None
@@ -208,7 +213,7 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                           "(clip, triplet, siglip)")
     paired, unpaired = training_records(cfg, bad)
     sm = student.meta
-    s_paired = ImageBank(paired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
+    s_paired = ImageBank(paired, sm.image_size, sm.image_mean, sm.image_std, augment_paired(cfg), cfg.train.seed)
     s_unpaired = (ImageBank(unpaired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
                   if unpaired else None)
     views = cfg.data.views or (ONLINE_VIEWS if cfg.data.augment else 1)
@@ -217,7 +222,7 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
     targets: Targets | None = None
     if objectives.needs_teacher:
         tm = teacher.meta
-        t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment, cfg.train.seed)
+        t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, augment_paired(cfg), cfg.train.seed)
         t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
                                 cfg.train.seed) if unpaired else None)
         # a shared cache computes features too, so every run of a sweep can use the same table
@@ -241,7 +246,7 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
     student = build_student(cache.teacher_info(), cfg.student)
     paired, unpaired = training_records(cfg, bad)
     sm = student.meta
-    s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
+    s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=augment_paired(cfg))
     s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
                   if unpaired else None)
     ctx = ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims)

@@ -70,7 +70,10 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, 
         if modality == "text" and vocab_size is not None:
             kwargs.setdefault("vocab_size", vocab_size)
         return build_tower(spec.arch, kwargs), None
-    return _pretrained_tower(spec.source, modality), spec.source
+    tower = _pretrained_tower(spec.source, modality)
+    if spec.keep_layers is not None:  # a pretrained tower, shrunk: what source: teacher does without a teacher
+        tower = shrink_tower(tower, spec.keep_layers)
+    return tower, spec.source
 
 
 def _tokenizer(cfg: StudentConfig, teacher: Any, tok_source: str | None) -> Any:

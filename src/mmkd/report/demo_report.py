@@ -11,8 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROWS = (("teacher", "teacher"), ("student", "distilled student"), ("student_cached", "distilled (cache)"),
-        ("student_cached_resumed", "distilled (cache, killed + resumed)"), ("scratch", "scratch student"))
+ROWS = (("teacher", "teacher"), ("student", "distilled student"),
+        ("student_cached", "distilled (cache, killed + resumed)"), ("scratch", "scratch student"))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -87,9 +87,14 @@ def plot_curves(run_dir: Path, teacher_dir: Path, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     teacher_log = read_jsonl(teacher_dir / "train_metrics.jsonl")
     evals = [(r["step"], 100 * next(iter(r["eval"].values()))) for r in teacher_log if "eval" in r]
-    if evals:
+    if evals:  # a teacher trained with validation points (the demo's own teacher logs its loss only)
         axes[0].plot(*zip(*evals), marker="o")
-    axes[0].set_title("teacher: validation colour+shape top-1 (%)")
+        axes[0].set_title("teacher: validation colour+shape top-1 (%)")
+    else:
+        pts = [(r["step"], r["loss"]) for r in teacher_log if "loss" in r]
+        if pts:
+            axes[0].plot(*zip(*pts))
+        axes[0].set_title("teacher: training loss (contrastive)")
     axes[0].set_xlabel("step")
     for name in [n for n, _ in ROWS if n != "teacher"] + ["teacher"]:
         rows = (teacher_log if name == "teacher" else read_jsonl(run_dir / "train" / name / "metrics.jsonl"))
@@ -109,18 +114,25 @@ def write_demo_report(run_dir: Path, metrics: dict[str, Any], teacher_dir: Path)
     rows = table_rows(metrics)
     plot_accuracy(rows, run_dir / "accuracy.png")
     plot_curves(run_dir, teacher_dir, run_dir / "curves.png")
-    cfg = metrics["demo"]["config"]
-    text = [
-        "# mmkd demo report", "",
-        f"Built-in world, {cfg['image_size']} px. Teacher: ViT {cfg['teacher_vision']} locked to "
-        f"all-MiniLM-L6-v2, trained on {cfg['teacher_pool']} pool images. Students: ViT {cfg['student_vision']}"
-        f" + MiniLM with half its layers (inherited), {cfg['student_steps']} steps on {cfg['paired']} "
-        f"captioned images; the distilled student also sees {cfg['unpaired']} uncaptioned images through the "
-        "teacher's image embeddings.", "",
-        markdown_table(rows), "",
-        "![accuracy](accuracy.png)", "", "![curves](curves.png)", "",
-        f"Total demo time: {metrics['demo']['seconds']:.0f} s.", "",
-    ]
+    text = ["# mmkd demo report", "", describe(metrics["demo"]["configs"]), "", markdown_table(rows), "",
+            "![accuracy](accuracy.png)", "", "![curves](curves.png)", "",
+            f"Total demo time: {metrics['demo']['seconds']:.0f} s.", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(text))
     return path
+
+
+def _vit(cfg: dict[str, Any]) -> str:
+    v = cfg["student"]["vision"]["config"]
+    return (f"ViT {v.get('num_hidden_layers')} layers, width {v.get('hidden_size')}, patch {v.get('patch_size')}, "
+            f"{v.get('image_size')} px")
+
+
+def describe(configs: dict[str, dict[str, Any]]) -> str:
+    """One paragraph on what the demo trained, from its run configs (so it never disagrees with them)."""
+    t, s = configs["teacher"], configs["student"]
+    return (f"Built-in world. Teacher: {_vit(t)}, aligned to the frozen all-MiniLM-L6-v2 for {t['train']['steps']}"
+            f" steps on {t['data']['world_size_train']} pool images. Students: {_vit(s)} + MiniLM with half its "
+            f"layers (inherited, frozen), {s['train']['steps']} steps on {s['data']['world_size_train']} captioned "
+            f"images; the distilled ones also see {s['data']['world_size_unpaired']} uncaptioned images through "
+            "the teacher's image embeddings. Configs: configs/demo/*.yaml.")

@@ -1,0 +1,156 @@
+"""``mmkd readme``: regenerate the README's results sections from the runs' JSON, so its numbers cannot go stale.
+
+A section is a marked block ``<!-- results:NAME -->`` … ``<!-- /results:NAME -->``; everything between the two
+markers is replaced by what the renderer registered as NAME returns, and nothing outside them is touched.
+A renderer reads its JSON under the project root (e.g. ``runs/demo/metrics.json``); a study or a sweep adds
+its leaderboard by registering one more renderer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mmkd.errors import MmkdError
+from mmkd.registry import Registry
+
+Renderer = Callable[[Path], str]
+SECTIONS: Registry[Renderer] = Registry("README results section")
+
+_BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+class ReadmeError(MmkdError, ValueError):
+    """A README section that cannot be regenerated: the message names the section and the file it needs."""
+
+
+def _read_json(path: Path, section: str, how: str) -> Any:
+    if not path.is_file():
+        raise ReadmeError(f"results:{section}: {path} not found; {how}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ReadmeError(f"results:{section}: {path} is not valid JSON ({e}); {how}") from None
+
+
+def update_readme(readme: str | Path, root: str | Path = ".", only: list[str] | None = None) -> list[str]:
+    """Rewrite the marked sections of ``readme`` (all, or those named in ``only``) in place; returns their names.
+
+    The file is written atomically and only if a section changed, so a second run is a no-op.
+    """
+    from mmkd.fileio import atomic_write_text
+
+    path, root = Path(readme), Path(root)
+    text = path.read_text()
+    found = [m.group("name") for m in _BLOCK.finditer(text)]
+    unknown = sorted(set(found) - set(SECTIONS.names()))
+    if unknown:
+        raise ReadmeError(f"{path}: no renderer for section(s) {unknown}; registered: {', '.join(SECTIONS.names())}")
+    missing = sorted(set(only or []) - set(found))
+    if missing:
+        raise ReadmeError(f"{path}: no <!-- results:NAME --> … <!-- /results:NAME --> block for {missing}")
+    done: list[str] = []
+
+    def render(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if only and name not in only:
+            return m.group(0)
+        done.append(name)
+        body = SECTIONS.get(name)(root).strip("\n")
+        return f"{m.group(1)}{body}\n{m.group(4)}"
+
+    new = _BLOCK.sub(render, text)
+    if new != text:
+        atomic_write_text(path, new)
+    return done
+
+
+# ------------------------------------------------------------------------------------------------ renderers
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+@SECTIONS.register("demo")
+def demo_section(root: Path) -> str:
+    """The demo's table, its headline comparisons, how the cached run was killed, and where the time went."""
+    from mmkd.report.demo_report import markdown_table, table_rows
+
+    m = _read_json(root / "runs" / "demo" / "metrics.json", "demo", "run `make demo` (or `mmkd demo`) first")
+    rows = {r["model"]: r for r in table_rows(m)}
+    models, demo = m["models"], m["demo"]
+    top1 = {k: v["zeroshot"]["colour_shape"]["top1"] for k, v in models.items()}
+    mach = demo.get("machine", {})
+    phases = ", ".join(f"{k} {v / 60:.1f}" for k, v in demo.get("phases_s", {}).items())
+    out = [f"From `runs/demo/metrics.json` of one `mmkd demo` run ({demo['seconds'] / 60:.1f} minutes on "
+           f"{mach.get('cpu_count', '?')} CPU cores, {mach.get('torch_threads', '?')} torch threads, bfloat16 "
+           f"{'fast' if mach.get('bf16') else 'not fast'} on this CPU; minutes per phase: {phases}). "
+           "Regenerate this section with `make readme`.", "", markdown_table(list(rows.values())), ""]
+    if "student" in top1 and "teacher" in top1:
+        s = rows["distilled student"]
+        line = (f"The distilled student keeps {_pct(s['kept'])}% of the teacher's 64-class zero-shot top-1 and is "
+                f"{s['speedup']:.1f}× faster per image at batch 1 ({s['speedup_b64']:.1f}× at batch 64)")
+        if "scratch" in top1:
+            line += (f"; it beats the same student trained from scratch for the same steps by "
+                     f"{100 * (top1['student'] - top1['scratch']):.1f} points")
+        out.append(line + ".")
+    kill = models.get("student_cached", {}).get("killed_and_resumed")
+    if kill and "student" in top1:
+        out.append(f"The student distilled from the {demo['settings']['cache_views']}-view teacher cache ends "
+                   f"{100 * (top1['student_cached'] - top1['student']):+.1f} points from the one distilled from "
+                   f"in-memory targets. It ran as `mmkd distill` in a child process that was killed with "
+                   f"{kill['killed_with']} as soon as its step-{kill['checkpoint_step']} checkpoint was on disk "
+                   f"(its log had reached step {kill['last_logged_step_before_kill']}), and finished in a new "
+                   f"process with `--resume`.")
+    out.append("Latency is a median over a few seconds of timing and moves by ±20% between runs on a busy machine.")
+    return "\n".join(out)
+
+
+@SECTIONS.register("bench-cache")
+def bench_cache_section(root: Path) -> str:
+    """The teacher-cache benchmark table from ``bench/results/cache_cost.json`` and ``cache_build.json``."""
+    how = "run the benchmark command above with --json"
+    cost = _read_json(root / "bench" / "results" / "cache_cost.json", "bench-cache", how)
+    build = _read_json(root / "bench" / "results" / "cache_build.json", "bench-cache", how)
+    d = cost["details"]
+
+    # ratios that must stay within a few percent of 1 get three decimals, the others two
+    rows = [("(c)/(a) step time, `cached_over_plain_time`", "cached_over_plain_time", 3, "≤ 1.05"),
+            ("(c)/(a) memory, `cached_over_plain_memory`", "cached_over_plain_memory", 3, "≤ 1.05"),
+            ("(b)/(c) time, bf16 teacher, `online_over_cached_time`", "online_over_cached_time", 2, "≥ 5 (B/16)"),
+            ("(b)/(c) time, fp32 teacher, `online_fp32_over_cached_time`", "online_fp32_over_cached_time", 2, "–"),
+            ("(b)/(c) memory, `online_over_cached_memory`", "online_over_cached_memory", 2, "–")]
+    lines = ["| figure | B/16-shaped teacher¹ | demo teacher² | target |", "|---|---|---|---|"]
+    lines += [f"| {label} | {cost[key]:.{n}f} | {cost['demo_' + key]:.{n}f} | {target} |"
+              for label, key, n, target in rows]
+    lines.append(f"| build / bare forward, K = 1 / K = 4 (`build_over_forward_k1`, `_k4`)³ | – | "
+                 f"{build['build_over_forward_k1']:.3f} / {build['build_over_forward_k4']:.3f} | ≥ 0.9 |")
+
+    def modes(t: str) -> tuple[dict[str, Any], str]:
+        m = d[t]["modes"]
+        mem = ", ".join(f"({k}) {m[mode]['above_mb']:,.0f} MB" for k, mode in (("a", "plain"), ("c", "cached"),
+                                                                                 ("b", "online_bf16")))
+        return m, mem
+
+    b16, b16_mem = modes("b16")
+    demo, demo_mem = modes("demo")
+    bd = build["details"]
+    notes = [f"¹ `python bench/cache_cost.py --json bench/results/cache_cost.json` (both teachers in one run; "
+              f"batch {d['batch']}, {d['steps']} timed steps after {d['warmup']}, {d['samples']} images, "
+              f"K = {d['views']}, {d['repeats']} alternating processes): median step (a) {b16['plain']['step_s']:.2f}"
+              f" s, (c) {b16['cached']['step_s']:.2f} s, (b) bf16 {b16['online_bf16']['step_s']:.1f} s, fp32 "
+              f"{b16['online_fp32']['step_s']:.1f} s; memory above baseline {b16_mem}. Building the B/16 cache of "
+              f"the {d['samples']} images × {d['views']} views took {d['b16']['cache_build_s']:.0f} s.",
+              f"² The same run: (a) {demo['plain']['step_s']:.2f} s, (c) {demo['cached']['step_s']:.2f} s, (b) bf16 "
+              f"{demo['online_bf16']['step_s']:.2f} s, fp32 {demo['online_fp32']['step_s']:.2f} s; memory {demo_mem}.",
+              f"³ `python bench/cache_build.py --repeats 3 --json bench/results/cache_build.json` (demo teacher, "
+              f"{bd['samples']:,} images, {bd['threads']} threads): best of {len(bd['k1']['build_s'])}: "
+              f"{bd['k1']['forward_items_per_s']:.0f} vs {bd['k1']['build_items_per_s']:.0f} items/s at K = 1 and "
+              f"{bd['k4']['forward_items_per_s']:.0f} vs {bd['k4']['build_items_per_s']:.0f} items/s at K = 4 "
+              "(bare forward vs build)."]
+    return "\n".join(lines + [""] + [textwrap.fill(n, 115) for n in notes])
