@@ -26,7 +26,7 @@ from mmkd.teacher import fingerprint as fp
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.threads",
                   "eval", "out", "cache_dir")
 # what marks a folder as holding a run (config.yaml is written only once a run has really started)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "student", "checkpoints")
+RUN_FILES = ("checkpoints", "metrics.json", "student", "metrics.jsonl", "config.yaml")
 RESUME_MODES = ("no", "yes", "auto")
 
 
@@ -111,12 +111,12 @@ def data_fingerprint(paired: list[Any], unpaired: list[Any] | None) -> dict[str,
 
 
 def found_run_files(out: Path) -> list[str]:
-    """The run files in ``out`` (checkpoints named one by one), empty when it holds no run."""
+    """The run files in ``out`` (checkpoints named one by one, newest first), empty when it holds no run."""
     found = []
     for name in RUN_FILES:
         p = out / name
         if name == "checkpoints":
-            found += [f"checkpoints/{c.name}" for c in sorted(p.glob("step-*.pt"))] if p.is_dir() else []
+            found += [f"checkpoints/{c.name}" for c in sorted(p.glob("step-*.pt"), reverse=True)] if p.is_dir() else []
         elif p.exists():
             found.append(name)
     return found
