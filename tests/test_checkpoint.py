@@ -155,7 +155,7 @@ def assert_latest_is_complete(folder: Path, step: int) -> None:
     """The pointer names a file that exists and loads, and the dying step left no file under its real name."""
     named = folder / (folder / "latest").read_text().strip()
     assert named.name == f"step-{step:08d}.pt" and named.is_file()
-    assert torch.load(named, map_location="cpu", weights_only=False)["step"] == step
+    assert torch.load(named, map_location="cpu", weights_only=True)["step"] == step
     got = CheckpointManager(folder).load_latest()
     assert got is not None and got["step"] == step
 

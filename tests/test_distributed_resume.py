@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import WORLD, _free_port, _join_group, _setup, _spawn
 
 from mmkd.config import TrainConfig
 from mmkd.train.checkpoint import read_checkpoint
 from mmkd.train.loop import train
-from test_distributed import WORLD, _free_port, _join_group, _setup, _spawn
 
 pytestmark = pytest.mark.slow
 
