@@ -22,7 +22,7 @@ from mmkd.objectives.base import WeightedSum
 from mmkd.teacher.targets import OnlineTeacher
 from mmkd.train import checkpoint as checkpoint_module
 from mmkd.train.batches import ImageBank, TrainData
-from mmkd.train.checkpoint import CheckpointManager, set_rng_state
+from mmkd.train.checkpoint import CheckpointError, CheckpointManager, set_rng_state
 from mmkd.train.loop import train
 
 REAL_SAVE = torch.save
@@ -123,10 +123,13 @@ def test_pointer_to_corrupt_file_falls_back(tmp_path: Path) -> None:
     assert mgr.load_latest()["step"] == 1  # type: ignore[index]
 
 
-def test_only_corrupt_checkpoints_mean_none(tmp_path: Path) -> None:
+def test_only_corrupt_checkpoints_are_an_error_naming_them(tmp_path: Path) -> None:
     (tmp_path / "step-00000001.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "latest").write_text("step-00000001.pt")
-    assert CheckpointManager(tmp_path).load_latest() is None
+    (tmp_path / "step-00000002.pt").write_bytes(b"\x00" * 100)
+    (tmp_path / "latest").write_text("step-00000002.pt")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint.*step-00000002\.pt.*step-00000001\.pt"):
+        CheckpointManager(tmp_path).load_latest()
+    assert CheckpointManager(tmp_path / "none").load_latest() is None  # no checkpoint at all: None
 
 
 def half_then_die(calls_before_death: int) -> Any:
@@ -152,7 +155,7 @@ def assert_latest_is_complete(folder: Path, step: int) -> None:
     """The pointer names a file that exists and loads, and the dying step left no file under its real name."""
     named = folder / (folder / "latest").read_text().strip()
     assert named.name == f"step-{step:08d}.pt" and named.is_file()
-    assert torch.load(named, map_location="cpu", weights_only=False)["step"] == step
+    assert torch.load(named, map_location="cpu", weights_only=True)["step"] == step
     got = CheckpointManager(folder).load_latest()
     assert got is not None and got["step"] == step
 

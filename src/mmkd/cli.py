@@ -67,7 +67,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["train.ignore_cache_fingerprint=true"] if args.ignore_fingerprint else [])
     cfg = load_config(args.config, overrides)
     set_max_image_pixels(cfg.data.max_image_pixels)
-    metrics = run_distill(cfg, resume=args.resume)
+    metrics = run_distill(cfg, resume="auto" if args.resume_or_start else args.resume, overwrite=args.overwrite)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -274,7 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("distill", help="distil a teacher into a student from a YAML config")
     s.add_argument("config", help="YAML run config (see configs/)")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
-    s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue the run in OUT from its newest checkpoint (fails if there is none or it was "
+                          "written by another config; see README: run folders)")
+    how.add_argument("--resume-or-start", action="store_true",
+                     help="continue from the newest checkpoint when OUT has one, else start the run")
+    how.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an OUT that holds another run, moving that run aside to OUT.old-<time>")
     s.add_argument("--ignore-fingerprint", action="store_true",
                    help="with teacher: cache:DIR, use a cache built for other data or transforms (at your risk)")
     s.set_defaults(func=cmd_distill)

@@ -144,7 +144,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # largest gradient norm; null: no clipping
     accumulate: int = 1
     bf16: bool = False
     seed: int = 0
@@ -360,6 +360,17 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.accumulate must be ≥ 1")
     if t.lr <= 0:
         raise ConfigError("train.lr must be > 0")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every must be ≥ 1 (steps between metrics lines), got {t.log_every}")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip must be > 0 (the largest gradient norm), or null to turn clipping off; "
+                          f"got {t.grad_clip}")
+    if t.ckpt_every < 0:
+        raise ConfigError(f"train.ckpt_every must be ≥ 0 (0: only the final checkpoint), got {t.ckpt_every}")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be ≥ 0, got {t.warmup_steps}")
     if cfg.data.captions_per_image is not None and cfg.data.captions_per_image < 1:
         raise ConfigError("data.captions_per_image must be ≥ 1 (or null for all)")
     if cfg.data.batch_size < 1:

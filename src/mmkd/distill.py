@@ -7,6 +7,7 @@ which is also how mmkd trains a teacher of its own).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Hashable
@@ -22,11 +23,15 @@ from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, spec_options, zeroshot_classes
 from mmkd.eval.runner import eval_records
 from mmkd.eval.suite import retrieval, world_labels, zeroshot
+from mmkd.fileio import atomic_write_json, atomic_write_text
+from mmkd.locking import FolderLock
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives
+from mmkd.runfolder import RunIdentity, data_fingerprint, move_aside, plan_start, run_config
 from mmkd.teacher.cache import CachedTeacher, CacheExpectation, arrays_needed
+from mmkd.teacher.fingerprint import state_dict_sha256
 from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
 from mmkd.train.batches import ImageBank, TrainData
@@ -72,6 +77,11 @@ def load_teacher(cfg: RunConfig) -> Any:
     return load_dual_encoder(cfg.teacher)
 
 
+def teacher_fingerprint(teacher: Any) -> str | None:
+    """SHA-256 of the teacher's weights (None without a teacher): a resume must use the same teacher."""
+    return state_dict_sha256(teacher) if teacher is not None else None
+
+
 def teacher_context(student: Any, teacher: Any) -> ObjectiveContext:
     if teacher is None:
         return ObjectiveContext(student.projection_dim, None, feature_widths(student), {})
@@ -91,12 +101,19 @@ class TargetCache:
     def __init__(self) -> None:
         self.teachers: dict[Hashable, Any] = {}
         self.tables: dict[Hashable, TableTeacher] = {}
+        self.fingerprints: dict[Hashable, str | None] = {}
 
     def teacher(self, cfg: RunConfig) -> Any:
         key = (cfg.teacher, cfg.teacher_modality)
         if key not in self.teachers:
             self.teachers[key] = load_teacher(cfg)
         return self.teachers[key]
+
+    def fingerprint(self, cfg: RunConfig, teacher: Any) -> str | None:
+        key = (cfg.teacher, cfg.teacher_modality)
+        if key not in self.fingerprints:
+            self.fingerprints[key] = teacher_fingerprint(teacher)
+        return self.fingerprints[key]
 
     def table(self, key: Hashable, compute: Callable[[], TableTeacher]) -> TableTeacher:
         if key not in self.tables:
@@ -162,46 +179,96 @@ def wants_features(objectives: WeightedSum) -> bool:
     return any(o.teacher_features for o in objectives.objectives)
 
 
-def run_distill(cfg: RunConfig, resume: bool = False, log: Any = print, *, info: DistInfo | None = None,
-                cache: TargetCache | None = None, progress: bool = True) -> dict[str, Any]:
+def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *, overwrite: bool = False,
+                info: DistInfo | None = None, cache: TargetCache | None = None, progress: bool = True
+                ) -> dict[str, Any]:
     """Load the teacher (or open its cache, or run without one), build the student, train, save, evaluate.
 
-    info: the process group (default: join torchrun's, or none); cache: teachers/targets shared across runs.
+    resume: False/"no" starts a run (refusing a folder that holds another run), True/"yes" continues the
+    newest checkpoint (refusing a folder without one or a checkpoint of another config), "auto" continues
+    when there is a checkpoint and starts otherwise. overwrite: move a run already in ``cfg.out`` aside
+    (to ``OUT.old-<time>``) once this one has started. info: the process group (default: join torchrun's, or
+    none); cache: teachers/targets shared across runs. The run folder is locked (one writer) by rank 0.
     """
     info = info or init_distributed()
+    mode = ("yes" if resume else "no") if isinstance(resume, bool) else str(resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)  # before the teacher targets and the evaluation, not only training
     out = Path(cfg.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    cached = cache_path(cfg.teacher)
-    bad = BadSamples(cfg.data.on_error)
-    if cached is not None:
-        data, targets, student, objectives = _cached_setup(cfg, cached, info, log, bad)
-    else:
-        data, targets, student, objectives = _online_setup(cfg, info, log, cache, bad)
-    if bad.count and info.is_main:
-        log(f"data.on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
-    result = train(student, objectives, data, targets, cfg.train, out, info, resume=resume, desc="distill",
-                   progress=progress)
-    metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
-                                         "final_loss": result.final_loss},
-                              "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
-    if info.is_main:
-        save_dual_encoder(student, out / "student")
-        if cfg.eval:
-            metrics["eval"] = run_eval_specs(student, cfg)
-        tmp = out / f".metrics.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, out / "metrics.json")  # metrics.json marks a finished run: never half-written
-        log(f"student saved to {out / 'student'}")
+    folder = _RunFolder(out, info.is_main)
+    try:
+        plan = plan_start(out, cfg, mode, overwrite) if info.is_main else "follow"
+        cached = cache_path(cfg.teacher)
+        bad = BadSamples(cfg.data.on_error)
+        if cached is not None:
+            data, targets, student, objectives, prints = _cached_setup(cfg, cached, info, log, bad)
+        else:
+            data, targets, student, objectives, prints = _online_setup(cfg, info, log, cache, bad)
+        if bad.count and info.is_main:
+            log(f"data.on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
+        prints["data"] = data_fingerprint(data.paired.records, data.unpaired.records if data.unpaired else None)
+        identity = RunIdentity(run_config(cfg), prints)
+
+        def on_start(step: int) -> None:
+            if not info.is_main:
+                return
+            if plan == "replace":
+                log(f"the run that was in {out} is kept whole in {folder.replace()}")
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            folder.started = True
+            if step:
+                log(f"resuming run {identity.run_id[:8]} from step {step} ({out / 'checkpoints'})")
+
+        result = train(student, objectives, data, targets, cfg.train, out, info, resume=plan == "resume",
+                       desc="distill", progress=progress, identity=identity, on_start=on_start)
+        metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
+                                             "final_loss": result.final_loss, "resumed_from": result.resumed_from},
+                                   "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
+        if info.is_main:
+            save_dual_encoder(student, out / "student")
+            if cfg.eval:
+                metrics["eval"] = run_eval_specs(student, cfg)
+            run = identity.to_plain()
+            metrics["run"] = {k: run[k] for k in ("run_id", "config_sha256", "fingerprints")}
+            atomic_write_json(out / "metrics.json", metrics)  # metrics.json marks a finished run
+            log(f"student saved to {out / 'student'}")
+    finally:
+        folder.close()
     barrier()
     return metrics
 
 
+class _RunFolder:
+    """Rank 0's lock on the run folder; a run that fails before it starts leaves no trace of itself there."""
+
+    def __init__(self, out: Path, main: bool) -> None:
+        self.out, self.main, self.started = out, main, False
+        self.created = not out.exists()
+        self.had_lock_file = (out / ".lock").exists()
+        self.lock = FolderLock(out, "run folder").acquire() if main else None  # fails at once naming the holder
+
+    def replace(self) -> Path:
+        """Move the old run aside in one rename and lock the fresh folder in its place."""
+        moved = move_aside(self.out)
+        new = FolderLock(self.out, "run folder").acquire()
+        if self.lock is not None:
+            self.lock.release()
+            (moved / ".lock").unlink(missing_ok=True)
+        self.lock, self.had_lock_file = new, False
+        return moved
+
+    def close(self) -> None:
+        if self.lock is None:
+            return
+        self.lock.release()
+        if not self.started and not self.had_lock_file:
+            (self.out / ".lock").unlink(missing_ok=True)
+            if self.created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+
+
 def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None, bad: BadSamples | None = None
-                  ) -> tuple[TrainData, Targets | None, Any, WeightedSum]:
+                  ) -> tuple[TrainData, Targets | None, Any, WeightedSum, dict[str, Any]]:
     """A loaded teacher (dual encoder or image-only) runs per batch or once up front; or there is no teacher."""
     teacher = cache.teacher(cfg) if cache is not None else load_teacher(cfg)
     student = build_student(teacher, cfg.student)
@@ -236,11 +303,12 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                 return precompute(online, banks, [c for r in paired for c in r.captions])
 
             targets = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
-    return data, targets, student, objectives
+    prints = {"teacher": cache.fingerprint(cfg, teacher) if cache is not None else teacher_fingerprint(teacher)}
+    return data, targets, student, objectives, prints
 
 
 def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: BadSamples | None = None
-                  ) -> tuple[TrainData, Targets | None, Any, WeightedSum]:
+                  ) -> tuple[TrainData, Targets | None, Any, WeightedSum, dict[str, Any]]:
     """Train from a teacher cache: the teacher is never loaded; targets are read by key at the replayed view."""
     cache = CachedTeacher.open(folder)
     student = build_student(cache.teacher_info(), cfg.student)
@@ -254,12 +322,14 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
     views = cfg.data.views or (cache.views if cfg.data.augment else 1)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
                      world=info.world_size, seed=cfg.train.seed, views=views)
+    prints = {"teacher": cache.meta["fingerprint"]["teacher"].get("weights_sha256"),
+              "cache": hashlib.sha256(json.dumps(cache.meta["fingerprint"], sort_keys=True).encode()).hexdigest()}
     if not objectives.needs_teacher:
-        return data, None, student, objectives
+        return data, None, student, objectives, prints
     expect = CacheExpectation.for_data(data, arrays=arrays_needed(objectives),
                                        ignore_fingerprint=cfg.train.ignore_cache_fingerprint)
     cache.check(expect)
     if info.is_main:
         log(f"teacher targets from the cache {folder}: {cache.layout.n_samples} samples × {cache.views} view(s); "
             f"training draws views 0..{views - 1}")
-    return data, cache, student, objectives
+    return data, cache, student, objectives, prints

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import yaml
 
 from mmkd.config import ConfigError, RunConfig, _parse_scalar, apply_overrides, from_dict, load_yaml, validate
 from mmkd.distill import TargetCache, cache_path, run_distill, run_eval_specs
+from mmkd.locking import FolderLock
 from mmkd.objectives import OBJECTIVES
 from mmkd.teacher.unimodal import ImageTeacher
 from mmkd.train.distributed import DistInfo
@@ -213,11 +215,21 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_sweep(sweep: Sweep, log: Any = print, progress: bool = True, poll_s: float = 5.0) -> Path:
-    """Run the unfinished runs (this process's share under torchrun), then write the leaderboard."""
-    from mmkd.report.leaderboard import write_leaderboard
+    """Run the unfinished runs (this process's share under torchrun), then write the leaderboard.
 
+    Unfinished runs resume from their last checkpoint. The sweep folder is locked: a second ``mmkd sweep`` into
+    it fails at once naming the first one's PID.
+    """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     sweep.out.mkdir(parents=True, exist_ok=True)
+    # one sweep per folder (rank 0 holds it for all ranks); every run folder is locked again by its run
+    with FolderLock(sweep.out, "sweep folder") if rank == 0 else nullcontext():
+        return _run_sweep(sweep, rank, world, log, progress, poll_s)
+
+
+def _run_sweep(sweep: Sweep, rank: int, world: int, log: Any, progress: bool, poll_s: float) -> Path:
+    from mmkd.report.leaderboard import write_leaderboard
+
     if rank == 0:
         _write_json(sweep.out / "sweep.json", {"axes": sweep.axes, "runs": [
             {"name": r.name, "role": r.role, "axes": r.axes, "added": r.added, "out": r.cfg.out,
@@ -231,7 +243,8 @@ def run_sweep(sweep: Sweep, log: Any = print, progress: bool = True, poll_s: flo
             continue
         log(f"[{i}/{len(mine)}] {run.name}: {', '.join(o.name for o in run.cfg.objectives)}")
         t0 = time.perf_counter()
-        run_distill(run.cfg, info=DistInfo(), cache=cache, log=log, progress=progress)
+        # a run a killed sweep left half-way continues from its checkpoint; another config's run there refuses
+        run_distill(run.cfg, resume="auto", info=DistInfo(), cache=cache, log=log, progress=progress)
         log(f"[{i}/{len(mine)}] {run.name}: done in {time.perf_counter() - t0:.0f} s")
     if rank != 0:
         return sweep.out

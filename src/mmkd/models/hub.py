@@ -250,8 +250,18 @@ def load_dual_encoder(path_or_id: str | os.PathLike, tokenizer_path: str | None 
     weights_file(folder)  # fail on a weightless folder before anything slow
     tokenizer = load_tokenizer(tokenizer_path or folder, where=str(tokenizer_path or folder))
     model = LOADERS[model_type](folder, cfg, tokenizer)
+    check_finite(model, folder)
     model.eval()
     return model
+
+
+def check_finite(model: nn.Module, folder: Path) -> None:
+    """Refuse weights holding NaN/inf (a diverged or damaged save): every output of such a model is garbage."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            where = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), folder)
+            raise ModelLoadError(f"{where}: tensor {name} holds non-finite values (NaN/inf); the model is damaged "
+                                 "or its training diverged, so it cannot be used")
 
 
 def save_dual_encoder(model: DualEncoder, out: str | os.PathLike) -> Path:

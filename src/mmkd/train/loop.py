@@ -18,12 +18,15 @@ from torch import nn
 from tqdm import tqdm
 
 from mmkd.config import TrainConfig
+from mmkd.errors import MmkdError
+from mmkd.fileio import atomic_write_text
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.objectives.base import WeightedSum
+from mmkd.runfolder import RunFolderError, RunIdentity
 from mmkd.teacher.targets import Targets, bf16_supported
 from mmkd.train.batches import TrainBatch, TrainData
-from mmkd.train.checkpoint import CheckpointManager, set_rng_state
-from mmkd.train.distributed import DistInfo, all_reduce_mean
+from mmkd.train.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, rng_state, set_rng_state
+from mmkd.train.distributed import DistInfo, all_reduce_mean, any_rank, broadcast_int, gather_objects
 
 
 class FrozenText:
@@ -118,10 +121,41 @@ class MetricsLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to ``step`` (atomically): a resumed run redoes the later steps, so their old
+        lines would be duplicates; a torn line left by a kill is dropped too."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                keep.append(line + "\n")
+        atomic_write_text(self.path, "".join(keep))
+
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class NonFiniteLossError(MmkdError, ValueError):
+    """Training produced a NaN/inf loss, gradient or weight; raised before anything is saved from it."""
+
+
+def first_nonfinite(module: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN/inf, or None."""
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6g}"
 
 
 def train(
@@ -138,9 +172,15 @@ def train(
     desc: str = "train",
     progress: bool = True,
     stop_after: int | None = None,
+    identity: RunIdentity | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``cfg.steps`` optimizer steps; returns timing and the last logged loss.
 
+    resume: continue from the newest usable checkpoint in ``out_dir/checkpoints`` when there is one (rank 0
+    chooses it and every rank loads that same file); identity: the run's id, config and fingerprints, saved
+    in every checkpoint and checked against the one resumed; on_start(step): called on every rank once the
+    start step is settled, before anything is written (run_distill writes config.yaml there).
     stop_after: return (without final checkpoint) after this many steps; used to simulate interruptions.
     """
     out = Path(out_dir)
@@ -158,17 +198,14 @@ def train(
         model = nn.parallel.DistributedDataParallel(task, find_unused_parameters=False)
     opt = torch.optim.AdamW(param_groups(task, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints)
+    ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints,
+                              run_id=identity.run_id if identity is not None else None)
+    start = _restore(ckpts, resume, identity, dist_info, cfg, task, opt, sched)
+    if on_start is not None:
+        on_start(start)
     log = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
-    start = 0
-    if resume:
-        state = ckpts.load_latest()
-        if state is not None:
-            task.load_state_dict(state["task"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            start = int(state["step"])
+    log.truncate_after(start)
+    run_record = identity.to_plain() if identity is not None else {}
     task.train()
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 and not torch.cuda.is_available()
                 else torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
@@ -179,7 +216,20 @@ def train(
     sums: dict[str, float] = {}
     n_sum = 0
     step = start
+
+    def checkpoint(done: int) -> None:
+        rngs = gather_objects(rng_state())  # every rank's RNG, so each resumes its own (dropout, masks)
+        if dist_info.is_main:
+            bad = first_nonfinite(task)
+            if bad is not None:
+                raise NonFiniteLossError(f"step {done}: parameter {bad} is not finite (NaN/inf); nothing was saved "
+                                         "from it. Lower train.lr or check the teacher targets, then --resume "
+                                         "from the last checkpoint")
+            ckpts.save(done, {"task": task.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "run": run_record})
+
     for step in range(start, cfg.steps):
+        step_terms: dict[str, float] = {}
         for micro in range(cfg.accumulate):
             batch = data.batch(step * cfg.accumulate + micro, dist_info.rank)
             targets = teacher(batch) if teacher is not None else {}
@@ -190,15 +240,18 @@ def train(
                     terms = model(batch, targets)
                 (terms["loss"] / cfg.accumulate).backward()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n_sum += 1
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
+                step_terms[k] = step_terms.get(k, 0.0) + float(v.detach()) / cfg.accumulate
+        grad_norm = (float(torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)) if cfg.grad_clip
+                     else 0.0)
+        _stop_if_nonfinite(step + 1, step_terms, grad_norm, ckpts)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
             student.logit_scale.clamp_(0, math.log(100))
+        for k, v in step_terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_sum += 1
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -213,18 +266,68 @@ def train(
                 student.eval()
                 log.write({"step": done, "eval": evaluate(student)})
                 student.train()
-        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps and dist_info.is_main:
-            _save(ckpts, done, task, opt, sched)
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+            checkpoint(done)
         if stop_after is not None and done - start >= stop_after:
             bar.close()
             return TrainResult(done, time.perf_counter() - t0, last_loss, start)
     bar.close()
-    if dist_info.is_main:
-        _save(ckpts, cfg.steps, task, opt, sched)
+    checkpoint(cfg.steps)
     task.eval()
     return TrainResult(cfg.steps, time.perf_counter() - t0, last_loss, start)
 
 
-def _save(ckpts: CheckpointManager, step: int, task: DistillTask, opt: torch.optim.Optimizer,
-          sched: Any) -> None:
-    ckpts.save(step, {"task": task.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+def _stop_if_nonfinite(step: int, terms: dict[str, float], grad_norm: float, ckpts: CheckpointManager) -> None:
+    """Stop before the optimizer applies a NaN/inf loss or gradient; every rank decides the same."""
+    bad = not all(math.isfinite(v) for v in terms.values()) or not math.isfinite(grad_norm)
+    if not any_rank(bad):
+        return
+    values = ", ".join(f"{k}={_fmt(v)}" for k, v in terms.items())
+    last = ckpts.all()
+    raise NonFiniteLossError(
+        f"step {step}: the loss is not finite ({values}, gradient norm={_fmt(grad_norm)}); stopped before the "
+        f"update, nothing was saved from it (last checkpoint: {last[-1] if last else 'none'}). Lower train.lr, "
+        "check a teacher cache with `mmkd cache --verify DIR`, then --resume")
+
+
+def _restore(ckpts: CheckpointManager, resume: bool, identity: RunIdentity | None, info: DistInfo,
+             cfg: TrainConfig, task: DistillTask, opt: torch.optim.Optimizer, sched: Any) -> int:
+    """Load the checkpoint rank 0 chooses into every rank; the step to start from (0: a fresh start)."""
+    path: Path | None = None
+    state: dict[str, Any] | None = None
+    failure: Exception | None = None
+    if info.is_main and resume:
+        try:
+            chosen = ckpts.choose()
+            if chosen is not None:
+                path, state = chosen
+                if identity is not None:
+                    identity.check_resume(state.get("run"), path)
+                    ckpts.run_id = identity.run_id
+        except (CheckpointError, RunFolderError) as e:
+            failure = e
+    step = int(state["step"]) if state is not None else 0
+    step = broadcast_int(-1 if failure is not None else step)  # ranks can never resume at different steps
+    if failure is not None:
+        raise failure
+    if step < 0:
+        raise CheckpointError(f"rank 0 could not resume from {ckpts.folder}; see its message")
+    if step == 0 and state is None:
+        return 0
+    if state is None:  # another rank: the very file rank 0 chose, no fallback of its own
+        path = ckpts.path(step)
+        state = read_checkpoint(path)
+    try:
+        task.load_state_dict(state["task"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: does not fit this run's student/objectives ({type(e).__name__}: {first}); "
+                              "resume with the config that wrote it, or --overwrite") from None
+    rngs = state.get("rng_ranks") or [state["rng"]]
+    if info.rank < len(rngs):
+        set_rng_state(rngs[info.rank])
+    else:  # more ranks than the run had: a new rank gets a seed of its own, not a copy of another's
+        torch.manual_seed(cfg.seed + info.rank + 7919 * step)
+    return step
