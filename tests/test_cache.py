@@ -136,6 +136,34 @@ def test_student_at_another_resolution_replays_the_same_crops(teacher: DualEncod
     assert boxes == teacher_boxes and len(boxes) == 6
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open descriptors through /proc/self/fd")
+def test_reading_more_shards_than_the_open_files_limit_leaves_the_limit_alone(
+        teacher: DualEncoder, records: list[Record], tmp_path: Path) -> None:
+    """Each shard map holds a descriptor: the reader keeps a bounded number open instead of raising the process's
+    RLIMIT_NOFILE (a process-wide setting a library must not change behind its caller's back)."""
+    import resource
+
+    _build(teacher, records, tmp_path / "c", views=1, features=False, chunk_rows=1)  # 40 + 45 one-row shards
+    reference = CachedTeacher.open(tmp_path / "c")
+    keys, captions = [r.key for r in records], reference.captions
+    want = {**reference.images(keys), **reference.texts(captions)}
+    del reference
+    shards = len(list((tmp_path / "c" / "shards").glob("*.npy")))
+    spare = shards // 2  # fewer spare descriptors than the cache has shards
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = len(os.listdir("/proc/self/fd")) + spare
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        cache = CachedTeacher.open(tmp_path / "c")
+        order = np.random.default_rng(0).permutation(len(keys))
+        got = {**cache.images([keys[i] for i in order]), **cache.texts(captions[::-1])}
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (low, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    torch.testing.assert_close(got["image_embeds"], want["image_embeds"][torch.as_tensor(order)], rtol=0, atol=0)
+    torch.testing.assert_close(got["text_embeds"], want["text_embeds"].flip(0), rtol=0, atol=0)
+
+
 # -------------------------------------------------------------------------------------------------- resume
 
 

@@ -114,8 +114,7 @@ def cache_meta(teacher: DualEncoder, records: Sequence[Record], captions: Sequen
 def prefetch_pays(device: str) -> bool:
     """Whether preparing pixels in a thread beside the teacher helps: with the teacher on an accelerator, or with a
     core that torch's threads leave free. On a CPU whose every core runs the teacher's matmuls, a second thread
-    only preempts them (measured here, 2 cores, demo teacher: 0.83-0.86× the bare forward's throughput with the
-    thread, 0.98× without)."""
+    only preempts them (``bench/cache_build.py`` measures it; the README's benchmark section has the figures)."""
     return device != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
 
 

@@ -7,6 +7,7 @@ import mmap
 import os
 import resource
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +34,12 @@ from mmkd.teacher.cache.format import (
 from mmkd.train.batches import ImageBank, TrainBatch, TrainData
 
 
-def raise_open_files_limit() -> None:
-    """Shards are memory-mapped lazily and each map holds a descriptor: allow as many as the hard limit does."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
-        except (ValueError, OSError):
-            pass
-
+def open_maps_budget() -> int:
+    """How many shard maps a reader keeps open at once: each map holds a file descriptor, so a quarter of the
+    process's open-files limit (at least 8), leaving the rest to data loaders, checkpoints and logs. The limit
+    itself is left as the user set it: a library does not change process-wide settings."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 16 if soft == resource.RLIM_INFINITY else max(8, soft // 4)
 
 
 @dataclass
@@ -98,22 +96,26 @@ class CachedTeacher:
 
     Same interface as ``OnlineTeacher``/``TableTeacher``: ``teacher(batch)`` returns ``image_embeds`` (row of
     each sample at its view), ``text_embeds`` (per caption), the pooled features where cached, and the teacher's
-    ``logit_scale``. Shards are memory-mapped on first use, so opening is cheap and memory stays small.
+    ``logit_scale``. Shards are memory-mapped on first use, so opening is cheap and memory stays small; at most
+    ``max_open_maps`` maps (default ``open_maps_budget()``) stay open, the least recently read closed first, so a
+    cache of any number of shards is read within the process's open-files limit.
     """
 
     def __init__(self, root: Path, meta: dict[str, Any], keys: list[str], digests: list[str],
-                 captions: list[str]) -> None:
+                 captions: list[str], max_open_maps: int | None = None) -> None:
         self.root, self.meta = root, meta
         self.layout = Layout.from_meta(root, meta)
         self.keys, self.digests, self.captions = keys, digests, captions
         self.row = {k: i for i, k in enumerate(keys)}
         self.caption_row = {c: i for i, c in enumerate(captions)}
-        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self.max_open_maps = max(1, max_open_maps or open_maps_budget())
+        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # least recently read first
         self._lock = threading.Lock()
 
     # -- opening and checking
     @classmethod
-    def open(cls, path: str | os.PathLike, expect: CacheExpectation | None = None) -> CachedTeacher:
+    def open(cls, path: str | os.PathLike, expect: CacheExpectation | None = None,
+             max_open_maps: int | None = None) -> CachedTeacher:
         """Open a complete cache (every chunk committed, every shard of the right size), then ``check(expect)``."""
         root = Path(path)
         if not root.is_dir():
@@ -136,8 +138,7 @@ class CachedTeacher:
         for c in layout.chunks():
             for name in layout.arrays_of(c.kind):
                 layout.check_shard(c, name)
-        raise_open_files_limit()
-        cache = cls(root, meta, keys, digests, captions)
+        cache = cls(root, meta, keys, digests, captions, max_open_maps)
         if expect is not None:
             cache.check(expect)
         return cache
@@ -266,19 +267,23 @@ class CachedTeacher:
 
     # -- lookups
     def _shard(self, chunk: int, array: str) -> np.ndarray:
-        m = self._maps.get((chunk, array))
-        if m is None:
-            with self._lock:
-                m = self._maps.get((chunk, array))
-                if m is None:
-                    kind = "image" if array in IMAGE_ARRAYS else "text"
-                    c = self.layout.chunks(kind)[chunk]
-                    m = np.load(self.layout.shard(c, array), mmap_mode="r")
-                    mm = getattr(m, "_mmap", None)  # rows are read at random: no read-ahead around each one
-                    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
-                        mm.madvise(mmap.MADV_RANDOM)
-                    self._maps[(chunk, array)] = m
-        return m
+        key = (chunk, array)
+        with self._lock:
+            m = self._maps.get(key)
+            if m is not None:
+                self._maps.move_to_end(key)
+                return m
+            kind = "image" if array in IMAGE_ARRAYS else "text"
+            c = self.layout.chunks(kind)[chunk]
+            m = np.load(self.layout.shard(c, array), mmap_mode="r")
+            mm = getattr(m, "_mmap", None)  # rows are read at random: no read-ahead around each one
+            if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+                mm.madvise(mmap.MADV_RANDOM)
+            self._maps[key] = m
+            while len(self._maps) > self.max_open_maps:
+                # gathers copy rows out, so the least recently read map (and its descriptor) closes once dropped
+                self._maps.popitem(last=False)
+            return m
 
     def _gather(self, array: str, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
         per = self.layout.chunk_rows
