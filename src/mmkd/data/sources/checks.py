@@ -10,17 +10,18 @@ from mmkd.data.records import DataError
 
 
 def existing_file(path: str | Path, what: str = "data file") -> Path:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        hint = " (it is a folder)" if p.is_dir() else ""
-        raise DataError(f"{what} {p} not found{hint}; check the path in your data spec")
-    return p
+    return _existing(path, what, folder=False)
 
 
 def existing_dir(path: str | Path, what: str = "data folder") -> Path:
+    return _existing(path, what, folder=True)
+
+
+def _existing(path: str | Path, what: str, folder: bool) -> Path:
     p = Path(path).expanduser()
-    if not p.is_dir():
-        hint = " (it is a file)" if p.is_file() else ""
+    if not (p.is_dir() if folder else p.is_file()):
+        other = p.is_file() if folder else p.is_dir()
+        hint = f" (it is a {'file' if folder else 'folder'})" if other else ""
         raise DataError(f"{what} {p} not found{hint}; check the path in your data spec")
     return p
 
