@@ -22,7 +22,6 @@ from mmkd.data.records import Record
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import load_tokenizer, save_dual_encoder
 from mmkd.models.towers import build_tower
-from mmkd.teacher import cache as cache_mod
 from mmkd.teacher.cache import (
     CachedTeacher,
     CacheError,
@@ -31,6 +30,7 @@ from mmkd.teacher.cache import (
     build_cache,
     verify_cache,
 )
+from mmkd.teacher.cache import build as cache_build
 from mmkd.teacher.targets import teacher_outputs
 from mmkd.train import distributed as mdist
 from mmkd.train.batches import ImageBank, TrainData
@@ -136,6 +136,34 @@ def test_student_at_another_resolution_replays_the_same_crops(teacher: DualEncod
     assert boxes == teacher_boxes and len(boxes) == 6
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open descriptors through /proc/self/fd")
+def test_reading_more_shards_than_the_open_files_limit_leaves_the_limit_alone(
+        teacher: DualEncoder, records: list[Record], tmp_path: Path) -> None:
+    """Each shard map holds a descriptor: the reader keeps a bounded number open instead of raising the process's
+    RLIMIT_NOFILE (a process-wide setting a library must not change behind its caller's back)."""
+    import resource
+
+    _build(teacher, records, tmp_path / "c", views=1, features=False, chunk_rows=1)  # 40 + 45 one-row shards
+    reference = CachedTeacher.open(tmp_path / "c")
+    keys, captions = [r.key for r in records], reference.captions
+    want = {**reference.images(keys), **reference.texts(captions)}
+    del reference
+    shards = len(list((tmp_path / "c" / "shards").glob("*.npy")))
+    spare = shards // 2  # fewer spare descriptors than the cache has shards
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = len(os.listdir("/proc/self/fd")) + spare
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        cache = CachedTeacher.open(tmp_path / "c")
+        order = np.random.default_rng(0).permutation(len(keys))
+        got = {**cache.images([keys[i] for i in order]), **cache.texts(captions[::-1])}
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (low, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    torch.testing.assert_close(got["image_embeds"], want["image_embeds"][torch.as_tensor(order)], rtol=0, atol=0)
+    torch.testing.assert_close(got["text_embeds"], want["text_embeds"].flip(0), rtol=0, atol=0)
+
+
 # -------------------------------------------------------------------------------------------------- resume
 
 
@@ -143,7 +171,7 @@ def test_interrupted_build_resumes_to_the_same_cache(teacher: DualEncoder, recor
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     ref = _build(teacher, records, tmp_path / "ref")
     assert ref.chunks_built == 5 + 6  # 40 samples / 8 + 45 distinct captions / 8
-    real_commit = cache_mod.commit_chunk
+    real_commit = cache_build.commit_chunk
     calls = {"n": 0}
 
     def crash_on_fourth(layout: Any, chunk: Any, arrays: dict[str, np.ndarray]) -> None:
@@ -156,11 +184,11 @@ def test_interrupted_build_resumes_to_the_same_cache(teacher: DualEncoder, recor
             raise KeyboardInterrupt("simulated kill")
         real_commit(layout, chunk, arrays)
 
-    monkeypatch.setattr(cache_mod, "commit_chunk", crash_on_fourth)
+    monkeypatch.setattr(cache_build, "commit_chunk", crash_on_fourth)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         _build(teacher, records, out)
-    monkeypatch.setattr(cache_mod, "commit_chunk", real_commit)
+    monkeypatch.setattr(cache_build, "commit_chunk", real_commit)
     committed = sorted(p.name for p in (out / "shards").glob("*.done.json"))
     assert len(committed) == 3  # the fourth chunk never committed
 
@@ -180,12 +208,12 @@ def test_interrupted_build_resumes_to_the_same_cache(teacher: DualEncoder, recor
 @pytest.mark.parametrize("threaded", [True, False])
 def test_prefetcher_yields_every_job_in_order_and_surfaces_errors(threaded: bool) -> None:
     jobs = [(i, (lambda i=i: i * i)) for i in range(7)]
-    assert list(cache_mod._Prefetcher(iter(jobs), threaded=threaded)) == [(i, i * i) for i in range(7)]
+    assert list(cache_build.Prefetcher(iter(jobs), threaded=threaded)) == [(i, i * i) for i in range(7)]
 
     def broken() -> int:
         raise OSError("image 3 unreadable")
 
-    p = cache_mod._Prefetcher(iter([*jobs[:3], (3, broken)]), threaded=threaded)
+    p = cache_build.Prefetcher(iter([*jobs[:3], (3, broken)]), threaded=threaded)
     with pytest.raises(OSError, match="image 3 unreadable"):
         list(p)
     p.close()
@@ -193,11 +221,11 @@ def test_prefetcher_yields_every_job_in_order_and_surfaces_errors(threaded: bool
 
 def test_prefetch_thread_only_where_a_core_is_free_or_the_teacher_is_on_an_accelerator(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_mod.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(cache_mod.torch, "get_num_threads", lambda: 4)
-    assert not cache_mod.prefetch_pays("cpu") and cache_mod.prefetch_pays("cuda")
-    monkeypatch.setattr(cache_mod.torch, "get_num_threads", lambda: 3)
-    assert cache_mod.prefetch_pays("cpu")
+    monkeypatch.setattr(cache_build.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cache_build.torch, "get_num_threads", lambda: 4)
+    assert not cache_build.prefetch_pays("cpu") and cache_build.prefetch_pays("cuda")
+    monkeypatch.setattr(cache_build.torch, "get_num_threads", lambda: 3)
+    assert cache_build.prefetch_pays("cpu")
 
 
 def test_resume_with_other_settings_is_refused(teacher: DualEncoder, records: list[Record], tmp_path: Path) -> None:
@@ -440,7 +468,7 @@ def test_distill_from_cache_never_loads_or_runs_the_teacher(
     monkeypatch.setattr(mmkd.models.hub, "load_dual_encoder", forbidden)
     monkeypatch.setattr(mmkd.distill, "load_dual_encoder", forbidden)
     monkeypatch.setattr(mmkd.teacher.targets, "teacher_outputs", forbidden)
-    monkeypatch.setattr(mmkd.teacher.cache, "teacher_outputs", forbidden)
+    monkeypatch.setattr(cache_build, "teacher_outputs", forbidden)
     monkeypatch.setattr(mmkd.teacher.targets.OnlineTeacher, "__init__", forbidden)
 
     cfg = _run_config(tmp_path, cache, data)

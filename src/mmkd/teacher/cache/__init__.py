@@ -1,0 +1,20 @@
+"""The teacher cache: per-sample, per-view teacher embeddings computed once, then read by key during training.
+
+Why: a teacher forward pass per training step costs several times the student's own step (S3). Running the
+teacher once and reading its answers by sample key makes every later training and sweep cost the student alone.
+Unlike per-class means, the cache stores each sample's own embedding for K views: view 0 is the plain eval
+transform, view v > 0 the augmentation that is a pure function of (seed, key, v) (``transforms.view_rng``), so
+the student replays exactly the augmented image whose teacher embedding it reads.
+
+One module per job: ``format`` (the folder's layout, storage dtypes, metadata, errors), ``folder`` (claiming a
+folder for a build), ``build`` (running the teacher and committing chunks), ``read`` (``CachedTeacher``) and
+``verify`` (``mmkd cache --verify``). The names below are what the rest of mmkd imports.
+"""
+
+from mmkd.teacher.cache.build import BuildResult, build_cache, resolve_precision
+from mmkd.teacher.cache.format import CacheError, CacheFingerprintError
+from mmkd.teacher.cache.read import CachedTeacher, CacheExpectation, arrays_needed
+from mmkd.teacher.cache.verify import VerifyReport, verify_cache
+
+__all__ = ["BuildResult", "CacheError", "CacheExpectation", "CacheFingerprintError", "CachedTeacher", "VerifyReport",
+           "arrays_needed", "build_cache", "resolve_precision", "verify_cache"]
