@@ -21,12 +21,15 @@ demo: $(VENV)/.installed
 readme: $(VENV)/.installed
 	$(VENV)/bin/mmkd readme --readme README.md
 
+# imports point down the layers (pyproject's import-linter contract), then the tests;
 # pytest exits 5 when it collects no test: that is not a failure of the code
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
 
 clean-venv:
 	rm -rf $(VENV)

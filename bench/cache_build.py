@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_cost import _tokenizer, make_teacher, records  # noqa: E402
 
+from mmkd.data.batches import ImageBank  # noqa: E402
 from mmkd.teacher.cache import build_cache, resolve_precision  # noqa: E402
 from mmkd.teacher.targets import teacher_outputs  # noqa: E402
-from mmkd.train.batches import ImageBank  # noqa: E402
 
 
 def forward_inputs(teacher: Any, recs: list, views: int, batch_size: int, chunk_rows: int

@@ -125,11 +125,11 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from mmkd.config import ObjectiveSpec
+    from mmkd.data.batches import ImageBank, TrainData
     from mmkd.models.student import tower_widths
     from mmkd.objectives.base import ObjectiveContext, build_objectives
     from mmkd.teacher.cache import CachedTeacher, CacheExpectation
     from mmkd.teacher.targets import OnlineTeacher, bf16_supported
-    from mmkd.train.batches import ImageBank, TrainData
     from mmkd.train.loop import DistillTask, param_groups
 
     if args.threads:

@@ -16,8 +16,10 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from mmkd import dist as mdist
 from mmkd.cli import main
 from mmkd.data import transforms
+from mmkd.data.batches import ImageBank, TrainData
 from mmkd.data.records import Record
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import load_tokenizer, save_dual_encoder
@@ -32,8 +34,6 @@ from mmkd.teacher.cache import (
 )
 from mmkd.teacher.cache import build as cache_build
 from mmkd.teacher.targets import teacher_outputs
-from mmkd.train import distributed as mdist
-from mmkd.train.batches import ImageBank, TrainData
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 N, VIEWS = 40, 3

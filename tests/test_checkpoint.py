@@ -15,13 +15,13 @@ from transformers import AutoTokenizer
 
 from mmkd.config import ObjectiveSpec, TrainConfig
 from mmkd.data import world
+from mmkd.data.batches import ImageBank, TrainData
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
 from mmkd.models.towers import build_tower
 from mmkd.objectives import ObjectiveContext, build_objectives
 from mmkd.objectives.base import WeightedSum
 from mmkd.teacher.targets import OnlineTeacher
 from mmkd.train import checkpoint as checkpoint_module
-from mmkd.train.batches import ImageBank, TrainData
 from mmkd.train.checkpoint import CheckpointError, CheckpointManager, set_rng_state
 from mmkd.train.loop import train
 

@@ -8,6 +8,7 @@ import pytest
 
 from mmkd.config import ConfigError, ObjectiveSpec, RunConfig, apply_overrides, load_config
 from mmkd.objectives import OBJECTIVES, ObjectiveContext, build_objectives
+from mmkd.objectives.base import check_specs
 
 YAML = """\
 teacher: runs/teacher
@@ -135,8 +136,9 @@ def test_apply_overrides_edits_plain_dicts_in_place() -> None:
 
 
 def test_unknown_objective_lists_valid_ones(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "objectives: [{name: clip}, {name: fd_msee}]"))  # the registry is above config
     with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, "objectives: [{name: clip}, {name: fd_msee}]"))
+        check_specs(cfg.objectives)  # run_distill and sweep call it before loading any model
     msg = str(e.value)
     assert "objectives[1].name" in msg and "fd_msee" in msg
     for name in OBJECTIVES.names():
@@ -181,7 +183,7 @@ def test_bad_objective_parameter_lists_valid_parameters() -> None:
     assert "objectives[0]" in msg and "levle" in msg and "level=" in msg and "normalize=" in msg
     with pytest.raises(ValueError, match="temperature"):
         build_objectives([ObjectiveSpec(name="clip"), ObjectiveSpec(name="clip", params={"temp": 0.1})], ctx)
-    with pytest.raises(KeyError, match="fd_mse_cosine"):  # the registry lists the valid names
+    with pytest.raises(ConfigError, match="fd_mse_cosine"):  # the registry lists the valid names
         build_objectives([ObjectiveSpec(name="nope")], ctx)
 
 

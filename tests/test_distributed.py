@@ -30,15 +30,15 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from mmkd import dist as mdist
 from mmkd.config import ObjectiveSpec, TrainConfig
+from mmkd.data.batches import ImageBank, TrainBatch, TrainData
 from mmkd.data.records import Record
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.student import tower_widths
 from mmkd.models.towers import build_tower
 from mmkd.objectives import contrastive
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives
-from mmkd.train import distributed as mdist
-from mmkd.train.batches import ImageBank, TrainBatch, TrainData
 from mmkd.train.loop import DistillTask, train
 
 WORLD = 2

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmkd.cli import main
+from mmkd.data.batches import ImageBank
 from mmkd.data.sources import read_records
+from mmkd.data.templates import load_templates
 from mmkd.eval.runner import SuiteConfig, TaskSpec, load_suite, validate_suite
-from mmkd.eval.templates import load_templates
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import load_dual_encoder, load_tokenizer, save_dual_encoder
 from mmkd.models.towers import build_tower
-from mmkd.train.batches import ImageBank
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 WORDS = ["red", "blue", "circle", "square", "left", "right", "big", "small", "green", "dog", "cat", "car"]

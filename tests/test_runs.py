@@ -19,9 +19,9 @@ from mmkd.locking import FolderLock, FolderLockedError
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import ModelLoadError, load_dual_encoder, load_tokenizer, save_dual_encoder
 from mmkd.models.towers import build_tower
-from mmkd.runfolder import RESUMABLE_KEYS
 from mmkd.sweep import Sweep, run_sweep
 from mmkd.train.checkpoint import CheckpointManager
+from mmkd.train.runfolder import RESUMABLE_KEYS
 
 
 @pytest.fixture(scope="module")

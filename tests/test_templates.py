@@ -10,7 +10,7 @@ from PIL import Image
 
 from mmkd.data.resolve import zeroshot_classes
 from mmkd.data.sources import DataError
-from mmkd.eval.templates import builtin_template_names, load_templates, parse_templates, templates_for_format
+from mmkd.data.templates import builtin_template_names, load_templates, parse_templates, templates_for_format
 
 
 def test_builtin_ensembles_have_clip_benchmark_sizes() -> None:

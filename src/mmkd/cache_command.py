@@ -10,8 +10,8 @@ import torch
 
 from mmkd.data.records import BadSamples, Record, set_max_image_pixels
 from mmkd.data.resolve import records_from_spec
+from mmkd.dist import init_distributed
 from mmkd.teacher.cache import BuildResult, CacheError, build_cache
-from mmkd.train.distributed import init_distributed
 
 
 def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:

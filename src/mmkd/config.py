@@ -406,9 +406,3 @@ def validate(cfg: RunConfig) -> None:
         for tower in spec.towers or ():
             if tower not in ("image", "text"):
                 raise ConfigError(f"objectives[{i}].towers: {tower!r} is not one of image, text")
-    from mmkd.objectives import OBJECTIVES
-
-    for i, spec in enumerate(cfg.objectives):
-        if spec.name not in OBJECTIVES:
-            raise ConfigError(f"objectives[{i}].name: unknown objective {spec.name!r}; "
-                              f"valid: {', '.join(OBJECTIVES.names())}")

@@ -33,6 +33,7 @@ import yaml
 
 from mmkd.config import ObjectiveSpec, RunConfig, StudentConfig, TowerSpec, TrainConfig, load_config, to_dict
 from mmkd.data import world
+from mmkd.data.batches import ImageBank, TrainData
 from mmkd.data.records import Record
 from mmkd.eval.suite import world_labels, world_metrics, zeroshot
 from mmkd.fileio import atomic_write_json, atomic_write_text
@@ -41,7 +42,6 @@ from mmkd.models.hub import load_dual_encoder, load_tokenizer, save_dual_encoder
 from mmkd.models.student import apply_freeze
 from mmkd.models.towers import build_tower
 from mmkd.objectives.base import ObjectiveContext, build_objectives
-from mmkd.train.batches import ImageBank, TrainData
 from mmkd.train.checkpoint import CheckpointManager
 from mmkd.train.loop import train
 

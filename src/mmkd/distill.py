@@ -19,8 +19,10 @@ import torch
 import yaml
 
 from mmkd.config import ConfigError, RunConfig, to_dict
+from mmkd.data.batches import ImageBank, TrainData
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, spec_options, zeroshot_classes
+from mmkd.dist import DistInfo, barrier, init_distributed
 from mmkd.eval.runner import eval_records
 from mmkd.eval.suite import retrieval, world_labels, zeroshot
 from mmkd.fileio import atomic_write_json, atomic_write_text
@@ -28,15 +30,13 @@ from mmkd.locking import FolderLock
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
-from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives
-from mmkd.runfolder import RunIdentity, data_fingerprint, move_aside, plan_start, run_config
+from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, check_specs
 from mmkd.teacher.cache import CachedTeacher, CacheExpectation, arrays_needed
 from mmkd.teacher.fingerprint import state_dict_sha256
 from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
-from mmkd.train.batches import ImageBank, TrainData
-from mmkd.train.distributed import DistInfo, barrier, init_distributed
 from mmkd.train.loop import train
+from mmkd.train.runfolder import RunIdentity, data_fingerprint, move_aside, plan_start, run_config
 
 
 def label_captions(records: list[Record], spec: str, template: str) -> list[Record]:
@@ -190,6 +190,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     (to ``OUT.old-<time>``) once this one has started. info: the process group (default: join torchrun's, or
     none); cache: teachers/targets shared across runs. The run folder is locked (one writer) by rank 0.
     """
+    check_specs(cfg.objectives)  # unknown objectives fail before any model is loaded
     info = info or init_distributed()
     mode = ("yes" if resume else "no") if isinstance(resume, bool) else str(resume)
     if cfg.train.threads:

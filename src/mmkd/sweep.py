@@ -35,11 +35,12 @@ from typing import Any
 import yaml
 
 from mmkd.config import ConfigError, RunConfig, _parse_scalar, apply_overrides, from_dict, load_yaml, validate
+from mmkd.dist import DistInfo
 from mmkd.distill import TargetCache, cache_path, run_distill, run_eval_specs
 from mmkd.locking import FolderLock
 from mmkd.objectives import OBJECTIVES
+from mmkd.objectives.base import check_specs
 from mmkd.teacher.unimodal import ImageTeacher
-from mmkd.train.distributed import DistInfo
 
 SWEEP_KEYS = ("out", "grid", "sets")
 
@@ -51,6 +52,11 @@ class Run:
     axes: dict[str, Any]
     role: str  # "scratch" (no teacher term) or "distilled"
     added: bool = False  # a scratch reference the sweep added itself
+
+    @property
+    def reference(self) -> str:
+        """The key this run shares with its from-scratch reference (the leaderboard pairs rows by it)."""
+        return reference_key(self)
 
 
 @dataclass
@@ -141,6 +147,7 @@ def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, 
     try:
         cfg = from_dict(RunConfig, data)
         validate(cfg)
+        check_specs(cfg.objectives)
     except ConfigError as e:
         raise ConfigError(f"sweep run {name}: {e}") from None
     role = "distilled" if any(OBJECTIVES.get(o.name).uses_teacher for o in cfg.objectives) else "scratch"

@@ -38,10 +38,10 @@ def zeroshot_classes(spec: str, class_set: str | None = None, templates: str | P
     """Class names (as written into prompts) and prompt templates for a labelled data spec.
 
     Templates: ``templates`` (a built-in ensemble name or a file) if given, else the world's own for
-    ``world:``, else CLIP_benchmark's ensemble for the format (`mmkd.eval.templates`). Underscores in class
+    ``world:``, else CLIP_benchmark's ensemble for the format (`mmkd.data.templates`). Underscores in class
     names become spaces (CIFAR-100's ``maple_tree`` → "maple tree"), as CLIP_benchmark's class lists have them.
     """
-    from mmkd.eval.templates import load_templates, templates_for_format
+    from mmkd.data.templates import load_templates, templates_for_format
 
     fmt, _, _ = spec.partition(":")
     fmt = fmt.strip().lower()

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from mmkd.data.batches import ImageBank
 from mmkd.data.records import DataError, Record
 from mmkd.eval.efficiency import efficiency_metrics
 from mmkd.eval.retrieval import evaluate_retrieval
 from mmkd.eval.zeroshot import evaluate_zeroshot
-from mmkd.train.batches import ImageBank
 
 
 def pixel_batches(model: Any, records: Sequence[Record], second: Sequence[int] | None = None,

@@ -85,16 +85,27 @@ class WeightedSum(nn.Module):
         return terms
 
 
+def check_specs(specs: list[Any]) -> None:
+    """Refuse unknown objective names and parameters before any model is loaded (the config layer cannot see
+    the registry: it sits below the objectives)."""
+    for i, spec in enumerate(specs):
+        if spec.name not in OBJECTIVES:
+            raise ConfigError(f"objectives[{i}].name: unknown objective {spec.name!r}; "
+                              f"valid: {', '.join(OBJECTIVES.names())}")
+        valid = objective_params(OBJECTIVES.get(spec.name))
+        unknown = sorted(set(spec.params) - set(valid))
+        if unknown:
+            raise ConfigError(f"objectives[{i}] ({spec.name}): unknown parameter(s) {unknown}; "
+                              f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
+
+
 def build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
     """Build the weighted sum from config specs; bad names/params fail listing the valid ones."""
+    check_specs(specs)
     items = []
     for i, spec in enumerate(specs):
         cls = OBJECTIVES.get(spec.name)
         valid = objective_params(cls)
-        unknown = sorted(set(spec.params) - set(valid))
-        if unknown:
-            raise ConfigError(f"objectives[{i}] ({spec.name}): unknown parameter(s) {unknown}; "
-                             f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
         try:
             towers = list(cls.default_towers) if spec.towers is None else list(spec.towers)
             obj = cls(ctx, towers, **spec.params)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from mmkd.config import ConfigError
+from mmkd.dist import gather_with_grad
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from mmkd.objectives.shared import MAX_LOGIT_SCALE, paired
-from mmkd.train.distributed import gather_with_grad
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

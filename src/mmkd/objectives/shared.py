@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkd.train.distributed import gather_with_grad
+from mmkd.dist import gather_with_grad
 
 # CLIP's cap on the logit scale: above it training destabilises (also enforced on the student by the loop)
 MAX_LOGIT_SCALE = 100.0

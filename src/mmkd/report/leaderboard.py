@@ -55,15 +55,13 @@ def _objectives_text(objectives: list[dict[str, Any]]) -> str:
 def leaderboard_rows(sweep: Any, teacher: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Teacher first, then runs by zero-shot top-1 (best first); each student row gets Δ top-1 vs the
     scratch run with the same task objectives and config-axis values (else the sweep's scratch reference)."""
-    from mmkd.sweep import reference_key
-
     runs = []
     for run in sweep.runs:
         metrics = json.loads((Path(run.cfg.out) / "metrics.json").read_text())
         objectives = [{"name": o.name, "weight": o.weight, "towers": o.towers, "params": o.params}
                       for o in run.cfg.objectives]
         row = _row(run.name, run.role, _objectives_text(objectives), run.axes, metrics)
-        row["_ref"] = reference_key(run)
+        row["_ref"] = run.reference
         runs.append(row)
     scratch = {r["_ref"]: r for r in runs if r["role"] == "scratch"}
     for r in runs:

@@ -122,7 +122,7 @@ def diff(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("expected", "
                 out += diff(a[k], b[k], where, names)
         return out
     if _plain(a) != _plain(b):
-        return [f"{path}: {names[0]} {_short(a)}, {names[1]} {_short(b)}"]
+        return [f"{path}: {names[0]} {short(a)}, {names[1]} {short(b)}"]
     return []
 
 
@@ -131,6 +131,6 @@ def _plain(v: Any) -> Any:
     return json.loads(json.dumps(v))
 
 
-def _short(v: Any) -> str:
+def short(v: Any) -> str:
     s = json.dumps(v) if not isinstance(v, str) else repr(v)
     return s if len(s) <= 80 else s[:77] + "..."

@@ -13,10 +13,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from mmkd.data.batches import ImageBank, TrainBatch
 from mmkd.data.records import DataError
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher.unimodal import ImageTeacher
-from mmkd.train.batches import ImageBank, TrainBatch
 
 
 class Targets(Protocol):

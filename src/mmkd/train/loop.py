@@ -18,15 +18,15 @@ from torch import nn
 from tqdm import tqdm
 
 from mmkd.config import TrainConfig
+from mmkd.data.batches import TrainBatch, TrainData
+from mmkd.dist import DistInfo, all_reduce_mean, any_rank, broadcast_int, gather_objects
 from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write_text
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.objectives.base import WeightedSum
-from mmkd.runfolder import RunFolderError, RunIdentity
 from mmkd.teacher.targets import Targets, bf16_supported
-from mmkd.train.batches import TrainBatch, TrainData
 from mmkd.train.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, rng_state, set_rng_state
-from mmkd.train.distributed import DistInfo, all_reduce_mean, any_rank, broadcast_int, gather_objects
+from mmkd.train.runfolder import RunFolderError, RunIdentity
 
 
 class FrozenText:

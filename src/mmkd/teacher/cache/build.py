@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmkd import dist as mdist
+from mmkd.data.batches import ImageBank
 from mmkd.data.records import DataError, Record
 from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augmentation_settings
 from mmkd.locking import FolderLock
@@ -39,8 +41,6 @@ from mmkd.teacher.cache.format import (
     write_npy,
 )
 from mmkd.teacher.targets import bf16_supported, teacher_outputs
-from mmkd.train import distributed as mdist
-from mmkd.train.batches import ImageBank
 
 
 def resolve_precision(precision: str, device_type: str | None = None) -> str:

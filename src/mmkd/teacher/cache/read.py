@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmkd.data.batches import ImageBank, TrainBatch, TrainData
 from mmkd.data.records import Record
 from mmkd.data.transforms import TRANSFORM_VERSION, augmentation_settings
 from mmkd.models.dual_encoder import EncoderMeta
@@ -31,7 +32,6 @@ from mmkd.teacher.cache.format import (
     read_json,
     read_meta,
 )
-from mmkd.train.batches import ImageBank, TrainBatch, TrainData
 
 
 def open_maps_budget() -> int:

@@ -65,7 +65,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     for key in sorted(set(a) | set(b)):
         if _resumable(key) or (key in a and key in b and a[key] == b[key]):
             continue
-        out.append(f"{key}: checkpoint {fp._short(a.get(key))}, config {fp._short(b.get(key))}")
+        out.append(f"{key}: checkpoint {fp.short(a.get(key))}, config {fp.short(b.get(key))}")
     return out
 
 
