@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmkd.registry import Registry
+from mmkd.seeding import seeded
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
@@ -83,8 +84,16 @@ class WeightedSum(nn.Module):
         return terms
 
 
-def build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
-    """Build the weighted sum from config specs; bad names/params fail listing the valid ones."""
+def build_objectives(specs: list[Any], ctx: ObjectiveContext, *, seed: int | None = None) -> WeightedSum:
+    """Build the weighted sum from config specs; bad names/params fail listing the valid ones.
+
+    seed: the learnable maps' initialisation is a function of it (None: torch's global generator as it stands).
+    """
+    with seeded(seed, "objectives"):
+        return _build_objectives(specs, ctx)
+
+
+def _build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
     items = []
     for i, spec in enumerate(specs):
         cls = OBJECTIVES.get(spec.name)
