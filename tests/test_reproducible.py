@@ -3,6 +3,7 @@ CPU, for every kind of student (new, pretrained, shrunk from the teacher), with 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,14 @@ from tiny_runs import (
 )
 
 from mmkd.cli import main
+
+
+@pytest.fixture(autouse=True)
+def keep_threads() -> Iterator[None]:
+    """The in-process runs' configs set one torch thread; later tests get this process's count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
