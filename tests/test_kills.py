@@ -94,8 +94,9 @@ def _writing_checkpoint(folder: Path) -> bool:
 def test_kill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_weights(setup: dict[str, Path],
                                                                                    tmp_path: Path) -> None:
     """A checkpoint every step (each a few MB: the student, its Adam moments); the process is killed the moment a
-    checkpoint's temp file appears. The write may finish between our look and the kill, so kills repeat (resuming
-    each time) until one lands inside a write, leaving the temp file behind."""
+    checkpoint's temp file appears, once step 3 is logged (so complete checkpoints exist to resume from). The write
+    may finish between our look and the kill, so kills repeat (resuming each time) until one lands inside a
+    write, leaving the temp file behind."""
     out = tmp_path / "run"
     cfg = _config(tmp_path, setup["teacher"], setup["pairs"], out, ckpt_every=1)
     ckpts = out / "checkpoints"
@@ -104,7 +105,8 @@ def test_kill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_weig
         args = ["distill", str(cfg)] + (["--resume"] if attempt else [])
         proc = start(*args, log=tmp_path / "log.txt")
         try:
-            kill_when(proc, lambda: _writing_checkpoint(ckpts), "a checkpoint write")
+            kill_when(proc, lambda: max(_logged_steps(out), default=0) >= 3 and _writing_checkpoint(ckpts),
+                      "a checkpoint write after step 3")
         except AssertionError:
             if proc.returncode == 0:  # finished before a write was caught: nothing left to kill
                 break
