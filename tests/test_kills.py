@@ -76,7 +76,7 @@ def test_kill_mid_training_then_resume_gives_the_uninterrupted_weights(setup: di
     cfg = _config(tmp_path, setup["teacher"], setup["pairs"], out, ckpt_every=10)
     proc = start("distill", str(cfg), log=tmp_path / "log.txt")
     # killed between checkpoints: steps 21..23+ are lost and must be redone from the step-20 checkpoint
-    kill_when(proc, lambda: max(_logged_steps(out), default=0) >= 23, "step 23")
+    kill_when(proc, lambda: max(_logged_steps(out), default=0) >= 23, "step 23", poll_s=0.01)
     assert (out / "checkpoints").is_dir() and not (out / "student").exists()
     mmkd_ok("distill", str(cfg), "--resume")
     assert_same_weights(out / "student", setup["ref"])
@@ -105,7 +105,8 @@ def test_kill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_weig
         args = ["distill", str(cfg)] + (["--resume"] if attempt else [])
         proc = start(*args, log=tmp_path / "log.txt")
         try:
-            kill_when(proc, lambda: max(_logged_steps(out), default=0) >= 3 and _writing_checkpoint(ckpts),
+            # a tight poll (no sleep): the cheap directory listing first
+            kill_when(proc, lambda: _writing_checkpoint(ckpts) and max(_logged_steps(out), default=0) >= 3,
                       "a checkpoint write after step 3")
         except AssertionError:
             if proc.returncode == 0:  # finished before a write was caught: nothing left to kill
@@ -132,7 +133,7 @@ def test_kill_during_cache_build_then_rerun_gives_the_same_cache(setup: dict[str
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "killed"
     proc = start(*args, "--out", str(out), log=tmp_path / "log.txt")
-    kill_when(proc, lambda: len(list((out / "shards").glob("*.done.json"))) >= 3, "3 committed chunks")
+    kill_when(proc, lambda: len(list((out / "shards").glob("*.done.json"))) >= 3, "3 committed chunks", poll_s=0.01)
     assert main(["cache", "--verify", str(out)]) != 0  # incomplete, and says so
     mmkd_ok(*args, "--out", str(out))
     assert _files(out) == _files(tmp_path / "ref")  # byte for byte
@@ -161,7 +162,8 @@ def test_kill_mid_sweep_then_rerun_gives_the_same_results(setup: dict[str, Path]
     proc = start("sweep", str(cfg), log=tmp_path / "log.txt")
     # the first run finished, the second half-way
     kill_when(proc, lambda: (runs / "task-clip__kd-none" / "metrics.json").is_file()
-              and max(_logged_steps(runs / "task-clip__kd-mse"), default=0) >= STEPS // 2, "the second run half-way")
+              and max(_logged_steps(runs / "task-clip__kd-mse"), default=0) >= STEPS // 2, "the second run half-way",
+              poll_s=0.01)
     assert not (runs / "task-clip__kd-mse" / "metrics.json").exists()
     mmkd_ok("sweep", str(cfg))
     ref = tmp_path / "ref" / "sweep" / "runs"
