@@ -239,21 +239,7 @@ def straight(tokenizer: Any, data: TrainData, teacher: OnlineTeacher, tmp_path_f
     return student, objectives
 
 
-def test_resumed_run_equals_uninterrupted_run(tokenizer: Any, data: TrainData, teacher: OnlineTeacher,
-                                              straight: tuple[DualEncoder, WeightedSum], tmp_path: Path) -> None:
-    a_student, a_objectives = straight
-    fresh, _ = setup(tokenizer, 0)
-    assert not torch.equal(fresh.visual_projection.weight, a_student.visual_projection.weight)  # it trained
-    # run B: interrupted after 4 steps (the last checkpoint is step 3, so step 4 is lost and redone) ...
-    b_student, _, first = run(tokenizer, data, teacher, tmp_path, stop_after=4)
-    assert first.steps == 4 and CheckpointManager(tmp_path / "checkpoints").load_latest()["step"] == 3
-    assert not torch.equal(b_student.visual_projection.weight, a_student.visual_projection.weight)
-    # ... then resumed in a "new process": differently initialised objects, everything must come from the checkpoint
-    r_student, r_objectives, second = run(tokenizer, data, teacher, tmp_path, seed=7, resume=True)
-    assert second.resumed_from == 3 and second.steps == STEPS
-    assert_same_weights(r_student, a_student)
-    assert_same_weights(r_objectives, a_objectives)  # includes the learnable fd projection
-    assert CheckpointManager(tmp_path / "checkpoints").load_latest()["step"] == STEPS
+# a run really killed (SIGKILL) and resumed in a fresh process: tests/test_kills.py
 
 
 def test_resume_without_checkpoint_starts_fresh(tokenizer: Any, data: TrainData, teacher: OnlineTeacher,

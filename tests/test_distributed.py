@@ -260,6 +260,13 @@ def _train_worker(rank: int, world: int, port: int, tok_path: str, out: str) -> 
     dist.destroy_process_group()
 
 
+def _loss_invariant(name: str) -> bool:
+    """Attention key biases: q·(k + b) adds q·b to every key's score of a query, which softmax cancels, so their
+    gradient is rounding noise (~1e-9) and Adam's update of them is noise divided by eps: no run can match another
+    on them (one failed by 1.25e-6), and no error in the loss could show in them either."""
+    return name.endswith(("self_attn.k_proj.bias", "attention.self.key.bias"))
+
+
 def _metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -296,11 +303,20 @@ def test_two_process_training_matches_one_process(minilm_path: str, tmp_path: Pa
     assert set(w[0]["state"]) == set(ref_state) == set(ckpt["task"])
     moved = 0.0
     for name, v in ref_state.items():
-        torch.testing.assert_close(w[0]["state"][name], v, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
         torch.testing.assert_close(w[1]["state"][name], w[0]["state"][name], atol=1e-7, rtol=1e-6)
         torch.testing.assert_close(ckpt["task"][name], w[0]["state"][name], atol=0.0, rtol=0.0)
-        if v.is_floating_point():
-            moved = max(moved, float((v - init[name]).abs().max()))
+        if not v.is_floating_point():
+            assert torch.equal(w[0]["state"][name], v), name
+            continue
+        if _loss_invariant(name):
+            continue
+        # the update each run made, compared relative to its own size: 2 processes sum in another order, and
+        # Adam turns any gradient into a step of about lr, so absolute bounds on weights are rounding coin tosses
+        ref_update, update = v - init[name], w[0]["state"][name] - init[name]
+        scale = float(ref_update.abs().max())
+        torch.testing.assert_close(update, ref_update, atol=1e-3 * scale + 1e-9, rtol=0,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+        moved = max(moved, scale)
     assert moved > 1e-3  # training changed the weights, so equality is not trivial
     for name in PROJ_PARAMS:
         assert not torch.equal(ref_state[name], init[name])

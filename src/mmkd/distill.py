@@ -272,8 +272,8 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                   ) -> tuple[TrainData, Targets | None, Any, WeightedSum, dict[str, Any]]:
     """A loaded teacher (dual encoder or image-only) runs per batch or once up front; or there is no teacher."""
     teacher = cache.teacher(cfg) if cache is not None else load_teacher(cfg)
-    student = build_student(teacher, cfg.student)
-    objectives = build_objectives(cfg.objectives, teacher_context(student, teacher))
+    student = build_student(teacher, cfg.student, seed=cfg.train.seed)
+    objectives = build_objectives(cfg.objectives, teacher_context(student, teacher), seed=cfg.train.seed)
     if objectives.needs_teacher and teacher is None:
         needy = sorted({n for n, o in zip(objectives.names, objectives.objectives) if o.uses_teacher})
         raise ConfigError(f"objectives {needy} distil from a teacher, but config key 'teacher' is empty: give a "
@@ -312,14 +312,14 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
                   ) -> tuple[TrainData, Targets | None, Any, WeightedSum, dict[str, Any]]:
     """Train from a teacher cache: the teacher is never loaded; targets are read by key at the replayed view."""
     cache = CachedTeacher.open(folder)
-    student = build_student(cache.teacher_info(), cfg.student)
+    student = build_student(cache.teacher_info(), cfg.student, seed=cfg.train.seed)
     paired, unpaired = training_records(cfg, bad)
     sm = student.meta
     s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=augment_paired(cfg))
     s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
                   if unpaired else None)
     ctx = ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims)
-    objectives = build_objectives(cfg.objectives, ctx)
+    objectives = build_objectives(cfg.objectives, ctx, seed=cfg.train.seed)
     views = cfg.data.views or (cache.views if cfg.data.augment else 1)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
                      world=info.world_size, seed=cfg.train.seed, views=views)

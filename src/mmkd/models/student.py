@@ -15,6 +15,7 @@ from mmkd.config import ConfigError, StudentConfig, TowerSpec
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import drop_unused_pooler, load_tokenizer, resolve
 from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
+from mmkd.seeding import seeded
 
 
 def _pretrained_tower(source: str, modality: str) -> nn.Module:
@@ -97,12 +98,19 @@ def _missing(teacher: Any, modality: str) -> str:
     return f"the teacher has no {modality} tower (an image-only teacher)"
 
 
-def build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
+def build_student(teacher: Any, cfg: StudentConfig, *, seed: int | None = None) -> DualEncoder:
     """A student dual encoder shaped by ``cfg``, initialised from the teacher where asked.
 
     teacher: a DualEncoder; an image-only teacher (vision_model + meta); a ``TeacherInfo`` (a cached teacher: its
     settings, no weights, so only new or pretrained towers and fresh projections); or None (training from scratch).
+    seed: every random initialisation (new towers, projections, weights a pretrained checkpoint lacks) is a
+    function of it, so a run is a function of its config; None uses torch's global generator as it stands.
     """
+    with seeded(seed, "student"):
+        return _build_student(teacher, cfg)
+
+
+def _build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
     t_vision = getattr(teacher, "vision_model", None)
     t_text = getattr(teacher, "text_model", None)
     # a new text tower needs the vocabulary size first; a pretrained one brings its own tokenizer

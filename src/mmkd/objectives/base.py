@@ -16,6 +16,7 @@ from torch import nn
 
 from mmkd.config import ConfigError
 from mmkd.registry import Registry
+from mmkd.seeding import seeded
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
@@ -99,9 +100,17 @@ def check_specs(specs: list[Any]) -> None:
                               f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
 
 
-def build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
-    """Build the weighted sum from config specs; bad names/params fail listing the valid ones."""
+def build_objectives(specs: list[Any], ctx: ObjectiveContext, *, seed: int | None = None) -> WeightedSum:
+    """Build the weighted sum from config specs; bad names/params fail listing the valid ones.
+
+    seed: the learnable maps' initialisation is a function of it (None: torch's global generator as it stands).
+    """
     check_specs(specs)
+    with seeded(seed, "objectives"):
+        return _build_objectives(specs, ctx)
+
+
+def _build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
     items = []
     for i, spec in enumerate(specs):
         cls = OBJECTIVES.get(spec.name)
