@@ -1,15 +1,13 @@
-"""mmkd: multimodal knowledge distillation for CLIP-style dual encoders."""
+"""mmkd: multimodal knowledge distillation for CLIP-style dual encoders.
+
+The Python API (README, "Python API"): ``mmkd.load``, ``mmkd.create_student``, ``mmkd.distill``,
+``mmkd.evaluate``, ``mmkd.list_objectives``. Importing mmkd loads neither torch nor transformers.
+"""
 
 from __future__ import annotations
 
+from mmkd.api import create_student, distill, list_objectives, load
+
 __version__ = "0.1.0"
 
-
-def load(path: str, **kwargs):
-    """Load a dual encoder saved by mmkd, a CLIPModel or a VisionTextDualEncoderModel (folder or hub id)."""
-    from mmkd.models.hub import load_dual_encoder
-
-    return load_dual_encoder(path, **kwargs)
-
-
-__all__ = ["__version__", "load"]
+__all__ = ["__version__", "create_student", "distill", "list_objectives", "load"]

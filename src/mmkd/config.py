@@ -5,6 +5,7 @@ Every experiment is one YAML file; a typo in it must fail before any compute is 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -317,6 +318,19 @@ def _expand_preset(data: dict[str, Any]) -> None:
     data["student"] = _merge(read_yaml(presets[name]), extra)
 
 
+def student_config(value: str | dict[str, Any] | StudentConfig) -> StudentConfig:
+    """A StudentConfig from a preset name (``half-depth`` or ``preset:half-depth``), a mapping or itself."""
+    if isinstance(value, StudentConfig):
+        return value
+    if isinstance(value, str) and not value.startswith(PRESET_PREFIX):
+        value = PRESET_PREFIX + value
+    data = {"student": copy.deepcopy(value)}
+    _expand_preset(data)
+    if not isinstance(data["student"], dict):
+        raise ConfigError(f"student: expected a preset name or a mapping of student keys, got {value!r}")
+    return from_dict(StudentConfig, data["student"], "student")
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -342,7 +356,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or defaults when path is None), apply overrides, validate."""
-    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    return config_from_dict(read_yaml(path) if path is not None else {}, overrides)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """A run config from plain data (a parsed YAML file, or a dict written in a notebook), validated."""
+    data = copy.deepcopy(data)
     _expand_preset(data)  # before overrides, so that student.freeze=... refines the preset
     apply_overrides(data, overrides or [])
     _expand_preset(data)  # an override may name a preset itself (student=preset:NAME)

@@ -1,0 +1,71 @@
+"""The public API: the README's example runs as written, and ``import mmkd`` stays light."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmkd
+from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
+from mmkd.models.hub import load_tokenizer, save_dual_encoder
+from mmkd.models.towers import build_tower
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture
+def tiny_dual_encoder(minilm_path: str):
+    def make() -> DualEncoder:
+        torch.manual_seed(0)
+        vision = build_tower("clip_vision", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64))
+        text = build_tower("bert", dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64))
+        meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, max_text_length=32)
+        return DualEncoder(vision, text, 24, meta, load_tokenizer(minilm_path))
+
+    return make
+
+
+def readme_example() -> str:
+    block = re.search(r"<!-- api-example -->\n```python\n(.*?)```\n<!-- /api-example -->", README.read_text(), re.S)
+    assert block, "README.md lost its <!-- api-example --> block"
+    return block.group(1)
+
+
+@pytest.mark.slow
+def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dual_encoder,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    save_dual_encoder(tiny_dual_encoder(), tmp_path / "runs" / "demo_teacher" / "student")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_example(), "README.md:api-example", "exec"), namespace)  # noqa: S102 - our own README
+    out = capsys.readouterr().out
+    assert "student parameters" in out and "'uses_teacher': True" in out
+    assert namespace["metrics"]["train"]["steps"] == 20
+    assert (tmp_path / "runs" / "api-example" / "student" / "config.json").is_file()
+    assert namespace["distilled"].projection_dim == namespace["teacher"].projection_dim
+
+
+def test_api_names_and_light_import() -> None:
+    assert {"load", "create_student", "distill", "list_objectives"} <= set(mmkd.__all__)
+    code = "import sys, mmkd; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_create_student_takes_presets_dicts_and_refuses_nonsense(tiny_dual_encoder) -> None:
+    teacher = tiny_dual_encoder()
+    a = mmkd.create_student(teacher, "half-depth-locked-text")
+    assert not any(p.requires_grad for p in a.text_model.parameters())
+    b = mmkd.create_student(teacher, {"preset": "half-depth", "freeze": []})
+    assert all(p.requires_grad for p in b.parameters())
+    from mmkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown preset 'quarter'"):
+        mmkd.create_student(teacher, "quarter")
