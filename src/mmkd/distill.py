@@ -1,8 +1,8 @@
 """``mmkd distill CONFIG``: one distillation run from a YAML config (teacher, data, student, objectives).
 
 The teacher may be a dual encoder (``teacher_modality: image_text``), an image model only
-(``teacher_modality: image``, S4), or absent when every objective is a task loss (training from scratch,
-which is also how mmkd trains a teacher of its own).
+(``teacher_modality: image``, the unimodal-teacher recipe), or absent when every objective is a task loss
+(training from scratch, which is also how mmkd trains a teacher of its own).
 """
 
 from __future__ import annotations

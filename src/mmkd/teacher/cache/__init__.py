@@ -1,7 +1,8 @@
 """The teacher cache: per-sample, per-view teacher embeddings computed once, then read by key during training.
 
-Why: a teacher forward pass per training step costs several times the student's own step (S3). Running the
-teacher once and reading its answers by sample key makes every later training and sweep cost the student alone.
+Why: a teacher forward pass per training step costs several times the student's own step (the
+embeddings-as-teachers study). Running the teacher once and reading its answers by sample key makes every later
+training and sweep cost the student alone.
 Unlike per-class means, the cache stores each sample's own embedding for K views: view 0 is the plain eval
 transform, view v > 0 the augmentation that is a pure function of (seed, key, v) (``transforms.view_rng``), so
 the student replays exactly the augmented image whose teacher embedding it reads.
