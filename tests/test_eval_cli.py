@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmkd.cli import main
+from mmkd.config import EvalSpec
 from mmkd.data.batches import ImageBank
 from mmkd.data.sources import read_records
 from mmkd.data.templates import load_templates
-from mmkd.eval.runner import SuiteConfig, TaskSpec, load_suite, validate_suite
+from mmkd.eval.runner import SuiteConfig, load_suite, validate_suite
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import load_dual_encoder, load_tokenizer, save_dual_encoder
 from mmkd.models.towers import build_tower
@@ -231,14 +232,14 @@ def test_eval_bias_and_efficiency_commands(tmp_path: Path, models: dict[str, Pat
 def test_suite_errors_name_the_task(tmp_path: Path, models: dict[str, Path],
                                     capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match=r"tasks\[1\].kind: unknown kind 'zeroshoot'; valid: bias, efficiency"):
-        validate_suite(SuiteConfig(tasks=[TaskSpec("efficiency"), TaskSpec("zeroshoot", data="world:test")]))
+        validate_suite(SuiteConfig(tasks=[EvalSpec("efficiency"), EvalSpec("zeroshoot", data="world:test")]))
     with pytest.raises(ValueError, match=r"tasks\[0\]: kind retrieval needs 'data'"):
-        validate_suite(SuiteConfig(tasks=[TaskSpec("retrieval")]))
+        validate_suite(SuiteConfig(tasks=[EvalSpec("retrieval")]))
     with pytest.raises(ValueError, match=r"tasks\[1\]: tasks\[0\] is also a zeroshot task named 'shape'"):
-        validate_suite(SuiteConfig(tasks=[TaskSpec("zeroshot", "world:test", class_set="shape"),
-                                          TaskSpec("zeroshot", "world:val", class_set="shape")]))
+        validate_suite(SuiteConfig(tasks=[EvalSpec("zeroshot", "world:test", class_set="shape"),
+                                          EvalSpec("zeroshot", "world:val", class_set="shape")]))
     with pytest.raises(ValueError, match=r"tasks\[0\].data: .*unknown format 'cifar11'"):
-        validate_suite(SuiteConfig(tasks=[TaskSpec("zeroshot", "cifar11:x")]))
+        validate_suite(SuiteConfig(tasks=[EvalSpec("zeroshot", "cifar11:x")]))
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks:\n  - {kind: zeroshot, data: 'world:test', limt: 3}\n")
     with pytest.raises(ValueError, match=r"bad.yaml: unknown config key 'tasks\[0\].limt'"):

@@ -157,14 +157,28 @@ class TrainConfig:
 
 @dataclass
 class EvalSpec:
-    """One evaluation: zero-shot on a labelled set (class_set names the world's class set) or retrieval."""
+    """One evaluation, as ``distill``'s ``eval:`` list, a suite's ``tasks:`` (``mmkd eval all``) and the single
+    ``mmkd eval KIND`` commands give it; which keys matter depends on ``kind`` (see README, "mmkd eval all").
 
-    kind: str = "zeroshot"
-    data: str = "world:test"
-    class_set: str | None = None
-    name: str | None = None
-    split: str | None = None  # cifar10/cifar100/stl10: which split (default: test; an explicit one must exist)
-    limit: int | None = None  # evaluate on the first N samples only
+    data: None means the built-in ``world:test`` in a run's ``eval:``; a suite's zeroshot/retrieval needs one.
+    split: None means ``test`` where the format has splits; a run's ``eval:`` refuses an explicit split the
+    format lacks. name: None means ``KIND:DATA[:CLASS_SET]`` in a run's ``eval:``, the class set or data
+    format in a suite.
+    """
+
+    kind: str = "zeroshot"  # zeroshot | retrieval | bias | efficiency
+    data: str | None = None  # FORMAT:PATH; optional for bias (adds the image probe)
+    name: str | None = None  # key in metrics.json
+    class_set: str | None = None  # world:… only: colour_shape, shape, colour
+    split: str | None = None  # cifar10/cifar100/stl10 only
+    limit: int | None = None  # first N records only
+    templates: str | None = None  # zeroshot: built-in ensemble name or template file (default: by format)
+    words: str | None = None  # bias: word-list YAML (default: the packaged assets/bias_words.yaml)
+    template: str | None = None  # bias: text-probe prompt, overrides the word file's
+    min_group_images: int = 5  # bias: fewest images per caption group for the image probe
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])  # efficiency
+    budget_s: float = 3.0  # efficiency: seconds of timing per model
+    threads: int | None = None  # efficiency: CPU threads while timing (default: torch's current setting)
 
 
 @dataclass
