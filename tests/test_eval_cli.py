@@ -265,3 +265,38 @@ def test_retrieval_and_bias_groups_on_coco_mini(shared_data: Path, models: dict[
     assert 0 <= r["i2t_r1"] <= r["i2t_r5"] <= r["i2t_r10"] <= 1 and 1 <= r["t2i_median_rank"] <= 239
     groups = caption_groups(read_records(coco), load_bias_words())
     assert {k: len(v) for k, v in groups.items()} == {"female": 21, "male": 57}  # the sizes README quotes
+
+
+def test_one_dispatch_for_runs_suites_and_commands(tmp_path: Path, models: dict[str, Path], cifar: Path,
+                                                   pairs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``evaluate`` (a run's ``eval:``, the public API) gives the numbers of ``mmkd eval KIND``, under the run's
+    names and defaults (world:test, split test, an explicit split strict); unknown kinds fail before training."""
+    from mmkd.config import ConfigError, RunConfig
+    from mmkd.data.records import DataError
+    from mmkd.distill import run_distill
+    from mmkd.eval.tasks import evaluate
+
+    model = load_dual_encoder(models["student"])
+    specs = [EvalSpec("zeroshot", class_set="shape", limit=16), EvalSpec("retrieval", f"jsonl:{pairs}"),
+             EvalSpec("zeroshot", f"cifar10:{cifar}", name="cifar")]
+    got = evaluate(model, specs, cache_dir=tmp_path / "cache")
+    assert list(got) == ["zeroshot:world:test:shape", f"retrieval:jsonl:{pairs}", "cifar"]
+    world = _run_json(capsys, ["eval", "zeroshot", "--model", str(models["student"]), "--data", "world:test",
+                               "--class-set", "shape", "--world-n", "16", "--cache", str(tmp_path / "cache")])
+    assert world["n"] == 16 and got["zeroshot:world:test:shape"] == pytest.approx(world["zeroshot"])
+    ret = _run_json(capsys, ["eval", "retrieval", "--model", str(models["student"]), "--data", f"jsonl:{pairs}"])
+    assert got[f"retrieval:jsonl:{pairs}"] == pytest.approx(ret["retrieval"])
+    zs = _run_json(capsys, ["eval", "zeroshot", "--model", str(models["student"]), "--data", f"cifar10:{cifar}"])
+    assert got["cifar"] == pytest.approx(zs["zeroshot"])
+
+    # a split named in a run's eval: must exist; the command's default split is ignored where there is none
+    with pytest.raises(DataError, match="split 'val' given"):
+        evaluate(model, [EvalSpec("retrieval", f"jsonl:{pairs}", split="val")])
+    assert _run_json(capsys, ["eval", "retrieval", "--model", str(models["student"]), "--data", f"jsonl:{pairs}",
+                              "--split", "val"])["n"] == ret["n"]
+
+    cfg = RunConfig(eval=[EvalSpec("retrieval", f"jsonl:{pairs}"), EvalSpec("zeroshoot")],
+                    out=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"eval\[1\].kind: unknown kind 'zeroshoot'; valid: bias, efficiency"):
+        run_distill(cfg)
+    assert not (tmp_path / "run").exists()

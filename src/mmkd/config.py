@@ -196,6 +196,49 @@ class RunConfig:
     cache_dir: str = "runs/.cache"
 
 
+@dataclass
+class SweepSection:
+    """A sweep file's ``sweep:`` section (``mmkd sweep``; see README, "Sweeps").
+
+    grid: axes, each a list of values; an axis named by a config key (``train.lr``) overrides that key, any other
+    axis's values name ``sets``. sets: named objective lists, concatenated axis by axis into a run's objectives.
+    """
+
+    out: str | None = None  # default: the run config's out
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    sets: dict[str, list[ObjectiveSpec]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} must be a non-empty list of values")
+
+
+@dataclass
+class SweepConfig:
+    """A sweep file: a run config (``run``, the keys every grid point starts from, overrides applied) plus its
+    ``sweep`` section. ``run`` stays a mapping because each grid point overrides it before it becomes a
+    RunConfig; ``load_sweep_config`` checks that it is one."""
+
+    run: dict[str, Any] = field(default_factory=dict)
+    sweep: SweepSection = field(default_factory=SweepSection)
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read a sweep file: its ``sweep`` section typed (errors name ``sweep.KEY``), the run config read as
+    ``load_config`` reads it (student presets expanded, ``overrides`` applied); each grid point validates it."""
+    data = read_yaml(path)
+    section = data.pop("sweep", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'sweep' must be a mapping with keys "
+                          f"{', '.join(f.name for f in dataclasses.fields(SweepSection))}")
+    sweep = from_dict(SweepSection, section, "sweep")
+    _expand_preset(data)
+    apply_overrides(data, overrides or [])
+    _expand_preset(data)
+    return SweepConfig(data, sweep)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # building dataclasses from plain dicts, with errors that name the key
 
@@ -229,7 +272,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+        _, value_tp = typing.get_args(tp)
+        return {k: _coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
@@ -272,7 +316,8 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML, as overrides read it (``1e-3`` a number, ``[a, b]`` a list)."""
     return load_yaml(text) if text != "" else ""
 
 
@@ -284,7 +329,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, _, raw = item.partition("=")
         parts = key.strip().split(".")
         try:
-            value = _parse_scalar(raw)
+            value = parse_value(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
         try:  # a list index out of range or a path through a scalar: name the override, not a traceback
