@@ -295,6 +295,12 @@ def test_one_dispatch_for_runs_suites_and_commands(tmp_path: Path, models: dict[
     assert _run_json(capsys, ["eval", "retrieval", "--model", str(models["student"]), "--data", f"jsonl:{pairs}",
                               "--split", "val"])["n"] == ret["n"]
 
+    # every kind of the dispatch, also those that read no data or compare models
+    more = evaluate(model, [EvalSpec("efficiency", batch_sizes=[1], budget_s=0.1), EvalSpec("bias")])
+    assert set(more) == {"efficiency", "bias"}
+    assert more["efficiency"]["params"] == sum(p.numel() for p in model.parameters())
+    assert set(more["bias"]["models"]) == {"model"} and more["bias"]["reference"] is None
+
     cfg = RunConfig(eval=[EvalSpec("retrieval", f"jsonl:{pairs}"), EvalSpec("zeroshoot")],
                     out=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"eval\[1\].kind: unknown kind 'zeroshoot'; valid: bias, efficiency"):

@@ -154,8 +154,10 @@ def check_kind(spec: EvalSpec, where: str) -> None:
 
 
 def run_eval_name(spec: EvalSpec) -> str:
-    """A run's ``eval:`` key in metrics.json: ``KIND:DATA[:CLASS_SET]`` unless the spec names itself."""
-    return spec.name or (f"{spec.kind}:{spec_data(spec)}" + (f":{spec.class_set}" if spec.class_set else ""))
+    """A run's ``eval:`` key in metrics.json: ``KIND:DATA[:CLASS_SET]`` unless the spec names itself (``KIND``
+    alone for a kind that reads no data: efficiency, or bias without images)."""
+    data = spec_data(spec) if EVALS.get(spec.kind).needs_data else spec.data
+    return spec.name or ":".join([spec.kind, *([data] if data else []), *([spec.class_set] if spec.class_set else [])])
 
 
 def check_specs(specs: Sequence[EvalSpec], where: str = "eval") -> None:
@@ -176,6 +178,7 @@ def evaluate(model: Any, specs: Sequence[EvalSpec], *, cache_dir: str | Path = "
     out: dict[str, Any] = {}
     for spec in specs:
         name = run_eval_name(spec)
+        log(f"evaluating {name}")
         result = run_spec(replace(spec, name=name), ctx)
         out[name] = result if EVALS.get(spec.kind).across_models else result["model"]
     return out
