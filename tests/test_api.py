@@ -50,10 +50,13 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ti
     assert namespace["metrics"]["train"]["steps"] == 20
     assert (tmp_path / "runs" / "api-example" / "student" / "config.json").is_file()
     assert namespace["distilled"].projection_dim == namespace["teacher"].projection_dim
+    direct = mmkd.evaluate("runs/api-example/student", {"kind": "zeroshot", "data": "world:test",
+                                                       "class_set": "shape", "limit": 200})
+    assert direct == {"zeroshot:world:test:shape": namespace["scores"]["zeroshot:world:test:shape"]}
 
 
 def test_api_names_and_light_import() -> None:
-    assert {"load", "create_student", "distill", "list_objectives"} <= set(mmkd.__all__)
+    assert {"load", "create_student", "distill", "evaluate", "list_objectives"} <= set(mmkd.__all__)
     code = "import sys, mmkd; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

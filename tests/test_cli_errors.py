@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-import mmkd.cli
+import mmkd.commands.objectives
 from mmkd.cli import main
 from mmkd.locking import FolderLock
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
@@ -100,7 +100,7 @@ def test_unexpected_exception_is_one_line_with_the_debug_hint(monkeypatch: pytes
     def broken(args: object) -> int:
         raise RuntimeError("something inside mmkd broke")
 
-    monkeypatch.setattr(mmkd.cli, "cmd_objectives", broken)
+    monkeypatch.setattr(mmkd.commands.objectives, "run", broken)
     monkeypatch.delenv("MMKD_DEBUG", raising=False)
     assert main(["objectives"]) == 1
     err = capsys.readouterr().err
@@ -115,7 +115,7 @@ def test_unexpected_exception_is_one_line_with_the_debug_hint(monkeypatch: pytes
 def test_a_bug_raising_keyerror_is_not_mistaken_for_bad_input(monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Before: every KeyError/ValueError became `mmkd: error: 'x'` with exit 2, as if the user were at fault."""
-    monkeypatch.setattr(mmkd.cli, "cmd_objectives", lambda args: {}["layout"])
+    monkeypatch.setattr(mmkd.commands.objectives, "run", lambda args: {}["layout"])
     assert main(["objectives"]) == 1
     assert "internal error: KeyError: 'layout'" in capsys.readouterr().err
 
@@ -153,7 +153,7 @@ def test_disk_full_is_named_with_what_to_do(monkeypatch: pytest.MonkeyPatch,
     def full(args: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device", "/data/run/checkpoints/step-00000100.pt")
 
-    monkeypatch.setattr(mmkd.cli, "cmd_objectives", full)
+    monkeypatch.setattr(mmkd.commands.objectives, "run", full)
     assert main(["objectives"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
         "mmkd: error: /data/run/checkpoints/step-00000100.pt: No space left on device; the disk is full: free "

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmkd.cli import main
+from mmkd.config import EvalSpec
 from mmkd.data.batches import ImageBank
 from mmkd.data.sources import read_records
 from mmkd.data.templates import load_templates
-from mmkd.eval.runner import SuiteConfig, TaskSpec, load_suite, validate_suite
+from mmkd.eval.runner import SuiteConfig, load_suite, validate_suite
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import load_dual_encoder, load_tokenizer, save_dual_encoder
 from mmkd.models.towers import build_tower
@@ -231,14 +232,14 @@ def test_eval_bias_and_efficiency_commands(tmp_path: Path, models: dict[str, Pat
 def test_suite_errors_name_the_task(tmp_path: Path, models: dict[str, Path],
                                     capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match=r"tasks\[1\].kind: unknown kind 'zeroshoot'; valid: bias, efficiency"):
-        validate_suite(SuiteConfig(tasks=[TaskSpec("efficiency"), TaskSpec("zeroshoot", data="world:test")]))
+        validate_suite(SuiteConfig(tasks=[EvalSpec("efficiency"), EvalSpec("zeroshoot", data="world:test")]))
     with pytest.raises(ValueError, match=r"tasks\[0\]: kind retrieval needs 'data'"):
-        validate_suite(SuiteConfig(tasks=[TaskSpec("retrieval")]))
+        validate_suite(SuiteConfig(tasks=[EvalSpec("retrieval")]))
     with pytest.raises(ValueError, match=r"tasks\[1\]: tasks\[0\] is also a zeroshot task named 'shape'"):
-        validate_suite(SuiteConfig(tasks=[TaskSpec("zeroshot", "world:test", class_set="shape"),
-                                          TaskSpec("zeroshot", "world:val", class_set="shape")]))
+        validate_suite(SuiteConfig(tasks=[EvalSpec("zeroshot", "world:test", class_set="shape"),
+                                          EvalSpec("zeroshot", "world:val", class_set="shape")]))
     with pytest.raises(ValueError, match=r"tasks\[0\].data: .*unknown format 'cifar11'"):
-        validate_suite(SuiteConfig(tasks=[TaskSpec("zeroshot", "cifar11:x")]))
+        validate_suite(SuiteConfig(tasks=[EvalSpec("zeroshot", "cifar11:x")]))
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks:\n  - {kind: zeroshot, data: 'world:test', limt: 3}\n")
     with pytest.raises(ValueError, match=r"bad.yaml: unknown config key 'tasks\[0\].limt'"):
@@ -264,3 +265,44 @@ def test_retrieval_and_bias_groups_on_coco_mini(shared_data: Path, models: dict[
     assert 0 <= r["i2t_r1"] <= r["i2t_r5"] <= r["i2t_r10"] <= 1 and 1 <= r["t2i_median_rank"] <= 239
     groups = caption_groups(read_records(coco), load_bias_words())
     assert {k: len(v) for k, v in groups.items()} == {"female": 21, "male": 57}  # the sizes README quotes
+
+
+def test_one_dispatch_for_runs_suites_and_commands(tmp_path: Path, models: dict[str, Path], cifar: Path,
+                                                   pairs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``evaluate`` (a run's ``eval:``, the public API) gives the numbers of ``mmkd eval KIND``, under the run's
+    names and defaults (world:test, split test, an explicit split strict); unknown kinds fail before training."""
+    from mmkd.config import ConfigError, RunConfig
+    from mmkd.data.records import DataError
+    from mmkd.distill import run_distill
+    from mmkd.eval.tasks import evaluate
+
+    model = load_dual_encoder(models["student"])
+    specs = [EvalSpec("zeroshot", class_set="shape", limit=16), EvalSpec("retrieval", f"jsonl:{pairs}"),
+             EvalSpec("zeroshot", f"cifar10:{cifar}", name="cifar")]
+    got = evaluate(model, specs, cache_dir=tmp_path / "cache")
+    assert list(got) == ["zeroshot:world:test:shape", f"retrieval:jsonl:{pairs}", "cifar"]
+    world = _run_json(capsys, ["eval", "zeroshot", "--model", str(models["student"]), "--data", "world:test",
+                               "--class-set", "shape", "--world-n", "16", "--cache", str(tmp_path / "cache")])
+    assert world["n"] == 16 and got["zeroshot:world:test:shape"] == pytest.approx(world["zeroshot"])
+    ret = _run_json(capsys, ["eval", "retrieval", "--model", str(models["student"]), "--data", f"jsonl:{pairs}"])
+    assert got[f"retrieval:jsonl:{pairs}"] == pytest.approx(ret["retrieval"])
+    zs = _run_json(capsys, ["eval", "zeroshot", "--model", str(models["student"]), "--data", f"cifar10:{cifar}"])
+    assert got["cifar"] == pytest.approx(zs["zeroshot"])
+
+    # a split named in a run's eval: must exist; the command's default split is ignored where there is none
+    with pytest.raises(DataError, match="split 'val' given"):
+        evaluate(model, [EvalSpec("retrieval", f"jsonl:{pairs}", split="val")])
+    assert _run_json(capsys, ["eval", "retrieval", "--model", str(models["student"]), "--data", f"jsonl:{pairs}",
+                              "--split", "val"])["n"] == ret["n"]
+
+    # every kind of the dispatch, also those that read no data or compare models
+    more = evaluate(model, [EvalSpec("efficiency", batch_sizes=[1], budget_s=0.1), EvalSpec("bias")])
+    assert set(more) == {"efficiency", "bias"}
+    assert more["efficiency"]["params"] == sum(p.numel() for p in model.parameters())
+    assert set(more["bias"]["models"]) == {"model"} and more["bias"]["reference"] is None
+
+    cfg = RunConfig(eval=[EvalSpec("retrieval", f"jsonl:{pairs}"), EvalSpec("zeroshoot")],
+                    out=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"eval\[1\].kind: unknown kind 'zeroshoot'; valid: bias, efficiency"):
+        run_distill(cfg)
+    assert not (tmp_path / "run").exists()

@@ -61,8 +61,17 @@ def test_grid_arguments_references_and_errors(tmp_path: Path) -> None:
         load_sweep(CONFIGS / "s1_compare.yaml", ["kd"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("sweep: {grids: {}}\n")
-    with pytest.raises(ConfigError, match=r"sweep.grids; valid keys here: out, grid, sets"):
+    with pytest.raises(ConfigError, match=r"sweep.grids'; valid keys here: out, grid, sets"):
         load_sweep(bad)
+    for text, key in (("sweep: {sets: {mse: [{name: fd_mse, wieght: 1}]}}", r"'sweep.sets.mse\[0\].wieght'"),
+                      ("sweep: {sets: {mse: {name: fd_mse}}}", r"sweep.sets.mse: expected a list"),
+                      ("sweep: {grid: {kd: []}}", r"sweep: grid.kd must be a non-empty list"),
+                      ("sweep: {out: [a]}", r"sweep.out: expected a string")):
+        bad.write_text(text + "\n")  # the sweep section is typed: its errors name the key, before any run expands
+        with pytest.raises(ConfigError, match=key):
+            load_sweep(bad)
+    with pytest.raises(ConfigError, match=r"--grid 'kd=\[a': a value is not valid YAML"):
+        load_sweep(CONFIGS / "s1_compare.yaml", ["kd=[a"])
     exp = tmp_path / "exp.yaml"  # read like a run config: YAML 1.1 would leave 1e-3 a string
     exp.write_text("train: {lr: 1e-3, steps: 2}\nsweep: {grid: {train.weight_decay: [1e-2, 2e-2]}}\n")
     runs = load_sweep(exp).runs

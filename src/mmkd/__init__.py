@@ -6,8 +6,8 @@ The Python API (README, "Python API"): ``mmkd.load``, ``mmkd.create_student``, `
 
 from __future__ import annotations
 
-from mmkd.api import create_student, distill, list_objectives, load
+from mmkd.api import create_student, distill, evaluate, list_objectives, load
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_student", "distill", "list_objectives", "load"]
+__all__ = ["__version__", "create_student", "distill", "evaluate", "list_objectives", "load"]

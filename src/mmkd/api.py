@@ -58,6 +58,22 @@ def distill(config: PathLike | dict[str, Any] | Any, overrides: list[str] | None
     return run_distill(cfg, resume=resume, overwrite=overwrite, log=log)
 
 
+def evaluate(model: Any, specs: Any, *, cache_dir: PathLike = "runs/.cache", log: Any = print) -> dict[str, Any]:
+    """Evaluate one model (loaded, or a path/hub id) as a run's ``eval:`` section does; returns name -> metrics.
+
+    specs: one or a list of evaluation specs, as dicts of ``eval:`` keys (``{"kind": "zeroshot", "data":
+    "cifar10:DIR", "limit": 1000}``) or EvalSpecs; kinds: zeroshot, retrieval, bias, efficiency.
+    """
+    from mmkd.config import EvalSpec, from_dict
+    from mmkd.eval.tasks import evaluate as run_specs
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load(model)
+    items = specs if isinstance(specs, list) else [specs]
+    parsed = [s if isinstance(s, EvalSpec) else from_dict(EvalSpec, s, f"eval[{i}]") for i, s in enumerate(items)]
+    return run_specs(model, parsed, cache_dir=cache_dir, log=log)
+
+
 def list_objectives() -> dict[str, dict[str, Any]]:
     """Every registered objective: its tunable parameters with defaults, and whether it needs a teacher."""
     from mmkd.objectives import OBJECTIVES

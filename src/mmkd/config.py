@@ -158,14 +158,28 @@ class TrainConfig:
 
 @dataclass
 class EvalSpec:
-    """One evaluation: zero-shot on a labelled set (class_set names the world's class set) or retrieval."""
+    """One evaluation, as ``distill``'s ``eval:`` list, a suite's ``tasks:`` (``mmkd eval all``) and the single
+    ``mmkd eval KIND`` commands give it; which keys matter depends on ``kind`` (see README, "mmkd eval all").
 
-    kind: str = "zeroshot"
-    data: str = "world:test"
-    class_set: str | None = None
-    name: str | None = None
-    split: str | None = None  # cifar10/cifar100/stl10: which split (default: test; an explicit one must exist)
-    limit: int | None = None  # evaluate on the first N samples only
+    data: None means the built-in ``world:test`` in a run's ``eval:``; a suite's zeroshot/retrieval needs one.
+    split: None means ``test`` where the format has splits; a run's ``eval:`` refuses an explicit split the
+    format lacks. name: None means ``KIND:DATA[:CLASS_SET]`` in a run's ``eval:``, the class set or data
+    format in a suite.
+    """
+
+    kind: str = "zeroshot"  # zeroshot | retrieval | bias | efficiency
+    data: str | None = None  # FORMAT:PATH; optional for bias (adds the image probe)
+    name: str | None = None  # key in metrics.json
+    class_set: str | None = None  # world:… only: colour_shape, shape, colour
+    split: str | None = None  # cifar10/cifar100/stl10 only
+    limit: int | None = None  # first N records only
+    templates: str | None = None  # zeroshot: built-in ensemble name or template file (default: by format)
+    words: str | None = None  # bias: word-list YAML (default: the packaged assets/bias_words.yaml)
+    template: str | None = None  # bias: text-probe prompt, overrides the word file's
+    min_group_images: int = 5  # bias: fewest images per caption group for the image probe
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])  # efficiency
+    budget_s: float = 3.0  # efficiency: seconds of timing per model
+    threads: int | None = None  # efficiency: CPU threads while timing (default: torch's current setting)
 
 
 @dataclass
@@ -181,6 +195,49 @@ class RunConfig:
     eval: list[EvalSpec] = field(default_factory=list)
     out: str = "runs/distill"
     cache_dir: str = "runs/.cache"
+
+
+@dataclass
+class SweepSection:
+    """A sweep file's ``sweep:`` section (``mmkd sweep``; see README, "Sweeps").
+
+    grid: axes, each a list of values; an axis named by a config key (``train.lr``) overrides that key, any other
+    axis's values name ``sets``. sets: named objective lists, concatenated axis by axis into a run's objectives.
+    """
+
+    out: str | None = None  # default: the run config's out
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    sets: dict[str, list[ObjectiveSpec]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} must be a non-empty list of values")
+
+
+@dataclass
+class SweepConfig:
+    """A sweep file: a run config (``run``, the keys every grid point starts from, overrides applied) plus its
+    ``sweep`` section. ``run`` stays a mapping because each grid point overrides it before it becomes a
+    RunConfig; ``load_sweep_config`` checks that it is one."""
+
+    run: dict[str, Any] = field(default_factory=dict)
+    sweep: SweepSection = field(default_factory=SweepSection)
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read a sweep file: its ``sweep`` section typed (errors name ``sweep.KEY``), the run config read as
+    ``load_config`` reads it (student presets expanded, ``overrides`` applied); each grid point validates it."""
+    data = read_yaml(path)
+    section = data.pop("sweep", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'sweep' must be a mapping with keys "
+                          f"{', '.join(f.name for f in dataclasses.fields(SweepSection))}")
+    sweep = from_dict(SweepSection, section, "sweep")
+    _expand_preset(data)
+    apply_overrides(data, overrides or [])
+    _expand_preset(data)
+    return SweepConfig(data, sweep)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,7 +273,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+        _, value_tp = typing.get_args(tp)
+        return {k: _coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
@@ -259,7 +317,8 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML, as overrides read it (``1e-3`` a number, ``[a, b]`` a list)."""
     return load_yaml(text) if text != "" else ""
 
 
@@ -271,7 +330,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, _, raw = item.partition("=")
         parts = key.strip().split(".")
         try:
-            value = _parse_scalar(raw)
+            value = parse_value(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
         try:  # a list index out of range or a path through a scalar: name the override, not a traceback

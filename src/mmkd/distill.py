@@ -21,10 +21,10 @@ import yaml
 from mmkd.config import ConfigError, RunConfig, to_dict
 from mmkd.data.batches import ImageBank, TrainData
 from mmkd.data.records import BadSamples, DataError, Record
-from mmkd.data.resolve import records_from_spec, spec_options, zeroshot_classes
+from mmkd.data.resolve import records_from_spec, zeroshot_classes
 from mmkd.dist import DistInfo, barrier, init_distributed
-from mmkd.eval.runner import eval_records
-from mmkd.eval.suite import retrieval, world_labels, zeroshot
+from mmkd.eval.tasks import check_specs as check_eval_specs
+from mmkd.eval.tasks import evaluate
 from mmkd.fileio import atomic_write_json, atomic_write_text
 from mmkd.locking import FolderLock
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
@@ -128,24 +128,8 @@ def _targets_key(cfg: RunConfig) -> Hashable:
 
 
 def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for spec in cfg.eval:
-        if spec.split:  # a split named explicitly must exist: strict, unlike the default below
-            spec_options(spec.data, spec.split)
-        split = spec.split or "test"  # CIFAR/STL-10: their test split unless told otherwise
-        # the built-in world draws a prefix-stable sequence: a limit needs only that many images generated
-        records = eval_records(spec.data, cfg.cache_dir, world_n=spec.limit or 2000, split=split, limit=spec.limit)
-        name = spec.name or (f"{spec.kind}:{spec.data}" + (f":{spec.class_set}" if spec.class_set else ""))
-        if spec.kind == "zeroshot":
-            names, templates = zeroshot_classes(spec.data, spec.class_set, split=split)
-            labels = (world_labels(records, spec.class_set or "colour_shape") if spec.data.startswith("world:")
-                      else None)
-            out[name] = zeroshot(model, records, names, templates, labels)
-        elif spec.kind == "retrieval":
-            out[name] = retrieval(model, records)
-        else:
-            raise ConfigError(f"eval kind {spec.kind!r} unknown; valid: zeroshot, retrieval")
-    return out
+    """The run's ``eval:`` list scored on ``model`` (the student, or a sweep's teacher row)."""
+    return evaluate(model, cfg.eval, cache_dir=cfg.cache_dir)
 
 
 ONLINE_VIEWS = 1 << 30  # an online teacher sees any view: augmented views are then fresh at every step
@@ -191,6 +175,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     none); cache: teachers/targets shared across runs. The run folder is locked (one writer) by rank 0.
     """
     check_specs(cfg.objectives)  # unknown objectives fail before any model is loaded
+    check_eval_specs(cfg.eval)  # and unknown evaluation kinds before training, not after
     info = info or init_distributed()
     mode = ("yes" if resume else "no") if isinstance(resume, bool) else str(resume)
     if cfg.train.threads:

@@ -34,15 +34,23 @@ from typing import Any
 
 import yaml
 
-from mmkd.config import ConfigError, RunConfig, _parse_scalar, apply_overrides, from_dict, load_yaml, validate
+from mmkd.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_sweep_config,
+    parse_value,
+    to_dict,
+    validate,
+)
 from mmkd.dist import DistInfo
 from mmkd.distill import TargetCache, cache_path, run_distill, run_eval_specs
+from mmkd.fileio import atomic_write_json
 from mmkd.locking import FolderLock
 from mmkd.objectives import OBJECTIVES
 from mmkd.objectives.base import check_specs
 from mmkd.teacher.unimodal import ImageTeacher
-
-SWEEP_KEYS = ("out", "grid", "sets")
 
 
 @dataclass
@@ -71,7 +79,10 @@ def _parse_grid_arg(item: str) -> tuple[str, list[Any]]:
     if "=" not in item:
         raise ConfigError(f"--grid {item!r} must look like key=v1,v2 (e.g. kd=none,mse or train.lr=1e-3,3e-3)")
     key, _, raw = item.partition("=")
-    values = [_parse_scalar(v.strip()) for v in raw.split(",")]
+    try:
+        values = [parse_value(v.strip()) for v in raw.split(",")]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--grid {item!r}: a value is not valid YAML: {e}") from None
     if not key.strip() or not values:
         raise ConfigError(f"--grid {item!r}: give a key and at least one value")
     return key.strip(), values
@@ -89,30 +100,10 @@ def _config_fields() -> set[str]:
 def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[str] | None = None,
                out: str | Path | None = None) -> Sweep:
     """Read a sweep config, expand its grid into validated run configs (before any compute is spent)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep config {p} not found")
-    try:
-        data = load_yaml(p.read_text(), p) or {}  # the run config's loader: 1e-3 is a number, no duplicate keys
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of keys")
-    section = data.pop("sweep", None) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{p}: 'sweep' must be a mapping with keys {', '.join(SWEEP_KEYS)}")
-    unknown = sorted(set(section) - set(SWEEP_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) sweep.{unknown[0]}; valid keys here: {', '.join(SWEEP_KEYS)}")
-    apply_overrides(data, overrides or [])
-    sets = section.get("sets") or {}
-    if not isinstance(sets, dict) or not all(isinstance(v, list) for v in sets.values()):
-        raise ConfigError("sweep.sets must map names to lists of objectives ({name: ..., weight: ..., ...})")
-    axes: dict[str, list[Any]] = {}
-    for key, values in (section.get("grid") or {}).items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"sweep.grid.{key} must be a non-empty list of values")
-        axes[str(key)] = values
+    config = load_sweep_config(path, overrides)
+    base, section = config.run, config.sweep
+    sets = {name: [to_dict(o) for o in objectives] for name, objectives in section.sets.items()}
+    axes: dict[str, list[Any]] = dict(section.grid)
     for item in grid or []:
         key, values = _parse_grid_arg(item)
         axes[key] = values  # added, or replacing the file's axis
@@ -125,10 +116,10 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
             raise ConfigError(f"sweep.grid.{key}: {missing[0]!r} names no objective set; sets: "
                               f"{', '.join(sorted(sets)) or 'none'} (an axis named by a config key, e.g. "
                               f"train.lr, takes plain values instead; config keys: {', '.join(sorted(config_keys))})")
-    out = Path(out or section.get("out") or data.get("out") or "runs/sweep")
-    runs = [_make_run(data, sets, dict(zip(axes, combo)), out) for combo in itertools.product(*axes.values())]
+    out = Path(out or section.out or base.get("out") or "runs/sweep")
+    runs = [_make_run(base, sets, dict(zip(axes, combo)), out) for combo in itertools.product(*axes.values())]
     if not runs:
-        runs = [_make_run(data, sets, {}, out)]
+        runs = [_make_run(base, sets, {}, out)]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep: two grid points give the same run name ({names}); make the values distinct")
@@ -211,14 +202,8 @@ def _teacher_row(sweep: Sweep, cache: TargetCache, log: Any) -> dict[str, Any] |
     log(f"evaluating the teacher {cfg.teacher}")
     metrics = {"eval": run_eval_specs(teacher, cfg), "teacher": cfg.teacher}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, metrics)
+    atomic_write_json(path, metrics)
     return metrics
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def run_sweep(sweep: Sweep, log: Any = print, progress: bool = True, poll_s: float = 5.0) -> Path:
@@ -238,7 +223,7 @@ def _run_sweep(sweep: Sweep, rank: int, world: int, log: Any, progress: bool, po
     from mmkd.report.leaderboard import write_leaderboard
 
     if rank == 0:
-        _write_json(sweep.out / "sweep.json", {"axes": sweep.axes, "runs": [
+        atomic_write_json(sweep.out / "sweep.json", {"axes": sweep.axes, "runs": [
             {"name": r.name, "role": r.role, "axes": r.axes, "added": r.added, "out": r.cfg.out,
              "objectives": [{"name": o.name, "weight": o.weight, "towers": o.towers, "params": o.params}
                             for o in r.cfg.objectives]} for r in sweep.runs]})

@@ -248,3 +248,35 @@ def bias_probe(models: Mapping[str, Any], words: BiasWords | None = None, refere
                 out["vs_reference"][name] = {kind: compare_probes(out["models"][ref][kind], probe)
                                              for kind, probe in entry.items()}
     return out
+
+
+def format_bias(bias: dict[str, Any]) -> str:
+    """Per-profession gender scores side by side, then the comparison with the reference."""
+    names = list(bias["models"])
+    lines = []
+    for kind in ("text", "image"):
+        if not all(kind in bias["models"][n] for n in names):
+            continue
+        first = bias["models"][names[0]][kind]
+        lines.append(f"gender score per profession ({kind} probe; > 0: closer to the female terms)")
+        lines.append(f"{'profession':<16}" + "".join(f"{n:>14}" for n in names))
+        for j, prof in enumerate(first["professions"]):
+            lines.append(f"{prof:<16}" + "".join(f"{bias['models'][n][kind]['gender_score'][j]:>14.4f}"
+                                                 for n in names))
+        lines.append(f"{'mean |score|':<16}" + "".join(f"{bias['models'][n][kind]['mean_abs_gender_score']:>14.4f}"
+                                                      for n in names))
+        if kind == "image":
+            lines.append(f"images: {first['n_images']['female']} female-caption, {first['n_images']['male']} "
+                         f"male-caption ({bias.get('data')})")
+        for n, comp in bias.get("vs_reference", {}).items():
+            c = comp.get(kind)
+            if c:
+                rho = "undefined" if c["spearman"] is None else f"{c['spearman']:.3f}"
+                ratio = c.get("normalised_strength_ratio")
+                lines.append(f"{n} vs {bias['reference']}: mean |Δ| {c['mean_abs_delta']:.4f}, max |Δ| "
+                             f"{c['max_abs_delta']:.4f}, Spearman {rho}, same sign {100 * c['sign_agreement']:.0f}%, "
+                             f"bias strength {'undefined' if ratio is None else f'{ratio:.2f}'} × (spread-normalised)")
+        lines.append("")
+    if bias.get("image_skipped"):
+        lines.append(f"image probe skipped: {bias['image_skipped']}")
+    return "\n".join(lines).rstrip()

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmkd.eval.tasks import spec_data
 from mmkd.fileio import atomic_write_bytes, atomic_write_text
 from mmkd.report.figures import png, subplots
 
@@ -136,7 +137,7 @@ def write_leaderboard(sweep: Any, teacher: dict[str, Any] | None) -> Path:
     rt = next((e for e in first.eval if e.kind == "retrieval"), None)
     def where(e: Any) -> str:
         extra = [x for x in (e.class_set, e.split and f"split {e.split}", e.limit and f"first {e.limit}") if x]
-        return e.data + (f" ({', '.join(extra)})" if extra else "")
+        return spec_data(e) + (f" ({', '.join(extra)})" if extra else "")
 
     notes = (f"Zero-shot: {where(zs)}; " if zs else "") + (f"retrieval: {where(rt)}; " if rt else "") + (
         f"teacher: {first.teacher}. Train time is student time only (teacher targets computed once per sweep).")

@@ -1,0 +1,67 @@
+"""``mmkd cache``: run the teacher once over the data and store its embeddings, or ``--verify DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mmkd.commands.common import DATA_SPECS, positive_int
+from mmkd.errors import UsageError
+
+
+def add_parser(sub: Any) -> None:
+    c = sub.add_parser("cache", help="run the teacher once over the data and store its embeddings (or --verify)",
+                       epilog=DATA_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--teacher", help="model folder or hub id of the teacher")
+    c.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="data spec FORMAT:PATH (repeat for several sets, e.g. captioned + uncaptioned images)")
+    c.add_argument("--config", help="take the data (train and unpaired specs, limits, world sizes) from a distill "
+                                    "config; --out defaults to its teacher: cache:DIR")
+    c.add_argument("--out", help="cache folder (resumed if it holds a partial cache of the same build)")
+    c.add_argument("--views", type=int, default=1, help="views per image: view 0 = eval transform, 1..K-1 "
+                                                        "augmented (default 1)")
+    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="storage type (default float16)")
+    c.add_argument("--features", action="store_true",
+                   help="also store pooled pre-projection features (for objectives with level: features)")
+    c.add_argument("--seed", type=int, default=0, help="view seed: view v of sample k is f(seed, k, v)")
+    c.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="teacher compute precision (auto: bfloat16 where the hardware supports it)")
+    c.add_argument("--batch-size", type=int, default=64, help="teacher batch size (default 64)")
+    c.add_argument("--chunk-rows", type=int, default=1024,
+                   help="samples per shard; an interrupted build loses at most one chunk (default 1024)")
+    c.add_argument("--limit", type=positive_int, default=None, help="keep the first N samples of each --data spec")
+    c.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="a bad sample (e.g. a shard member missing): stop naming it (default) or skip and count it")
+    c.add_argument("--world-n", type=int, default=4000, help="images in a built-in world split (world:SPLIT)")
+    c.add_argument("--data-cache", default="runs/.cache", help="cache folder for the built-in world")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    c.add_argument("--device", default=None, help="where the teacher runs (default: cuda if available, else cpu)")
+    c.add_argument("--verify", metavar="DIR", help="check an existing cache completely and exit (1 if damaged)")
+    c.add_argument("--quick", action="store_true", help="with --verify: skip checksums and value checks")
+    c.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.verify:
+        return verify(args)
+    from mmkd.cache_command import run_cache
+
+    run_cache(args)
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    """``--verify DIR``: notes on stdout, problems on stderr, then OK/DAMAGED; exit status 1 when damaged."""
+    if args.teacher or args.data or args.config:
+        raise UsageError("--verify DIR checks an existing cache; it takes no --teacher/--data/--config")
+    from mmkd.teacher.cache import verify_cache
+
+    report = verify_cache(args.verify, deep=not args.quick)
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"{'OK' if report.ok else 'DAMAGED'}: {report.root}" + (f": {report.summary}" if report.summary else ""))
+    return 0 if report.ok else 1

@@ -1,0 +1,101 @@
+"""Every failure of a command as one line on stderr and an exit status; no traceback reaches a user."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import traceback
+from types import TracebackType
+
+from mmkd.errors import MmkdError
+
+DEBUG_ENV = "MMKD_DEBUG"
+
+# what to do about an OSError, by errno: the file is named from the error itself
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose a folder on another disk",
+    errno.EDQUOT: "the disk quota is exhausted: free space or choose another folder",
+    errno.EACCES: "check its permissions or choose another folder",
+    errno.EPERM: "check its permissions or choose another folder",
+    errno.EROFS: "the file system is read-only: choose another folder",
+    errno.EBUSY: "it is in use by another program: close that program or choose another path",
+    errno.ETXTBSY: "it is in use by another program: close that program or choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder, not a file: check the path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun",
+    errno.ENAMETOOLONG: "shorten the path",
+    errno.EIO: "the disk reported an I/O error: check the disk and rerun",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the file(s), the system's reason and what to do."""
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e)
+    hint = _OS_HINTS.get(e.errno or -1, "check the path and rerun")
+    return f"{where + ': ' if where else ''}{reason}; {hint}"
+
+
+def interrupted_step(tb: TracebackType | None) -> int | None:
+    """The optimizer steps completed when Ctrl-C stopped ``mmkd.train.loop.train``, read from its frame.
+
+    Read from the traceback rather than threaded through every caller, so that the training loop needs no
+    interrupt handling of its own: ``done`` (steps finished) once a step has finished in this process, else
+    ``step`` (where the loop is, i.e. the steps finished before it). None when training was not running.
+    """
+    from mmkd.train.loop import train
+
+    step = None
+    for frame, _ in traceback.walk_tb(tb):
+        if frame.f_code is train.__code__:
+            local = frame.f_locals
+            value = local.get("done", local.get("step"))
+            step = int(value) if isinstance(value, int) else step
+    return step
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command, turning every failure into one line on stderr and an exit status.
+
+    2: a problem the user can fix (an ``MmkdError`` or an ``OSError``); 130: Ctrl-C; 1: anything else (a bug),
+    with its traceback when ``MMKD_DEBUG=1``.
+    """
+    import warnings
+
+    from PIL import Image
+
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    pixel_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():  # the command's image limit and warning filter end with the command
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse before decoding, not after
+            from mmkd.data.records import max_image_pixels_from_env, set_max_image_pixels
+
+            set_max_image_pixels(max_image_pixels_from_env())
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        step = interrupted_step(e.__traceback__) if getattr(args, "command", None) == "distill" else None
+        print("mmkd: interrupted" + (f" at step {step}; resume with --resume" if step is not None else ""),
+              file=sys.stderr)
+        return 130
+    except (MmkdError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        msg = str(e) if isinstance(e, MmkdError) else os_error_message(e)
+        print(f"mmkd: error: {_one_line(msg)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: say so in one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        print(f"mmkd: internal error: {type(e).__name__}: {_one_line(str(e))} "
+              f"(rerun with {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        Image.MAX_IMAGE_PIXELS = pixel_limit
