@@ -28,15 +28,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
+from conftest import tiny_dual_encoder
 from torch import nn
 
 from mmkd import dist as mdist
 from mmkd.config import ObjectiveSpec, TrainConfig
 from mmkd.data.batches import ImageBank, TrainBatch, TrainData
 from mmkd.data.records import Record
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
+from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.student import tower_widths
-from mmkd.models.towers import build_tower
 from mmkd.objectives import contrastive
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives
 from mmkd.train.loop import DistillTask, train
@@ -116,18 +116,8 @@ class FakeTeacher:
 
 
 def _tiny_student(tok_path: str, layers: int = 1, dim: int = STUDENT_DIM) -> DualEncoder:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_path)
-    vision = build_tower("clip_vision", dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32,
-                                             num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64))
     # no dropout: ranks are seeded differently, so random masks could never match the 1-process run
-    text = build_tower("bert", dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers,
-                                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=IMAGE_SIZE, image_mean=MEAN,
-                       image_std=STD, max_text_length=24)
-    return DualEncoder(vision, text, dim, meta, tok)
+    return tiny_dual_encoder(tok_path, layers=layers, image_size=IMAGE_SIZE, dim=dim, dropout=False)
 
 
 def _setup(tok_path: str, world: int) -> tuple[DualEncoder, WeightedSum, TrainData, FakeTeacher]:
