@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tiny_runs
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -321,6 +322,13 @@ def _torchrun() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+def torchrun_env() -> dict[str, str]:
+    """This checkout's code (even with a relative PYTHONPATH and another working directory), one thread, no
+    network, no rank inherited from a surrounding job."""
+    return {k: v for k, v in tiny_runs.env().items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
 def test_torchrun_cli_distill_two_processes(minilm_path: str, tmp_path: Path) -> None:
     from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 
@@ -337,9 +345,7 @@ def test_torchrun_cli_distill_two_processes(minilm_path: str, tmp_path: Path) ->
         "cache_dir": str(tmp_path / "cache"),
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = torchrun_env()
     cmd = [*_torchrun(), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "mmkd.cli", "distill", str(tmp_path / "run.yaml")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
