@@ -31,7 +31,7 @@ import yaml
 from mmkd.config import RunConfig, load_config, to_dict
 from mmkd.data import world
 from mmkd.eval.suite import world_metrics
-from mmkd.fileio import atomic_write_json, atomic_write_text
+from mmkd.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.hub import load_dual_encoder
 from mmkd.train.checkpoint import CheckpointManager
@@ -147,8 +147,8 @@ def run_config(name: str, cfg: RunConfig, log: Any, cache: Any) -> None:
 
 
 def last_logged_step(run: Path) -> int:
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
-    return max((json.loads(ln)["step"] for ln in lines if ln.strip()), default=0)
+    log = run / "metrics.jsonl"
+    return max((r["step"] for _, r in read_jsonl(log, "a metrics log")), default=0) if log.is_file() else 0
 
 
 def _tail(path: Path, n: int = 15) -> str:
