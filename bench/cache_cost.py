@@ -8,7 +8,8 @@ KD = contrastive + fd_mse_cosine on both towers, with K=2 augmented views replay
 Student: S3's (ViT 6 layers, width 256, patch 4, 32 px) plus a 4-layer width-256 text tower (MiniLM vocabulary).
 Teachers (random weights; cost does not depend on them): CLIP ViT-B/16's real shape (224 px, patch 16, 12 layers
 width 768; text tower 12 layers width 512, 49,408-token vocabulary: 149.6M parameters), and the demo teacher's
-shape (``mmkd.demo.build_demo_teacher``: ViT 6L/256 patch 8 at 32 px + the real all-MiniLM-L6-v2), prefix ``demo_``.
+shape (``configs/demo/teacher.yaml`` as it starts: ViT 6L/256 patch 8 at 32 px + the real all-MiniLM-L6-v2), prefix
+``demo_``.
 
 Time: median step (data, teacher targets, forward, backward, AdamW) after warm-up steps; plain and cached, whose
 ratio must be measured to a few percent, run ``--repeats`` times alternating, each in a fresh process, and their
@@ -38,6 +39,7 @@ from typing import Any
 VIEWS = 2
 SEED = 0
 MODES = ("plain", "cached", "online_bf16", "online_fp32")
+DEMO_TEACHER = Path(__file__).resolve().parents[1] / "configs" / "demo" / "teacher.yaml"
 
 
 def _status_kb(field: str) -> int:
@@ -64,11 +66,12 @@ def make_teacher(shape: str, tok: Any) -> Any:
     from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
     from mmkd.models.towers import build_tower
 
-    torch.manual_seed(1234)
     if shape == "demo":
-        from mmkd.demo import DemoConfig, build_demo_teacher
+        from mmkd.config import load_config
+        from mmkd.models.student import build_student
 
-        return build_demo_teacher(DemoConfig())
+        return build_student(None, load_config(DEMO_TEACHER).student, seed=1234)
+    torch.manual_seed(1234)
     vision = build_tower("clip_vision", dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
                                              num_attention_heads=12, intermediate_size=3072))
     text = build_tower("clip_text", dict(vocab_size=49408, hidden_size=512, num_hidden_layers=12,

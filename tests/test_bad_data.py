@@ -153,3 +153,27 @@ def test_atomic_write_gives_the_mode_open_would(tmp_path: Path, umask: int, mode
     assert got == mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     if umask == 0o022:
         assert got & stat.S_IRGRP and got & stat.S_IROTH
+
+
+def test_one_jsonl_reader_names_file_and_line_for_data_pairs_and_metrics(tmp_path: Path) -> None:
+    """Data files, matching pair files and training logs are read by fileio.read_jsonl: blank lines and a BOM
+    are fine; a line that is not one JSON object is named FILE:LINE, with each caller's own error type."""
+    from mmkd.errors import UsageError
+    from mmkd.fileio import JsonLineError, read_jsonl
+    from mmkd.report.collect import _curve
+    from mmkd.studies.matching.pairfile import meta_path, read_pairs
+
+    f = tmp_path / "x.jsonl"
+    f.write_text('\ufeff{"a": 1}\n\n  \n{"a": 2}\n', encoding="utf-8")
+    assert list(read_jsonl(f, "a test file")) == [(1, {"a": 1}), (4, {"a": 2})]
+    for bad, why in (('{"a": ', "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")):
+        f.write_text("\n" + bad + '\n{"a": 1}\n')  # first, as each caller checks its fields line by line
+        with pytest.raises(JsonLineError, match=rf"x\.jsonl:2: {why}.*each line of a test file"):
+            list(read_jsonl(f, "a test file"))
+        with pytest.raises(DataError, match=rf"x\.jsonl:2: {why}"):
+            read_records(f"jsonl:{f}")
+        meta_path(f).write_text('{"data": "world:train"}')
+        with pytest.raises(DataError, match=rf"x\.jsonl:2: {why}.*a pair file"):
+            read_pairs(f)
+        with pytest.raises(UsageError, match=rf"x\.jsonl:2: {why}.*a metrics log"):
+            _curve("student", f)

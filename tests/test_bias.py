@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mmkd.data.records import Record
 from mmkd.eval.bias import (
@@ -105,13 +107,26 @@ def test_caption_groups_whole_words_and_mixed_images_left_out() -> None:
 # ------------------------------------------------------------------------------------ the real MiniLM teacher
 
 
-@pytest.fixture(scope="module")
-def minilm_teacher(minilm_path: str):
-    """The demo's teacher: MiniLM-L6 mean-pooled with an identity projection (+ a tiny untrained ViT)."""
-    from mmkd.demo import DemoConfig, build_demo_teacher
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
-    torch.manual_seed(0)
-    return build_demo_teacher(DemoConfig.quick())
+
+def demo_model(name: str, teacher: Any = None) -> Any:
+    """The demo's run ``name`` (configs/demo/NAME.yaml with its --quick overrides: tiny ViTs), initialised."""
+    from mmkd.config import load_config
+    from mmkd.models.student import build_student
+
+    quick = yaml.safe_load((DEMO / "quick.yaml").read_text())
+    return build_student(teacher, load_config(DEMO / f"{name}.yaml", quick[name]).student, seed=0)
+
+
+@pytest.fixture(scope="module")
+def minilm_teacher(minilm_path: str) -> Any:
+    """The demo's teacher as it starts: MiniLM-L6 mean-pooled (+ a tiny untrained ViT), its text head set to the
+    identity so the probe sees MiniLM's own sentence embeddings."""
+    teacher = demo_model("teacher")
+    with torch.no_grad():
+        teacher.text_projection.weight.copy_(torch.eye(teacher.projection_dim))
+    return teacher
 
 
 def test_minilm_text_probe_finds_nurse_closer_to_she(minilm_teacher) -> None:
@@ -129,11 +144,7 @@ def test_minilm_text_probe_finds_nurse_closer_to_she(minilm_teacher) -> None:
 
 
 def test_bias_probe_student_vs_teacher(minilm_teacher) -> None:
-    from mmkd.demo import DemoConfig, student_config
-    from mmkd.models.student import build_student
-
-    torch.manual_seed(0)
-    student = build_student(minilm_teacher, student_config(DemoConfig.quick()))  # MiniLM with 3 of 6 layers
+    student = demo_model("student", minilm_teacher)  # MiniLM with 3 of 6 layers
     words = BiasWords(female=["she", "woman"], male=["he", "man"], professions=["nurse", "engineer", "pilot"])
     out = bias_probe({"teacher": minilm_teacher, "student": student, "same": minilm_teacher}, words)
     assert out["reference"] == "teacher" and set(out["vs_reference"]) == {"student", "same"}

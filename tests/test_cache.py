@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import tiny_dual_encoder
 from PIL import Image
 
 from mmkd import dist as mdist
@@ -21,9 +22,8 @@ from mmkd.cli import main
 from mmkd.data import transforms
 from mmkd.data.batches import ImageBank, TrainData
 from mmkd.data.records import Record
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import load_tokenizer, save_dual_encoder
-from mmkd.models.towers import build_tower
+from mmkd.models.dual_encoder import DualEncoder
+from mmkd.models.hub import save_dual_encoder
 from mmkd.teacher.cache import (
     CachedTeacher,
     CacheError,
@@ -37,18 +37,6 @@ from mmkd.teacher.targets import teacher_outputs
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 N, VIEWS = 40, 3
-
-
-def tiny_teacher(tok_path: str, image_size: int = 32) -> DualEncoder:
-    torch.manual_seed(0)
-    tok = load_tokenizer(tok_path)
-    vision = build_tower("clip_vision", dict(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64))
-    text = build_tower("bert", dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=64, max_position_embeddings=64))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=image_size, image_mean=MEAN,
-                       image_std=STD, max_text_length=24)
-    return DualEncoder(vision, text, 24, meta, tok)
 
 
 def make_records(n: int = N, seed: int = 0) -> list[Record]:
@@ -74,7 +62,7 @@ def one_thread() -> Any:
 
 @pytest.fixture(scope="module")
 def teacher(minilm_path: str) -> DualEncoder:
-    return tiny_teacher(minilm_path)
+    return tiny_dual_encoder(minilm_path)
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +369,7 @@ def _build_worker(rank: int, world: int, port: int, tok_path: str, out: str) -> 
     torch.set_num_threads(1)
     info = mdist.init_distributed()
     assert info.world_size == world
-    result = build_cache(tiny_teacher(tok_path), make_records(), out, views=VIEWS, features=True, chunk_rows=8,
+    result = build_cache(tiny_dual_encoder(tok_path), make_records(), out, views=VIEWS, features=True, chunk_rows=8,
                          batch_size=8)
     (Path(out).parent / f"rank{rank}.json").write_text(json.dumps({"built": result.chunks_built}))
     torch.distributed.destroy_process_group()
@@ -396,7 +384,7 @@ def test_two_process_build_equals_one_process_build(minilm_path: str, tmp_path: 
             for p in ctx.processes:
                 p.kill()
             pytest.fail("2 cache-building processes did not finish within 180 s")
-    one = build_cache(tiny_teacher(minilm_path), make_records(), tmp_path / "one", views=VIEWS, features=True,
+    one = build_cache(tiny_dual_encoder(minilm_path), make_records(), tmp_path / "one", views=VIEWS, features=True,
                       chunk_rows=8, batch_size=8)
     built = [json.loads((tmp_path / f"rank{r}.json").read_text())["built"] for r in range(2)]
     assert sum(built) == one.chunks_built == 11 and min(built) >= 5  # disjoint halves, all chunks
@@ -448,12 +436,11 @@ train: {{steps: 3, log_every: 1, ckpt_every: 0, warmup_steps: 1, threads: 1}}
 
 
 def test_distill_from_cache_never_loads_or_runs_the_teacher(
-        minilm_path: str, records: list[Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        tiny_teacher_dir: Path, records: list[Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     data = _jsonl(tmp_path, records[:16])
-    save_dual_encoder(tiny_teacher(minilm_path), tmp_path / "teacher")
     cache = tmp_path / "tc"
-    assert main(["cache", "--teacher", str(tmp_path / "teacher"), "--data", f"jsonl:{data}", "--out", str(cache),
+    assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", f"jsonl:{data}", "--out", str(cache),
                  "--views", "2", "--features", "--chunk-rows", "8", "--threads", "1"]) == 0
     assert main(["cache", "--verify", str(cache)]) == 0
     assert "OK" in capsys.readouterr().out

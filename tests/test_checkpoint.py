@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_dual_encoder
 from transformers import AutoTokenizer
 
 from mmkd.config import ObjectiveSpec, TrainConfig
 from mmkd.data import world
 from mmkd.data.batches import ImageBank, TrainData
-from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
-from mmkd.models.towers import build_tower
+from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder
 from mmkd.objectives import ObjectiveContext, build_objectives
 from mmkd.objectives.base import WeightedSum
 from mmkd.teacher.targets import OnlineTeacher
@@ -174,10 +174,6 @@ def test_kill_during_checkpoint_write(tmp_path: Path, monkeypatch: pytest.Monkey
 # end to end: interrupted and resumed training ends where an uninterrupted run does
 
 STEPS = 8
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-              patch_size=8)
-BERT = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
@@ -192,20 +188,14 @@ def data() -> TrainData:
     return TrainData(bank, None, batch_size=8, unpaired_batch_size=0, world=1, seed=0)
 
 
-def dual_encoder(tokenizer: Any, dim: int, seed: int) -> DualEncoder:
-    torch.manual_seed(seed)
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, max_text_length=16)
-    return DualEncoder(build_tower("clip_vision", VISION), build_tower("bert", BERT), dim, meta, tokenizer)
-
-
 @pytest.fixture(scope="module")
 def teacher(tokenizer: Any, data: TrainData) -> OnlineTeacher:
-    return OnlineTeacher(dual_encoder(tokenizer, 24, seed=100), data.paired, bf16=False)
+    return OnlineTeacher(tiny_dual_encoder(tokenizer, dim=24, seed=100), data.paired, bf16=False)
 
 
 def setup(tokenizer: Any, seed: int) -> tuple[DualEncoder, WeightedSum]:
     """A student and its objectives; the fd_mse term maps 16 → 24 dims with a learnable projection."""
-    student = dual_encoder(tokenizer, 16, seed)
+    student = tiny_dual_encoder(tokenizer, dim=16, seed=seed)
     torch.manual_seed(seed + 1)
     objectives = build_objectives([ObjectiveSpec(name="clip"), ObjectiveSpec(name="fd_mse", weight=2.0)],
                                   ObjectiveContext(student_embed_dim=16, teacher_embed_dim=24))

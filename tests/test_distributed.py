@@ -23,20 +23,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tiny_runs
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
+from conftest import tiny_dual_encoder
 from torch import nn
 
 from mmkd import dist as mdist
 from mmkd.config import ObjectiveSpec, TrainConfig
 from mmkd.data.batches import ImageBank, TrainBatch, TrainData
 from mmkd.data.records import Record
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
+from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.student import tower_widths
-from mmkd.models.towers import build_tower
 from mmkd.objectives import contrastive
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives
 from mmkd.train.loop import DistillTask, train
@@ -116,18 +117,8 @@ class FakeTeacher:
 
 
 def _tiny_student(tok_path: str, layers: int = 1, dim: int = STUDENT_DIM) -> DualEncoder:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_path)
-    vision = build_tower("clip_vision", dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32,
-                                             num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64))
     # no dropout: ranks are seeded differently, so random masks could never match the 1-process run
-    text = build_tower("bert", dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers,
-                                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=IMAGE_SIZE, image_mean=MEAN,
-                       image_std=STD, max_text_length=24)
-    return DualEncoder(vision, text, dim, meta, tok)
+    return tiny_dual_encoder(tok_path, layers=layers, image_size=IMAGE_SIZE, dim=dim, dropout=False)
 
 
 def _setup(tok_path: str, world: int) -> tuple[DualEncoder, WeightedSum, TrainData, FakeTeacher]:
@@ -331,6 +322,13 @@ def _torchrun() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+def torchrun_env() -> dict[str, str]:
+    """This checkout's code (even with a relative PYTHONPATH and another working directory), one thread, no
+    network, no rank inherited from a surrounding job."""
+    return {k: v for k, v in tiny_runs.env().items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
 def test_torchrun_cli_distill_two_processes(minilm_path: str, tmp_path: Path) -> None:
     from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 
@@ -347,9 +345,7 @@ def test_torchrun_cli_distill_two_processes(minilm_path: str, tmp_path: Path) ->
         "cache_dir": str(tmp_path / "cache"),
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = torchrun_env()
     cmd = [*_torchrun(), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "mmkd.cli", "distill", str(tmp_path / "run.yaml")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)

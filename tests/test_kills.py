@@ -17,7 +17,6 @@ from tiny_runs import (
     kill_when,
     mmkd_ok,
     run_config,
-    save_teacher,
     start,
     student,
     write_pairs,
@@ -39,12 +38,12 @@ def keep_threads() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> dict[str, Path]:
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> dict[str, Path]:
     """A saved teacher, data, and the student of an uninterrupted run of the config every kill test uses (run in
     this process: a run is a function of its config, so the killed processes must match it bit for bit)."""
     root = tmp_path_factory.mktemp("kills")
     pairs = write_pairs(root)
-    teacher = save_teacher(root / "teacher", minilm_path)
+    teacher = tiny_teacher_dir
     ref = root / "ref"
     threads = torch.get_num_threads()
     assert main(["distill", str(_config(root, teacher, pairs, ref))]) == 0

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_dual_encoder
 
 from mmkd.cli import main
 from mmkd.config import ConfigError
@@ -284,27 +285,15 @@ def test_metrics_against_brute_force():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, minilm_path):
-    """A tiny dual-encoder teacher and a tiny sentence encoder, saved as folders (MiniLM's tokenizer)."""
-    from transformers import BertConfig, BertModel
-
-    from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-    from mmkd.models.hub import load_tokenizer, save_dual_encoder
-    from mmkd.models.towers import build_tower
+    """A tiny dual-encoder teacher and a tiny sentence encoder (another draw's text tower), saved as folders
+    (MiniLM's tokenizer)."""
+    from mmkd.models.hub import save_dual_encoder
 
     root = tmp_path_factory.mktemp("tiny")
-    tok = load_tokenizer(minilm_path)
-    torch.manual_seed(0)
-    text_cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=64, max_position_embeddings=64)
-    text = BertModel(text_cfg, add_pooling_layer=False)
-    vision = build_tower("clip_vision", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=64))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, image_mean=(0.5,) * 3,
-                       image_std=(0.25,) * 3, max_text_length=32)
-    save_dual_encoder(DualEncoder(vision, text, 16, meta, tok), root / "teacher")
-    sent = BertModel(text_cfg, add_pooling_layer=False)
-    sent.save_pretrained(root / "sentence")
-    tok.save_pretrained(root / "sentence")
+    teacher = tiny_dual_encoder(minilm_path, dim=16)
+    save_dual_encoder(teacher, root / "teacher")
+    tiny_dual_encoder(minilm_path, seed=1).text_model.save_pretrained(root / "sentence")
+    teacher.tokenizer.save_pretrained(root / "sentence")
     return root / "teacher", root / "sentence"
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_dual_encoder
 from torch import nn
 from transformers import (
     AutoModel,
@@ -53,15 +54,8 @@ def images(n: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def tiny(tokenizer: Any, text_arch: str = "bert", seed: int = 0, vision_layers: int = 2) -> DualEncoder:
-    torch.manual_seed(seed)
-    vision = build_tower("clip_vision", {**VISION, "num_hidden_layers": vision_layers})
-    if text_arch == "bert":
-        text, pooling = build_tower("bert", BERT), "mean"
-    else:
-        text, pooling = build_tower("clip_text", CLIP_TEXT), "pooler"
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling=pooling, image_size=32, max_text_length=32)
-    model = DualEncoder(vision, text, DIM, meta, tokenizer)
+def tiny(tokenizer: Any, text_arch: str = "bert", seed: int = 0) -> DualEncoder:
+    model = tiny_dual_encoder(tokenizer, layers=2, dim=DIM, seed=seed, text_arch=text_arch)
     with torch.no_grad():  # a non-default scale, so a round trip that dropped it would show
         model.logit_scale.fill_(3.0)
     return model.eval()
@@ -458,7 +452,7 @@ def test_student_freeze_from_config(minilm_teacher: DualEncoder) -> None:
 
 
 def test_apply_freeze_by_prefix(tokenizer: Any) -> None:
-    model = tiny(tokenizer, vision_layers=2)
+    model = tiny(tokenizer)
     stack = "vision_model.encoder.layers"
     apply_freeze(model, [f"{stack}.1", "text_projection"])
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_dual_encoder
 
 from mmkd.config import ObjectiveSpec
 from mmkd.objectives import OBJECTIVES
@@ -542,16 +543,7 @@ def test_cli_lists_every_objective_with_its_parameters() -> None:
 
 
 def _tiny_dual_encoder() -> Any:
-    from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-    from mmkd.models.towers import build_tower
-
-    torch.manual_seed(0)
-    vision = build_tower("clip_vision", dict(image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=16))
-    text = build_tower("bert", dict(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=16, max_position_embeddings=16))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=16)
-    return DualEncoder(vision, text, DIM, meta, None).double()
+    return tiny_dual_encoder(width=8, patch_size=4, image_size=16, dim=DIM).double()
 
 
 def _manual_masked_pooled(model: Any, pixels: torch.Tensor, keep: list[list[int]]) -> torch.Tensor:

@@ -14,7 +14,6 @@ from tiny_runs import (
     mmkd_ok,
     run_config,
     save_pretrained_towers,
-    save_teacher,
     student,
     weights,
     write_pairs,
@@ -32,11 +31,11 @@ def keep_threads() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> dict[str, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, minilm_path: str, tiny_teacher_dir: Path) -> dict[str, Path]:
     """A saved teacher, its cache (2 views, so augmented training replays cached views), pretrained towers, data."""
     root = tmp_path_factory.mktemp("repro")
     pairs = write_pairs(root)
-    teacher = save_teacher(root / "teacher", minilm_path)
+    teacher = tiny_teacher_dir
     vision, text = save_pretrained_towers(root / "towers", minilm_path)
     assert main(["cache", "--teacher", str(teacher), "--data", f"jsonl:{pairs}", "--out", str(root / "tc"),
                  "--views", "2", "--chunk-rows", "8", "--threads", "1"]) == 0

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_dual_encoder
 
 from mmkd.cli import main
 from mmkd.config import ConfigError, load_config
 from mmkd.distill import run_distill
 from mmkd.locking import FolderLock, FolderLockedError
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import ModelLoadError, load_dual_encoder, load_tokenizer, save_dual_encoder
-from mmkd.models.towers import build_tower
+from mmkd.models.hub import ModelLoadError, load_dual_encoder, save_dual_encoder
 from mmkd.sweep import Sweep, run_sweep
 from mmkd.train.checkpoint import CheckpointManager
 from mmkd.train.runfolder import RESUMABLE_KEYS
@@ -26,14 +25,8 @@ from mmkd.train.runfolder import RESUMABLE_KEYS
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
-    torch.manual_seed(0)
-    vision = build_tower("clip_vision", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64))
-    text = build_tower("bert", dict(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=64, max_position_embeddings=64))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, max_text_length=32)
-    model = DualEncoder(vision, text, 24, meta, load_tokenizer(minilm_path))
-    return save_dual_encoder(model, tmp_path_factory.mktemp("t") / "teacher")
+    """Two layers, so the student can keep one of them."""
+    return save_dual_encoder(tiny_dual_encoder(minilm_path, layers=2), tmp_path_factory.mktemp("t") / "teacher")
 
 
 def write_config(tmp_path: Path, teacher: Path) -> Path:

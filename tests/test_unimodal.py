@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_dual_encoder
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mmkd.config import load_config
@@ -40,20 +41,14 @@ def test_image_teacher_from_a_vision_model_folder_and_from_a_dual_encoder(tmp_pa
         torch.testing.assert_close(teacher.image_features(px), model(pixel_values=px).pooler_output)
 
     # a dual encoder's folder: its image tower alone
-    from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-    from mmkd.models.hub import load_tokenizer
-    from mmkd.models.towers import build_tower
-
-    text = build_tower("bert", dict(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=32))
-    de = DualEncoder(model, text, 8, EncoderMeta(text_pooling="mean", image_size=32), load_tokenizer(minilm_path))
+    de = tiny_dual_encoder(minilm_path, width=48, dim=8)
     save_dual_encoder(de, tmp_path / "dual")
     from_dual = load_image_teacher(tmp_path / "dual")
     with torch.no_grad():
-        torch.testing.assert_close(from_dual.image_features(px), model(pixel_values=px).pooler_output)
+        torch.testing.assert_close(from_dual.image_features(px), de.vision_model(pixel_values=px).pooler_output)
 
     (tmp_path / "text").mkdir()
-    text.save_pretrained(tmp_path / "text")
+    de.text_model.save_pretrained(tmp_path / "text")
     with pytest.raises(Exception, match="not an image model"):
         load_image_teacher(tmp_path / "text")
 

@@ -1,5 +1,6 @@
-"""Tiny real runs for process-level tests: a saved teacher, pretrained tower folders, a JSONL data set, run
-configs, and the ``mmkd`` command run in a real subprocess (so nothing in this process's state can help it)."""
+"""Tiny real runs for process-level tests: pretrained tower folders, a JSONL data set, run configs (the
+teacher is conftest's ``tiny_teacher_dir``), and the ``mmkd`` command run in a real subprocess (so nothing in
+this process's state can help it)."""
 
 from __future__ import annotations
 
@@ -19,27 +20,13 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import load_tokenizer, save_dual_encoder
+from mmkd.models.hub import load_tokenizer
 from mmkd.models.towers import build_tower
 
 VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
               intermediate_size=64)
 BERT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=64)
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def save_teacher(folder: Path, tok_path: str) -> Path:
-    """A tiny dual encoder (embedding width 24; students use 16, so every student projection is freshly drawn)."""
-    torch.manual_seed(0)
-    tok = load_tokenizer(tok_path)
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, image_mean=MEAN, image_std=STD,
-                       max_text_length=24)
-    model = DualEncoder(build_tower("clip_vision", VISION), build_tower("bert", dict(BERT, vocab_size=len(tok))),
-                        24, meta, tok)
-    save_dual_encoder(model, folder)
-    return folder
 
 
 def save_pretrained_towers(folder: Path, tok_path: str) -> tuple[Path, Path]:

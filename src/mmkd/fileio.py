@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a partial file.
+"""Atomic file writes: a reader sees the old file or the complete new one, never a partial file; and the one
+JSONL line reader (errors name FILE:LINE).
 
 Temporary files are named ``.<name>.tmp-<random>`` beside their target, so a folder's owner can sweep what a
 killed writer left with the glob ``.*.tmp-*`` (the teacher cache and checkpoints do).
@@ -9,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from mmkd.errors import MmkdError
 
 
 def _umask() -> int:
@@ -75,3 +78,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=indent, ensure_ascii=False), mode="w")
+
+
+class JsonLineError(MmkdError, ValueError):
+    """A line of a JSONL file that is not one JSON object; the message names FILE:LINE."""
+
+
+def read_jsonl(path: str | Path, what: str, error: Callable[[str], Exception] = JsonLineError
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of ``path`` (a leading BOM is ignored).
+
+    what: the kind of file, for the message (``"a JSONL data file"``); error: the exception type a bad line
+    raises (the caller's own, e.g. DataError), its message naming ``FILE:LINE`` and what is wrong.
+    """
+    with open(path, encoding="utf-8-sig") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{no}: not valid JSON ({e.msg} at column {e.colno}); each line of {what} "
+                            "must be one JSON object") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}; each line of {what} "
+                            "must be one JSON object")
+            yield no, obj

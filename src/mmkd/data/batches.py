@@ -17,7 +17,7 @@ import torch
 
 from mmkd.config import ConfigError
 from mmkd.data.records import DataError, Record, open_image
-from mmkd.data.transforms import ImageTransform, TransformConfig, view_rng
+from mmkd.data.transforms import ImageTransform, TransformConfig, apply_view
 
 
 def _rng(*parts: int | str) -> np.random.Generator:
@@ -60,10 +60,7 @@ class ImageBank:
         for i, v in zip(indices, views):
             rec = self.records[i]
             img = rec.image if isinstance(rec.image, np.ndarray) else open_image(rec)
-            if v == 0:
-                out.append(self.eval_tf(img))
-            else:
-                out.append(self.train_tf(img, rng=view_rng(self.seed, rec.key, v)))
+            out.append(apply_view(self.train_tf, self.eval_tf, img, self.seed, rec.key, v))
         return torch.stack(out)
 
 

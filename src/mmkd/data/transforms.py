@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,17 +138,6 @@ def _normalize(arr: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> torch.
     np.multiply(arr.transpose(2, 0, 1), scale, out=out)
     out += offset
     return torch.from_numpy(out)
-
-
-def compose(*steps: Callable[[Image.Image], Image.Image]) -> Callable[[Image.Image], Image.Image]:
-    """Chain PIL → PIL steps left to right (for custom pipelines; `ImageTransform` uses fused steps)."""
-
-    def run(image: Image.Image) -> Image.Image:
-        for step in steps:
-            image = step(image)
-        return image
-
-    return run
 
 
 # --------------------------------------------------------------------------------------- the model transform

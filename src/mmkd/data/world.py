@@ -59,9 +59,6 @@ _CHUNK = 256
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star", "heart", "diamond", "ring")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "pink", "cyan", "brown")
 SIZES: tuple[str, ...] = ("small", "large")
-POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right",
-)
 SPLITS: tuple[str, ...] = ("train", "val", "test", "pool")
 
 # Saturated, hue-separated object colours in [0, 1] (order matches COLOURS).

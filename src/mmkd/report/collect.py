@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.errors import UsageError
+from mmkd.fileio import JsonLineError
 from mmkd.report.demo_report import ROWS, read_jsonl
 
 DEMO_LABELS = dict(ROWS)
@@ -103,7 +104,9 @@ def _from_distill(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _curve(label: str, path: Path) -> Curve | None:
     try:
         rows = read_jsonl(path)
-    except (OSError, json.JSONDecodeError) as e:
+    except JsonLineError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
         raise UsageError(f"{path}: not a readable metrics.jsonl ({e})") from None
     curve = Curve(label, path)
     for r in rows:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from mmkd import fileio
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -16,9 +17,10 @@ ROWS = (("teacher", "teacher"), ("student", "distilled student"),
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """A training log's records; none when it does not exist (yet)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [obj for _, obj in fileio.read_jsonl(path, "a metrics log")]
 
 
 def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:

@@ -171,7 +171,6 @@ def train(
     eval_every: int = 0,
     desc: str = "train",
     progress: bool = True,
-    stop_after: int | None = None,
     identity: RunIdentity | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
@@ -181,7 +180,6 @@ def train(
     chooses it and every rank loads that same file); identity: the run's id, config and fingerprints, saved
     in every checkpoint and checked against the one resumed; on_start(step): called on every rank once the
     start step is settled, before anything is written (run_distill writes config.yaml there).
-    stop_after: return (without final checkpoint) after this many steps; used to simulate interruptions.
     """
     out = Path(out_dir)
     dist_info = dist_info or DistInfo()
@@ -268,9 +266,6 @@ def train(
                 student.train()
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
             checkpoint(done)
-        if stop_after is not None and done - start >= stop_after:
-            bar.close()
-            return TrainResult(done, time.perf_counter() - t0, last_loss, start)
     bar.close()
     checkpoint(cfg.steps)
     task.eval()

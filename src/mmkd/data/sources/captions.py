@@ -11,6 +11,7 @@ from typing import Any
 from mmkd.data.records import DataError, Record
 from mmkd.data.sources.checks import clean_caption, existing_dir, existing_file, resolve_image
 from mmkd.data.sources.registry import register_format
+from mmkd.fileio import read_jsonl
 
 # --------------------------------------------------------------------------------------------------- JSONL
 
@@ -21,37 +22,27 @@ def _read_jsonl(path: str, image_root: str | None = None, check_files: bool = Tr
     file = existing_file(path, "JSONL file")
     root = Path(image_root).expanduser() if image_root else file.parent
     records = []
-    with file.open(encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            origin = f"{file}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{origin}: not valid JSON ({e.msg} at column {e.colno}); "
-                                "each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{origin}: expected a JSON object, got {type(obj).__name__}")
-            image = obj.get("image")
-            if not isinstance(image, str) or not image.strip():
-                raise DataError(f"{origin}: missing 'image' field (a path relative to {root} or absolute); "
-                                f"fields found: {', '.join(obj) or '(none)'}")
-            if "captions" in obj:
-                raw = obj["captions"]
-                if not isinstance(raw, list):
-                    raise DataError(f"{origin}: 'captions' must be a list of strings")
-            elif "caption" in obj:
-                raw = [obj["caption"]]
-            else:
-                raw = []
-            captions = tuple(clean_caption(c, f"{origin} field 'captions'") for c in raw)
-            key = next((obj[k] for k in ("key", "id", "image_id") if obj.get(k) is not None), image)
-            label = obj.get("label")
-            if label is not None and not isinstance(label, int):
-                raise DataError(f"{origin}: 'label' must be an integer class index, got {label!r}")
-            records.append(Record(key=str(key), image=resolve_image(image, root, origin, check_files),
-                                  captions=captions, label=label, origin=origin))
+    for lineno, obj in read_jsonl(file, "a JSONL data file", DataError):
+        origin = f"{file}:{lineno}"
+        image = obj.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise DataError(f"{origin}: missing 'image' field (a path relative to {root} or absolute); "
+                            f"fields found: {', '.join(obj) or '(none)'}")
+        if "captions" in obj:
+            raw = obj["captions"]
+            if not isinstance(raw, list):
+                raise DataError(f"{origin}: 'captions' must be a list of strings")
+        elif "caption" in obj:
+            raw = [obj["caption"]]
+        else:
+            raw = []
+        captions = tuple(clean_caption(c, f"{origin} field 'captions'") for c in raw)
+        key = next((obj[k] for k in ("key", "id", "image_id") if obj.get(k) is not None), image)
+        label = obj.get("label")
+        if label is not None and not isinstance(label, int):
+            raise DataError(f"{origin}: 'label' must be an integer class index, got {label!r}")
+        records.append(Record(key=str(key), image=resolve_image(image, root, origin, check_files),
+                              captions=captions, label=label, origin=origin))
     return records
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mmkd.data.records import DataError
 from mmkd.errors import UsageError
-from mmkd.fileio import atomic_write_text
+from mmkd.fileio import atomic_write_text, read_jsonl
 from mmkd.studies.matching.pairs import SPLITS, BuildConfig, Embed, MatchPair, build_pairs, summarize
 
 FORMAT_VERSION = 1
@@ -65,16 +65,8 @@ def read_pairs(path: str | Path) -> PairSet:
     if not isinstance(meta, dict) or "data" not in meta:
         raise DataError(f"{mpath}: has no 'data' field; rebuild the pairs with `mmkd matching build`")
     pairs: list[MatchPair] = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for no, obj in read_jsonl(path, "a pair file", DataError):
         where = f"{path}:{no}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object per line")
         missing = {"split", "image_key", "caption", "label"} - set(obj)
         if missing:
             raise DataError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
