@@ -45,7 +45,7 @@ def test_a_pretrained_tower_can_be_shrunk_with_keep_layers(minilm_path: str) -> 
 
 def test_augment_paired_false_augments_only_the_uncaptioned_images(tmp_path: Path, minilm_path: str) -> None:
     from mmkd.dist import DistInfo
-    from mmkd.distill import _online_setup
+    from mmkd.pipeline import _online_setup
 
     overrides = [f"cache_dir={tmp_path}", "data.world_size_train=16", "data.world_size_unpaired=16",
                  "data.unpaired_batch_size=4", "data.batch_size=4", "data.augment=true",

@@ -273,8 +273,8 @@ def test_one_dispatch_for_runs_suites_and_commands(tmp_path: Path, models: dict[
     names and defaults (world:test, split test, an explicit split strict); unknown kinds fail before training."""
     from mmkd.config import ConfigError, RunConfig
     from mmkd.data.records import DataError
-    from mmkd.distill import run_distill
     from mmkd.eval.tasks import evaluate
+    from mmkd.pipeline import run_distill
 
     model = load_dual_encoder(models["student"])
     specs = [EvalSpec("zeroshot", class_set="shape", limit=16), EvalSpec("retrieval", f"jsonl:{pairs}"),

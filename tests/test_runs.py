@@ -15,9 +15,9 @@ from conftest import tiny_dual_encoder
 
 from mmkd.cli import main
 from mmkd.config import ConfigError, load_config
-from mmkd.distill import run_distill
 from mmkd.locking import FolderLock, FolderLockedError
 from mmkd.models.hub import ModelLoadError, load_dual_encoder, save_dual_encoder
+from mmkd.pipeline import run_distill
 from mmkd.sweep import Sweep, run_sweep
 from mmkd.train.checkpoint import CheckpointManager
 from mmkd.train.runfolder import RESUMABLE_KEYS

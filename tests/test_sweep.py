@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mmkd import cli, distill
+from mmkd import cli, pipeline
 from mmkd.config import ConfigError, load_config
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.hub import load_tokenizer, save_dual_encoder
@@ -117,13 +117,13 @@ def test_sweep_runs_once_skips_finished_runs_and_writes_the_leaderboard(
     _teacher(tmp_path / "teacher", minilm_path)
     config = _config(tmp_path)
     calls = {"precompute": 0}
-    real_precompute = distill.precompute
+    real_precompute = pipeline.precompute
 
     def counting_precompute(*args, **kwargs):
         calls["precompute"] += 1
         return real_precompute(*args, **kwargs)
 
-    monkeypatch.setattr(distill, "precompute", counting_precompute)
+    monkeypatch.setattr(pipeline, "precompute", counting_precompute)
 
     # under torchrun: process 1 of 2 runs every second run and leaves the leaderboard to process 0
     sweep = load_sweep(config)
@@ -165,7 +165,7 @@ def test_sweep_runs_once_skips_finished_runs_and_writes_the_leaderboard(
     assert top1s == sorted(top1s, reverse=True)
 
     # a second sweep run trains nothing: every run is finished
-    monkeypatch.setattr(distill, "run_distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(pipeline, "run_distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr("mmkd.sweep.run_distill", lambda *a, **k: pytest.fail("a finished run was trained again"))
     # (overrides may follow --grid options; these name the same three runs)
     assert cli.main(["sweep", str(config), "--grid", "kd=none,mse,kl", "train.steps=2"]) == 0

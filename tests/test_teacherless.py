@@ -10,8 +10,8 @@ import pytest
 
 from mmkd.config import ConfigError, load_config
 from mmkd.data.records import DataError, Record
-from mmkd.distill import label_captions, run_distill
 from mmkd.models.hub import ModelLoadError, load_dual_encoder, load_tokenizer, resolve
+from mmkd.pipeline import label_captions, run_distill
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,9 +11,9 @@ from conftest import tiny_dual_encoder
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mmkd.config import load_config
-from mmkd.distill import run_distill
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.shared_block import SharedBlockDualEncoder
+from mmkd.pipeline import run_distill
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

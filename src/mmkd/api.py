@@ -45,7 +45,7 @@ def distill(config: PathLike | dict[str, Any] | Any, overrides: list[str] | None
     resume / overwrite: as ``--resume`` (True, or "auto" for ``--resume-or-start``) and ``--overwrite``.
     """
     from mmkd.config import RunConfig, config_from_dict, load_config
-    from mmkd.distill import run_distill
+    from mmkd.pipeline import run_distill
 
     if isinstance(config, RunConfig):
         if overrides:

@@ -22,7 +22,7 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:
         if args.data:
             raise CacheError("give the data either with --data or through --config, not both")
         from mmkd.config import load_config
-        from mmkd.distill import cache_path, training_records
+        from mmkd.pipeline import cache_path, training_records
 
         cfg = load_config(args.config)
         set_max_image_pixels(cfg.data.max_image_pixels)

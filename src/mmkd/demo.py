@@ -137,7 +137,7 @@ def stamp(cfg: RunConfig, **extra: Any) -> None:
 
 def run_config(name: str, cfg: RunConfig, log: Any, cache: Any) -> None:
     """Train one run in this process through ``run_distill`` (the path of ``mmkd distill``), from a fresh folder."""
-    from mmkd.distill import run_distill
+    from mmkd.pipeline import run_distill
 
     log(f"training {name}: {cfg.train.steps} steps → {cfg.out}")
     fresh_folder(cfg)
@@ -205,7 +205,7 @@ def build_teacher_cache(cfg: RunConfig, teacher: DualEncoder, teacher_dir: str, 
                         settings: DemoSettings, log: Any) -> None:
     """The cache ``mmkd cache --config`` would build for the cached student's data, with the demo's mild crops
     (built once; a partial one resumes)."""
-    from mmkd.distill import training_records
+    from mmkd.pipeline import training_records
     from mmkd.teacher.cache import build_cache
 
     paired, unpaired = training_records(cfg)
@@ -226,7 +226,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
              config_dir: str | Path = "configs/demo", settings: DemoSettings | None = None,
              log: Any = print) -> dict[str, Any]:
     """Teacher → students (configs through run_distill) → one evaluation per model → metrics.json, reports."""
-    from mmkd.distill import TargetCache
+    from mmkd.pipeline import TargetCache
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     out = Path(out)

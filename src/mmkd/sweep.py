@@ -45,11 +45,11 @@ from mmkd.config import (
     validate,
 )
 from mmkd.dist import DistInfo
-from mmkd.distill import TargetCache, cache_path, run_distill, run_eval_specs
 from mmkd.fileio import atomic_write_json
 from mmkd.locking import FolderLock
 from mmkd.objectives import OBJECTIVES
 from mmkd.objectives.base import check_specs
+from mmkd.pipeline import TargetCache, cache_path, run_distill, run_eval_specs
 from mmkd.teacher.unimodal import ImageTeacher
 
 

@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from mmkd.config import load_config
     from mmkd.data.records import set_max_image_pixels
-    from mmkd.distill import run_distill
+    from mmkd.pipeline import run_distill
 
     overrides = list(args.overrides) + (["train.ignore_cache_fingerprint=true"] if args.ignore_fingerprint else [])
     cfg = load_config(args.config, overrides)

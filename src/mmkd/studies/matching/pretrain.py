@@ -37,7 +37,7 @@ def teacher_source(cfg: MatchingConfig, log: Any = print) -> Path:
     if (out / "metrics.json").is_file() and (out / "student").is_dir():
         log(f"teacher: reusing {out / 'student'} (trained from {t.pretrain})")
         return out / "student"
-    from mmkd.distill import run_distill
+    from mmkd.pipeline import run_distill
 
     log(f"teacher: training {t.pretrain} once into {out} (mmkd distill's path)")
     run_distill(run, resume=(out / "checkpoints").is_dir(), log=log)
