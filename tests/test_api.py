@@ -8,28 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_dual_encoder
 
 import mmkd
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import load_tokenizer, save_dual_encoder
-from mmkd.models.towers import build_tower
+from mmkd.models.hub import save_dual_encoder
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
-def tiny_dual_encoder(minilm_path: str):
-    def make() -> DualEncoder:
-        torch.manual_seed(0)
-        vision = build_tower("clip_vision", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                                 num_attention_heads=2, intermediate_size=64))
-        text = build_tower("bert", dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        intermediate_size=64, max_position_embeddings=64))
-        meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, max_text_length=32)
-        return DualEncoder(vision, text, 24, meta, load_tokenizer(minilm_path))
-
-    return make
+def tiny_model(minilm_path: str):
+    return lambda: tiny_dual_encoder(minilm_path, layers=2)
 
 
 def readme_example() -> str:
@@ -39,9 +28,9 @@ def readme_example() -> str:
 
 
 @pytest.mark.slow
-def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dual_encoder,
+def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model,
                              capsys: pytest.CaptureFixture[str]) -> None:
-    save_dual_encoder(tiny_dual_encoder(), tmp_path / "runs" / "demo_teacher" / "student")
+    save_dual_encoder(tiny_model(), tmp_path / "runs" / "demo_teacher" / "student")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(readme_example(), "README.md:api-example", "exec"), namespace)  # noqa: S102 - our own README
@@ -62,8 +51,8 @@ def test_api_names_and_light_import() -> None:
     assert out.split() == ["False", "False"]
 
 
-def test_create_student_takes_presets_dicts_and_refuses_nonsense(tiny_dual_encoder) -> None:
-    teacher = tiny_dual_encoder()
+def test_create_student_takes_presets_dicts_and_refuses_nonsense(tiny_model) -> None:
+    teacher = tiny_model()
     a = mmkd.create_student(teacher, "half-depth-locked-text")
     assert not any(p.requires_grad for p in a.text_model.parameters())
     b = mmkd.create_student(teacher, {"preset": "half-depth", "freeze": []})

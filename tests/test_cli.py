@@ -6,24 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_dual_encoder
 
 from mmkd.cli import main
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import load_tokenizer, save_dual_encoder
-from mmkd.models.towers import build_tower
+from mmkd.models.hub import save_dual_encoder
 
 
 @pytest.fixture
 def tiny_teacher(tmp_path: Path, minilm_path: str) -> Path:
-    torch.manual_seed(0)
-    vision = build_tower("clip_vision", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64))
-    text = build_tower("bert", dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    intermediate_size=64, max_position_embeddings=64))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, max_text_length=32)
-    model = DualEncoder(vision, text, 24, meta, load_tokenizer(minilm_path))
-    return save_dual_encoder(model, tmp_path / "teacher")
+    return save_dual_encoder(tiny_dual_encoder(minilm_path, layers=2), tmp_path / "teacher")
 
 
 def write_config(tmp_path: Path, teacher: Path, extra: str = "") -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_dual_encoder
 from PIL import Image
 
 from mmkd.cli import main
@@ -18,28 +19,22 @@ from mmkd.data.batches import ImageBank
 from mmkd.data.sources import read_records
 from mmkd.data.templates import load_templates
 from mmkd.eval.runner import SuiteConfig, load_suite, validate_suite
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import load_dual_encoder, load_tokenizer, save_dual_encoder
-from mmkd.models.towers import build_tower
+from mmkd.models.dual_encoder import DualEncoder
+from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 WORDS = ["red", "blue", "circle", "square", "left", "right", "big", "small", "green", "dog", "cat", "car"]
 
 
 def _random_model(minilm_path: str, seed: int, width: int = 32, layers: int = 2) -> DualEncoder:
-    torch.manual_seed(seed)
-    vision = build_tower("clip_vision", dict(image_size=32, patch_size=8, hidden_size=width, num_hidden_layers=layers,
-                                             num_attention_heads=2, intermediate_size=2 * width))
-    text = build_tower("bert", dict(vocab_size=30522, hidden_size=width, num_hidden_layers=layers,
-                                    num_attention_heads=2, intermediate_size=2 * width, max_position_embeddings=64))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="mean", image_size=32, max_text_length=32)
-    return DualEncoder(vision, text, 16, meta, load_tokenizer(minilm_path))
+    # the teacher's seed is one whose random zero-shot predictions spread over several classes (a check below)
+    return tiny_dual_encoder(minilm_path, width=width, layers=layers, seed=seed, dim=16)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {"teacher": save_dual_encoder(_random_model(minilm_path, 0, 48, 2), root / "teacher"),
+    return {"teacher": save_dual_encoder(_random_model(minilm_path, 2, 48, 2), root / "teacher"),
             "student": save_dual_encoder(_random_model(minilm_path, 1, 32, 1), root / "student")}
 
 

@@ -8,14 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from conftest import tiny_dual_encoder
 
 from mmkd import cli, pipeline
 from mmkd.config import ConfigError, load_config
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import load_tokenizer, save_dual_encoder
-from mmkd.models.towers import build_tower
+from mmkd.models.hub import save_dual_encoder
 from mmkd.sweep import load_sweep, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -83,15 +81,7 @@ def test_grid_arguments_references_and_errors(tmp_path: Path) -> None:
 
 
 def _teacher(folder: Path, tok_path: str) -> None:
-    torch.manual_seed(0)
-    vision = build_tower("clip_vision", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64))
-    text = build_tower("bert", dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                    attention_probs_dropout_prob=0.0))
-    meta = EncoderMeta(text_pooling="mean", image_size=32, image_mean=(0.5,) * 3, image_std=(0.25,) * 3,
-                       max_text_length=24)
-    save_dual_encoder(DualEncoder(vision, text, 24, meta, load_tokenizer(tok_path)), folder)
+    save_dual_encoder(tiny_dual_encoder(tok_path, layers=2, dropout=False), folder)
 
 
 def _config(tmp_path: Path) -> Path:

@@ -5,12 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
 from mmkd import fileio
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from mmkd.report.figures import png, subplots
 
 ROWS = (("teacher", "teacher"), ("student", "distilled student"),
         ("student_cached", "distilled (cache, killed + resumed)"), ("scratch", "scratch student"))
@@ -70,7 +66,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     keys = [("colour_shape_top1", "colour+shape"), ("shape_top1", "shape"), ("colour_top1", "colour"),
             ("i2t_r1", "I→T R@1")]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = subplots(figsize=(7, 3.6))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         vals = [100 * (r[k] or 0) for k, _ in keys]
@@ -81,12 +77,11 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("Zero-shot accuracy and retrieval on the test split")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fileio.atomic_write_bytes(path, png(fig, dpi=110))
 
 
 def plot_curves(run_dir: Path, teacher_dir: Path, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = subplots(1, 2, figsize=(9, 3.4))
     teacher_log = read_jsonl(teacher_dir / "train_metrics.jsonl")
     evals = [(r["step"], 100 * next(iter(r["eval"].values()))) for r in teacher_log if "eval" in r]
     if evals:  # a teacher trained with validation points (the demo's own teacher logs its loss only)
@@ -108,8 +103,7 @@ def plot_curves(run_dir: Path, teacher_dir: Path, path: Path) -> None:
     axes[1].set_yscale("log")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fileio.atomic_write_bytes(path, png(fig, dpi=110))
 
 
 def write_demo_report(run_dir: Path, metrics: dict[str, Any], teacher_dir: Path) -> Path:
@@ -120,7 +114,7 @@ def write_demo_report(run_dir: Path, metrics: dict[str, Any], teacher_dir: Path)
             "![accuracy](accuracy.png)", "", "![curves](curves.png)", "",
             f"Total demo time: {metrics['demo']['seconds']:.0f} s.", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(text))
+    fileio.atomic_write_text(path, "\n".join(text))
     return path
 
 

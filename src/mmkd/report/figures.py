@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from mmkd.report.collect import Curve
+if TYPE_CHECKING:  # collect reads demo_report, which draws with this module: a type-only import
+    from mmkd.report.collect import Curve
+
 
 DPI = 100
 COLOURS = matplotlib.colormaps["tab10"].colors

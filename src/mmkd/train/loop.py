@@ -24,6 +24,7 @@ from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write_text
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.objectives.base import WeightedSum
+from mmkd.objectives.shared import MAX_LOGIT_SCALE
 from mmkd.teacher.targets import Targets, bf16_supported
 from mmkd.train.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, rng_state, set_rng_state
 from mmkd.train.runfolder import RunFolderError, RunIdentity
@@ -246,7 +247,7 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
-            student.logit_scale.clamp_(0, math.log(100))
+            student.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
         for k, v in step_terms.items():
             sums[k] = sums.get(k, 0.0) + v
         n_sum += 1
