@@ -94,3 +94,22 @@ def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> N
 
     names = {m.group("name") for m in _BLOCK.finditer((REPO / "README.md").read_text())}
     assert {"demo", "bench-cache"} <= names <= set(SECTIONS.names())
+
+
+def test_matching_section_from_the_study_demo_json(tmp_path: Path) -> None:
+    import mmkd.studies.matching.report  # noqa: F401  (registers the section, as `mmkd readme` does)
+
+    r = {"accuracy": 0.9, "precision": 0.8, "recall": 1.0, "f1": 0.889, "roc_auc": 0.95}
+    results = {"random": {"teacher": r, "kd_kl": {**r, "f1": 0.8}}}
+    folder = tmp_path / "runs" / "matching"
+    folder.mkdir(parents=True)
+    (folder / "matching.json").write_text(json.dumps(results))
+    (folder / "demo.json").write_text(json.dumps({"seconds": 300.4, "settings": {"random": {"seconds": 120.0}},
+                                                  "config": {"train": {"seed": 0}}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:matching -->\nold\n<!-- /results:matching -->\nend\n")
+    assert update_readme(readme, tmp_path) == ["matching"]
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results:matching -->\nFrom `runs/matching/matching.json`") and "old" not in text
+    assert "300 s in all, 120 s of it in the studies" in text and text.endswith("<!-- /results:matching -->\nend\n")
+    assert "| random | KD-KL | 90.0 | 80.0 | 100.0 | 80.0 | 95.0 | 90% |" in text

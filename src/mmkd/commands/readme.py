@@ -16,6 +16,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import mmkd.studies.matching.report  # noqa: F401  (registers the matching study's README section)
     from mmkd.report.readme import update_readme
 
     done = update_readme(args.readme, args.root, args.section or None)

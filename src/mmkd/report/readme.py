@@ -28,7 +28,8 @@ class ReadmeError(MmkdError, ValueError):
     """A README section that cannot be regenerated: the message names the section and the file it needs."""
 
 
-def _read_json(path: Path, section: str, how: str) -> Any:
+def read_json(path: Path, section: str, how: str) -> Any:
+    """A renderer's JSON input; a missing or broken file is a ReadmeError naming the section and what to run."""
     if not path.is_file():
         raise ReadmeError(f"results:{section}: {path} not found; {how}")
     try:
@@ -81,7 +82,7 @@ def demo_section(root: Path) -> str:
     """The demo's table, its headline comparisons, how the cached run was killed, and where the time went."""
     from mmkd.report.demo_report import markdown_table, table_rows
 
-    m = _read_json(root / "runs" / "demo" / "metrics.json", "demo", "run `make demo` (or `mmkd demo`) first")
+    m = read_json(root / "runs" / "demo" / "metrics.json", "demo", "run `make demo` (or `mmkd demo`) first")
     rows = {r["model"]: r for r in table_rows(m)}
     models, demo = m["models"], m["demo"]
     top1 = {k: v["zeroshot"]["colour_shape"]["top1"] for k, v in models.items()}
@@ -115,8 +116,8 @@ def demo_section(root: Path) -> str:
 def bench_cache_section(root: Path) -> str:
     """The teacher-cache benchmark table from ``bench/results/cache_cost.json`` and ``cache_build.json``."""
     how = "run the benchmark command above with --json"
-    cost = _read_json(root / "bench" / "results" / "cache_cost.json", "bench-cache", how)
-    build = _read_json(root / "bench" / "results" / "cache_build.json", "bench-cache", how)
+    cost = read_json(root / "bench" / "results" / "cache_cost.json", "bench-cache", how)
+    build = read_json(root / "bench" / "results" / "cache_build.json", "bench-cache", how)
     d = cost["details"]
 
     # ratios that must stay within a few percent of 1 get three decimals, the others two

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.fileio import atomic_write_text
+from mmkd.report.readme import SECTIONS, read_json
 from mmkd.studies.matching.metrics import confusion_table
 
 LABELS = {"teacher": "teacher", "baseline": "baseline (BCE)", "kd_kl": "KD-KL", "kd_bce": "KD-BCE"}
@@ -140,3 +141,17 @@ def plot_demo(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> No
     fig.suptitle("Binary image–text matching: teacher, baseline and KD students")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+@SECTIONS.register("matching")
+def readme_section(root: Path) -> str:
+    """The README's matching results: the demo's table from ``runs/matching/matching.json`` and ``demo.json``."""
+    how = "run `mmkd matching demo configs/matching/demo.yaml` first"
+    results = read_json(root / "runs" / "matching" / "matching.json", "matching", how)
+    demo = read_json(root / "runs" / "matching" / "demo.json", "matching", how)
+    settings = demo.get("settings", {})
+    study_s = sum(d.get("seconds", 0) for d in settings.values())
+    head = (f"From `runs/matching/matching.json` of one `mmkd matching demo configs/matching/demo.yaml` run (seed "
+            f"{demo.get('config', {}).get('train', {}).get('seed', 0)}, nothing tuned on test; "
+            f"{demo['seconds']:.0f} s in all, {study_s:.0f} s of it in the studies):")
+    return head + "\n\n" + demo_table(results)
