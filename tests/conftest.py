@@ -8,6 +8,7 @@ tiny_dual_encoder``) where they need a model at module level or in a spawned wor
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,3 +92,45 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str)
     from mmkd.models.hub import save_dual_encoder
 
     return save_dual_encoder(tiny_dual_encoder(minilm_path), tmp_path_factory.mktemp("tiny") / "teacher")
+
+
+def write_run_config(tmp_path: Path, teacher: Path | str, *, data: str = "world:train", world_size: int = 32,
+                     batch_size: int = 8, objectives: str = "[{name: clip}, {name: fd_mse_cosine}]",
+                     train: str = "steps: 4, log_every: 1, warmup_steps: 1", extra: str = "",
+                     data_extra: str = "") -> Path:
+    """``tmp_path/run.yaml``: a small distillation of ``teacher`` (a half of its vision layers, all its text) on
+    ``data`` into ``tmp_path/run``; the keyword arguments are YAML fragments for what a test varies."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+teacher: {teacher}
+out: {tmp_path / 'run'}
+cache_dir: {tmp_path / 'cache'}
+student:
+  vision: {{source: teacher, keep_layers: [1]}}
+  text: {{source: teacher}}
+data: {{train: "{data}", world_size_train: {world_size}, batch_size: {batch_size}{data_extra}}}
+objectives: {objectives}
+train: {{{train}}}
+{extra}""")
+    return cfg
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A WebDataset-style tar of ``name -> bytes`` members, in the order given."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def keep_threads() -> Iterator[None]:
+    """For tests whose in-process runs set torch's thread count (train.threads): later tests get it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

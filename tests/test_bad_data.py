@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import write_tar
 from PIL import Image
 
 from mmkd.config import ConfigError, load_config, load_yaml
@@ -24,13 +25,7 @@ def png(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (6
     return buf.getvalue()
 
 
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+
 
 
 def captioned(n: int, start: int = 0) -> dict[str, bytes]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_dual_encoder
+from conftest import tiny_dual_encoder, write_run_config
 
 from mmkd.cli import main
 from mmkd.models.hub import save_dual_encoder
@@ -18,24 +18,11 @@ def tiny_teacher(tmp_path: Path, minilm_path: str) -> Path:
 
 
 def write_config(tmp_path: Path, teacher: Path, extra: str = "") -> Path:
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"""
-teacher: {teacher}
-out: {tmp_path / 'run'}
-cache_dir: {tmp_path / 'cache'}
-student:
-  vision: {{source: teacher, keep_layers: [1]}}
-  text: {{source: teacher}}
-data: {{train: "world:train", world_size_train: 64, batch_size: 16}}
-objectives:
-  - {{name: clip}}
-  - {{name: fd_mse_cosine, towers: [image, text]}}
-train: {{steps: 4, log_every: 2, ckpt_every: 2, warmup_steps: 1}}
-eval:
-  - {{kind: zeroshot, data: "world:test", class_set: shape}}
-  - {{kind: retrieval, data: "world:test"}}
-{extra}""")
-    return cfg
+    evals = ('eval:\n  - {kind: zeroshot, data: "world:test", class_set: shape}\n'
+             '  - {kind: retrieval, data: "world:test"}\n')
+    return write_run_config(tmp_path, teacher, world_size=64, batch_size=16,
+                            objectives="[{name: clip}, {name: fd_mse_cosine, towers: [image, text]}]",
+                            train="steps: 4, log_every: 2, ckpt_every: 2, warmup_steps: 1", extra=evals + extra)
 
 
 def test_distill_then_eval(tmp_path: Path, tiny_teacher: Path, capsys: pytest.CaptureFixture[str]) -> None:

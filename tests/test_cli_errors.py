@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import tiny_dual_encoder
+from conftest import tiny_dual_encoder, write_run_config
 from PIL import Image
 
 import mmkd.commands.objectives
@@ -35,21 +35,9 @@ def teacher(tmp_path: Path, minilm_path: str) -> Path:
 
 def run_config(tmp_path: Path, teacher: Path | str, data: str = "world:train", train: str = "steps: 2",
                extra: str = "") -> Path:
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"""
-teacher: {teacher}
-out: {tmp_path / 'run'}
-cache_dir: {tmp_path / 'cache'}
-student:
-  vision: {{source: teacher, keep_layers: [1]}}
-  text: {{source: teacher}}
-data: {{train: "{data}", world_size_train: 32, batch_size: 4{extra}}}
-objectives:
-  - {{name: clip}}
-  - {{name: fd_mse_cosine, towers: [image, text]}}
-train: {{{train}, log_every: 1, warmup_steps: 1}}
-""")
-    return cfg
+    return write_run_config(tmp_path, teacher, data=data, batch_size=4, data_extra=extra,
+                            objectives="[{name: clip}, {name: fd_mse_cosine, towers: [image, text]}]",
+                            train=f"{train}, log_every: 1, warmup_steps: 1")
 
 
 def png(size: tuple[int, int] = (8, 8), colour: tuple[int, int, int] = (20, 120, 200)) -> bytes:

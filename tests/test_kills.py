@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,12 +28,7 @@ pytestmark = pytest.mark.slow  # each test starts several Python processes (a fe
 STEPS = 30
 
 
-@pytest.fixture(autouse=True)
-def keep_threads() -> Iterator[None]:
-    """The uninterrupted references run in this process, and their config sets one torch thread."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("keep_threads")  # in-process runs set one torch thread
 
 
 @pytest.fixture(scope="module")

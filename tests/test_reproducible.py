@@ -3,7 +3,6 @@ CPU, for every kind of student (new, pretrained, shrunk from the teacher), with 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,7 @@ from tiny_runs import (
 
 from mmkd.cli import main
 
-
-@pytest.fixture(autouse=True)
-def keep_threads() -> Iterator[None]:
-    """The in-process runs' configs set one torch thread; later tests get this process's count back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("keep_threads")  # in-process runs set one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_dual_encoder
+from conftest import tiny_dual_encoder, write_run_config
 
 from mmkd.cli import main
 from mmkd.config import ConfigError, load_config
@@ -30,19 +30,8 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> 
 
 
 def write_config(tmp_path: Path, teacher: Path) -> Path:
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"""
-teacher: {teacher}
-out: {tmp_path / 'run'}
-cache_dir: {tmp_path / 'cache'}
-student:
-  vision: {{source: teacher, keep_layers: [1]}}
-  text: {{source: teacher}}
-data: {{train: "world:train", world_size_train: 32, batch_size: 8}}
-objectives: [{{name: clip}}, {{name: fd_mse}}]
-train: {{steps: 4, log_every: 1, ckpt_every: 2, warmup_steps: 1, keep_checkpoints: 3}}
-""")
-    return cfg
+    return write_run_config(tmp_path, teacher, objectives="[{name: clip}, {name: fd_mse}]",
+                            train="steps: 4, log_every: 1, ckpt_every: 2, warmup_steps: 1, keep_checkpoints: 3")
 
 
 def distill(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_tar
 from PIL import Image
 
 from mmkd.data.records import DataError, open_image
@@ -38,12 +38,7 @@ def _png_bytes(colour: tuple[int, int, int], marker: tuple[int, int] | None = No
 
 
 def _tar(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar(path, members)
 
 
 # ------------------------------------------------------------------------------------------------ real data
