@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -113,3 +114,22 @@ def test_matching_section_from_the_study_demo_json(tmp_path: Path) -> None:
     assert text.startswith("intro\n<!-- results:matching -->\nFrom `runs/matching/matching.json`") and "old" not in text
     assert "300 s in all, 120 s of it in the studies" in text and text.endswith("<!-- /results:matching -->\nend\n")
     assert "| random | KD-KL | 90.0 | 80.0 | 100.0 | 80.0 | 95.0 | 90% |" in text
+
+
+def test_bad_input_table_names_tests_that_exist() -> None:
+    """Every test the README's "What mmkd does with bad input" table cites exists (names drift when tests move)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("## What mmkd does with bad input"):]
+    table = table[:table.index("\n## ")]
+    cited: list[tuple[str, str]] = []
+    for line in table.splitlines():
+        if not line.startswith("| ") or line.startswith("| fault"):
+            continue
+        last_file = None
+        for m in re.finditer(r"(tests/test_\w+\.py)?(?:::|`)(test_\w+)", line):
+            last_file = m.group(1) or last_file
+            if last_file:
+                cited.append((last_file, m.group(2)))
+    assert len(cited) > 40
+    missing = [f"{f}::{name}" for f, name in cited if f"def {name}(" not in (REPO / f).read_text()]
+    assert not missing, missing
