@@ -102,8 +102,9 @@ def demo_section(root: Path) -> str:
         out.append(line + ".")
     kill = models.get("student_cached", {}).get("killed_and_resumed")
     if kill and "student" in top1:
+        gap = 100 * (top1["student_cached"] - top1["student"])
         out.append(f"The student distilled from the {demo['settings']['cache_views']}-view teacher cache ends "
-                   f"{100 * (top1['student_cached'] - top1['student']):+.1f} points from the one distilled from "
+                   f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'} the one distilled from "
                    f"in-memory targets. It ran as `mmkd distill` in a child process that was killed with "
                    f"{kill['killed_with']} as soon as its step-{kill['checkpoint_step']} checkpoint was on disk "
                    f"(its log had reached step {kill['last_logged_step_before_kill']}), and finished in a new "
