@@ -150,7 +150,7 @@ def plan_start(out: Path, cfg: RunConfig, resume: str, overwrite: bool) -> str:
         return "resume"
     if resume == "yes":
         raise RunFolderError(f"{out / 'checkpoints'} holds no checkpoint, so there is nothing to resume; run "
-                             "without --resume to start, or with --resume auto to start when there is none")
+                             "without --resume to start, or with --resume-or-start to start when there is none")
     found = found_run_files(out)
     if not found:
         return "fresh"
