@@ -33,7 +33,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.
     assert metrics["models"]["student"]["params"] == metrics["models"]["scratch"]["params"]
 
     # the cached student ran as `mmkd distill` in a child process, was SIGKILLed after its first checkpoint and
-    # finished in a new process with --resume: its log shows both starts, and the stamp records the kill
+    # finished in a new process with --resume: its log shows both starts, and the kill is recorded
     kill = metrics["models"]["student_cached"]["killed_and_resumed"]
     cached_cfg = metrics["demo"]["configs"]["student_cached"]
     assert kill["killed_with"] == "SIGKILL" and kill["checkpoint_step"] == cached_cfg["train"]["ckpt_every"]

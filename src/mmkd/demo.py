@@ -34,6 +34,7 @@ from mmkd.eval.suite import world_metrics
 from mmkd.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.hub import load_dual_encoder
+from mmkd.train import runfolder
 from mmkd.train.checkpoint import CheckpointManager
 
 RUNS = ("teacher", "student", "student_cached", "scratch")  # the order they are trained in
@@ -76,10 +77,8 @@ class Phases:
 
 
 def config_key(cfg: RunConfig) -> str:
-    """A run's identity: its config without where it writes (``out``) and where world data is cached."""
-    d = to_dict(cfg)
-    d.pop("out"), d.pop("cache_dir")
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    """A run's identity, as its checkpoints and metrics.json record it (``out`` and other resumable keys left out)."""
+    return runfolder.config_sha256(runfolder.run_config(cfg))[:10]
 
 
 def demo_configs(config_dir: Path, out: Path, cache: Path, quick: bool) -> dict[str, RunConfig]:
@@ -111,19 +110,14 @@ def cache_folder(cfgs: dict[str, RunConfig], cache: Path, settings: DemoSettings
     return cache / f"teacher-cache-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
-STAMP = "demo_run.json"  # in a run folder: the config key of the finished run, so a later demo can reuse it
-
-
 def finished(cfg: RunConfig) -> bool:
-    """Whether ``cfg.out`` holds a finished run of exactly this config (metrics.json and a matching stamp)."""
-    folder = Path(cfg.out)
-    stamp = folder / STAMP
-    if not (folder / "metrics.json").is_file() or not stamp.is_file():
-        return False
+    """Whether ``cfg.out`` holds a finished run of exactly this config: its metrics.json records the same hash."""
     try:
-        return json.loads(stamp.read_text()).get("config_key") == config_key(cfg)
+        done = json.loads((Path(cfg.out) / "metrics.json").read_text())
     except (OSError, ValueError):
         return False
+    saved = done.get("run", {}).get("config_sha256") if isinstance(done, dict) else None
+    return saved == runfolder.config_sha256(runfolder.run_config(cfg))
 
 
 def fresh_folder(cfg: RunConfig) -> None:
@@ -131,19 +125,19 @@ def fresh_folder(cfg: RunConfig) -> None:
     shutil.rmtree(cfg.out, ignore_errors=True)
 
 
-def stamp(cfg: RunConfig, **extra: Any) -> None:
-    atomic_write_json(Path(cfg.out) / STAMP, {"config_key": config_key(cfg), **extra})
+def kill_record(cfg: RunConfig) -> Path:
+    """Where the demo notes how it killed and resumed a run: beside the run folder, as its log is."""
+    run = Path(cfg.out)
+    return run.parent / f"{run.name}.kill.json"
 
 
-def run_config(name: str, cfg: RunConfig, log: Any, cache: Any) -> None:
+def train_run(name: str, cfg: RunConfig, log: Any, cache: Any) -> None:
     """Train one run in this process through ``run_distill`` (the path of ``mmkd distill``), from a fresh folder."""
     from mmkd.pipeline import run_distill
 
     log(f"training {name}: {cfg.train.steps} steps → {cfg.out}")
     fresh_folder(cfg)
-    torch.manual_seed(cfg.train.seed)  # students of one seed start from the same initialisation
-    run_distill(cfg, log=log, cache=cache)
-    stamp(cfg)
+    run_distill(cfg, log=log, cache=cache)  # its weights are drawn from train.seed: same seed, same start
 
 
 def last_logged_step(run: Path) -> int:
@@ -243,7 +237,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
         if finished(t):
             log(f"reusing the cached teacher {t.out}")
         else:
-            run_config("teacher", t, log, None)
+            train_run("teacher", t, log, None)
         teacher_dir = Path(t.out) / "student"
         link(out / "teacher", teacher_dir)
     for name in ("student", "scratch"):
@@ -251,7 +245,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
             if finished(cfgs[name]):
                 log(f"reusing {name}: {cfgs[name].out}")
             else:
-                run_config(name, cfgs[name], log, shared)
+                train_run(name, cfgs[name], log, shared)
     if settings.cache_views:
         c = cfgs["student_cached"]
         folder = cache_folder(cfgs, cache, settings)
@@ -266,9 +260,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
                 config_file = out / "configs" / "student_cached.yaml"
                 config_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(config_file, yaml.safe_dump(to_dict(c), sort_keys=False))
-                kill = kill_and_resume(c, config_file, log)
-                stamp(c, kill=kill)
-            runs["student_cached"] = {"kill": json.loads((Path(c.out) / STAMP).read_text()).get("kill")}
+                atomic_write_json(kill_record(c), kill_and_resume(c, config_file, log))
+            runs["student_cached"] = {"kill": json.loads(kill_record(c).read_text())}
 
     with phases("evaluation"):
         test = world.to_records(world.load_split("test", settings.test, cache / "world"))
