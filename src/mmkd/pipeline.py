@@ -26,7 +26,6 @@ from mmkd.dist import DistInfo, barrier, init_distributed
 from mmkd.eval.tasks import check_specs as check_eval_specs
 from mmkd.eval.tasks import evaluate
 from mmkd.fileio import atomic_write_json, atomic_write_text
-from mmkd.locking import FolderLock
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
@@ -36,7 +35,7 @@ from mmkd.teacher.fingerprint import state_dict_sha256
 from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
 from mmkd.train.loop import train
-from mmkd.train.runfolder import RunIdentity, data_fingerprint, move_aside, plan_start, run_config
+from mmkd.train.runfolder import RunFolder, RunIdentity, data_fingerprint, plan_start, run_config
 
 
 def label_captions(records: list[Record], spec: str, template: str) -> list[Record]:
@@ -181,7 +180,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)  # before the teacher targets and the evaluation, not only training
     out = Path(cfg.out)
-    folder = _RunFolder(out, info.is_main)
+    folder = RunFolder(out, info.is_main)
     try:
         plan = plan_start(out, cfg, mode, overwrite) if info.is_main else "follow"
         cached = cache_path(cfg.teacher)
@@ -222,35 +221,6 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
         folder.close()
     barrier()
     return metrics
-
-
-class _RunFolder:
-    """Rank 0's lock on the run folder; a run that fails before it starts leaves no trace of itself there."""
-
-    def __init__(self, out: Path, main: bool) -> None:
-        self.out, self.main, self.started = out, main, False
-        self.created = not out.exists()
-        self.had_lock_file = (out / ".lock").exists()
-        self.lock = FolderLock(out, "run folder").acquire() if main else None  # fails at once naming the holder
-
-    def replace(self) -> Path:
-        """Move the old run aside in one rename and lock the fresh folder in its place."""
-        moved = move_aside(self.out)
-        new = FolderLock(self.out, "run folder").acquire()
-        if self.lock is not None:
-            self.lock.release()
-            (moved / ".lock").unlink(missing_ok=True)
-        self.lock, self.had_lock_file = new, False
-        return moved
-
-    def close(self) -> None:
-        if self.lock is None:
-            return
-        self.lock.release()
-        if not self.started and not self.had_lock_file:
-            (self.out / ".lock").unlink(missing_ok=True)
-            if self.created and self.out.is_dir() and not any(self.out.iterdir()):
-                self.out.rmdir()
 
 
 def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None, bad: BadSamples | None = None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.config import ConfigError, RunConfig, to_dict
+from mmkd.locking import FolderLock
 from mmkd.teacher import fingerprint as fp
 
 # config keys (dotted; a key covers everything below it) that a resumed run may change: they change how long
@@ -177,3 +178,32 @@ def move_aside(out: Path) -> Path:
     os.replace(out, dest)
     out.mkdir()
     return dest
+
+
+class RunFolder:
+    """Rank 0's lock on the run folder; a run that fails before it starts leaves no trace of itself there."""
+
+    def __init__(self, out: Path, main: bool) -> None:
+        self.out, self.main, self.started = out, main, False
+        self.created = not out.exists()
+        self.had_lock_file = (out / ".lock").exists()
+        self.lock = FolderLock(out, "run folder").acquire() if main else None  # fails at once naming the holder
+
+    def replace(self) -> Path:
+        """Move the old run aside in one rename and lock the fresh folder in its place."""
+        moved = move_aside(self.out)
+        new = FolderLock(self.out, "run folder").acquire()
+        if self.lock is not None:
+            self.lock.release()
+            (moved / ".lock").unlink(missing_ok=True)
+        self.lock, self.had_lock_file = new, False
+        return moved
+
+    def close(self) -> None:
+        if self.lock is None:
+            return
+        self.lock.release()
+        if not self.started and not self.had_lock_file:
+            (self.out / ".lock").unlink(missing_ok=True)
+            if self.created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
