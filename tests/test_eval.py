@@ -307,3 +307,30 @@ def test_peak_memory_sees_a_transient_allocation() -> None:
 
     assert peak_memory_mb(allocate) > 32
     assert peak_memory_mb(lambda: None) < 16  # relative to the start: an idle call adds next to nothing
+
+
+def test_world_metrics_embeds_once_and_matches_each_task_alone(minilm_path: str, tmp_path, monkeypatch) -> None:
+    """world_metrics scores every class set and retrieval from one pass over the test images; the figures are
+    those of each evaluation run on its own."""
+    from conftest import tiny_dual_encoder
+
+    from mmkd.data import world
+    from mmkd.eval import suite
+
+    model = tiny_dual_encoder(minilm_path).eval()
+    test = world.to_records(world.load_split("test", 300, tmp_path / "world"))
+    calls = []
+    real = suite.embed_images
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "embed_images", counting)
+    got = suite.world_metrics(model, test, latency_budget_s=0.05, retrieval_images=100)
+    monkeypatch.undo()
+    assert len(calls) == 1
+    for cs in ("colour_shape", "shape", "colour"):
+        alone = suite.zeroshot(model, test, world.class_sets()[cs], world.templates(cs), suite.world_labels(test, cs))
+        assert got["zeroshot"][cs] == pytest.approx(alone, abs=1e-6)
+    assert got["retrieval"] == pytest.approx(suite.retrieval(model, test[:100]), abs=1e-6)

@@ -114,6 +114,19 @@ def evaluate_retrieval(
     captions of images actually seen are used as the text gallery, so both directions search the same set.
     """
     image_emb, indices = embed_images(model, batches)
+    return retrieval_from_embeddings(model, image_emb, indices, captions_per_image, batch_size=batch_size, ks=ks)
+
+
+def retrieval_from_embeddings(
+    model: nn.Module,
+    image_emb: torch.Tensor,
+    indices: torch.Tensor,
+    captions_per_image: Sequence[Sequence[str]],
+    batch_size: int = 256,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Retrieval from image embeddings already computed (row i is image ``indices[i]``), so a caller that
+    also scores zero-shot on the same images embeds them once."""
     indices = indices.long().tolist()
     if len(set(indices)) != len(indices):
         raise ValueError("the batches contain the same image index more than once")
