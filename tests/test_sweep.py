@@ -160,3 +160,20 @@ def test_sweep_runs_once_skips_finished_runs_and_writes_the_leaderboard(
     # (overrides may follow --grid options; these name the same three runs)
     assert cli.main(["sweep", str(config), "--grid", "kd=none,mse,kl", "train.steps=2"]) == 0
     assert capsys.readouterr().out.count("skipped") == 3
+
+
+def test_a_foreign_run_in_a_sweep_folder_says_what_to_do(tmp_path: Path, minilm_path: str,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A sweep run folder holding another config's checkpoint stops the sweep with advice that fits
+    `mmkd sweep` (which has no --overwrite): move the folder away or use another sweep.out."""
+    _teacher(tmp_path / "teacher", minilm_path)
+    config = _config(tmp_path)
+    sweep = load_sweep(config)
+    foreign = Path(sweep.runs[0].cfg.out)
+    (foreign / "checkpoints").mkdir(parents=True)
+    (foreign / "checkpoints" / "step-00000001.pt").write_bytes(b"not ours")
+    (foreign / "config.yaml").write_text("train: {steps: 99}\n")
+    assert cli.main(["sweep", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "task-clip__kd-none" in err and "move" in err and "away (or delete it)" in err and "--overwrite" not in err
+    assert (foreign / "checkpoints" / "step-00000001.pt").read_bytes() == b"not ours"

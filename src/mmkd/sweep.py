@@ -51,6 +51,8 @@ from mmkd.objectives import OBJECTIVES
 from mmkd.objectives.base import check_specs
 from mmkd.pipeline import TargetCache, cache_path, run_distill, run_eval_specs
 from mmkd.teacher.unimodal import ImageTeacher
+from mmkd.train.checkpoint import CheckpointError
+from mmkd.train.runfolder import RunFolderError
 
 
 @dataclass
@@ -236,7 +238,12 @@ def _run_sweep(sweep: Sweep, rank: int, world: int, log: Any, progress: bool, po
         log(f"[{i}/{len(mine)}] {run.name}: {', '.join(o.name for o in run.cfg.objectives)}")
         t0 = time.perf_counter()
         # a run a killed sweep left half-way continues from its checkpoint; another config's run there refuses
-        run_distill(run.cfg, resume="auto", info=DistInfo(), cache=cache, log=log, progress=progress)
+        try:
+            run_distill(run.cfg, resume="auto", info=DistInfo(), cache=cache, log=log, progress=progress)
+        except (RunFolderError, CheckpointError) as e:  # `mmkd sweep` has no --overwrite: advice that fits it
+            found = re.split(r"[;.] ", str(e), maxsplit=1)[0]
+            raise RunFolderError(f"sweep run {run.name}: {found}; this sweep cannot continue that run: move "
+                                 f"{run.cfg.out} away (or delete it), or give the sweep another sweep.out") from None
         log(f"[{i}/{len(mine)}] {run.name}: done in {time.perf_counter() - t0:.0f} s")
     if rank != 0:
         return sweep.out
