@@ -32,12 +32,17 @@ def enable_grad_checkpointing(student: nn.Module) -> list[str]:
     A tower that cannot recompute its activations is refused by name rather than left using full memory."""
     done = []
     for name, tower in _trainable_towers(student):
-        if not getattr(tower, "supports_gradient_checkpointing", False) or not hasattr(
-                tower, "gradient_checkpointing_enable"):
+        new = getattr(tower, "activation_checkpointing_enable", None)  # transformers ≥ 5's name
+        old = getattr(tower, "gradient_checkpointing_enable", None)
+        if not getattr(tower, "supports_gradient_checkpointing", False) or (new is None and old is None):
             raise AccelerationError(f"train.grad_checkpointing: the student's {name} ({type(tower).__name__}) does "
                                     "not support gradient checkpointing; set train.grad_checkpointing: false")
         # non-reentrant: the recomputation needs no input that requires grad (pixels do not)
-        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if new is not None:
+            new(activation_checkpointing_kwargs=kwargs)
+        else:
+            old(gradient_checkpointing_kwargs=kwargs)
         done.append(name)
     return done
 

@@ -30,8 +30,13 @@ def _config(args: argparse.Namespace, demo: bool = False) -> Any:
         overrides.append(f"threads={args.threads}")
     if getattr(args, "device", None):
         overrides.append(f"device={json.dumps(args.device)}")
-    return load_matching_config(args.config, overrides, DemoConfig if demo else MatchingConfig,
-                                quick=getattr(args, "quick", False))
+    cfg = load_matching_config(args.config, overrides, DemoConfig if demo else MatchingConfig,
+                               quick=getattr(args, "quick", False))
+    if hasattr(args, "device"):  # a GPU asked for and absent fails before any data or model is read
+        from mmkd.devices import resolve_device
+
+        resolve_device(cfg.device, "device")
+    return cfg
 
 
 def _study(cfg: Any) -> Any:
