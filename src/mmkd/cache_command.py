@@ -10,6 +10,7 @@ import torch
 
 from mmkd.data.records import BadSamples, Record, set_max_image_pixels
 from mmkd.data.resolve import records_from_spec
+from mmkd.devices import resolve_device
 from mmkd.dist import init_distributed
 from mmkd.teacher.cache import BuildResult, CacheError, build_cache
 
@@ -61,11 +62,11 @@ def _source_name(teacher: str) -> str:
 def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
     from mmkd.models.hub import load_dual_encoder
 
-    info = init_distributed()
+    device = resolve_device(getattr(args, "device", None) or "auto", "--device")  # a missing GPU fails first
+    info = init_distributed(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher_path, records, out = cache_inputs(args)
-    device = args.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     teacher = load_dual_encoder(teacher_path).to(device)
     result = build_cache(teacher, records, out, views=args.views, dtype=args.dtype, features=args.features,
                          seed=args.seed, batch_size=args.batch_size, chunk_rows=args.chunk_rows,

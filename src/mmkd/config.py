@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import yaml
 
+from mmkd.devices import DeviceError, check_device_spec, check_precision
 from mmkd.errors import MmkdError
 
 
@@ -147,13 +148,31 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0  # largest gradient norm; null: no clipping
     accumulate: int = 1
-    bf16: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda:LOCAL_RANK where CUDA exists, else cpu)
+    precision: str | None = None  # fp32 | bf16 | fp16 (fp16 with a grad scaler); None: train.bf16's, else fp32
+    bf16: bool | None = None  # the old spelling of precision: bf16 (true) / fp32 (false)
+    compile: bool = False  # torch.compile the student's towers (in place: checkpoints keep their keys)
+    grad_checkpointing: bool = False  # recompute HF tower activations in the backward: less memory, more time
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     threads: int | None = None
     ignore_cache_fingerprint: bool = False  # use a teacher cache built for other data/transforms (at your risk)
+
+    def __post_init__(self) -> None:
+        """Settle ``precision`` from the old ``bf16`` flag (both given must agree), so the rest reads one key."""
+        try:
+            check_device_spec(self.device, "train.device")
+            if self.precision is not None:
+                check_precision(self.precision, "train.precision")
+        except DeviceError as e:
+            raise ConfigError(str(e)) from None
+        implied = None if self.bf16 is None else ("bf16" if self.bf16 else "fp32")
+        if self.precision is not None and implied is not None and self.precision != implied:
+            raise ConfigError(f"train.bf16: {str(self.bf16).lower()} and train.precision: {self.precision} disagree; "
+                              "keep train.precision (train.bf16 is its old spelling) and drop train.bf16")
+        self.precision = self.precision or implied or "fp32"
 
 
 @dataclass

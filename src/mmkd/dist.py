@@ -1,4 +1,4 @@
-"""torchrun/DDP helpers: one code path for 1 process and N processes (gloo on CPU, nccl on GPU)."""
+"""torchrun/DDP helpers: one code path for 1 process and N processes (gloo for CPU tensors, nccl for CUDA ones)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from mmkd.devices import local_rank, resolve_device
 
 
 @dataclass(frozen=True)
@@ -21,14 +23,33 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group torchrun set up (env vars), or run single-process when there is none."""
+def backend_for(device: torch.device | str) -> str:
+    """The collective backend for tensors on ``device``: nccl moves CUDA tensors, gloo CPU ones (nccl refuses
+    them, so a CPU run on a GPU machine must use gloo)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device | str | None = None) -> DistInfo:
+    """Join the process group torchrun set up (env vars), or run single-process when there is none.
+
+    device: where this process's tensors live (default: ``auto``, i.e. ``cuda:LOCAL_RANK`` where CUDA exists);
+    it picks the backend, and a CUDA device becomes this process's current device before nccl starts.
+    """
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        where = torch.device(device) if device is not None else resolve_device("auto")
+        if where.type == "cuda":
+            torch.cuda.set_device(where)
+        dist.init_process_group(backend=backend_for(where))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank())
+
+
+def _comm_device() -> torch.device:
+    """Where the small tensors of the helpers below must be: nccl collectives take CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def world_size() -> int:
@@ -72,9 +93,9 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a detached scalar over ranks, for logging the same number on every rank."""
     if world_size() == 1:
         return x
-    y = x.detach().clone()
+    y = x.detach().to(_comm_device(), copy=True)
     dist.all_reduce(y)
-    return y / world_size()
+    return (y / world_size()).to(x.device)
 
 
 def barrier() -> None:
@@ -86,7 +107,7 @@ def broadcast_int(value: int, src: int = 0) -> int:
     """Rank ``src``'s ``value`` on every rank (e.g. the step rank 0 resumes from)."""
     if world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
     dist.broadcast(t, src)
     return int(t.item())
 
@@ -95,7 +116,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank, so all ranks take the same branch."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64)
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

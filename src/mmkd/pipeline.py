@@ -22,6 +22,7 @@ from mmkd.config import ConfigError, RunConfig, to_dict
 from mmkd.data.batches import ImageBank, TrainData
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, zeroshot_classes
+from mmkd.devices import resolve_device
 from mmkd.dist import DistInfo, barrier, init_distributed
 from mmkd.eval.tasks import check_specs as check_eval_specs
 from mmkd.eval.tasks import evaluate
@@ -175,7 +176,8 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     """
     check_specs(cfg.objectives)  # unknown objectives fail before any model is loaded
     check_eval_specs(cfg.eval)  # and unknown evaluation kinds before training, not after
-    info = info or init_distributed()
+    device = resolve_device(cfg.train.device, "train.device", info.local_rank if info else None)
+    info = info or init_distributed(device)
     mode = ("yes" if resume else "no") if isinstance(resume, bool) else str(resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)  # before the teacher targets and the evaluation, not only training
@@ -188,7 +190,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
         if cached is not None:
             data, targets, student, objectives, prints = _cached_setup(cfg, cached, info, log, bad)
         else:
-            data, targets, student, objectives, prints = _online_setup(cfg, info, log, cache, bad)
+            data, targets, student, objectives, prints = _online_setup(cfg, info, log, cache, bad, device)
         if bad.count and info.is_main:
             log(f"data.on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
         prints["data"] = data_fingerprint(data.paired.records, data.unpaired.records if data.unpaired else None)
@@ -205,7 +207,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
                 log(f"resuming run {identity.run_id[:8]} from step {step} ({out / 'checkpoints'})")
 
         result = train(student, objectives, data, targets, cfg.train, out, info, resume=plan == "resume",
-                       desc="distill", progress=progress, identity=identity, on_start=on_start)
+                       desc="distill", progress=progress, identity=identity, on_start=on_start, device=device)
         metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                              "final_loss": result.final_loss, "resumed_from": result.resumed_from},
                                    "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
@@ -223,9 +225,11 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     return metrics
 
 
-def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None, bad: BadSamples | None = None
+def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None, bad: BadSamples | None = None,
+                  device: torch.device | None = None
                   ) -> tuple[TrainData, Targets | None, Any, WeightedSum, dict[str, Any]]:
-    """A loaded teacher (dual encoder or image-only) runs per batch or once up front; or there is no teacher."""
+    """A loaded teacher (dual encoder or image-only) runs per batch or once up front, on ``device`` (the training
+    device); or there is no teacher."""
     teacher = cache.teacher(cfg) if cache is not None else load_teacher(cfg)
     student = build_student(teacher, cfg.student, seed=cfg.train.seed)
     objectives = build_objectives(cfg.objectives, teacher_context(student, teacher), seed=cfg.train.seed)
@@ -244,6 +248,7 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                      world=info.world_size, seed=cfg.train.seed, views=views)
     targets: Targets | None = None
     if objectives.needs_teacher:
+        teacher.to(device or "cpu")
         tm = teacher.meta
         t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, augment_paired(cfg), cfg.train.seed)
         t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
@@ -258,7 +263,8 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                 banks = [b for b in (t_paired, t_unpaired) if b is not None]
                 return precompute(online, banks, [c for r in paired for c in r.captions])
 
-            targets = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
+            table = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
+            targets = table.to(device or "cpu")
     prints = {"teacher": cache.fingerprint(cfg, teacher) if cache is not None else teacher_fingerprint(teacher)}
     return data, targets, student, objectives, prints
 

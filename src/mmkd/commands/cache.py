@@ -37,7 +37,8 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--world-n", type=int, default=4000, help="images in a built-in world split (world:SPLIT)")
     c.add_argument("--data-cache", default="runs/.cache", help="cache folder for the built-in world")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    c.add_argument("--device", default=None, help="where the teacher runs (default: cuda if available, else cpu)")
+    c.add_argument("--device", default="auto", help="where the teacher runs: auto (cuda:LOCAL_RANK where CUDA "
+                                                     "exists, else cpu; the default), cpu, cuda, cuda:N")
     c.add_argument("--verify", metavar="DIR", help="check an existing cache completely and exit (1 if damaged)")
     c.add_argument("--quick", action="store_true", help="with --verify: skip checksums and value checks")
     c.set_defaults(func=run)

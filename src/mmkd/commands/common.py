@@ -51,10 +51,21 @@ def model_paths(models: Sequence[str] | None, teacher: str | None) -> dict[str, 
     return out
 
 
-def load_models(paths: dict[str, str]) -> dict[str, Any]:
+DEVICE_HELP = "auto (cuda:LOCAL_RANK where CUDA exists, else cpu; the default), cpu, cuda, cuda:N"
+
+
+def add_device_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--device``, as every command that runs a model takes it (``train.device`` in a run config)."""
+    parser.add_argument("--device", default="auto", help=f"{what}: {DEVICE_HELP}")
+
+
+def load_models(paths: dict[str, str], device: str = "auto") -> dict[str, Any]:
+    """The models by name, on ``device`` (``--device``; a GPU asked for and absent fails before any is loaded)."""
+    from mmkd.devices import resolve_device
     from mmkd.models.hub import load_dual_encoder
 
-    return {name: load_dual_encoder(path) for name, path in paths.items()}
+    where = resolve_device(device, "--device")
+    return {name: load_dual_encoder(path).to(where) for name, path in paths.items()}
 
 
 def write_json(path: str | None, obj: Any) -> None:

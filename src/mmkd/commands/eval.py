@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmkd.commands.common import DATA_SPECS, load_models, model_paths, positive_int, write_json
+from mmkd.commands.common import DATA_SPECS, add_device_option, load_models, model_paths, positive_int, write_json
 
 MODEL_HELP = "model folder or hub id; NAME=PATH names it; repeat to compare several"
 
@@ -29,6 +29,7 @@ def add_parser(sub: Any) -> None:
             q.add_argument("--templates", default=None,
                            help="prompt templates: a file (one per line, {c} = class) or a built-in ensemble "
                                 "(cifar10, cifar100, stl10, imagenet); default: by data format")
+        add_device_option(q, "where the model runs")
         q.set_defaults(func=run_single, task=task)
 
     q = tasks.add_parser("bias", help="gender-profession bias probe, teacher vs student(s)")
@@ -39,6 +40,7 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--template", default=None, help="prompt for the text probe, {} = word (default: the word file's)")
     q.add_argument("--min-group-images", type=int, default=5, help="fewest images per caption group (image probe)")
     q.add_argument("--json", default=None, help="also write the full result (matrices included) to this file")
+    add_device_option(q, "where the models run")
     q.set_defaults(func=run_bias)
 
     q = tasks.add_parser("efficiency", help="parameters, FLOPs, latency/throughput, peak memory")
@@ -48,6 +50,7 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--budget", type=float, default=3.0, help="seconds of timing per model (default 3)")
     q.add_argument("--threads", type=int, default=None, help="CPU threads while timing (default: torch's)")
     q.add_argument("--json", default=None, help="also write the result to this file")
+    add_device_option(q, "where the models are timed")
     q.set_defaults(func=run_efficiency)
 
     q = tasks.add_parser("all", help="a suite YAML (zeroshot, retrieval, bias, efficiency) into OUT/metrics.json")
@@ -56,6 +59,7 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--suite", required=True, help="suite YAML (see configs/suites/)")
     q.add_argument("--out", default="runs/eval", help="output folder for metrics.json (default runs/eval)")
     q.add_argument("--limit", type=positive_int, default=None, help="cap every data set at N samples (quick tries)")
+    add_device_option(q, "where the models run")
     q.set_defaults(func=run_all)
 
 
@@ -78,10 +82,12 @@ def _context(args: argparse.Namespace, models: dict[str, Any]) -> Any:
 def run_single(args: argparse.Namespace) -> int:
     """``mmkd eval zeroshot|retrieval``: one model, one data set, JSON on stdout."""
     from mmkd.config import EvalSpec
+    from mmkd.devices import resolve_device
     from mmkd.eval.tasks import run_spec
     from mmkd.models.hub import load_dual_encoder
 
-    ctx = _context(args, {"model": load_dual_encoder(args.model)})
+    device = resolve_device(args.device, "--device")
+    ctx = _context(args, {"model": load_dual_encoder(args.model).to(device)})
     spec = EvalSpec(args.task, args.data, class_set=getattr(args, "class_set", None), split=args.split,
                     limit=args.limit, templates=getattr(args, "templates", None))
     n = len(ctx.records(spec))
@@ -96,7 +102,7 @@ def run_bias(args: argparse.Namespace) -> int:
     from mmkd.eval.tasks import run_spec
 
     load_bias_words(args.words, args.template)  # a bad word list fails before any model is loaded
-    ctx = _context(args, load_models(model_paths(args.model, args.teacher)))
+    ctx = _context(args, load_models(model_paths(args.model, args.teacher), args.device))
     spec = EvalSpec("bias", args.data, split=args.split, limit=args.limit, words=args.words, template=args.template,
                     min_group_images=args.min_group_images)
     result = run_spec(spec, ctx)
@@ -109,7 +115,7 @@ def run_efficiency(args: argparse.Namespace) -> int:
     from mmkd.config import EvalSpec
     from mmkd.eval.tasks import run_spec
 
-    ctx = _context(args, load_models(model_paths(args.model, args.teacher)))
+    ctx = _context(args, load_models(model_paths(args.model, args.teacher), args.device))
     spec = EvalSpec("efficiency", batch_sizes=args.batch_sizes, budget_s=args.budget, threads=args.threads)
     result = {"models": run_spec(spec, ctx)}
     print(json.dumps(result, indent=2))
@@ -123,7 +129,7 @@ def run_all(args: argparse.Namespace) -> int:
     from mmkd.report.page import comparison_table, table_markdown
 
     paths = model_paths(args.model, args.teacher)
-    evaluate_all(args.suite, paths, args.out, args.limit, log=lambda m: print(m, file=sys.stderr))
+    evaluate_all(args.suite, paths, args.out, args.limit, log=lambda m: print(m, file=sys.stderr), device=args.device)
     print(table_markdown(comparison_table(load_runs([args.out]))))
     print(f"\nmetrics: {Path(args.out) / 'metrics.json'}   report: mmkd report {args.out} --out report.html")
     return 0

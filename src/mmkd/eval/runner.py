@@ -130,15 +130,19 @@ def _refuse_foreign(target: Path) -> None:
 
 
 def evaluate_all(suite_path: str | Path, model_paths: Mapping[str, str], out_dir: str | Path,
-                 limit: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``mmkd eval all``: load the models, run the suite, write ``OUT/metrics.json``; returns the metrics."""
+                 limit: int | None = None, log: Callable[[str], None] = print, device: str = "auto"
+                 ) -> dict[str, Any]:
+    """``mmkd eval all``: load the models onto ``device``, run the suite, write ``OUT/metrics.json``; returns the
+    metrics."""
+    from mmkd.devices import resolve_device
     from mmkd.models.hub import load_dual_encoder
 
     suite = load_suite(suite_path, limit)
     target = Path(out_dir) / "metrics.json"
     _refuse_foreign(target)
     start = time.perf_counter()
-    models = {name: load_dual_encoder(path) for name, path in model_paths.items()}
+    where = resolve_device(device, "--device")
+    models = {name: load_dual_encoder(path).to(where) for name, path in model_paths.items()}
     metrics = run_suite(suite, models, "teacher", log)
     metrics["eval"] = {"suite": suite.name, "suite_file": str(suite_path), "models": dict(model_paths),
                        "tasks": [asdict(t) for t in suite.tasks],

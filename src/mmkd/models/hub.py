@@ -272,7 +272,7 @@ def save_dual_encoder(model: DualEncoder, out: str | os.PathLike) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}  # a GPU student too
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.hf_config(), indent=2))
     if model.tokenizer is not None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mmkd.data.batches import ImageBank, TrainBatch
 from mmkd.data.records import DataError
+from mmkd.devices import device_of, to_device
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher.unimodal import ImageTeacher
 
@@ -59,7 +60,7 @@ def teacher_outputs(model: DualEncoder | ImageTeacher, pixel_values: torch.Tenso
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if pixel_values is not None:
-            feats = model.image_features(pixel_values.to(device, non_blocking=True))
+            feats = model.image_features(to_device(pixel_values, device))
             if model.visual_projection is None:  # an image-only teacher: its pooled CLS is all it has
                 out["image_features"] = feats.float()
             else:
@@ -82,7 +83,7 @@ class OnlineTeacher:
                  bf16: bool | None = None, features: bool = False) -> None:
         self.model = freeze(model)
         self.paired, self.unpaired = paired, unpaired
-        self.bf16 = bf16_supported() if bf16 is None else bf16
+        self.bf16 = bf16_supported(device_of(model).type) if bf16 is None else bf16
         self.features = features
 
     def encode(self, pixel_values: torch.Tensor | None, captions: Sequence[str] | None
@@ -118,14 +119,22 @@ class TableTeacher:
         self.text, self.text_keys = text, text_keys
         self.extras = dict(extras or {})
 
+    def to(self, device: torch.device | str) -> TableTeacher:
+        """The targets moved to ``device`` once (the training device), so no step copies them again."""
+        self.image = {k: v.to(device) for k, v in self.image.items()}
+        self.text = {k: v.to(device) for k, v in self.text.items()}
+        self.extras = {k: v.to(device) for k, v in self.extras.items()}
+        return self
+
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        device = next(iter(self.image.values())).device if self.image else None
         try:
-            rows = torch.tensor([self.image_keys[k] for k in batch.keys])
+            rows = torch.tensor([self.image_keys[k] for k in batch.keys], device=device)
         except KeyError as e:
             raise KeyError(f"no teacher target for sample {e.args[0]!r}") from None
         out = {name: t[rows].float() for name, t in self.image.items()}
         if self.text:
-            trows = torch.tensor([self.text_keys[c] for c in batch.captions])
+            trows = torch.tensor([self.text_keys[c] for c in batch.captions], device=device)
             out.update({name: t[trows].float() for name, t in self.text.items()})
         out.update(self.extras)
         return out

@@ -1,5 +1,6 @@
 """The training loop: one small task (student + objectives) driven by AdamW, warm-up + cosine, clipping,
-accumulation, optional bf16 autocast, JSONL metrics and atomic checkpoints; DDP when run under torchrun.
+accumulation, mixed precision (bf16, or fp16 with a grad scaler) on the task's device, JSONL metrics and atomic
+checkpoints; DDP when run under torchrun.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from mmkd.config import TrainConfig
 from mmkd.data.batches import TrainBatch, TrainData
+from mmkd.devices import autocast, device_of, grad_scaler, resolve_device, to_device
 from mmkd.dist import DistInfo, all_reduce_mean, any_rank, broadcast_int, gather_objects
 from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write_text
@@ -26,6 +28,7 @@ from mmkd.models.dual_encoder import DualEncoder
 from mmkd.objectives.base import WeightedSum
 from mmkd.objectives.shared import MAX_LOGIT_SCALE
 from mmkd.teacher.targets import Targets, bf16_supported
+from mmkd.train.acceleration import compile_failure, compile_towers, enable_grad_checkpointing
 from mmkd.train.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, rng_state, set_rng_state
 from mmkd.train.runfolder import RunFolderError, RunIdentity
 
@@ -40,16 +43,18 @@ class FrozenText:
         feats = []
         was_training = student.training
         student.eval()
-        # bf16 where the CPU computes it fast (bf16_supported); the embeddings agree with fp32 to ~1e-3 in cosine
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported()):
+        device = device_of(student)
+        # bf16 where the device computes it fast (bf16_supported); the embeddings agree with fp32 to ~1e-3 in cosine
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                    enabled=bf16_supported(device.type)):
             for i in range(0, len(uniq), batch_size):
-                tok = student.tokenize(uniq[i:i + batch_size])
+                tok = {k: v.to(device) for k, v in student.tokenize(uniq[i:i + batch_size]).items()}
                 feats.append(student.text_features(tok["input_ids"], tok["attention_mask"]).float())
         student.train(was_training)
         self.features = torch.cat(feats).clone()
 
     def lookup(self, captions: list[str]) -> torch.Tensor:
-        return self.features[torch.tensor([self.row[c] for c in captions])]
+        return self.features[torch.tensor([self.row[c] for c in captions], device=self.features.device)]
 
 
 def text_is_frozen(student: DualEncoder) -> bool:
@@ -78,7 +83,8 @@ class DistillTask(nn.Module):
         if self.frozen_text is not None:
             tf = self.frozen_text.lookup(batch.captions)
         else:
-            tok = s.tokenize(batch.captions)
+            device = s.logit_scale.device
+            tok = {k: v.to(device, non_blocking=True) for k, v in s.tokenize(batch.captions).items()}
             tf = s.text_features(tok["input_ids"], tok["attention_mask"])
         out["text_features"] = tf
         out["text_embeds"] = nn.functional.normalize(s.text_projection(tf), dim=-1)
@@ -174,13 +180,15 @@ def train(
     progress: bool = True,
     identity: RunIdentity | None = None,
     on_start: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``cfg.steps`` optimizer steps; returns timing and the last logged loss.
 
     resume: continue from the newest usable checkpoint in ``out_dir/checkpoints`` when there is one (rank 0
     chooses it and every rank loads that same file); identity: the run's id, config and fingerprints, saved
     in every checkpoint and checked against the one resumed; on_start(step): called on every rank once the
-    start step is settled, before anything is written (run_distill writes config.yaml there).
+    start step is settled, before anything is written (run_distill writes config.yaml there); device: where
+    the student, the objectives' maps and the batches go (default: ``cfg.device`` resolved).
     """
     out = Path(out_dir)
     dist_info = dist_info or DistInfo()
@@ -189,25 +197,33 @@ def train(
     torch.manual_seed(cfg.seed + dist_info.rank)
     if objectives.needs_teacher and teacher is None:
         raise ValueError("an objective needs a teacher, but none was given")
+    device = device or resolve_device(cfg.device, "train.device", dist_info.local_rank)
+    student.to(device)
+    objectives.to(device)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(student)
     paired_captions = [c for r in data.paired.records for c in r.captions]
     frozen_text = FrozenText(student, paired_captions) if text_is_frozen(student) else None
+    if cfg.compile:
+        compile_towers(student)
     task = DistillTask(student, objectives, frozen_text)
     model: nn.Module = task
     if dist_info.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(task, find_unused_parameters=False)
+        model = nn.parallel.DistributedDataParallel(task, find_unused_parameters=False,
+                                                    device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(param_groups(task, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints,
                               run_id=identity.run_id if identity is not None else None)
-    start = _restore(ckpts, resume, identity, dist_info, cfg, task, opt, sched)
+    scaler = grad_scaler(device, cfg.precision or "fp32")
+    start = _restore(ckpts, resume, identity, dist_info, cfg, task, opt, sched, scaler)
     if on_start is not None:
         on_start(start)
     log = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
     log.truncate_after(start)
     run_record = identity.to_plain() if identity is not None else {}
     task.train()
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 and not torch.cuda.is_available()
-                else torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
+    amp_device = device_of(task)  # autocast follows the parameters, not whether the machine has a GPU
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not (progress and dist_info.is_main),
                dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
@@ -224,26 +240,39 @@ def train(
                 raise NonFiniteLossError(f"step {done}: parameter {bad} is not finite (NaN/inf); nothing was saved "
                                          "from it. Lower train.lr or check the teacher targets, then --resume "
                                          "from the last checkpoint")
-            ckpts.save(done, {"task": task.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "run": run_record})
+            state = {"task": task.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "rng": rngs[0], "rng_ranks": rngs, "run": run_record}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            ckpts.save(done, state)
 
     for step in range(start, cfg.steps):
         step_terms: dict[str, float] = {}
         for micro in range(cfg.accumulate):
             batch = data.batch(step * cfg.accumulate + micro, dist_info.rank)
             targets = teacher(batch) if teacher is not None else {}
+            batch = replace(batch, pixel_values=to_device(batch.pixel_values, device))
+            targets = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
             sync = micro == cfg.accumulate - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             ctx = nullcontext() if sync else model.no_sync()  # type: ignore[operator]
-            with ctx:
-                with autocast:
+            with ctx, compile_failure(cfg.compile and step == start and micro == 0):
+                with autocast(amp_device, cfg.precision or "fp32"):
                     terms = model(batch, targets)
-                (terms["loss"] / cfg.accumulate).backward()
+                loss = terms["loss"] / cfg.accumulate
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             for k, v in terms.items():
                 step_terms[k] = step_terms.get(k, 0.0) + float(v.detach()) / cfg.accumulate
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         grad_norm = (float(torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)) if cfg.grad_clip
                      else 0.0)
-        _stop_if_nonfinite(step + 1, step_terms, grad_norm, ckpts)
-        opt.step()
+        # fp16: an inf gradient is the scaler's business (it skips the step and lowers the scale); a bad loss is ours
+        _stop_if_nonfinite(step + 1, step_terms, grad_norm if scaler is None else 0.0, ckpts)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
@@ -254,7 +283,7 @@ def train(
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            means = {k: float(all_reduce_mean(torch.tensor(v / n_sum))) for k, v in sums.items()}
+            means = {k: float(all_reduce_mean(torch.tensor(v / n_sum, device=device))) for k, v in sums.items()}
             last_loss = means["loss"]
             log.write({"step": done, "lr": sched.get_last_lr()[0], "time_s": round(time.perf_counter() - t0, 3),
                        **{k: round(v, 6) for k, v in means.items()}})
@@ -287,7 +316,8 @@ def _stop_if_nonfinite(step: int, terms: dict[str, float], grad_norm: float, ckp
 
 
 def _restore(ckpts: CheckpointManager, resume: bool, identity: RunIdentity | None, info: DistInfo,
-             cfg: TrainConfig, task: DistillTask, opt: torch.optim.Optimizer, sched: Any) -> int:
+             cfg: TrainConfig, task: DistillTask, opt: torch.optim.Optimizer, sched: Any,
+             scaler: torch.amp.GradScaler | None = None) -> int:
     """Load the checkpoint rank 0 chooses into every rank; the step to start from (0: a fresh start)."""
     path: Path | None = None
     state: dict[str, Any] | None = None
@@ -317,6 +347,8 @@ def _restore(ckpts: CheckpointManager, resume: bool, identity: RunIdentity | Non
         task.load_state_dict(state["task"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path}: does not fit this run's student/objectives ({type(e).__name__}: {first}); "

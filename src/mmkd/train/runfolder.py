@@ -22,10 +22,11 @@ from mmkd.locking import FolderLock
 from mmkd.teacher import fingerprint as fp
 
 # config keys (dotted; a key covers everything below it) that a resumed run may change: they change how long
-# the run goes on, how often it logs/evaluates/checkpoints, how many threads it uses and where it lives, never
-# what one training step computes. train.steps stretches the cosine schedule from the resume step on.
+# the run goes on, how often it logs/evaluates/checkpoints, how many threads it uses, which device it runs on
+# (a preempted GPU job resumes on another GPU or the CPU) and where it lives, never what one training step
+# computes. train.steps stretches the cosine schedule from the resume step on.
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.threads",
-                  "eval", "out", "cache_dir")
+                  "train.device", "eval", "out", "cache_dir")
 # what marks a folder as holding a run (config.yaml is written only once a run has really started)
 RUN_FILES = ("checkpoints", "metrics.json", "student", "metrics.jsonl", "config.yaml")
 RESUME_MODES = ("no", "yes", "auto")

@@ -28,8 +28,15 @@ def _config(args: argparse.Namespace, demo: bool = False) -> Any:
         overrides.append(f"out={json.dumps(args.out)}")
     if getattr(args, "threads", None):
         overrides.append(f"threads={args.threads}")
-    return load_matching_config(args.config, overrides, DemoConfig if demo else MatchingConfig,
-                                quick=getattr(args, "quick", False))
+    if getattr(args, "device", None):
+        overrides.append(f"device={json.dumps(args.device)}")
+    cfg = load_matching_config(args.config, overrides, DemoConfig if demo else MatchingConfig,
+                               quick=getattr(args, "quick", False))
+    if hasattr(args, "device"):  # a GPU asked for and absent fails before any data or model is read
+        from mmkd.devices import resolve_device
+
+        resolve_device(cfg.device, "device")
+    return cfg
 
 
 def _study(cfg: Any) -> Any:
@@ -117,6 +124,9 @@ def add_parser(subparsers: Any) -> None:
         if name != "build":
             p.add_argument("--out", default=None, help="output folder (the config's out)")
             p.add_argument("--threads", type=int, default=None, help="torch threads (the config's threads)")
+            p.add_argument("--device", default=None,
+                           help="where the teacher and students run: auto (cuda:LOCAL_RANK where CUDA exists, else "
+                                "cpu; the default), cpu, cuda, cuda:N (the config's device)")
         if name == "demo":
             p.add_argument("--quick", action="store_true",
                            help="apply the config's quick section: tiny data and budgets (seconds)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mmkd.config import ConfigError, apply_overrides, from_dict, read_yaml
+from mmkd.devices import DeviceError, check_device_spec
 from mmkd.studies.matching.losses import MATCHING_KD, KDConfig, check_kd_params
 from mmkd.studies.matching.models import StudentConfig
 from mmkd.studies.matching.pairs import BuildConfig
@@ -80,6 +81,7 @@ class MatchingConfig:
     out: str = "runs/matching/study"
     cache_dir: str | None = None  # the pretrained teacher and sentence features (default OUT/cache)
     threads: int | None = None  # torch threads (1 is fastest for these small models)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N: where the teacher and the students run (--device)
 
     @property
     def cache(self) -> Path:
@@ -132,6 +134,10 @@ def load_matching_config(path: str | Path, overrides: list[str] | None = None, c
     cfg = from_dict(cls, data)
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError("threads must be ≥ 1 (or null for torch's default)")
+    try:
+        check_device_spec(cfg.device, "device")
+    except DeviceError as e:
+        raise ConfigError(str(e)) from None
     if isinstance(cfg, DemoConfig):
         cfg.setting_list()
     return cfg

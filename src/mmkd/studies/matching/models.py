@@ -125,7 +125,7 @@ def save_teacher_matcher(model: TeacherMatcher, folder: str | Path, info: dict[s
     if tmp.exists():
         shutil.rmtree(tmp)
     save_dual_encoder(model.encoder, tmp)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.head.state_dict().items()},
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.head.state_dict().items()},
               str(tmp / "head.safetensors"))
     (tmp / "matching.json").write_text(json.dumps({"head": model.head_name, **info}, indent=2))
     if folder.exists():

@@ -29,8 +29,9 @@ def teacher_source(cfg: MatchingConfig, log: Any = print) -> Path:
     t = cfg.teacher
     if t.source:
         return Path(t.source)
-    run = load_config(t.pretrain, [f"cache_dir={cfg.cache}", *t.pretrain_overrides])
+    run = load_config(t.pretrain, [f"cache_dir={cfg.cache}", f"train.device={cfg.device}", *t.pretrain_overrides])
     settings = {k: v for k, v in to_dict(run).items() if k != "out"}
+    settings["train"] = {k: v for k, v in settings["train"].items() if k != "device"}  # the same teacher anywhere
     key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = cfg.cache / f"teacher-{key}"
     run.out = str(out)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from mmkd.config import to_dict
+from mmkd.devices import resolve_device
 from mmkd.fileio import atomic_write_bytes, atomic_write_json
 from mmkd.studies.matching.config import MatchingConfig
 from mmkd.studies.matching.data import PairData
@@ -55,7 +56,7 @@ def teacher_settings(cfg: MatchingConfig) -> dict[str, Any]:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}))
+    atomic_write_bytes(path, save({k: v.cpu().contiguous() for k, v in tensors.items()}))
 
 
 def evaluate(data: PairData, logits: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -79,6 +80,7 @@ class MatchingStudy:
         self._inputs: TeacherInputs | None = None
         self._transfer: TransferSet | None = None
         self._teacher_dir: Path | None = None  # the folder this study manages (caches go there), if any
+        self.device = resolve_device(self.cfg.device, "device")  # the teacher and the students run there
 
     # -------------------------------------------------------------------------------------------- teacher
     def _fingerprint(self) -> str:
@@ -98,6 +100,7 @@ class MatchingStudy:
         if (self.teacher_source / "matching.json").is_file():  # an already fine-tuned matcher: use it as is
             self.log(f"teacher: using the matching teacher {self.teacher_source} as is (no fine-tuning)")
             teacher, info = load_teacher_matcher(self.teacher_source)
+            teacher.to(self.device)
             inputs = TeacherInputs(teacher, self.data, "all")
             self.logits = {s: teacher_logits(teacher, inputs, self.data.splits[s]) for s in SPLITS}
             self._inputs = inputs
@@ -110,6 +113,7 @@ class MatchingStudy:
             if info.get("fingerprint") == fp:
                 self.log(f"teacher: reusing the fine-tuned matcher {folder}")
                 self.teacher, self.teacher_info = load_teacher_matcher(folder)
+                self.teacher.to(self.device)
                 self._teacher_dir = folder
                 freeze(self.teacher)
                 cached = load_file(str(logit_file))
@@ -120,7 +124,7 @@ class MatchingStudy:
         tcfg = self.cfg.teacher
         self.log(f"teacher: fine-tuning {self.teacher_source} with a {tcfg.head} head (BCE, Adam lr {tcfg.lr}, "
                  f"{tcfg.epochs} epochs, trainable: {tcfg.trainable})")
-        teacher = TeacherMatcher(load_dual_encoder(self.teacher_source), tcfg.head)
+        teacher = TeacherMatcher(load_dual_encoder(self.teacher_source), tcfg.head).to(self.device)
         result, inputs = fit_teacher(teacher, self.data, tcfg, self.log)
         self.logits = {s: teacher_logits(teacher, inputs, self.data.splits[s]) for s in SPLITS}
         info = {"fingerprint": fp, "source": str(self.teacher_source), "seconds": round(result["seconds"], 1),
@@ -176,7 +180,8 @@ class MatchingStudy:
                 if kd else "baseline (BCE)")
         self.log(f"{name}: {what}, {self.cfg.train.epochs} epochs, lr {self.cfg.train.lr}")
         run = train_student(self.data, feats, self.cfg.student, self.cfg.train, kd,
-                            self.logits.get("train") if kd else None, log=self.log, name=name, transfer=transfer)
+                            self.logits.get("train") if kd else None, log=self.log, name=name, transfer=transfer,
+                            device=self.device)
         images = self.data.images(self.cfg.student.image_size, self.cfg.student.image_mean, self.cfg.student.image_std)
         logits = {s: student_logits(run.model, images, feats, self.data.splits[s]) for s in ("val", "test")}
         result = {**evaluate(self.data, logits), "train_seconds": round(run.seconds, 1), "history": run.history,

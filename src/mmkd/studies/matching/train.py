@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkd.devices import device_of, to_device
 from mmkd.studies.matching.data import PairData, SplitIndex
 from mmkd.studies.matching.losses import KDConfig, matching_loss
 from mmkd.studies.matching.models import TRAINABLE, MatchingStudent, StudentConfig, TeacherMatcher
@@ -120,7 +121,7 @@ class TeacherInputs:
         enc.text_model.eval()
         out = []
         for start in range(0, len(caps), batch_size):
-            tok = enc.tokenize(caps[start:start + batch_size])
+            tok = self._tokens(caps[start:start + batch_size])
             out.append(enc.text_features(tok["input_ids"], tok["attention_mask"]).float())
         enc.text_model.train(was)
         return torch.cat(out).clone()
@@ -131,22 +132,30 @@ class TeacherInputs:
         was = enc.vision_model.training
         enc.vision_model.eval()
         n = len(self.data.records)
-        out = [enc.image_features(self.images.batch(torch.arange(s, min(n, s + batch_size)))).float()
+        out = [enc.image_features(self._pixels(torch.arange(s, min(n, s + batch_size)))).float()
                for s in range(0, n, batch_size)]
         enc.vision_model.train(was)
         return torch.cat(out).clone()
 
+    def _pixels(self, img_idx: torch.Tensor) -> torch.Tensor:
+        """A pixel batch on the teacher's device (pinned, non-blocking copy to a GPU)."""
+        return to_device(self.images.batch(img_idx), device_of(self.teacher))
+
+    def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        device = device_of(self.teacher)
+        return {k: v.to(device) for k, v in self.teacher.encoder.tokenize(texts).items()}
+
     def image_embeds(self, img_idx: torch.Tensor) -> torch.Tensor:
         t = self.teacher
         if self.image_feats is not None:
-            return t.image_embeds(features=self.image_feats[img_idx])
-        return t.image_embeds(self.images.batch(img_idx))
+            return t.image_embeds(features=self.image_feats[img_idx.to(self.image_feats.device)])
+        return t.image_embeds(self._pixels(img_idx))
 
     def text_embeds(self, cap_idx: torch.Tensor) -> torch.Tensor:
         t = self.teacher
         if self.text_feats is not None:
-            return t.text_embeds(features=self.text_feats[cap_idx])
-        tok = t.encoder.tokenize([self.data.captions[int(i)] for i in cap_idx])
+            return t.text_embeds(features=self.text_feats[cap_idx.to(self.text_feats.device)])
+        tok = self._tokens([self.data.captions[int(i)] for i in cap_idx])
         return t.text_embeds(tok["input_ids"], tok["attention_mask"])
 
     def embeds(self, split: SplitIndex, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,12 +169,12 @@ def _sequential(n: int, batch_size: int) -> Iterator[torch.Tensor]:
 
 def teacher_logits(teacher: TeacherMatcher, inputs: TeacherInputs, split: SplitIndex,
                    batch_size: int = 256) -> torch.Tensor:
-    """Matching logits of every pair of a split, with the teacher frozen (eval mode, inference mode)."""
+    """Matching logits of every pair of a split (on the CPU), with the teacher frozen (eval mode, inference mode)."""
     freeze(teacher)
     out = []
     with torch.inference_mode():
         for rows in _sequential(len(split), batch_size):
-            out.append(teacher(*inputs.embeds(split, rows)).float())
+            out.append(teacher(*inputs.embeds(split, rows)).float().cpu())
     return torch.cat(out).clone() if out else torch.zeros(0)
 
 
@@ -185,7 +194,8 @@ def fit_teacher(teacher: TeacherMatcher, data: PairData, cfg: TeacherTrainConfig
         with torch.no_grad():
             teacher.eval()
             embs = [inputs.embeds(train, rows) for rows in _sequential(len(train), 256)]
-            teacher.head.calibrate(torch.cat([e[0] for e in embs]), torch.cat([e[1] for e in embs]), train.labels)
+            teacher.head.calibrate(torch.cat([e[0] for e in embs]), torch.cat([e[1] for e in embs]),
+                                   train.labels.to(device_of(teacher)))
     head_params = list(teacher.head.parameters())
     head_ids = {id(p) for p in head_params}
     body = [p for p in teacher.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -200,7 +210,7 @@ def fit_teacher(teacher: TeacherMatcher, data: PairData, cfg: TeacherTrainConfig
         total, n = 0.0, 0
         for rows in _batches(len(train), cfg.batch_size, cfg.seed, epoch):
             logits = teacher(*inputs.embeds(train, rows))
-            loss = F.binary_cross_entropy_with_logits(logits, train.labels[rows])
+            loss = F.binary_cross_entropy_with_logits(logits, train.labels[rows].to(logits.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -268,7 +278,7 @@ def build_transfer_set(teacher: TeacherMatcher, inputs: TeacherInputs, split: Sp
         for r in _sequential(len(images), chunk):
             a = img[r][:, None, :].expand(-1, len(captions), -1).reshape(-1, img.shape[1])
             b = txt.repeat(len(r), 1)
-            rows.append(teacher(a, b).float().reshape(len(r), len(captions)))
+            rows.append(teacher(a, b).float().reshape(len(r), len(captions)).cpu())
         logits = torch.cat(rows).clone()
     return TransferSet(images, captions, logits)
 
@@ -285,24 +295,30 @@ class StudentRun:
 
 def student_logits(model: MatchingStudent, images: Any, text_feats: torch.Tensor, split: SplitIndex,
                    batch_size: int = 256) -> torch.Tensor:
+    """The student's logits of every pair of a split, on the CPU; it runs where its parameters are."""
     model.eval()
+    device = device_of(model)
+    text_feats = text_feats.to(device)
     out = []
     with torch.inference_mode():
         for rows in _sequential(len(split), batch_size):
-            out.append(model(images.batch(split.image_idx[rows]), text_feats[split.caption_idx[rows]]).float())
+            pix = to_device(images.batch(split.image_idx[rows]), device)
+            out.append(model(pix, text_feats[split.caption_idx[rows].to(device)]).float().cpu())
     return torch.cat(out).clone() if out else torch.zeros(0)
 
 
 def train_student(data: PairData, text_feats: torch.Tensor, model_cfg: StudentConfig, cfg: StudentTrainConfig,
                   kd: KDConfig | None = None, teacher_train_logits: torch.Tensor | None = None,
-                  log: Log = print, name: str = "student", transfer: TransferSet | None = None) -> StudentRun:
+                  log: Log = print, name: str = "student", transfer: TransferSet | None = None,
+                  device: torch.device | str = "cpu") -> StudentRun:
     """The student on the train pairs: BCE alone (baseline) or α·KD + (1−α)·BCE against cached teacher logits.
 
     With ``cfg.transfer = k > 0`` and a ``transfer`` set, each labelled pair of a KD batch brings k unlabelled
     pairs (its image with other training captions) scored by the cached teacher logits; they share the
     image features already computed, so they cost little. The same seed gives the same initial weights and
-    batch order for the baseline and every KD variant.
+    batch order for the baseline and every KD variant. device: where the student trains (inputs are copied there).
     """
+    device = torch.device(device)
     use_transfer = kd is not None and cfg.transfer > 0
     if use_transfer and transfer is None:
         raise ValueError("student transfer > 0 needs the teacher's transfer set (build_transfer_set)")
@@ -311,10 +327,12 @@ def train_student(data: PairData, text_feats: torch.Tensor, model_cfg: StudentCo
         if teacher_train_logits is None or teacher_train_logits.shape != (len(train),):
             raise ValueError(f"KD needs one cached teacher logit per train pair ({len(train)}), got "
                              f"{None if teacher_train_logits is None else tuple(teacher_train_logits.shape)}")
-        teacher_train_logits = teacher_train_logits.detach().float()
+        teacher_train_logits = teacher_train_logits.detach().float().to(device)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = MatchingStudent(model_cfg, int(text_feats.shape[1]))
+    model = MatchingStudent(model_cfg, int(text_feats.shape[1])).to(device)  # drawn on the CPU: same on any device
+    text_feats = text_feats.to(device)
+    labels = train.labels.to(device)
     images = data.images(model_cfg.image_size, model_cfg.image_mean, model_cfg.image_std)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history = []
@@ -324,14 +342,16 @@ def train_student(data: PairData, text_feats: torch.Tensor, model_cfg: StudentCo
         n = 0
         g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
         for rows in _batches(len(train), cfg.batch_size, cfg.seed, epoch):
-            img = model.image_features(images.batch(train.image_idx[rows]))
-            logits = model.fusion(img, text_feats[train.caption_idx[rows]])
-            t_logits = teacher_train_logits[rows] if kd is not None else None
+            img = model.image_features(to_device(images.batch(train.image_idx[rows]), device))
+            rows_d = rows.to(device)
+            logits = model.fusion(img, text_feats[train.caption_idx[rows].to(device)])
+            t_logits = teacher_train_logits[rows_d] if kd is not None else None
             extra_s = extra_t = None
             if use_transfer:
                 _, caps, extra_t = transfer.sample(train.image_idx[rows], cfg.transfer, cfg.transfer_top, g)
-                extra_s = model.fusion(img.repeat_interleave(cfg.transfer, 0), text_feats[caps])
-            parts = matching_loss(logits, train.labels[rows], t_logits, kd, extra_s, extra_t)
+                extra_s = model.fusion(img.repeat_interleave(cfg.transfer, 0), text_feats[caps.to(device)])
+                extra_t = extra_t.to(device)
+            parts = matching_loss(logits, labels[rows_d], t_logits, kd, extra_s, extra_t)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()
