@@ -5,17 +5,19 @@ Part 1, decoders (one process, one thread, every coco-mini photo): for a 224-px 
 mmkd's view 1), the 224-px eval view (centre crop) and the same two at 32 px, images/s of decode + crop-resize by:
 ``pil`` (plain: full decode, then the bicubic resize: the reference), ``pil-draft`` (PIL's ``draft``: DCT scaling
 by 1/2, 1/4, 1/8), ``simplejpeg`` (DCT scaling by every n/8), ``simplejpeg-noscale`` (full-size decode: the
-library's own speed), ``turbojpeg`` (PyTurboJPEG, every n/8, when it and libturbojpeg are installed). Each scaled
-decode uses the smallest factor keeping the crop ≥ the output size (``mmkd.data.decode``). Quality: every view is
-compared with ``pil``'s (mean absolute difference in levels of 255, worst PSNR); a decoder is adopted only within
-``mmkd.data.decode``'s tolerance. ``decoder_over_pil``: the fastest adopted decoder over ``pil`` at the 224-px
-training view (target ≥ 1.5 per core).
+library's own speed), ``turbojpeg`` (PyTurboJPEG, every n/8, when it and libturbojpeg are installed: on Debian 12,
+``apt-get install libturbojpeg0`` and ``pip install 'PyTurboJPEG<2'``, as PyTurboJPEG 2 needs libjpeg-turbo ≥ 3).
+Each scaled decode uses the smallest factor keeping the crop ≥ the output size (``mmkd.data.decode``). Quality:
+every view is compared with ``pil``'s (mean absolute difference in levels of 255, worst PSNR); a decoder is adopted
+only within ``mmkd.data.decode``'s tolerance. ``decoder_over_pil``: mmkd's decoder (the fastest adopted) over
+``pil`` at the 224-px training view (target ≥ 1.5 per core).
 
 Part 2, loader: the photos repeated ``--repeat`` times into WebDataset shards in a temporary folder; images/s of a
 bare single-process loop (PIL decode, crop-resize, normalise to a tensor) vs ``mmkd_loader`` at 0, 1 and 2 workers
 with mmkd's decoder, 224-px training views in batches of ``--batch``. Steady state: counted from the first batch
-(time to first batch reported apart). ``loader_w2_over_bare``: target ≥ 1.7 on 2 cores. Rounds alternate the
-configurations; each figure is the best round (the machine may be shared: load averages are recorded).
+(time to first batch, which includes reading the shards, reported apart). ``loader_w2_over_bare``: target ≥ 1.7 on
+2 cores. Rounds alternate the configurations; each figure is the best round (the machine may be shared: load
+averages are recorded).
 
 Usage: python bench/loader_throughput.py [--data ../shared/data/coco-mini] [--repeat 4] [--shards 4] [--batch 64]
                                          [--rounds 3] [--work DIR] [--note TEXT] [--json PATH]
@@ -179,21 +181,22 @@ class TrainViews(Dataset):
         return apply_view(self.train_tf, self.eval_tf, open_encoded(rec, self.decoder), SEED, rec.key, 1)
 
 
-def mmkd_loader(records: list[Record], workers: int, decoder: str | None, batch: int,
+def mmkd_loader(shards: str, workers: int, decoder: str | None, batch: int,
                 size: int = 224) -> Iterator[torch.Tensor]:
-    """mmkd's loader for this benchmark: batches of training views decoded in ``workers`` DataLoader workers.
+    """mmkd's loader for this benchmark: batches of training views of the samples in ``shards`` (a source spec),
+    decoded in ``workers`` DataLoader workers (today: the shards read into memory, then a map-style Dataset).
 
     One function on purpose: when mmkd's streaming loader lands, this is the one place to switch to it.
     """
-    loader = DataLoader(TrainViews(records, size, decoder), batch_size=batch, num_workers=workers,
+    loader = DataLoader(TrainViews(read_records(shards), size, decoder), batch_size=batch, num_workers=workers,
                         persistent_workers=False, prefetch_factor=4 if workers else None)
     yield from loader
 
 
-def bare_loop(records: list[Record], batch: int, size: int = 224) -> Iterator[torch.Tensor]:
+def bare_loop(shards: str, batch: int, size: int = 224) -> Iterator[torch.Tensor]:
     """The simplest loop a user writes: PIL decode, the same crop-resize, normalise, stack: one process."""
     out = []
-    for rec in records:
+    for rec in read_records(shards):
         assert isinstance(rec.image, bytes)
         img = Image.open(io.BytesIO(rec.image)).convert("RGB")
         img = crop_resize(img, view_box(*img.size, rec.key, size, True), size)
@@ -216,10 +219,10 @@ def time_batches(batches: Iterator[torch.Tensor]) -> dict[str, float]:
     return {"first_batch_s": t1 - t0, "images": n + len(first), "images_per_s": n / (t2 - t1) if n else 0.0}
 
 
-def compare_loaders(records: list[Record], batch: int, rounds: int, decoder: str) -> dict[str, Any]:
-    configs: dict[str, Callable[[], Iterator[torch.Tensor]]] = {"bare": lambda: bare_loop(records, batch)}
+def compare_loaders(shards: str, batch: int, rounds: int, decoder: str) -> dict[str, Any]:
+    configs: dict[str, Callable[[], Iterator[torch.Tensor]]] = {"bare": lambda: bare_loop(shards, batch)}
     for w in (0, 1, 2):
-        configs[f"mmkd_w{w}"] = lambda w=w: mmkd_loader(records, w, decoder, batch)
+        configs[f"mmkd_w{w}"] = lambda w=w: mmkd_loader(shards, w, decoder, batch)
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in configs}
     torch.set_num_threads(1)
     for r in range(rounds):
@@ -229,7 +232,7 @@ def compare_loaders(records: list[Record], batch: int, rounds: int, decoder: str
             print(f"round {r} {name:8s} {x['images_per_s']:7.1f} images/s (first batch {x['first_batch_s']:.2f} s)",
                   flush=True)
     best = {k: max(v, key=lambda x: x["images_per_s"]) for k, v in runs.items()}
-    return {"samples": len(records), "batch": batch, "decoder": decoder, "best": best, "rounds": runs}
+    return {"samples": runs["bare"][0]["images"], "batch": batch, "decoder": decoder, "best": best, "rounds": runs}
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -263,8 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tmp.name) if tmp is not None else args.work
     try:
         spec = write_shards(photos, args.repeat, args.shards, work / "shards")
-        records = read_records(spec)
-        loaders = compare_loaders(records, args.batch, args.rounds, chosen)
+        loaders = compare_loaders(spec, args.batch, args.rounds, chosen)
     finally:
         if tmp is not None:
             tmp.cleanup()
