@@ -90,6 +90,20 @@ def test_bench_section_comes_from_the_committed_results(tmp_path: Path) -> None:
     assert f"{cost['online_over_cached_time']:.2f}" in text
 
 
+def test_loader_bench_section_comes_from_the_committed_results(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "bench" / "results", tmp_path / "bench" / "results")
+    r = json.loads((tmp_path / "bench" / "results" / "loader_throughput.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:bench-loader -->\n<!-- /results:bench-loader -->\n")
+    assert update_readme(readme, tmp_path, only=["bench-loader"]) == ["bench-loader"]
+    text = readme.read_text()
+    train = r["details"]["decoders"]["views"]["train224"]
+    assert f"| simplejpeg (every n/8) | {train['simplejpeg']['images_per_s']:.0f} (" in text and "**mmkd's**" in text
+    assert f"`loader_w2_over_bare` = {r['loader_w2_over_bare']:.2f} (target ≥ 1.7)" in text
+    assert f"`decoder_over_pil` = {r['decoder_over_pil']:.2f}" in text
+    assert "<!-- results:bench-loader -->" in (REPO / "README.md").read_text()
+
+
 def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> None:
     from mmkd.report.readme import _BLOCK, SECTIONS
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mmkd.config import ConfigError
-from mmkd.data.records import DataError, Record, open_image
+from mmkd.data.records import DataError, Record, open_encoded
 from mmkd.data.transforms import ImageTransform, TransformConfig, apply_view
 
 
@@ -59,7 +59,7 @@ class ImageBank:
         out = []
         for i, v in zip(indices, views):
             rec = self.records[i]
-            img = rec.image if isinstance(rec.image, np.ndarray) else open_image(rec)
+            img = rec.image if isinstance(rec.image, np.ndarray) else open_encoded(rec)
             out.append(apply_view(self.train_tf, self.eval_tf, img, self.seed, rec.key, v))
         return torch.stack(out)
 

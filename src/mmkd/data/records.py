@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mmkd.data.decode import Box, decode_rgb, jpeg_decoder
 from mmkd.errors import MmkdError
 
 ImageRef = Path | bytes | np.ndarray
@@ -92,26 +93,65 @@ def _too_big(where: str, name: str, detail: str) -> DataError:
                      f"variable {MAX_PIXELS_ENV}), else remove the sample")
 
 
-def open_image(record: Record) -> Image.Image:
-    """Decode a record's image as RGB, or raise DataError naming the file (too large images included)."""
+@dataclass(frozen=True)
+class EncodedImage:
+    """A record's image read as far as its header (size known, pixel limit checked), decoded when a view asks.
+
+    Decoding waits until the view's crop box and output size are known, so a JPEG is decoded only as large as
+    that view needs (see ``mmkd.data.decode``); ``decoder`` names one (None: the fastest installed).
+    """
+
+    data: bytes
+    size: tuple[int, int]
+    where: str
+    name: str
+    decoder: str | None = None
+
+    def decode(self, box: Box | None = None, out: int = 0) -> tuple[Image.Image, Box]:
+        """RGB pixels on which ``box`` still spans ≥ ``out`` pixels, and ``box`` in their coordinates; a file that
+        cannot be decoded is a DataError naming it."""
+        try:
+            return decode_rgb(self.data, box, out, jpeg_decoder(self.decoder) if self.decoder else None)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise _unreadable(self.where, self.name, e) from None
+
+
+def _unreadable(where: str, name: str, e: Exception) -> DataError:
+    return DataError(f"{where}: cannot read image {name}: {e}; remove the sample or replace the file")
+
+
+def open_encoded(record: Record, decoder: str | None = None) -> EncodedImage | np.ndarray:
+    """A record's image, not yet decoded (an in-memory array is returned as it is, once checked).
+
+    The header is read and the size checked against the decompression-bomb limit here, before any decoding;
+    a missing, unreadable or too large file is a DataError naming it.
+    """
     ref = record.image
     where = record.origin or record.key
     name = str(ref) if not isinstance(ref, bytes) else "(bytes)"
     if isinstance(ref, np.ndarray):
         if ref.ndim != 3 or ref.shape[2] != 3 or ref.dtype != np.uint8:
             raise DataError(f"{where}: image array must be HxWx3 uint8, got {ref.shape} {ref.dtype}")
-        return Image.fromarray(ref)
+        return ref
     try:
-        img = Image.open(io.BytesIO(ref)) if isinstance(ref, bytes) else Image.open(ref)
-        w, h = img.size  # read from the header: refuse before decoding
+        data = ref if isinstance(ref, bytes) else Path(ref).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size  # read from the header: refuse before decoding
         if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
             raise _too_big(where, name, f"is {w}×{h} = {w * h} pixels")
-        img.load()
     except FileNotFoundError:
         raise DataError(f"{where}: image file {ref} not found; check the path in your data file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning when made an error
         raise _too_big(where, name, f"is too large ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{where}: cannot read image {name}: {e}; "
-                        "remove the sample or replace the file") from None
-    return img.convert("RGB")
+        raise _unreadable(where, name, e) from None
+    return EncodedImage(data, (w, h), where, name, decoder)
+
+
+def open_image(record: Record, decoder: str | None = None) -> Image.Image:
+    """Decode a record's image as RGB at full size, or raise DataError naming the file (too large images
+    included)."""
+    enc = open_encoded(record, decoder)
+    if isinstance(enc, np.ndarray):
+        return Image.fromarray(enc)
+    return enc.decode()[0]

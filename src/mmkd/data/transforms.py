@@ -19,12 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
+from mmkd.data.decode import Box, Decodable
+
 ImageLike = Image.Image | np.ndarray
 
-# Bump when the pixels a (seed, key, view) maps to change (crop sampling, resampling filter, view_rng), so
+# Bump when the pixels a (seed, key, view) maps to change (crop sampling, resampling filter, view_rng, decoding), so
 # teacher caches built by an older version are refused instead of silently mismatching the student's views.
-TRANSFORM_VERSION = 1
+# 2: JPEGs are decoded with DCT-domain downscaling to the smallest n/8 factor that keeps the crop box at least
+#    the output size (mmkd.data.decode), before the same bicubic resize.
+TRANSFORM_VERSION = 2
 AUGMENTATION_FIELDS = ("scale", "ratio", "hflip")
 
 
@@ -157,21 +160,31 @@ class ImageTransform:
     def __repr__(self) -> str:
         return f"ImageTransform({self.cfg})"
 
-    def __call__(self, image: ImageLike, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: ImageLike | Decodable, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """``image`` may be still encoded (a ``Decodable``): the crop box is drawn from its header's size, then
+        it is decoded only as large as that box needs (JPEG's DCT-domain scaling) before the exact resize."""
         cfg, size = self.cfg, self.cfg.image_size
         if (not cfg.train and isinstance(image, np.ndarray) and image.dtype == np.uint8
                 and image.shape == (size, size, 3)):
             return _normalize(image, self._scale, self._offset)  # already model-sized: skip PIL entirely
-        img = to_pil(image)
-        w, h = img.size
+        encoded = not isinstance(image, (Image.Image, np.ndarray))
+        img = None if encoded else to_pil(image)
+        w, h = image.size if encoded else img.size  # type: ignore[union-attr]
+        flip = False
         if cfg.train:
             rng = rng if rng is not None else np.random.default_rng()
             box = random_resized_crop_box(w, h, cfg.scale, cfg.ratio, rng)
-            img = crop_resize(img, box, size)
-            if cfg.hflip and rng.random() < 0.5:
-                img = hflip(img)
+            flip = cfg.hflip and rng.random() < 0.5
         elif (w, h) != (size, size):
-            img = crop_resize(img, center_box(w, h), size)
+            box = center_box(w, h)
+        else:
+            box = None
+        if encoded:
+            img, box = image.decode(box, size)  # type: ignore[union-attr]
+        if box is not None:
+            img = crop_resize(img, box, size)
+        if flip:
+            img = hflip(img)
         return _normalize(np.asarray(img), self._scale, self._offset)
 
 
@@ -192,7 +205,7 @@ def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFF_FFFF_FFFF_FFFF, _key_hash(key), view])
 
 
-def apply_view(transform_train: ImageTransform, transform_eval: ImageTransform, image: ImageLike,
+def apply_view(transform_train: ImageTransform, transform_eval: ImageTransform, image: ImageLike | Decodable,
                seed: int, key: str, view: int) -> torch.Tensor:
     """View 0 = the deterministic eval transform; view v > 0 = train transform seeded by (seed, key, v)."""
     if view == 0:

@@ -156,3 +156,55 @@ def bench_cache_section(root: Path) -> str:
               f"{bd['k4']['forward_items_per_s']:.0f} vs {bd['k4']['build_items_per_s']:.0f} items/s at K = 4 "
               "(bare forward vs build)."]
     return "\n".join(lines + [""] + [textwrap.fill(n, 115) for n in notes])
+
+
+def _speed(per_s: float, reference: float | None) -> str:
+    return f"{per_s:.0f}" if reference is None else f"{per_s:.0f} ({per_s / reference:.2f}×)"
+
+
+@SECTIONS.register("bench-loader")
+def bench_loader_section(root: Path) -> str:
+    """The decoder and loader tables from ``bench/results/loader_throughput.json``."""
+    r = read_json(root / "bench" / "results" / "loader_throughput.json", "bench-loader",
+                  "run `python bench/loader_throughput.py --json bench/results/loader_throughput.json`")
+    d = r["details"]
+    dec, loader, mach = d["decoders"], d["loader"], d["machine"]
+    views = list(dec["views"])
+    pil = {v: dec["views"][v]["pil"]["images_per_s"] for v in views}
+    labels = {"pil": "PIL, plain (the reference)", "pil-draft": "PIL + `draft()` (1/2, 1/4, 1/8)",
+              "simplejpeg": "simplejpeg (every n/8)", "simplejpeg-noscale": "simplejpeg, no DCT scaling",
+              "turbojpeg": "PyTurboJPEG (every n/8)"}
+    kinds = {"train": "training view", "eval": "eval view"}
+    head = " | ".join(f"{kinds.get(v.rstrip('0123456789'), v)}, {v.lstrip('abcdefghijklmnopqrstuvwxyz')} px"
+                      for v in views)
+    lines = [f"| decoder | {head} | worst view vs PIL | adopted |", "|---" * (len(views) + 3) + "|"]
+    for name in dec["views"][views[0]]:
+        rows = [dec["views"][v][name] for v in views]
+        cells = " | ".join(_speed(x["images_per_s"], None if name == "pil" else pil[v])
+                           for v, x in zip(views, rows))
+        ok = all(x["within_tolerance"] for x in rows)
+        quality = ("–" if name == "pil" else f"{min(x['worst_psnr_db'] for x in rows):.1f} dB, mean "
+                   f"\\|Δ\\| ≤ {max(x['mean_abs'] for x in rows):.2f}")
+        adopted = "**mmkd's**" if name == {"pil": "pil-draft"}.get(d["mmkd_decoder"], d["mmkd_decoder"]) else (
+            "reference" if name == "pil" else "within tolerance" if ok else "out of tolerance")
+        lines.append(f"| {labels.get(name, name)} | {cells} | {quality} | {adopted} |")
+    best = loader["best"]
+    names = {"bare": "bare PIL loop, 1 process", "mmkd_w0": "mmkd loader, 0 workers",
+             "mmkd_w1": "mmkd loader, 1 worker", "mmkd_w2": "mmkd loader, 2 workers"}
+    lines += ["", "| 224-px training views | images/s | first batch (s) |", "|---|---|---|"]
+    lines += [f"| {names.get(k, k)} | {x['images_per_s']:.0f} | {x['first_batch_s']:.2f} |" for k, x in best.items()]
+    tol = dec["tolerance"]
+    tj = f" PyTurboJPEG was not measured ({dec['turbojpeg_unavailable']})." if dec.get("turbojpeg_unavailable") else ""
+    notes = [f"`decoder_over_pil` = {r['decoder_over_pil']:.2f} (target ≥ {r['targets']['decoder_over_pil']}), "
+             f"`loader_w2_over_bare` = {r['loader_w2_over_bare']:.2f} (target ≥ {r['targets']['loader_w2_over_bare']})."
+             f" From `bench/results/loader_throughput.json`: images/s, best of {dec['rounds']} alternating rounds, "
+             f"decoders over the {dec['photos']} coco-mini photos in one thread (decode + crop-resize), the loader "
+             f"over {loader['samples']} samples in WebDataset shards (batches of {loader['batch']}, decode, crop, "
+             f"normalise, collate). Tolerance: every view within {tol['worst_psnr_db']:.0f} dB PSNR of PIL's, mean "
+             f"absolute difference ≤ {tol['mean_abs']:.0f} levels.{tj} Machine: {mach['cpu_count']} cores, load "
+             f"average {mach['loadavg_before'][0]:.1f} before and {mach['loadavg_after'][0]:.1f} after"
+             + (f"; {mach['note']}" if mach.get("note") else "") + "."]
+    if min(mach["loadavg_before"][0], mach["loadavg_after"][0]) > mach["cpu_count"]:
+        notes.append("The machine was oversubscribed throughout (load above its core count): the worker rows measure "
+                     "contention for the cores, not how the loader scales; rerun on an idle machine for that.")
+    return "\n".join(lines + [""] + [textwrap.fill(n, 115) for n in notes])
