@@ -69,13 +69,24 @@ class KeyIndex:
         pos = np.searchsorted(hashes, want)
         hit = np.nonzero((pos < len(hashes)) & (hashes[np.minimum(pos, len(hashes) - 1)] == want))[0]
         p = pos[hit]
-        lo, hi, cand = offsets[p].tolist(), offsets[p + 1].tolist(), rows[p].tolist()
-        for i, a, b, r, at in zip(hit.tolist(), lo, hi, cand, p.tolist()):
-            s = strings[i].encode()
-            if data[a:b].tobytes() == s:
-                out[i] = r
-                continue
-            at += 1  # a collision with another string: look at every entry of this hash
+        encoded = [strings[i].encode() for i in hit.tolist()]
+        lo = np.asarray(offsets[p], np.int64)
+        lengths = np.asarray(offsets[p + 1], np.int64) - lo
+        same = lengths == np.fromiter(map(len, encoded), np.int64, count=len(encoded))
+        # compare the stored bytes of every candidate whose length matches, all at once
+        starts = np.concatenate([[0], np.cumsum(lengths[same])]).astype(np.int64)
+        total = int(starts[-1])
+        stored = np.asarray(data[np.arange(total) + np.repeat(lo[same] - starts[:-1], lengths[same])])
+        wanted = np.frombuffer(b"".join(e for e, ok in zip(encoded, same.tolist()) if ok), np.uint8)
+        equal = np.ones(int(same.sum()), bool)
+        nonempty = lengths[same] > 0
+        if total:
+            equal[nonempty] = np.logical_and.reduceat(stored == wanted, starts[:-1][nonempty])
+        match = np.zeros(len(hit), bool)
+        match[same] = equal
+        out[hit[match]] = np.asarray(rows[p[match]], np.int64)
+        for j in np.nonzero(~match)[0].tolist():  # a collision with another string: look at every entry of its hash
+            i, at, s = int(hit[j]), int(p[j]) + 1, encoded[j]
             while at < len(hashes) and hashes[at] == want[i]:
                 if data[int(offsets[at]):int(offsets[at + 1])].tobytes() == s:
                     out[i] = int(rows[at])
