@@ -103,6 +103,34 @@ def test_a_partly_built_cache_names_the_shards_it_lacks(teacher: DualEncoder, tm
     cache.check(CacheExpectation(records=kept, arrays=("image_embeds", "text_embeds")))
 
 
+def test_segments_finished_before_a_kill_are_published_and_usable(teacher: DualEncoder, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    records = make_records(18, per_shard=6)
+    real = cache_build.commit_chunk
+    segments: list[str] = []
+
+    def killed_in_the_third_segment(layout: Any, chunk: Any, arrays: Any) -> None:
+        segments.append(layout.root.name) if layout.root.name not in segments else None
+        if len(segments) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        real(layout, chunk, arrays)
+
+    monkeypatch.setattr(cache_build, "PUBLISH_EVERY_S", 0.0)  # publish after every segment
+    monkeypatch.setattr(cache_build, "PUBLISH_SHARE", 1e9)
+    monkeypatch.setattr(cache_build, "commit_chunk", killed_in_the_third_segment)
+    with pytest.raises(KeyboardInterrupt):
+        _build(teacher, records, tmp_path / "c")
+    cache = CachedTeacher.open(tmp_path / "c")
+    assert cache.n_samples == 12 and cache.shards == ["/data/part-0.tar", "/data/part-1.tar"]
+    kept, lacking = cache.restrict(records)
+    assert len(kept) == 12 and lacking == ["/data/part-2.tar"]
+    cache.check(CacheExpectation(records=kept))
+    monkeypatch.setattr(cache_build, "commit_chunk", real)
+    resumed = _build(teacher, records, tmp_path / "c")
+    assert (resumed.segments_built, resumed.segments_skipped) == (1, 2)
+    assert CachedTeacher.open(tmp_path / "c").n_samples == 18 and verify_cache(tmp_path / "c").ok
+
+
 def test_lookups_are_exact_when_every_key_collides(teacher: DualEncoder, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     records = make_records(20, per_shard=7)

@@ -50,6 +50,9 @@ from mmkd.teacher.cache.format import (
 from mmkd.teacher.cache.index import KeyIndex
 from mmkd.teacher.targets import bf16_supported, teacher_outputs
 
+PUBLISH_EVERY_S = 300.0  # rank 0 rewrites the manifest during a build at most this often
+PUBLISH_SHARE = 0.1  # and spends at most about this share of the build's time on it (the index grows with the data)
+
 
 def resolve_precision(precision: str, device_type: str | None = None) -> str:
     """``auto`` → bf16 where the device computes it fast, else fp32."""
@@ -284,6 +287,8 @@ def build_cache(
                 f"{dtype}, {prec} compute" + (f"; {done} shard(s) already cached" if done else "")
                 + (f"; ranks split the shards ({world} ranks)" if world > 1 else ""))
         bar = _progress_bar(mine, views, enabled=progress and rank == 0)
+        order = [segment_name(s) for s, _ in shards]
+        published, publish_s = time.monotonic(), 0.0
         was_training = teacher.training
         teacher.eval()
         try:
@@ -291,12 +296,18 @@ def build_cache(
                 _build_segment(teacher, root, meta, shard, recs, cached, stats, bar, log if rank == 0 else None,
                                views=views, seed=seed, augmentation=augmentation, features=features,
                                bf16=prec == "bf16", batch_size=batch_size)
+                # a long build publishes what every rank finished now and then, so training can use it early
+                # (data.only_cached_shards) before it ends
+                if rank == 0 and time.monotonic() - published >= max(PUBLISH_EVERY_S, publish_s / PUBLISH_SHARE):
+                    t = time.monotonic()
+                    publish(root, order)
+                    published, publish_s = time.monotonic(), time.monotonic() - t
         finally:
             teacher.train(was_training)
             bar.close()
         mdist.barrier()
         if rank == 0:
-            manifest = publish(root, [segment_name(s) for s, _ in shards])
+            manifest = publish(root, order)
             listed = {s["name"] for s in manifest["segments"]}
             missing = [shard or "in memory" for shard, _ in shards if segment_name(shard) not in listed]
             if missing:
