@@ -39,12 +39,13 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 N, VIEWS = 40, 3
 
 
-def make_records(n: int = N, seed: int = 0) -> list[Record]:
-    """Non-square images larger than the model size, so augmented crops really differ between views."""
+def make_records(n: int = N, seed: int = 0, per_shard: int = 0) -> list[Record]:
+    """Non-square images larger than the model size, so augmented crops really differ between views. per_shard:
+    records come from data shards of that many samples (``/data/part-K.tar``), else from memory (one segment)."""
     rng = np.random.default_rng(seed)
     imgs = rng.integers(0, 256, size=(n, 40, 48, 3), dtype=np.uint8)
-    return [Record(f"s{i:03d}", imgs[i], (f"a shape number {i}", f"thing {i % 5}"), origin=f"sample {i}")
-            for i in range(n)]
+    return [Record(f"s{i:03d}", imgs[i], (f"a shape number {i}", f"thing {i % 5}"), origin=f"sample {i}",
+                   shard=f"/data/part-{i // per_shard}.tar" if per_shard else "") for i in range(n)]
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -136,7 +137,7 @@ def test_reading_more_shards_than_the_open_files_limit_leaves_the_limit_alone(
     keys, captions = [r.key for r in records], reference.captions
     want = {**reference.images(keys), **reference.texts(captions)}
     del reference
-    shards = len(list((tmp_path / "c" / "shards").glob("*.npy")))
+    shards = len(list((tmp_path / "c" / "segments" / "memory").glob("*-0*.npy")))
     spare = shards // 2  # fewer spare descriptors than the cache has shards
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = len(os.listdir("/proc/self/fd")) + spare
@@ -168,7 +169,7 @@ def test_interrupted_build_resumes_to_the_same_cache(teacher: DualEncoder, recor
             # what a kill mid-write leaves: a half-written shard under its final name, a temp file, no marker
             name = next(iter(arrays))
             layout.shard(chunk, name).write_bytes(b"\x93NUMPY" + b"\0" * 50)
-            (layout.root / "shards" / f".{chunk.name}.{name}.npy.tmp-999-1").write_bytes(b"partial")
+            (layout.root / f".{chunk.name}.{name}.npy.tmp-999-1").write_bytes(b"partial")
             raise KeyboardInterrupt("simulated kill")
         real_commit(layout, chunk, arrays)
 
@@ -177,7 +178,7 @@ def test_interrupted_build_resumes_to_the_same_cache(teacher: DualEncoder, recor
     with pytest.raises(KeyboardInterrupt):
         _build(teacher, records, out)
     monkeypatch.setattr(cache_build, "commit_chunk", real_commit)
-    committed = sorted(p.name for p in (out / "shards").glob("*.done.json"))
+    committed = sorted(p.name for p in (out / "segments" / "memory").glob("*.done.json"))
     assert len(committed) == 3  # the fourth chunk never committed
 
     with pytest.raises(CacheError, match="incomplete.*rerun"):
@@ -312,7 +313,7 @@ def test_truncated_shard_is_named_and_nothing_is_overwritten(teacher: DualEncode
                                                              ) -> None:
     root = tmp_path / "c"
     _build(teacher, records[:16], root)
-    shard = root / "shards" / "image-00001.image_embeds.npy"
+    shard = root / "segments" / "memory" / "image-00001.image_embeds.npy"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 100)
     before = files(root)
@@ -325,7 +326,7 @@ def test_truncated_shard_is_named_and_nothing_is_overwritten(teacher: DualEncode
     assert files(root) == before
 
     # the fix the message gives works: drop the chunk's marker, rerun, the chunk is recomputed
-    (root / "shards" / "image-00001.done.json").unlink()
+    (root / "segments" / "memory" / "image-00001.done.json").unlink()
     assert _build(teacher, records[:16], root).chunks_built == 1
     assert verify_cache(root).ok
 
@@ -333,7 +334,7 @@ def test_truncated_shard_is_named_and_nothing_is_overwritten(teacher: DualEncode
 def test_verify_detects_flipped_bytes(teacher: DualEncoder, records: list[Record], tmp_path: Path) -> None:
     root = tmp_path / "c"
     _build(teacher, records[:8], root, features=False)
-    shard = root / "shards" / "text-00000.text_embeds.npy"
+    shard = root / "segments" / "memory" / "text-00000.text_embeds.npy"
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0x40
     shard.write_bytes(bytes(raw))
@@ -369,13 +370,14 @@ def _build_worker(rank: int, world: int, port: int, tok_path: str, out: str) -> 
     torch.set_num_threads(1)
     info = mdist.init_distributed()
     assert info.world_size == world
-    result = build_cache(tiny_dual_encoder(tok_path), make_records(), out, views=VIEWS, features=True, chunk_rows=8,
-                         batch_size=8)
+    result = build_cache(tiny_dual_encoder(tok_path), make_records(per_shard=10), out, views=VIEWS, features=True,
+                         chunk_rows=8, batch_size=8)
     (Path(out).parent / f"rank{rank}.json").write_text(json.dumps({"built": result.chunks_built}))
     torch.distributed.destroy_process_group()
 
 
 def test_two_process_build_equals_one_process_build(minilm_path: str, tmp_path: Path) -> None:
+    """Rank r builds the segments of data shards r, r + 2, ...; rank 0 publishes the manifest after a barrier."""
     ctx = mp.start_processes(_build_worker, args=(2, _free_port(), minilm_path, str(tmp_path / "two")), nprocs=2,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + 180
@@ -384,10 +386,11 @@ def test_two_process_build_equals_one_process_build(minilm_path: str, tmp_path: 
             for p in ctx.processes:
                 p.kill()
             pytest.fail("2 cache-building processes did not finish within 180 s")
-    one = build_cache(tiny_dual_encoder(minilm_path), make_records(), tmp_path / "one", views=VIEWS, features=True,
-                      chunk_rows=8, batch_size=8)
+    one = build_cache(tiny_dual_encoder(minilm_path), make_records(per_shard=10), tmp_path / "one", views=VIEWS,
+                      features=True, chunk_rows=8, batch_size=8)
     built = [json.loads((tmp_path / f"rank{r}.json").read_text())["built"] for r in range(2)]
-    assert sum(built) == one.chunks_built == 11 and min(built) >= 5  # disjoint halves, all chunks
+    # 4 shards of 10 samples: per segment 2 image chunks + 2 text chunks (15 captions); 2 segments per rank
+    assert sum(built) == one.chunks_built == 16 and built == [8, 8]
     a, b = files(tmp_path / "two"), files(tmp_path / "one")
     assert sorted(a) == sorted(b)
     assert [k for k in a if a[k] != b[k]] == []

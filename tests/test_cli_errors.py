@@ -147,14 +147,19 @@ def test_damaged_cache_meta_json_names_the_file_and_the_key(tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     cache = tmp_path / "tcache"
     cache.mkdir()
-    (cache / "meta.json").write_text(json.dumps({"format": "mmkd-teacher-cache", "format_version": 1,
+    (cache / "meta.json").write_text(json.dumps({"format": "mmkd-teacher-cache", "format_version": 2,
                                                  "fingerprint": {}}))
     cfg = run_config(tmp_path, f"cache:{cache}")
     assert main(["distill", str(cfg)]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert f"{cache / 'meta.json'} has no key 'layout.n_samples'" in line and "rebuild the cache" in line
+    assert f"{cache / 'meta.json'} has no key 'layout.chunk_rows'" in line and "rebuild the cache" in line
     assert main(["cache", "--verify", str(cache)]) == 1
-    assert "meta.json has no key 'layout.n_samples'" in capsys.readouterr().err
+    assert "meta.json has no key 'layout.chunk_rows'" in capsys.readouterr().err
+    # a cache of the old format (version 1: one folder of chunks, keys.json) is refused in one line: rebuild it
+    (cache / "meta.json").write_text(json.dumps({"format": "mmkd-teacher-cache", "format_version": 1}))
+    assert main(["distill", str(cfg)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "format version 1" in line and "rebuild it with `mmkd cache`" in line
 
 
 @pytest.mark.parametrize("side", [10_000, 30_000])  # PIL warns above 89 M pixels, refuses above 179 M
@@ -241,7 +246,7 @@ def test_cache_resumes_whether_the_teacher_is_named_relatively_or_absolutely(
     out = tmp_path / "tcache"
     monkeypatch.chdir(tmp_path)
     assert main(cache_args(data, out, "teacher")) == 0
-    (out / "shards" / "image-00002.done.json").unlink()  # as if the first build was killed before its last chunk
+    (out / "segments" / "memory" / "image-00002.done.json").unlink()  # as if killed before its last chunk
     capsys.readouterr()
     assert main(cache_args(data, out, str(teacher))) == 0
     assert "1 chunk(s) written" in capsys.readouterr().out
@@ -264,8 +269,8 @@ def test_a_second_cache_build_into_a_busy_folder_fails_at_once_naming_the_holder
     data = jsonl(tmp_path, {f"i{i}.png": png(colour=(i * 40, 9, 9)) for i in range(3)})
     out = tmp_path / "tcache"
     with FolderLock(out, "teacher cache folder"):
-        (out / "shards").mkdir()
-        in_progress = out / "shards" / ".image-00000.image_embeds.npy.tmp-x1"  # the holder's shard being written
+        (out / "segments" / "memory").mkdir(parents=True)
+        in_progress = out / "segments" / "memory" / ".image-00000.image_embeds.npy.tmp-x1"  # the holder's write
         in_progress.write_bytes(b"partial")
         assert main(cache_args(data, out, str(teacher))) == 2
         assert f"in use by another mmkd process (PID {os.getpid()})" in one_error_line(capsys.readouterr().err)

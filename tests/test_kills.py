@@ -126,7 +126,8 @@ def test_kill_during_cache_build_then_rerun_gives_the_same_cache(setup: dict[str
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
     out = tmp_path / "killed"
     proc = start(*args, "--out", str(out), log=tmp_path / "log.txt")
-    kill_when(proc, lambda: len(list((out / "shards").glob("*.done.json"))) >= 3, "3 committed chunks", poll_s=0.01)
+    kill_when(proc, lambda: len(list((out / "segments").glob("*/*.done.json"))) >= 3, "3 committed chunks",
+              poll_s=0.01)
     assert main(["cache", "--verify", str(out)]) != 0  # incomplete, and says so
     mmkd_ok(*args, "--out", str(out))
     assert _files(out) == _files(tmp_path / "ref")  # byte for byte

@@ -74,8 +74,9 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
                          log=log if info.is_main else None)
     if info.is_main:
         log(f"teacher cache ready: {result.root} ({result.n_samples} samples × {result.views} view(s), "
-            f"{result.n_captions} captions; {result.chunks_built} chunk(s) written"
-            + (f" by rank 0 of {info.world_size}" if info.world_size > 1 else "")
+            f"{result.n_captions} captions; {result.chunks_built} chunk(s) written in {result.segments_built} shard "
+            "segment(s)" + (f" by rank 0 of {info.world_size}" if info.world_size > 1 else "")
             + (f", {result.chunks_skipped} already there" if result.chunks_skipped else "")
+            + (f"; {result.segments_skipped} shard(s) were cached before" if result.segments_skipped else "")
             + f", {result.seconds:.1f} s). Train from it with `teacher: cache:{result.root}`")
     return result

@@ -129,6 +129,7 @@ class DataConfig:
     world_size_unpaired: int = 20000
     on_error: str = "raise"  # a bad sample (e.g. a shard member missing): raise (stop, naming it) or skip (count it)
     max_image_pixels: int | None = None  # refuse larger images (decompression bombs); None: PIL's 89,478,485
+    only_cached_shards: bool = False  # teacher: cache:DIR partly built: train on the shards it holds (else refused)
 
 
 @dataclass
@@ -492,6 +493,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.label_captions: {cfg.data.label_captions!r} needs a '{{}}' for the class name")
     if cfg.data.views is not None and cfg.data.views < 1:
         raise ConfigError("data.views must be ≥ 1 (view 0 is the unaugmented image)")
+    if cfg.data.only_cached_shards and not cfg.teacher.startswith("cache:"):
+        raise ConfigError("data.only_cached_shards: true needs teacher: cache:DIR (it trains on the shards a partly "
+                          "built teacher cache holds)")
     if cfg.teacher.startswith("cache:") and not cfg.teacher[len("cache:"):]:
         raise ConfigError("teacher: 'cache:' needs the cache folder, e.g. cache:runs/teacher-cache")
     if cfg.teacher.startswith("cache:") and cfg.teacher_modality != "image_text":

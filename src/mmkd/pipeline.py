@@ -275,6 +275,17 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
     cache = CachedTeacher.open(folder)
     student = build_student(cache.teacher_info(), cfg.student, seed=cfg.train.seed)
     paired, unpaired = training_records(cfg, bad)
+    if cfg.data.only_cached_shards:  # a partly built cache: train on the shards it holds, and say which are left out
+        paired, lacking = cache.restrict(paired)
+        unpaired, lacking_unpaired = cache.restrict(unpaired or [])
+        lacking = list(dict.fromkeys(lacking + lacking_unpaired))
+        if not paired:
+            raise ConfigError(f"data.only_cached_shards: the teacher cache {folder} holds none of the training "
+                              "data's shards; build it with `mmkd cache` first")
+        if lacking and info.is_main:
+            log(f"data.only_cached_shards: training on the {len(cache.shards)} shard(s) the teacher cache holds; "
+                f"left out {len(lacking)} shard(s) it lacks, e.g. {lacking[0]}")
+        unpaired = unpaired or None
     sm = student.meta
     s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=augment_paired(cfg))
     s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
@@ -292,6 +303,6 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
                                        ignore_fingerprint=cfg.train.ignore_cache_fingerprint)
     cache.check(expect)
     if info.is_main:
-        log(f"teacher targets from the cache {folder}: {cache.layout.n_samples} samples × {cache.views} view(s); "
+        log(f"teacher targets from the cache {folder}: {cache.n_samples} samples × {cache.views} view(s); "
             f"training draws views 0..{views - 1}")
     return data, cache, student, objectives, prints

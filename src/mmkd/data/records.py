@@ -53,7 +53,9 @@ class Record:
 
     key: stable unique id (used by the teacher cache and by resume); image: a file path, encoded bytes
     (e.g. from a tar shard) or an HxWx3 uint8 array; captions: may be empty for uncaptioned images;
-    label: class index for classification sets, else None; origin: where it came from, for error messages.
+    label: class index for classification sets, else None; origin: where it came from, for error messages;
+    shard: the data shard it was read from (a WebDataset tar), "" for in-memory sources: the teacher cache keeps
+    one segment per shard, so a grown dataset is cached shard by shard.
     """
 
     key: str
@@ -61,6 +63,7 @@ class Record:
     captions: tuple[str, ...] = ()
     label: int | None = None
     origin: str = ""
+    shard: str = ""
 
 
 def set_max_image_pixels(limit: int | None) -> None:

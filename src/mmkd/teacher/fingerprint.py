@@ -40,7 +40,8 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
 def tokenizer_sha256(tokenizer: Any) -> str | None:
     """Hash of everything that maps text to token ids (None when there is no tokenizer).
 
-    Fast tokenizers serialise their whole pipeline (vocabulary, normaliser, pre-tokeniser) in one Rust call;
+    Fast tokenizers serialise their whole pipeline (vocabulary, normaliser, pre-tokeniser) in one Rust call (less
+    the truncation/padding state the last call left);
     slow ones are identified by their vocabulary and settings.
     """
     if tokenizer is None:
@@ -48,7 +49,12 @@ def tokenizer_sha256(tokenizer: Any) -> str | None:
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        # truncation and padding are per-call state (encoding a batch sets them), not the mapping: a teacher that
+        # has tokenised a batch must keep its identity, or a second build into its cache would be refused
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True, ensure_ascii=False).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
         h.update(repr(getattr(tokenizer, "do_lower_case", None)).encode())

@@ -226,6 +226,6 @@ def _wds_record(tar: Path, key: str, parts: dict[str, bytes], cap_ext: str | Non
     elif lab_ext and labelled is not None:
         raise DataError(f"{origin}: no .{lab_ext} label, which every sample of a classification set (classes.txt) "
                         f"needs (e.g. {labelled} has one); extensions found: {found}; add it or remove the sample")
-    return Record(key=key, image=image, captions=captions, label=label, origin=origin)
+    return Record(key=key, image=image, captions=captions, label=label, origin=origin, shard=str(tar))
 
 

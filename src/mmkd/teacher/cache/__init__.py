@@ -8,8 +8,10 @@ transform, view v > 0 the augmentation that is a pure function of (seed, key, v)
 the student replays exactly the augmented image whose teacher embedding it reads.
 
 One module per job: ``format`` (the folder's layout, storage dtypes, metadata, errors), ``folder`` (claiming a
-folder for a build), ``build`` (running the teacher and committing chunks), ``read`` (``CachedTeacher``) and
-``verify`` (``mmkd cache --verify``). The names below are what the rest of mmkd imports.
+folder for a build, starting segments, publishing the manifest), ``index`` (row lookup by key through a
+memory-mapped hash index), ``build`` (running the teacher, one segment per data shard, committing chunks),
+``read`` (``CachedTeacher``) and ``verify`` (``mmkd cache --verify``). The names below are what the rest of
+mmkd imports.
 """
 
 from mmkd.teacher.cache.build import BuildResult, build_cache, resolve_precision

@@ -1,6 +1,7 @@
-"""Building a teacher cache: run the teacher once over the data (K views per sample) and commit its outputs
-chunk by chunk, resuming what an interrupted build committed. Pixels are prepared in a thread beside the
-teacher where that pays, and chunks are written by a background writer.
+"""Building a teacher cache: run the teacher once over the data (K views per sample), one segment per data
+shard, and commit its outputs chunk by chunk, resuming what an interrupted build committed and computing only the
+shards a grown dataset added. Pixels are prepared in a thread beside the teacher where that pays, and chunks are
+written by a background writer.
 """
 
 from __future__ import annotations
@@ -26,21 +27,31 @@ from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augment
 from mmkd.locking import FolderLock
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher import fingerprint as fp
-from mmkd.teacher.cache.folder import check_same_build, prepare_folder
+from mmkd.teacher.cache.folder import check_same_build, prepare_folder, prepare_segment, publish, segment_meta
 from mmkd.teacher.cache.format import (
+    DONE_FILE,
     DTYPES,
     FORMAT,
     FORMAT_VERSION,
     PRECISIONS,
+    SEGMENT_FILE,
+    SEGMENTS,
     CacheError,
     Chunk,
     Layout,
     array_sha256,
+    read_manifest,
+    segment_name,
+    shard_id,
     to_storage,
     write_json,
     write_npy,
 )
+from mmkd.teacher.cache.index import KeyIndex
 from mmkd.teacher.targets import bf16_supported, teacher_outputs
+
+PUBLISH_EVERY_S = 300.0  # rank 0 rewrites the manifest during a build at most this often
+PUBLISH_SHARE = 0.1  # and spends at most about this share of the build's time on it (the index grows with the data)
 
 
 def resolve_precision(precision: str, device_type: str | None = None) -> str:
@@ -59,8 +70,10 @@ class BuildResult:
     n_captions: int
     views: int
     chunks_built: int  # by this process
-    chunks_skipped: int  # already committed (resume)
+    chunks_skipped: int  # already committed (resume, or segments of shards cached before)
     seconds: float
+    segments_built: int = 0  # by this process: segments with at least one chunk computed
+    segments_skipped: int = 0  # by this process: segments already complete (shards cached before)
 
 
 def _check_keys(records: Sequence[Record]) -> list[str]:
@@ -74,30 +87,23 @@ def _check_keys(records: Sequence[Record]) -> list[str]:
     return keys
 
 
-def cache_meta(teacher: DualEncoder, records: Sequence[Record], captions: Sequence[str], *, views: int,
-               dtype: str, features: bool, seed: int, augmentation: Mapping[str, Any] | None, precision: str,
-               chunk_rows: int, source: str = "", digests: Sequence[str] | None = None) -> dict[str, Any]:
-    """meta.json of the cache these arguments build: the fingerprint and the layout."""
+def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, seed: int,
+               augmentation: Mapping[str, Any] | None, precision: str, chunk_rows: int, source: str = ""
+               ) -> dict[str, Any]:
+    """meta.json of the cache these arguments build: the fingerprint of everything but the data (each segment
+    fingerprints its own shard's data) and the layout."""
     bank = ImageBank([], teacher.meta.image_size, teacher.meta.image_mean, teacher.meta.image_std, True, seed,
                      augmentation)
     identity = fp.teacher_identity(teacher, source)
-    digests = list(digests) if digests is not None else fp.record_digests(records)
     dim, fdims = identity["projection_dim"], identity["feature_dims"]
-    arrays: dict[str, list[int]] = {"image_embeds": [views, dim]}
+    arrays: dict[str, list[int]] = {"image_embeds": [views, dim], "text_embeds": [dim]}
     if features:
-        arrays["image_features"] = [views, fdims["image"]]
-    if captions:
-        arrays["text_embeds"] = [dim]
-        if features:
-            arrays["text_features"] = [fdims["text"]]
+        arrays.update(image_features=[views, fdims["image"]], text_features=[fdims["text"]])
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fingerprint": {
             "teacher": identity,
-            "data": {"n_samples": len(records), "sha256": fp.data_sha256((r.key for r in records), digests),
-                     "n_captions": len(captions), "captions_sha256": fp.captions_sha256(captions),
-                     "file_digest": "size"},
             "transform": {"image_size": teacher.meta.image_size, "image_mean": list(teacher.meta.image_mean),
                           "image_std": list(teacher.meta.image_std),
                           "augmentation": augmentation_settings(bank.train_tf.cfg), "view_seed": int(seed),
@@ -105,10 +111,16 @@ def cache_meta(teacher: DualEncoder, records: Sequence[Record], captions: Sequen
             "views": int(views),
             "storage": {"dtype": dtype, "features": bool(features), "precision": precision},
         },
-        "layout": {"n_samples": len(records), "n_captions": len(captions), "chunk_rows": int(chunk_rows),
-                   "arrays": arrays, "numpy_dtype": DTYPES[dtype].str},
+        "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str},
     }
 
+
+def by_shard(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
+    """The records of each data shard (``shard_id``), shards in the order the data first names them."""
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(shard_id(r.shard), []).append(r)
+    return list(groups.items())
 
 
 def prefetch_pays(device: str) -> bool:
@@ -227,8 +239,11 @@ def build_cache(
 ) -> BuildResult:
     """Run ``teacher`` once over ``records`` (K views each) and their captions, writing a cache to ``out_dir``.
 
-    Resumes a partial cache built with the same arguments; under torchrun (an initialised process group) every
-    rank builds its share of the chunks and the call returns when all are committed. ``augmentation`` holds
+    Records are grouped by data shard (``Record.shard``; in-memory records form one segment): a shard whose
+    segment is complete is checked against the data and left untouched, a partial one resumes chunk by chunk, a new
+    one is computed, so a grown dataset costs only its new shards. Under torchrun (an initialised process group)
+    rank r builds data segments r, r + N, ...; rank 0 publishes the manifest after a barrier, and the call returns
+    when all are committed. ``augmentation`` holds
     TransformConfig's ``scale``/``ratio``/``hflip`` (default: the training defaults); ``precision`` is the
     teacher's compute precision (``auto``: bfloat16 where the CPU/GPU supports it). The teacher's training
     mode is restored afterwards and its parameters are not modified.
@@ -246,54 +261,126 @@ def build_cache(
     if not records:
         raise CacheError("no records to cache: the data is empty")
     records = list(records)
-    keys = _check_keys(records)
-    digests = fp.record_digests(records)
-    captions = sorted({c for r in records for c in r.captions})
+    _check_keys(records)
+    shards = by_shard(records)
     prec = resolve_precision(precision, next(teacher.parameters()).device.type)
-    meta = cache_meta(teacher, records, captions, views=views, dtype=dtype, features=features, seed=seed,
-                      augmentation=augmentation, precision=prec, chunk_rows=chunk_rows, source=source,
-                      digests=digests)
+    meta = cache_meta(teacher, views=views, dtype=dtype, features=features, seed=seed, augmentation=augmentation,
+                      precision=prec, chunk_rows=chunk_rows, source=source)
     root = Path(out_dir)
     rank, world = mdist.rank(), mdist.world_size()
+    stats = {"chunks_built": 0, "chunks_skipped": 0, "segments_built": 0, "segments_skipped": 0}
     # rank 0 holds the folder for the whole build: a second build fails at once instead of deleting this one's
-    # temporary shards or racing it at the rename
+    # temporary files or racing it at the rename
     with FolderLock(root, "teacher cache folder") if rank == 0 else nullcontext():
         if rank == 0:
-            prepare_folder(root, meta, keys, digests, captions, teacher.tokenizer, log)
+            prepare_folder(root, meta, teacher.tokenizer, log)
+            if read_manifest(root) is not None or any((root / SEGMENTS).glob(f"*/{DONE_FILE}")):
+                publish(root, [segment_name(s) for s, _ in shards])  # segments a killed build finished
         mdist.barrier()
         if rank != 0:
             check_same_build(root, meta)
-        layout = Layout.from_meta(root, meta)
-        mine = [c for g, c in enumerate(layout.chunks()) if g % world == rank]
-        todo = []
-        for c in mine:
-            if layout.marker(c).is_file():
-                for name in layout.arrays_of(c.kind):
-                    layout.check_shard(c, name)
-            else:
-                todo.append(c)
+        cached = _published_keys(root)
+        mine = shards[rank::world]  # rank r builds data segments r, r + N, ...
         if log and rank == 0:
-            done = len(mine) - len(todo)
-            log(f"teacher cache {root}: {len(records)} samples × {views} view(s), {len(captions)} captions, "
-                f"{dtype}, {prec} compute"
-                + (f"; resuming ({done} of {len(mine)} chunks already written)" if done else ""))
-        if todo:
-            _compute(teacher, records, captions, layout, todo, views=views, seed=seed, augmentation=augmentation,
-                     features=features, bf16=prec == "bf16", batch_size=batch_size, progress=progress and rank == 0)
+            done = sum((root / SEGMENTS / segment_name(s) / DONE_FILE).is_file() for s, _ in shards)
+            log(f"teacher cache {root}: {len(records)} samples in {len(shards)} data shard(s) × {views} view(s), "
+                f"{dtype}, {prec} compute" + (f"; {done} shard(s) already cached" if done else "")
+                + (f"; ranks split the shards ({world} ranks)" if world > 1 else ""))
+        bar = _progress_bar(mine, views, enabled=progress and rank == 0)
+        order = [segment_name(s) for s, _ in shards]
+        published, publish_s = time.monotonic(), 0.0
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            for shard, recs in mine:
+                _build_segment(teacher, root, meta, shard, recs, cached, stats, bar, log if rank == 0 else None,
+                               views=views, seed=seed, augmentation=augmentation, features=features,
+                               bf16=prec == "bf16", batch_size=batch_size)
+                # a long build publishes what every rank finished now and then, so training can use it early
+                # (data.only_cached_shards) before it ends
+                if rank == 0 and time.monotonic() - published >= max(PUBLISH_EVERY_S, publish_s / PUBLISH_SHARE):
+                    t = time.monotonic()
+                    publish(root, order)
+                    published, publish_s = time.monotonic(), time.monotonic() - t
+        finally:
+            teacher.train(was_training)
+            bar.close()
         mdist.barrier()
         if rank == 0:
-            missing = [c.name for c in layout.chunks() if not layout.marker(c).is_file()]
+            manifest = publish(root, order)
+            listed = {s["name"] for s in manifest["segments"]}
+            missing = [shard or "in memory" for shard, _ in shards if segment_name(shard) not in listed]
             if missing:
-                raise CacheError(f"{root}: chunks {missing[:5]} were not written by their ranks; rerun to complete")
-    return BuildResult(root, len(records), len(captions), views, len(todo), len(mine) - len(todo),
-                       time.perf_counter() - t0)
+                raise CacheError(f"{root}: the segments of {len(missing)} shard(s) were not written by their ranks "
+                                 f"(first: {missing[0]}); rerun the same command to complete them")
+    return BuildResult(root, len(records), len({c for r in records for c in r.captions}), views,
+                       stats["chunks_built"], stats["chunks_skipped"], time.perf_counter() - t0,
+                       stats["segments_built"], stats["segments_skipped"])
+
+
+Published = tuple[KeyIndex, list[dict[str, Any]]] | None
+
+
+def _published_keys(root: Path) -> Published:
+    """The key index of the segments already published (and their list), to refuse a new segment whose keys
+    another segment holds."""
+    manifest = read_manifest(root)
+    if not manifest or not manifest["segments"]:
+        return None
+    return KeyIndex(root, manifest["index"], "keys"), manifest["segments"]
+
+
+def _progress_bar(mine: Sequence[tuple[str, list[Record]]], views: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    total = sum(len(recs) * views + len({c for r in recs for c in r.captions}) for _, recs in mine)
+    return tqdm(total=total, desc="teacher cache", disable=not enabled, leave=False, unit="item")
+
+
+def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], shard: str, records: list[Record],
+                   cached: Published, stats: dict[str, int], bar: Any, log: Callable[[str], None] | None,
+                   **compute: Any) -> None:
+    """One data shard's segment: its index (keys, digests, captions), then every chunk not yet committed, then
+    its commit. A complete segment is checked and left as it is: not one of its files is written again."""
+    folder = root / SEGMENTS / segment_name(shard)
+    keys = [r.key for r in records]
+    digests = fp.record_digests(records)
+    captions = sorted({c for r in records for c in r.captions})
+    if cached is not None and not (folder / SEGMENT_FILE).is_file():
+        index, segments = cached
+        rows = index.rows(keys)
+        if (rows >= 0).any():
+            i = int(np.argmax(rows >= 0))
+            seg = int(np.searchsorted(np.cumsum([s["n_samples"] for s in segments]), rows[i], side="right"))
+            raise CacheError(f"sample key {keys[i]!r} of shard {shard or 'in memory'} is already cached in segment "
+                             f"{segments[seg]['name']} of {root} (shard {segments[seg]['shard'] or 'in memory'}); "
+                             "keys must be unique across the cache. If shards were moved or renamed, build into a "
+                             "new --out")
+    prepare_segment(folder, segment_meta(shard, keys, digests, captions), keys, digests, captions, log)
+    layout = Layout.of_segment(folder, meta, len(keys), len(captions))
+    todo = []
+    for c in layout.chunks():
+        if layout.marker(c).is_file():
+            for name in layout.arrays_of(c.kind):
+                layout.check_shard(c, name)
+        else:
+            todo.append(c)
+    stats["chunks_skipped"] += len(layout.chunks()) - len(todo)
+    skipped = [c for c in layout.chunks() if c not in todo]
+    bar.update(sum((c.hi - c.lo) * (compute["views"] if c.kind == "image" else 1) for c in skipped))
+    if todo:
+        _compute(teacher, records, captions, layout, todo, bar=bar, **compute)
+        stats["chunks_built"] += len(todo)
+        stats["segments_built"] += 1
+    else:
+        stats["segments_skipped"] += 1
+    if todo or not (folder / DONE_FILE).is_file():
+        write_json(folder / DONE_FILE, {"shard": shard, "chunks": len(layout.chunks())})
 
 
 def _compute(teacher: DualEncoder, records: list[Record], captions: list[str], layout: Layout, todo: list[Chunk],
              *, views: int, seed: int, augmentation: Mapping[str, Any] | None, features: bool, bf16: bool,
-             batch_size: int, progress: bool) -> None:
-    from tqdm import tqdm
-
+             batch_size: int, bar: Any) -> None:
     tm = teacher.meta
     bank = ImageBank(records, tm.image_size, tm.image_mean, tm.image_std, augment=True, seed=seed,
                      augmentation=augmentation)
@@ -308,10 +395,6 @@ def _compute(teacher: DualEncoder, records: list[Record], captions: list[str], l
                     else:
                         yield (c, 0, lo, len(idx)), (lambda idx=idx: [captions[i] for i in idx])
 
-    total = sum((c.hi - c.lo) * (views if c.kind == "image" else 1) for c in todo)
-    bar = tqdm(total=total, desc="teacher cache", disable=not progress, leave=False, unit="item")
-    was_training = teacher.training
-    teacher.eval()
     writer = _Writer(layout)
     prefetch = Prefetcher(jobs(), threaded=prefetch_pays(next(teacher.parameters()).device.type))
     current: Chunk | None = None
@@ -337,9 +420,5 @@ def _compute(teacher: DualEncoder, records: list[Record], captions: list[str], l
             writer.submit(current, buffers)
     finally:
         prefetch.close()
-        try:
-            writer.finish()
-        finally:
-            bar.close()
-            teacher.train(was_training)
+        writer.finish()
 

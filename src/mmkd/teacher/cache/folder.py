@@ -1,24 +1,43 @@
-"""Claiming a cache folder for a build: create its index, resume a build of the same settings, or refuse a
-folder that holds something else. Called with the folder's lock held."""
+"""Claiming a cache folder for a build (create it, resume a build of the same settings, or refuse a folder that
+holds something else), starting each data shard's segment, and publishing the finished segments in the manifest.
+Called with the folder's lock held (segments: by the rank that builds them)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mmkd.teacher import fingerprint as fp
-from mmkd.teacher.cache.format import INDEX_NAMES, LOCK_NAME, CacheError, read_meta, write_json
+from mmkd.teacher.cache import format as fmt
+from mmkd.teacher.cache.format import (
+    DONE_FILE,
+    INDEX_NAMES,
+    LOCK_NAME,
+    MANIFEST,
+    SEGMENT_FILE,
+    SEGMENTS,
+    CacheError,
+    read_json,
+    read_manifest,
+    read_meta,
+    write_json,
+    write_npy,
+    write_strings,
+)
+from mmkd.teacher.cache.index import index_paths, write_index
 
 
 def _committed(root: Path) -> bool:
-    """Whether any chunk of the folder is committed (its done.json written): then it holds work worth keeping."""
-    return (root / "shards").is_dir() and any((root / "shards").glob("*.done.json"))
+    """Whether any chunk of the folder is committed (a done.json written): then it holds work worth keeping."""
+    return (root / SEGMENTS).is_dir() and any((root / SEGMENTS).glob("*/*.done.json"))
 
 
 def _clear_unfinished(root: Path) -> None:
-    """Remove what a build that committed no chunk left (index files, uncommitted shards); never other files."""
+    """Remove what a build that committed no chunk left (index files, uncommitted arrays); never other files."""
     for name in INDEX_NAMES:
         p = root / name
         if p.is_dir():
@@ -29,12 +48,17 @@ def _clear_unfinished(root: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def prepare_folder(root: Path, meta: dict[str, Any], keys: list[str], digests: list[str], captions: list[str],
-             tokenizer: Any, log: Callable[[str], None] | None = None) -> None:
-    """Create the cache's index (meta.json last: its commit), or check that an existing cache is of this build.
+def _sweep_temporaries(root: Path) -> None:
+    """Leftovers of a killed writer; the lock says no one writes now."""
+    for tmp in [*root.glob(".*.tmp-*"), *root.glob(f"{SEGMENTS}/*/.*.tmp-*"), *root.glob(f"{fmt.INDEX}/.*.tmp-*")]:
+        tmp.unlink(missing_ok=True)
 
-    Called with the folder's lock held. A folder whose first build committed no chunk (it failed or was killed
-    early, e.g. on bad data) is started over, so the corrected rerun is not refused as "other settings".
+
+def prepare_folder(root: Path, meta: dict[str, Any], tokenizer: Any, log: Callable[[str], None] | None = None) -> None:
+    """Create the cache's settings (meta.json last: its commit), or check that an existing cache is of this build.
+
+    A folder whose first build committed no chunk (it failed or was killed early, e.g. on bad data) is started
+    over, so the corrected rerun is not refused as "other settings".
     """
     if (root / "meta.json").is_file():
         try:
@@ -46,23 +70,21 @@ def prepare_folder(root: Path, meta: dict[str, Any], keys: list[str], digests: l
                 log(f"{root}: starting over: its earlier build wrote no chunk, and was for other settings ({e})")
             _clear_unfinished(root)
         else:
-            for tmp in (root / "shards").glob(".*.tmp-*"):  # leftovers of a killed writer; the lock says no one writes
-                tmp.unlink(missing_ok=True)
+            _sweep_temporaries(root)
             return
     if root.exists() and not root.is_dir():
         raise CacheError(f"{root} exists and is a file, not a teacher cache folder; choose another --out")
+    root.mkdir(parents=True, exist_ok=True)
     foreign = sorted(p.name for p in root.iterdir()
                      if p.name not in INDEX_NAMES and p.name != LOCK_NAME and ".tmp-" not in p.name)
     if foreign:
         raise CacheError(f"{root} exists and is not an mmkd teacher cache (no meta.json; it holds {foreign[:3]}); "
                          "choose another --out or delete it")
     _clear_unfinished(root)  # an earlier build killed before its meta.json: nothing of it was committed
-    (root / "shards").mkdir(parents=True)
-    write_json(root / "keys.json", {"keys": keys, "digests": digests})
-    write_json(root / "captions.json", captions)
+    (root / SEGMENTS).mkdir(parents=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(root / "tokenizer"))
-    write_json(root / "meta.json", meta)  # last, atomically: a folder with meta.json has its complete index
+    write_json(root / "meta.json", meta)  # last, atomically: a folder with meta.json has its complete settings
 
 
 def check_same_build(root: Path, meta: dict[str, Any]) -> None:
@@ -74,8 +96,89 @@ def check_same_build(root: Path, meta: dict[str, Any]) -> None:
                                                      if k != "source"}) for m in (meta, found))
     differences = (fp.diff(mine, theirs, names=names) + fp.diff(meta["layout"], found["layout"], "layout", names))
     if differences:
-        raise CacheError(f"{root} already holds a teacher cache built with other settings, so it cannot be resumed "
-                         f"or completed: {'; '.join(differences[:6])}"
+        raise CacheError(f"{root} already holds a teacher cache built with other settings, so it cannot be resumed, "
+                         f"completed or grown: {'; '.join(differences[:6])}"
                          f"{f' (and {len(differences) - 6} more)' if len(differences) > 6 else ''}. Use another "
                          "--out, or delete the folder to rebuild it")
 
+
+# -------------------------------------------------------------------------------------------------- segments
+
+
+def segment_meta(shard: str, keys: Sequence[str], digests: Sequence[str], captions: Sequence[str]) -> dict[str, Any]:
+    """segment.json: which shard, and the fingerprint of its data (keys + content digests, captions)."""
+    return {"shard": shard,
+            "data": {"n_samples": len(keys), "sha256": fp.data_sha256(keys, digests), "n_captions": len(captions),
+                     "captions_sha256": fp.captions_sha256(captions), "file_digest": "size"}}
+
+
+def prepare_segment(folder: Path, seg: dict[str, Any], keys: Sequence[str], digests: Sequence[str],
+                    captions: Sequence[str], log: Callable[[str], None] | None = None) -> None:
+    """Write a segment's string tables and hashes, then ``segment.json`` (their commit); or check that the segment
+    already there was built from this shard's data. A segment of other data that committed no chunk is started
+    over; one with committed chunks is refused, naming what differs."""
+    if (folder / SEGMENT_FILE).is_file():
+        found = read_json(folder / SEGMENT_FILE, "")
+        differences = fp.diff(seg, found, names=("this build", "the folder"))
+        if not differences:
+            return
+        if any(folder.glob("*.done.json")):
+            raise CacheError(f"segment {folder} (shard {seg['shard'] or 'in memory'}) was built from other data, so it "
+                             f"cannot be resumed: {'; '.join(differences[:4])}. The samples of this shard changed "
+                             "since the cache was built: build into a new --out, or delete the segment's folder to "
+                             "recompute it")
+        if log:
+            log(f"{folder}: starting this segment over: it wrote no chunk and was for other data")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, strings in (("keys", keys), ("digests", digests), ("captions", captions)):
+        write_strings(folder, name, strings)
+    write_npy(folder / "keys.hash.npy", fmt.key_hashes(keys))
+    write_npy(folder / "captions.hash.npy", fmt.key_hashes(captions))
+    write_json(folder / SEGMENT_FILE, seg)
+
+
+# -------------------------------------------------------------------------------------------------- manifest
+
+
+def finished_segments(root: Path) -> set[str]:
+    return {p.parent.name for p in (root / SEGMENTS).glob(f"*/{DONE_FILE}")}
+
+
+def publish(root: Path, data_order: Sequence[str]) -> dict[str, Any]:
+    """Write the manifest listing every finished segment: those already listed keep their rows, new ones follow
+    in data order (then any other finished segment, by name). The key index of the new list is written first,
+    under a new generation, so a reader of the old manifest keeps reading the old generation; generations older
+    than the previous one are removed."""
+    old = read_manifest(root)
+    listed = [s["name"] for s in old["segments"]] if old else []
+    finished = finished_segments(root)
+    names = [n for n in listed if n in finished]
+    names += [n for n in data_order if n in finished and n not in names]
+    names += sorted(finished - set(names))
+    segments = []
+    for name in names:
+        seg = read_json(root / SEGMENTS / name / SEGMENT_FILE, "the segment is damaged: delete its folder and rerun")
+        segments.append({"name": name, "shard": seg["shard"], "n_samples": seg["data"]["n_samples"],
+                         "n_captions": seg["data"]["n_captions"], "data_sha256": seg["data"]["sha256"],
+                         "captions_sha256": seg["data"]["captions_sha256"]})
+    generation = hashlib.sha256(json.dumps(segments, sort_keys=True).encode()).hexdigest()[:16]
+    manifest = {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
+                "n_samples": sum(s["n_samples"] for s in segments),
+                "n_captions": sum(s["n_captions"] for s in segments), "index": generation, "segments": segments}
+    if old == manifest and all(p.is_file() for p in index_files(root, generation)):
+        return manifest  # nothing new: leave the folder as it is
+    folders = [root / SEGMENTS / s["name"] for s in segments]
+    shards = [s["shard"] for s in segments]
+    for what in ("keys", "captions"):
+        write_index(root, generation, what, folders, shards, unique=what == "keys")
+    write_json(root / MANIFEST, manifest)
+    keep = {generation, old["index"] if old else generation}
+    for p in (root / fmt.INDEX).glob("*.npy"):
+        if p.name.split(".", 1)[0] not in keep:
+            p.unlink(missing_ok=True)
+    return manifest
+
+
+def index_files(root: Path, generation: str) -> list[Path]:
+    return [p for what in ("keys", "captions") for p in index_paths(root, generation, what).values()]

@@ -2,31 +2,40 @@
 damaged folder. Builders, the reader and the verifier all derive paths and shapes from here, so they agree by
 construction.
 
-Layout of a cache folder (format version 1)::
+Layout of a cache folder (format version 2)::
 
-    meta.json        format, fingerprint (teacher, data, transform, views, storage) and layout
-    keys.json        {"keys": [...], "digests": [...]}: row i of the image arrays is sample keys[i]
-    captions.json    [...]: row j of the text arrays is caption j (sorted, unique)
-    tokenizer/       the teacher's tokenizer (lets a student build a new text tower without the teacher)
-    shards/image-00000.image_embeds.npy     [rows, K, D]  normalised embeddings of views 0..K-1
-    shards/image-00000.image_features.npy   [rows, K, F]  pooled pre-projection features (--features)
-    shards/image-00000.done.json            the chunk's commit marker: row range, shapes, SHA-256 of each array
-    shards/text-00000.text_embeds.npy       [rows, D]     (and text_features [rows, F])
-    shards/text-00000.done.json
+    meta.json          format, fingerprint (teacher, transform, views, storage) and layout (chunk rows, arrays)
+    manifest.json      the finished segments in row order, and the key index generation that covers them
+    index/G.keys.hash.npy / G.keys.row.npy          every sample key's 64-bit hash, sorted, and its global row
+    index/G.captions.hash.npy / G.captions.row.npy  the same for captions
+    tokenizer/         the teacher's tokenizer (lets a student build a new text tower without the teacher)
+    segments/NAME/     one segment per data shard (a WebDataset tar; one for all in-memory records):
+        segment.json                     its shard, sample and caption counts and data fingerprint (written first)
+        keys.bytes.npy / keys.offsets.npy / keys.hash.npy   row i is sample key i (UTF-8 bytes + offsets), its hash
+        digests.bytes.npy / digests.offsets.npy             each sample's content digest
+        captions.bytes.npy / captions.offsets.npy / captions.hash.npy   its sorted distinct captions
+        image-00000.image_embeds.npy     [rows, K, D]  normalised embeddings of views 0..K-1
+        image-00000.image_features.npy   [rows, K, F]  pooled pre-projection features (--features)
+        image-00000.done.json            the chunk's commit marker: row range, shapes, SHA-256 of each array
+        text-00000.text_embeds.npy       [rows, D]     (and text_features [rows, F])
+        done.json                        the segment's commit: written after all its chunks
 
-Rows are computed in chunks of ``chunk_rows``. Each shard is written to a temporary file, fsynced and renamed;
-the chunk's ``done.json`` is written (atomically) only after all its shards, so it is the commit: a chunk either
-has a marker and complete shards or is recomputed by the next run. An interrupted build resumes by skipping
-committed chunks, and can never leave a duplicated, missing or half-written row. Under torchrun, chunk g is
-built by rank ``g % world``; each chunk is computed the same way whatever rank computes it, so N processes
-write the same bytes as one. bfloat16 shards are stored as their raw 16-bit patterns (``<u2``), as numpy has
-no bfloat16.
+A segment's rows are computed in chunks of ``chunk_rows``. Each file is written to a temporary file, fsynced and
+renamed; a chunk's ``done.json`` is written only after all its arrays, a segment's after all its chunks, and the
+manifest (with a new index generation, written before it) only lists committed segments. So a killed build
+resumes chunk by chunk and never leaves a duplicated, missing or half-written row, and a reader sees the
+segments of the last manifest, whole. A dataset with added shards gets new segments; the old ones are never
+rewritten. Under torchrun, data segment g is built by rank ``g % world``; rank 0 writes the manifest after a
+barrier. bfloat16 arrays are stored as their raw 16-bit patterns (``<u2``), as numpy has no bfloat16.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,17 +47,16 @@ from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write, atomic_write_json
 
 FORMAT = "mmkd-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 PRECISIONS = ("auto", "bf16", "fp32")
 IMAGE_ARRAYS = ("image_embeds", "image_features")
 TEXT_ARRAYS = ("text_embeds", "text_features")
 # every key of meta.json that readers index: checked once on reading, so a damaged file is named, not a KeyError
-META_KEYS = ("layout.n_samples", "layout.n_captions", "layout.chunk_rows", "layout.arrays", "fingerprint.views",
+META_KEYS = ("layout.chunk_rows", "layout.arrays", "fingerprint.views",
              "fingerprint.storage.dtype", "fingerprint.teacher.projection_dim", "fingerprint.teacher.feature_dims",
              "fingerprint.teacher.logit_scale", "fingerprint.teacher.weights_sha256", "fingerprint.teacher.meta",
-             "fingerprint.data.sha256", "fingerprint.data.captions_sha256", "fingerprint.transform.view_seed",
-             "fingerprint.transform.augmentation", "fingerprint.transform.version")
+             "fingerprint.transform.view_seed", "fingerprint.transform.augmentation", "fingerprint.transform.version")
 NORM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
 
 
@@ -118,9 +126,10 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where every row lives: derived from meta.json alone, so readers and writers agree by construction."""
+    """Where every row of one segment lives: derived from meta.json and the segment's counts, so readers and
+    writers agree by construction."""
 
-    root: Path
+    root: Path  # the segment's folder
     n_samples: int
     n_captions: int
     chunk_rows: int
@@ -128,15 +137,9 @@ class Layout:
     dtype: str
 
     @classmethod
-    def from_meta(cls, root: Path, meta: dict[str, Any]) -> Layout:
-        lay = meta["layout"]
-        try:
-            return cls(root, int(lay["n_samples"]), int(lay["n_captions"]), int(lay["chunk_rows"]),
-                       {str(k): tuple(int(x) for x in v) for k, v in lay["arrays"].items()},
-                       meta["fingerprint"]["storage"]["dtype"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CacheError(f"{root / 'meta.json'}: its 'layout' is not valid ({type(e).__name__}: {e}; the file is "
-                             f"damaged): rebuild the cache (delete {root} and rerun `mmkd cache`)") from None
+    def of_segment(cls, folder: Path, meta: dict[str, Any], n_samples: int, n_captions: int) -> Layout:
+        chunk_rows, arrays, dtype = layout_settings(folder.parent.parent, meta)
+        return cls(folder, int(n_samples), int(n_captions), chunk_rows, arrays, dtype)
 
     def chunks(self, kind: str | None = None) -> list[Chunk]:
         out = []
@@ -150,10 +153,10 @@ class Layout:
         return [a for a in (IMAGE_ARRAYS if kind == "image" else TEXT_ARRAYS) if a in self.arrays]
 
     def shard(self, chunk: Chunk, array: str) -> Path:
-        return self.root / "shards" / f"{chunk.name}.{array}.npy"
+        return self.root / f"{chunk.name}.{array}.npy"
 
     def marker(self, chunk: Chunk) -> Path:
-        return self.root / "shards" / f"{chunk.name}.done.json"
+        return self.root / f"{chunk.name}.done.json"
 
     def shape(self, chunk: Chunk, array: str) -> tuple[int, ...]:
         return (chunk.hi - chunk.lo, *self.arrays[array])
@@ -190,8 +193,9 @@ def read_meta(root: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CacheError(f"{root / 'meta.json'} is not an mmkd teacher cache's metadata")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{root} is a teacher cache of format version {meta.get('format_version')}; this mmkd "
-                         f"reads version {FORMAT_VERSION}: rebuild it with `mmkd cache`")
+        raise CacheError(f"{root} is a teacher cache of format version {meta.get('format_version')}, which this mmkd "
+                         f"no longer reads (it reads version {FORMAT_VERSION}: segments per data shard): rebuild it "
+                         f"with `mmkd cache` into a new --out (or delete {root} first)")
     for dotted in META_KEYS:
         node: Any = meta
         for part in dotted.split("."):
@@ -206,5 +210,111 @@ def read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
-INDEX_NAMES = ("meta.json", "keys.json", "captions.json", "tokenizer", "shards")  # what a cache folder holds
+def layout_settings(root: Path, meta: dict[str, Any]) -> tuple[int, dict[str, tuple[int, ...]], str]:
+    """(chunk rows, array name → trailing row shape, storage dtype) from meta.json, or CacheError naming it."""
+    lay = meta["layout"]
+    try:
+        chunk_rows = int(lay["chunk_rows"])
+        arrays = {str(k): tuple(int(x) for x in v) for k, v in lay["arrays"].items()}
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows {chunk_rows}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CacheError(f"{root / 'meta.json'}: its 'layout' is not valid ({type(e).__name__}: {e}; the file is "
+                         f"damaged): rebuild the cache (delete {root} and rerun `mmkd cache`)") from None
+    return chunk_rows, arrays, meta["fingerprint"]["storage"]["dtype"]
+
+
+# ------------------------------------------------------------------------------------- segments and their names
+
+SEGMENTS = "segments"
+INDEX = "index"
+MANIFEST = "manifest.json"
+SEGMENT_FILE = "segment.json"  # a segment's index commit (its keys, digests and captions are written)
+DONE_FILE = "done.json"  # a segment's commit (every chunk written)
+MEMORY_SHARD = ""  # the shard id of records that come from no data shard (in-memory sources)
+
+
+def shard_id(shard: str) -> str:
+    """A record's data shard as the cache names it: local paths made absolute (the same tar named relatively or
+    absolutely is one shard), URLs and ``pipe:`` commands as given, ``""`` for in-memory records."""
+    if not shard or "://" in shard or shard.startswith("pipe:"):
+        return shard
+    return os.path.abspath(os.path.expanduser(shard))
+
+
+def segment_name(shard: str) -> str:
+    """The folder of a shard's segment: its readable file name and a hash of its id (distinct shards with one
+    file name, e.g. two datasets' ``train-0000.tar``, get distinct segments)."""
+    if shard == MEMORY_SHARD:
+        return "memory"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", shard.rstrip("/").rsplit("/", 1)[-1])[:48] or "shard"
+    return f"{stem}-{hashlib.sha1(shard.encode()).hexdigest()[:12]}"
+
+
+def key_hashes(strings: Sequence[str]) -> np.ndarray:
+    """64-bit BLAKE2b hashes of strings (little-endian uint64), the same in every process and Python version
+    (unlike ``hash()``). Collisions are possible and handled: lookups compare the stored strings."""
+    return np.frombuffer(b"".join(hashlib.blake2b(s.encode(), digest_size=8).digest() for s in strings),
+                         dtype="<u8").copy() if strings else np.zeros(0, "<u8")
+
+
+def write_strings(folder: Path, name: str, strings: Sequence[str]) -> None:
+    """``name.bytes.npy`` (the UTF-8 bytes, concatenated) and ``name.offsets.npy`` (n + 1 uint64 offsets): a
+    string table a reader memory-maps and reads one entry of without loading the rest."""
+    data = [s.encode() for s in strings]
+    offsets = np.zeros(len(data) + 1, "<u8")
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    write_npy(folder / f"{name}.bytes.npy", np.frombuffer(b"".join(data), np.uint8))
+    write_npy(folder / f"{name}.offsets.npy", offsets)
+
+
+class StringTable:
+    """A memory-mapped string table written by ``write_strings``: entry i without reading the others."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.data = load_npy(folder / f"{name}.bytes.npy")
+        self.offsets = load_npy(folder / f"{name}.offsets.npy")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def raw(self, i: int) -> bytes:
+        return self.data[int(self.offsets[i]):int(self.offsets[i + 1])].tobytes()
+
+    def __getitem__(self, i: int) -> str:
+        return self.raw(i).decode()
+
+    def all(self) -> list[str]:
+        return [self[i] for i in range(len(self))]
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A memory-mapped .npy file (an empty array is read whole: numpy cannot map 0 bytes), or CacheError."""
+    try:
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError:  # an empty array: nothing to map
+            return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing: the teacher cache is damaged; rerun the same `mmkd cache` command "
+                         "(or delete the folder to rebuild it)") from None
+    except (OSError, EOFError, ValueError) as e:
+        raise CacheError(f"{path} is unreadable ({e}): the teacher cache is damaged; delete this segment's folder "
+                         "and rerun the same `mmkd cache` command") from None
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    """manifest.json, or None before the first segment is published."""
+    if not (root / MANIFEST).is_file():
+        return None
+    manifest = read_json(root / MANIFEST, "")
+    segs = manifest.get("segments") if isinstance(manifest, dict) else None
+    if not isinstance(segs, list) or not all(isinstance(s, dict) and {"name", "shard", "n_samples", "n_captions"}
+                                             <= set(s) for s in segs) or "index" not in manifest:
+        raise CacheError(f"{root / MANIFEST} does not hold what the cache writes (damaged): rerun the same "
+                         "`mmkd cache` command to rewrite it")
+    return manifest
+
+
+INDEX_NAMES = ("meta.json", MANIFEST, "tokenizer", SEGMENTS, INDEX)  # what a cache folder holds
 LOCK_NAME = ".lock"  # mmkd.locking.FolderLock's file: one build per folder

@@ -1,5 +1,7 @@
 """Reading a teacher cache: ``CachedTeacher`` answers by sample key, view and caption without running a model,
-after ``CacheExpectation`` has checked the cache fits the training that reads it."""
+after ``CacheExpectation`` has checked the cache fits the training that reads it. Keys are found through the
+memory-mapped hash index (``index.KeyIndex``), so opening costs no per-key work and a reader copied into a
+DataLoader worker opens its own maps there."""
 
 from __future__ import annotations
 
@@ -23,15 +25,21 @@ from mmkd.models.dual_encoder import EncoderMeta
 from mmkd.models.student import TeacherInfo
 from mmkd.teacher import fingerprint as fp
 from mmkd.teacher.cache.format import (
+    DONE_FILE,
     DTYPES,
     IMAGE_ARRAYS,
+    SEGMENT_FILE,
+    SEGMENTS,
     CacheError,
     CacheFingerprintError,
     Layout,
+    StringTable,
     from_storage,
-    read_json,
+    read_manifest,
     read_meta,
+    shard_id,
 )
+from mmkd.teacher.cache.index import KeyIndex
 
 
 def open_maps_budget() -> int:
@@ -96,59 +104,126 @@ class CachedTeacher:
 
     Same interface as ``OnlineTeacher``/``TableTeacher``: ``teacher(batch)`` returns ``image_embeds`` (row of
     each sample at its view), ``text_embeds`` (per caption), the pooled features where cached, and the teacher's
-    ``logit_scale``. Shards are memory-mapped on first use, so opening is cheap and memory stays small; at most
-    ``max_open_maps`` maps (default ``open_maps_budget()``) stay open, the least recently read closed first, so a
-    cache of any number of shards is read within the process's open-files limit.
+    ``logit_scale``. It serves the segments the manifest lists (a partly built cache serves the shards it holds).
+    Shards and the key index are memory-mapped on first use in each process, so opening is cheap, memory stays
+    small, and a pickled or forked copy (a DataLoader worker) opens its own maps; at most ``max_open_maps``
+    array maps (default ``open_maps_budget()``) stay open, the least recently read closed first, so a cache of
+    any number of files is read within the process's open-files limit.
     """
 
-    def __init__(self, root: Path, meta: dict[str, Any], keys: list[str], digests: list[str],
-                 captions: list[str], max_open_maps: int | None = None) -> None:
-        self.root, self.meta = root, meta
-        self.layout = Layout.from_meta(root, meta)
-        self.keys, self.digests, self.captions = keys, digests, captions
-        self.row = {k: i for i, k in enumerate(keys)}
-        self.caption_row = {c: i for i, c in enumerate(captions)}
+    def __init__(self, root: Path, meta: dict[str, Any], manifest: dict[str, Any],
+                 max_open_maps: int | None = None) -> None:
+        self.root, self.meta, self.manifest = root, meta, manifest
+        segs = manifest["segments"]
+        self.folders = [root / SEGMENTS / s["name"] for s in segs]
+        self.layouts = [Layout.of_segment(f, meta, s["n_samples"], s["n_captions"]) for f, s in zip(self.folders, segs)]
+        self.sample_starts = np.concatenate([[0], np.cumsum([s["n_samples"] for s in segs])]).astype(np.int64)
+        self.caption_starts = np.concatenate([[0], np.cumsum([s["n_captions"] for s in segs])]).astype(np.int64)
+        self.key_index = KeyIndex(root, manifest["index"], "keys")
+        self.caption_index = KeyIndex(root, manifest["index"], "captions")
         self.max_open_maps = max(1, max_open_maps or open_maps_budget())
-        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()  # least recently read first
+        self._reset_maps()
+
+    def _reset_maps(self) -> None:
+        self._pid = os.getpid()
+        self._maps: OrderedDict[tuple[int, str, int], np.ndarray] = OrderedDict()  # least recently read first
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its maps and lock: the copy (e.g. in a spawned DataLoader worker) opens its own."""
+        state = self.__dict__.copy()
+        for name in ("_maps", "_lock", "_pid"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_maps()
 
     # -- opening and checking
     @classmethod
     def open(cls, path: str | os.PathLike, expect: CacheExpectation | None = None,
              max_open_maps: int | None = None) -> CachedTeacher:
-        """Open a complete cache (every chunk committed, every shard of the right size), then ``check(expect)``."""
+        """Open the segments the manifest lists (each committed, every array of the right size), then
+        ``check(expect)``. Reads no key: lookups go through the memory-mapped index."""
         root = Path(path)
         if not root.is_dir():
             raise CacheError(f"teacher cache {root} not found; build it with `mmkd cache --teacher MODEL --data "
                              f"SPEC --out {root}`")
         meta = read_meta(root)
-        index = read_json(root / "keys.json", "the cache's sample index is missing: rebuild the cache")
-        captions = read_json(root / "captions.json", "the cache's caption index is missing: rebuild the cache")
-        keys, digests = (index.get("keys"), index.get("digests")) if isinstance(index, dict) else (None, None)
-        layout = Layout.from_meta(root, meta)
-        if (not isinstance(keys, list) or not isinstance(digests, list) or len(keys) != layout.n_samples
-                or len(digests) != len(keys) or not isinstance(captions, list)
-                or len(captions) != layout.n_captions):
-            raise CacheError(f"{root}: keys.json/captions.json do not match meta.json (damaged cache): rebuild it")
-        missing = [c for c in layout.chunks() if not layout.marker(c).is_file()]
-        if missing:
-            total = len(layout.chunks())
-            raise CacheError(f"teacher cache {root} is incomplete: {len(missing)} of {total} chunks are not written "
-                             f"(first: {missing[0].name}); rerun the same `mmkd cache` command to finish it")
-        for c in layout.chunks():
-            for name in layout.arrays_of(c.kind):
-                layout.check_shard(c, name)
-        cache = cls(root, meta, keys, digests, captions, max_open_maps)
+        manifest = read_manifest(root)
+        if manifest is None or not manifest["segments"]:
+            raise CacheError(f"teacher cache {root} is incomplete: it holds no finished segment yet (an interrupted "
+                             "first build); rerun the same `mmkd cache` command to finish it")
+        cache = cls(root, meta, manifest, max_open_maps)
+        for folder, lay, seg in zip(cache.folders, cache.layouts, manifest["segments"]):
+            if not (folder / DONE_FILE).is_file() or not (folder / SEGMENT_FILE).is_file():
+                shard = seg["shard"] or "in memory"
+                raise CacheError(f"teacher cache {root} is damaged: segment {folder} (shard {shard}) is listed in "
+                                 "manifest.json but not complete; rerun the same `mmkd cache` command to finish it")
+            missing = [c for c in lay.chunks() if not lay.marker(c).is_file()]
+            if missing:
+                raise CacheError(f"teacher cache {root} is incomplete: {len(missing)} of {len(lay.chunks())} chunks "
+                                 f"of segment {folder.name} are not written (first: {missing[0].name}); rerun the "
+                                 "same `mmkd cache` command to finish it")
+            for c in lay.chunks():
+                for name in lay.arrays_of(c.kind):
+                    lay.check_shard(c, name)
         if expect is not None:
             cache.check(expect)
         return cache
+
+    # -- what the cache holds
+    @property
+    def n_samples(self) -> int:
+        return int(self.sample_starts[-1])
+
+    @property
+    def n_captions(self) -> int:
+        return int(self.caption_starts[-1])
+
+    @property
+    def shards(self) -> list[str]:
+        """The data shards it holds a segment of, in row order (``""``: the in-memory records' segment)."""
+        return [s["shard"] for s in self.manifest["segments"]]
+
+    @property
+    def keys(self) -> list[str]:
+        """Every sample key in row order (reads the whole key table: for inspection, not for lookups)."""
+        return [k for f in self.folders for k in StringTable(f, "keys").all()]
+
+    @property
+    def captions(self) -> list[str]:
+        """Every cached caption in row order (each segment's, sorted; for inspection, not for lookups)."""
+        return [c for f in self.folders for c in StringTable(f, "captions").all()]
+
+    def digest(self, row: int) -> str:
+        seg = int(np.searchsorted(self.sample_starts, row, side="right")) - 1
+        return StringTable(self.folders[seg], "digests")[row - int(self.sample_starts[seg])]
+
+    def holds_shard(self, record: Record) -> bool:
+        """Whether the cache has a segment of ``record``'s data shard."""
+        return shard_id(record.shard) in self._shard_set
+
+    @property
+    def _shard_set(self) -> set[str]:
+        return set(self.shards)
+
+    def restrict(self, records: Sequence[Record]) -> tuple[list[Record], list[str]]:
+        """(the records of shards the cache holds, the shards it lacks in data order): training on a partly built
+        cache's shards only (``data.only_cached_shards``)."""
+        held = self._shard_set
+        kept = [r for r in records if shard_id(r.shard) in held]
+        lacking = list(dict.fromkeys(r.shard or "(in-memory records)" for r in records
+                                     if shard_id(r.shard) not in held))
+        return kept, lacking
 
     def check(self, expect: CacheExpectation) -> None:
         """Refuse, with a message naming what differs, a cache that does not fit ``expect``."""
         f = self.meta["fingerprint"]
         hard: list[str] = []
         soft: list[str] = []
-        missing_arrays = [a for a in expect.arrays if a not in self.layout.arrays]
+        missing_arrays = [a for a in expect.arrays if a not in self.arrays]
         if missing_arrays:
             features = any(a.endswith("_features") for a in missing_arrays)
             hard.append(f"it holds no {', '.join(missing_arrays)}" + (
@@ -190,31 +265,51 @@ class CachedTeacher:
 
     def _missing(self, expect: CacheExpectation, text: bool) -> list[str]:
         out = []
-        absent = [r for r in expect.records or [] if r.key not in self.row]
+        records = list(expect.records or [])
+        rows = self.key_index.rows([r.key for r in records])
+        absent = [r for r, row in zip(records, rows) if row < 0]
+        held = self._shard_set
+        lacking = list(dict.fromkeys(r.shard or "(in-memory records)" for r in absent
+                                     if shard_id(r.shard) not in held))
+        if lacking:
+            shards = set(r.shard for r in records)
+            out.append(f"it lacks {len(lacking)} of the training data's {len(shards)} shard(s) (it is partly built, or "
+                       f"the data grew): {', '.join(map(repr, lacking[:3]))}{' …' if len(lacking) > 3 else ''}; "
+                       "cache them with the same `mmkd cache` command over the whole data (it computes only the "
+                       "missing shards), or train on the cached shards only with data.only_cached_shards: true")
+            absent = [r for r in absent if shard_id(r.shard) in held]
         if absent:
             r = absent[0]
             out.append(f"{len(absent)} training sample(s) are not in it, e.g. key {r.key!r}"
                        f"{f' ({r.origin})' if r.origin and r.origin != r.key else ''}: build the cache over the "
                        "same data (mmkd cache --data SPEC, or --config with your run config)")
         if text:
-            recs = expect.captioned if expect.captioned is not None else expect.records or []
-            lost = sorted({c for r in recs for c in r.captions if c not in self.caption_row})
+            recs = expect.captioned if expect.captioned is not None else records
+            recs = [r for r in recs if shard_id(r.shard) in held]  # a lacking shard's captions are named above
+            wanted = sorted({c for r in recs for c in r.captions})
+            lost = [c for c, row in zip(wanted, self.caption_index.rows(wanted)) if row < 0]
             if lost:
                 out.append(f"{len(lost)} caption(s) are not in it, e.g. {lost[0]!r}")
         return out
 
     def _changed(self, records: Sequence[Record]) -> list[str]:
-        present = [r for r in records if r.key in self.row]
-        digests = fp.record_digests(present)
-        changed = [(r, d) for r, d in zip(present, digests) if self.digests[self.row[r.key]] != d]
+        rows = self.key_index.rows([r.key for r in records])
+        present = [(r, int(row)) for r, row in zip(records, rows) if row >= 0]
+        digests = fp.record_digests([r for r, _ in present])
+        changed = []
+        tables: dict[int, StringTable] = {}
+        for (r, row), d in zip(present, digests):
+            seg = int(np.searchsorted(self.sample_starts, row, side="right")) - 1
+            table = tables.get(seg) or tables.setdefault(seg, StringTable(self.folders[seg], "digests"))
+            then = table[row - int(self.sample_starts[seg])]
+            if then != d:
+                changed.append((r, then, d))
         if not changed:
             return []
-        r, d = changed[0]
+        r, then, d = changed[0]
         return [f"data: {len(changed)} sample(s) differ from when the cache was built, e.g. {r.key!r}"
-                f"{f' ({r.origin})' if r.origin and r.origin != r.key else ''}: "
-                f"{self.digests[self.row[r.key]]} then, {d} now"]
+                f"{f' ({r.origin})' if r.origin and r.origin != r.key else ''}: {then} then, {d} now"]
 
-    # -- what the cache holds
     @property
     def views(self) -> int:
         return int(self.meta["fingerprint"]["views"])
@@ -237,7 +332,7 @@ class CachedTeacher:
 
     @property
     def arrays(self) -> list[str]:
-        return list(self.layout.arrays)
+        return list(self.layouts[0].arrays)
 
     @property
     def logit_scale(self) -> float:
@@ -266,16 +361,19 @@ class CachedTeacher:
                          seed=self.view_seed, augmentation=self.augmentation)
 
     # -- lookups
-    def _shard(self, chunk: int, array: str) -> np.ndarray:
-        key = (chunk, array)
+    def _shard(self, seg: int, chunk: int, array: str) -> np.ndarray:
+        if self._pid != os.getpid():  # a forked copy: the parent's maps and lock are not this process's
+            self._reset_maps()
+        key = (seg, array, chunk)
         with self._lock:
             m = self._maps.get(key)
             if m is not None:
                 self._maps.move_to_end(key)
                 return m
+            lay = self.layouts[seg]
             kind = "image" if array in IMAGE_ARRAYS else "text"
-            c = self.layout.chunks(kind)[chunk]
-            m = np.load(self.layout.shard(c, array), mmap_mode="r")
+            c = lay.chunks(kind)[chunk]
+            m = np.load(lay.shard(c, array), mmap_mode="r")
             mm = getattr(m, "_mmap", None)  # rows are read at random: no read-ahead around each one
             if mm is not None and hasattr(mmap, "MADV_RANDOM"):
                 mm.madvise(mmap.MADV_RANDOM)
@@ -286,21 +384,28 @@ class CachedTeacher:
             return m
 
     def _gather(self, array: str, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
-        per = self.layout.chunk_rows
-        cidx, off = rows // per, rows % per
-        out = np.empty((len(rows), self.layout.arrays[array][-1]), DTYPES[self.layout.dtype])
-        for c in np.unique(cidx):
-            sel = np.nonzero(cidx == c)[0]
-            shard = self._shard(int(c), array)
+        starts = self.sample_starts if array in IMAGE_ARRAYS else self.caption_starts
+        lay0 = self.layouts[0]
+        per = lay0.chunk_rows
+        seg = np.searchsorted(starts, rows, side="right") - 1
+        local = rows - starts[seg]
+        cidx, off = local // per, local % per
+        out = np.empty((len(rows), lay0.arrays[array][-1]), DTYPES[lay0.dtype])
+        group = seg * (1 + int(cidx.max(initial=0))) + cidx
+        for g in np.unique(group):
+            sel = np.nonzero(group == g)[0]
+            shard = self._shard(int(seg[sel[0]]), int(cidx[sel[0]]), array)
             out[sel] = shard[off[sel], views[sel]] if views is not None else shard[off[sel]]
-        return from_storage(out, self.layout.dtype)
+        return from_storage(out, lay0.dtype)
 
     def image_rows(self, keys: Sequence[str]) -> np.ndarray:
-        try:
-            return np.fromiter((self.row[k] for k in keys), dtype=np.int64, count=len(keys))
-        except KeyError as e:
-            raise CacheError(f"sample {e.args[0]!r} is not in the teacher cache {self.root} ({len(self.row)} "
-                             "samples); rebuild the cache over the training data") from None
+        rows = self.key_index.rows(keys)
+        if (rows < 0).any():
+            absent = int(np.count_nonzero(rows < 0))
+            more = f"; {absent} of these {len(keys)} keys are not" if absent > 1 else ""
+            raise CacheError(f"sample {keys[int(np.argmax(rows < 0))]!r} is not in the teacher cache {self.root} "
+                             f"({self.n_samples} samples{more}); rebuild the cache over the training data")
+        return rows
 
     def images(self, keys: Sequence[str], views: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Image targets of ``keys`` at ``views`` (default view 0)."""
@@ -312,21 +417,19 @@ class CachedTeacher:
             bad = int(v[(v < 0) | (v >= self.views)][0])
             raise CacheError(f"view {bad} is not in the teacher cache {self.root}, which holds views "
                              f"0..{self.views - 1}; rebuild it with --views {bad + 1} or draw fewer views")
-        return {a: self._gather(a, rows, v) for a in self.layout.arrays_of("image")}
+        return {a: self._gather(a, rows, v) for a in self.layouts[0].arrays_of("image")}
 
     def texts(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         if not captions:
             return {}
-        try:
-            rows = np.fromiter((self.caption_row[c] for c in captions), dtype=np.int64, count=len(captions))
-        except KeyError as e:
-            raise CacheError(f"caption {e.args[0]!r} is not in the teacher cache {self.root}; rebuild the cache "
-                             "over the training data") from None
-        return {a: self._gather(a, rows, None) for a in self.layout.arrays_of("text")}
+        rows = self.caption_index.rows(captions)
+        if (rows < 0).any():
+            raise CacheError(f"caption {captions[int(np.argmax(rows < 0))]!r} is not in the teacher cache "
+                             f"{self.root}; rebuild the cache over the training data")
+        return {a: self._gather(a, rows, None) for a in self.layouts[0].arrays_of("text")}
 
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         out = self.images(batch.keys, batch.views)
         out.update(self.texts(batch.captions))
         out["logit_scale"] = torch.tensor(min(self.logit_scale, 100.0))  # clamped as the online teacher's
         return out
-

@@ -11,17 +11,25 @@ import numpy as np
 import torch
 
 from mmkd.teacher import fingerprint as fp
+from mmkd.teacher.cache import format as fmt
 from mmkd.teacher.cache.format import (
+    DONE_FILE,
     INDEX_NAMES,
     LOCK_NAME,
     NORM_TOLERANCE,
+    SEGMENT_FILE,
+    SEGMENTS,
     CacheError,
     Layout,
+    StringTable,
     array_sha256,
     from_storage,
+    load_npy,
     read_json,
+    read_manifest,
     read_meta,
 )
+from mmkd.teacher.cache.index import KeyIndex
 
 
 @dataclass
@@ -37,40 +45,76 @@ class VerifyReport:
 
 
 def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
-    """Check a cache folder completely: metadata, index, every chunk's marker and shards, and (``deep``) each
-    shard's SHA-256 against its marker, finite values and unit-norm embeddings. Reads only; changes nothing."""
+    """Check a cache folder completely: metadata, manifest and key index, every segment's tables, every chunk's
+    marker and arrays, and (``deep``) each array's SHA-256 against its marker, finite values and unit-norm
+    embeddings. Segments not (yet) in the manifest are an interrupted build's. Reads only; changes nothing."""
     root = Path(path)
     rep = VerifyReport(root)
     try:
         meta = read_meta(root)
-        index = read_json(root / "keys.json", "the sample index is missing")
-        captions = read_json(root / "captions.json", "the caption index is missing")
-        layout = Layout.from_meta(root, meta)
+        manifest = read_manifest(root)
     except CacheError as e:
         rep.problems.append(str(e))
         return rep
-    f = meta["fingerprint"]
-    if not isinstance(index, dict) or not isinstance(captions, list):
-        rep.problems.append(f"{root / 'keys.json'} or {root / 'captions.json'} does not hold what the cache writes "
-                            "(damaged): rebuild the cache")
-        return rep
-    keys, digests = index.get("keys", []), index.get("digests", [])
-    if len(keys) != layout.n_samples or len(digests) != len(keys):
-        rep.problems.append(f"keys.json holds {len(keys)} keys / {len(digests)} digests, meta.json says "
-                            f"{layout.n_samples} samples")
-    elif len(set(keys)) != len(keys):
-        rep.problems.append("keys.json lists a sample key twice")
-    elif fp.data_sha256(keys, digests) != f["data"]["sha256"]:
-        rep.problems.append("keys.json does not match the data fingerprint in meta.json")
-    if len(captions) != layout.n_captions or captions != sorted(set(captions)):
-        rep.problems.append("captions.json is not the sorted, duplicate-free caption list meta.json describes")
-    elif fp.captions_sha256(captions) != f["data"]["captions_sha256"]:
-        rep.problems.append("captions.json does not match the caption fingerprint in meta.json")
-    expected_files = {*INDEX_NAMES, LOCK_NAME}
-    stray = sorted(p.name for p in root.iterdir() if p.name not in expected_files)
+    listed = [s["name"] for s in manifest["segments"]] if manifest else []
+    on_disk = sorted(p.name for p in (root / SEGMENTS).iterdir() if p.is_dir()) if (root / SEGMENTS).is_dir() else []
+    unlisted = [n for n in on_disk if n not in listed]
+    if not listed:
+        rep.problems.append(f"{root} holds no finished segment (an interrupted first build): rerun the same "
+                            "`mmkd cache` command to finish it")
+    if unlisted:
+        rep.problems.append(f"{len(unlisted)} segment(s) are not written completely or not yet in manifest.json (an "
+                            f"interrupted build), e.g. {unlisted[0]}: rerun the same `mmkd cache` command to finish "
+                            "them")
+    stray = sorted(p.name for p in root.iterdir() if p.name not in {*INDEX_NAMES, LOCK_NAME})
     if stray:
         rep.notes.append(f"files that are not part of the cache: {stray[:5]}")
-    known: set[str] = set()
+    rows = 0
+    for seg in manifest["segments"] if manifest else []:
+        rows += _verify_segment(rep, root, meta, seg, deep)
+    if manifest and listed:
+        _verify_index(rep, root, manifest)
+    f = meta["fingerprint"]
+    t = f["teacher"]
+    arrays = list(meta["layout"]["arrays"])
+    n_captions = manifest["n_captions"] if manifest else 0
+    rep.summary = (f"{rows} samples in {len(listed)} segment(s) × {f['views']} view(s), {n_captions} captions, "
+                   f"arrays {', '.join(arrays)}, {f['storage']['dtype']}; teacher {t.get('source') or '(in-process)'} "
+                   f"weights {t['weights_sha256'][:12]}, embedding width {t['projection_dim']}")
+    return rep
+
+
+def _verify_segment(rep: VerifyReport, root: Path, meta: dict, seg: dict, deep: bool) -> int:
+    """One listed segment: its commit, tables and fingerprint, then every chunk. Returns its sample count."""
+    folder = root / SEGMENTS / seg["name"]
+    try:
+        info = read_json(folder / SEGMENT_FILE, "the segment's index is missing: delete the folder and rerun")
+        if not (folder / DONE_FILE).is_file():
+            raise CacheError(f"{folder / DONE_FILE} is missing although manifest.json lists the segment: rerun the "
+                             "same `mmkd cache` command")
+        keys, digests, captions = (StringTable(folder, n).all() for n in ("keys", "digests", "captions"))
+        key_hash, caption_hash = (np.asarray(load_npy(folder / f"{n}.hash.npy")) for n in ("keys", "captions"))
+    except (CacheError, UnicodeDecodeError) as e:
+        rep.problems.append(f"segment {folder}: {e}")
+        return 0
+    data = info.get("data", {}) if isinstance(info, dict) else {}
+    if len(keys) != seg["n_samples"] or len(digests) != len(keys) or len(captions) != seg["n_captions"]:
+        rep.problems.append(f"segment {folder}: its tables hold {len(keys)} keys / {len(digests)} digests / "
+                            f"{len(captions)} captions, manifest.json says {seg['n_samples']} / {seg['n_captions']}")
+        return 0
+    if len(set(keys)) != len(keys):
+        rep.problems.append(f"segment {folder}: a sample key is listed twice")
+    elif fp.data_sha256(keys, digests) != data.get("sha256") or data.get("sha256") != seg.get("data_sha256"):
+        rep.problems.append(f"segment {folder}: its keys and digests do not match its data fingerprint")
+    if captions != sorted(set(captions)) or fp.captions_sha256(captions) != data.get("captions_sha256"):
+        rep.problems.append(f"segment {folder}: its captions are not the sorted, duplicate-free list its "
+                            "fingerprint describes")
+    if not np.array_equal(key_hash, fmt.key_hashes(keys)) or not np.array_equal(caption_hash,
+                                                                                fmt.key_hashes(captions)):
+        rep.problems.append(f"segment {folder}: keys.hash.npy or captions.hash.npy does not match its strings")
+    layout = Layout.of_segment(folder, meta, len(keys), len(captions))
+    known = {SEGMENT_FILE, DONE_FILE} | {f"{n}.{part}.npy" for n in ("keys", "digests", "captions")
+                                         for part in ("bytes", "offsets")} | {"keys.hash.npy", "captions.hash.npy"}
     incomplete = 0
     tol = NORM_TOLERANCE[layout.dtype]
     for c in layout.chunks():
@@ -112,15 +156,32 @@ def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
                     rep.problems.append(f"shard {layout.shard(c, a)}: embeddings are not unit-norm (max deviation "
                                         f"{dev:.3g} > {tol:g})")
     if incomplete:
-        rep.problems.append(f"{incomplete} of {len(layout.chunks())} chunks are not written (an interrupted build): "
-                            "rerun the same `mmkd cache` command to finish it")
-    leftovers = sorted(p.name for p in (root / "shards").iterdir() if p.name not in known) \
-        if (root / "shards").is_dir() else []
+        rep.problems.append(f"segment {folder.name}: {incomplete} of {len(layout.chunks())} chunks are not written "
+                            "(an interrupted build): rerun the same `mmkd cache` command to finish it")
+    leftovers = sorted(p.name for p in folder.iterdir() if p.name not in known)
     if leftovers:
-        rep.notes.append(f"{len(leftovers)} uncommitted file(s) in shards/ (left by an interrupted build; the next "
+        rep.notes.append(f"{len(leftovers)} uncommitted file(s) in {folder} (left by an interrupted build; the next "
                          f"build overwrites or removes them): {leftovers[:3]}")
-    t = f["teacher"]
-    rep.summary = (f"{layout.n_samples} samples × {f['views']} view(s), {layout.n_captions} captions, arrays "
-                   f"{', '.join(layout.arrays)}, {layout.dtype}; teacher {t.get('source') or '(in-process)'} "
-                   f"weights {t['weights_sha256'][:12]}, embedding width {t['projection_dim']}")
-    return rep
+    return len(keys)
+
+
+def _verify_index(rep: VerifyReport, root: Path, manifest: dict) -> None:
+    """The key and caption index of the manifest's generation: sorted, complete, each entry its row's hash and
+    string (checked by looking every string up)."""
+    folders = [root / SEGMENTS / s["name"] for s in manifest["segments"]]
+    for what in ("keys", "captions"):
+        index = KeyIndex(root, manifest["index"], what)
+        try:
+            hashes = np.asarray(index.maps()["hash"])
+            strings = [x for f in folders for x in StringTable(f, what).all()]
+            rows = index.rows(strings)
+        except CacheError as e:
+            rep.problems.append(str(e))
+            continue
+        first = {}
+        for i, x in enumerate(strings):  # a caption cached by two segments is found at its first row
+            first.setdefault(x, i)
+        expected = np.array([first[x] for x in strings], np.int64)
+        if len(hashes) != len(strings) or not np.all(hashes[1:] >= hashes[:-1]) or not np.array_equal(rows, expected):
+            rep.problems.append(f"{root / fmt.INDEX}: the {what} index of generation {manifest['index']} does not "
+                                "match the segments (damaged): rerun the same `mmkd cache` command to rewrite it")
