@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mmkd.config import TrainConfig
 from mmkd.data.batches import TrainBatch, TrainData
+from mmkd.data.loader import default_workers
 from mmkd.dist import DistInfo, all_reduce_mean, any_rank, broadcast_int, gather_objects
 from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write_text
@@ -174,13 +175,15 @@ def train(
     progress: bool = True,
     identity: RunIdentity | None = None,
     on_start: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``cfg.steps`` optimizer steps; returns timing and the last logged loss.
 
     resume: continue from the newest usable checkpoint in ``out_dir/checkpoints`` when there is one (rank 0
     chooses it and every rank loads that same file); identity: the run's id, config and fingerprints, saved
     in every checkpoint and checked against the one resumed; on_start(step): called on every rank once the
-    start step is settled, before anything is written (run_distill writes config.yaml there).
+    start step is settled, before anything is written (run_distill writes config.yaml there); workers: DataLoader
+    processes decoding batches (``data.workers``; None: `default_workers`).
     """
     out = Path(out_dir)
     dist_info = dist_info or DistInfo()
@@ -189,8 +192,10 @@ def train(
     torch.manual_seed(cfg.seed + dist_info.rank)
     if objectives.needs_teacher and teacher is None:
         raise ValueError("an objective needs a teacher, but none was given")
-    paired_captions = [c for r in data.paired.records for c in r.captions]
-    frozen_text = FrozenText(student, paired_captions) if text_is_frozen(student) else None
+    # a frozen text tower's caption features are tabled once for captions held in memory; streamed shards'
+    # captions are not all known up front (and would be O(samples)), so their features are computed per step
+    frozen_text = (FrozenText(student, [c for r in data.paired.records for c in r.captions])
+                   if text_is_frozen(student) and not data.streaming else None)
     task = DistillTask(student, objectives, frozen_text)
     model: nn.Module = task
     if dist_info.world_size > 1:
@@ -227,10 +232,12 @@ def train(
             ckpts.save(done, {"task": task.state_dict(), "optimizer": opt.state_dict(),
                               "scheduler": sched.state_dict(), "rng": rngs[0], "rng_ranks": rngs, "run": run_record})
 
+    n_workers = workers if workers is not None else default_workers(data.streaming)
+    batches = data.batches(start * cfg.accumulate, cfg.steps * cfg.accumulate, dist_info.rank, n_workers)
     for step in range(start, cfg.steps):
         step_terms: dict[str, float] = {}
         for micro in range(cfg.accumulate):
-            batch = data.batch(step * cfg.accumulate + micro, dist_info.rank)
+            batch = next(batches)  # batch step * accumulate + micro, decoded ahead by the loader's workers
             targets = teacher(batch) if teacher is not None else {}
             sync = micro == cfg.accumulate - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             ctx = nullcontext() if sync else model.no_sync()  # type: ignore[operator]
