@@ -2,11 +2,11 @@
 
 A shard spec names shards as open_clip users write them: local tars, folders, brace patterns
 (``train-{0000..0099}.tar``), comma lists, ``pipe:COMMAND`` (the command's stdout is the tar, e.g.
-``pipe:aws s3 cp s3://b/x.tar -``) and fsspec URLs (``s3://``, ``gs://``, ``https://``, ``file://``; any scheme an
-installed fsspec backend knows). Plain local tars are read in place; every other shard (remote, piped or
-compressed) is fetched whole into a bounded local cache (at most ``max_cached`` shards, least recently used
-evicted), so a remote dataset is never held whole on disk or in memory. fsspec does the fetching; the shard is
-then an ordinary seekable tar file that ``tarfile`` indexes and reads at random.
+``pipe:aws s3 cp s3://b/x.tar -``) and URLs (``s3://``, ``gs://``, ``file://``: any scheme an installed fsspec
+backend knows; ``http(s)://`` through the standard library). Plain local tars are read in place; every other
+shard (remote, piped or compressed) is fetched whole into a bounded local cache (at most ``max_cached`` shards,
+least recently used evicted), so a remote dataset is never held whole on disk or in memory. The shard is then
+an ordinary seekable tar file that ``tarfile`` indexes and reads at random.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,13 +129,18 @@ def _copy_remote(name: str, dst: IO[bytes]) -> None:
                             f"{': ' + err[-1][:200] if err else ''}; check the command (run it in a shell)")
         return
     try:
+        if name.split("://", 1)[0].lower() in ("http", "https"):
+            # the standard library streams HTTP(S) without fsspec's aiohttp backend (one dependency fewer)
+            with urllib.request.urlopen(name, timeout=60) as src:  # noqa: S310 (the user's own shard URL)
+                _copy(src, dst, name)
+            return
         import fsspec
 
         with fsspec.open(name, "rb") as src:
             _copy(src, dst, name)
     except DataError:
         raise
-    except (OSError, ValueError, ImportError) as e:  # fsspec: FileNotFoundError, HTTP errors, unknown protocol
+    except (OSError, ValueError, ImportError) as e:  # FileNotFoundError, HTTPError (an OSError), unknown protocol
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise DataError(f"shard {name}: cannot fetch it ({type(e).__name__}: {first}); check the URL, your "
                         "credentials and that the fsspec backend for its scheme is installed (s3fs, gcsfs)") from None
