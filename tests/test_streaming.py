@@ -262,3 +262,47 @@ def test_bad_remote_shards_are_one_line_naming_the_shard(tmp_path: Path) -> None
     (tmp_path / "z.tar.gz").write_bytes(b"not gzip")
     with pytest.raises(DataError, match=r"z.tar.gz: not a readable gzip stream"):
         open_shards(str(tmp_path / "z.tar.gz"), tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------------------------ a real kill
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_on_shards_then_resume_sees_the_uninterrupted_batches(tiny_teacher_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """A real ``mmkd distill`` over 4 shards (one DataLoader worker) is SIGKILLed between checkpoints in its first
+    epoch; ``--resume`` restarts the loader at the checkpoint's step and ends with the uninterrupted run's weights
+    and losses, step for step."""
+    import yaml
+    from tiny_runs import assert_same_weights, kill_when, losses, mmkd_ok, start, student
+
+    spec = write_shards(tmp_path / "d", shards=4, per=10)
+
+    def config(out: Path) -> Path:
+        cfg = {"teacher": str(tiny_teacher_dir), "out": str(out), "cache_dir": str(tmp_path / "cache"),
+               "student": student("new"),
+               "data": {"train": f"wds:{spec}", "batch_size": 4, "augment": True, "views": 2, "workers": 1,
+                        "shard_window": 2},
+               "objectives": [{"name": "clip"}, {"name": "fd_mse"}],
+               "train": {"steps": 16, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 4,
+                         "threads": 1}}
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    mmkd_ok("distill", str(config(tmp_path / "ref")))
+    out = tmp_path / "killed"
+
+    def logged() -> int:
+        try:
+            return max((len(line) > 0) * i for i, line in enumerate((out / "metrics.jsonl").read_text().splitlines(),
+                                                                      1))
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    proc = start("distill", str(config(out)), log=tmp_path / "log.txt")
+    kill_when(proc, lambda: logged() >= 6, "step 6", poll_s=0.01)  # mid-epoch (10 steps an epoch), past step 4
+    assert not (out / "student").exists()
+    mmkd_ok("distill", str(config(out)), "--resume")
+    assert_same_weights(out / "student", tmp_path / "ref" / "student")
+    assert losses(out) == losses(tmp_path / "ref")

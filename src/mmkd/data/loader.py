@@ -64,7 +64,10 @@ def iterate_batches(data: TrainData, start: int, stop: int, rank: int = 0, worke
     loader = DataLoader(StepDataset(data, rank), batch_size=None, sampler=StepSampler(start, stop),
                         num_workers=workers, collate_fn=_identity, worker_init_fn=_one_thread if workers else None,
                         prefetch_factor=prefetch if workers else None, persistent_workers=False,
-                        multiprocessing_context="fork" if workers else None)
+                        multiprocessing_context="fork" if workers else None,
+                        # its own generator: DataLoader draws a worker base seed at every iterator, which from the
+                        # global RNG would shift the training's dropout draws by one after a resume
+                        generator=torch.Generator().manual_seed(0))
     return iter(loader)
 
 
