@@ -64,6 +64,9 @@ def rewrite(records: Sequence[Record], fn: Callable[[Record], Record]) -> Sequen
 def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int, bad: BadSamples | None = None
              ) -> Sequence[Record]:
     recs = records_from_spec(spec, cfg.cache_dir, world_n=n_world, bad=bad, stream=True)
+    store = getattr(recs, "store", None)
+    if store is not None:  # fetched shards kept on disk: the current window and the next, whatever its size
+        store.max_cached = store.max_open = max(store.max_cached, 2 * cfg.data.shard_window)
     recs = recs[:limit] if limit else recs
     if cfg.data.label_captions:
         recs = label_captions(recs, spec, cfg.data.label_captions)
