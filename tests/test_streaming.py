@@ -135,6 +135,16 @@ def test_skipped_samples_are_counted_again_when_the_index_is_reused(tmp_path: Pa
         open_shards(str(tmp_path / "b-0.tar"), tmp_path / "cache")  # raise: the stored index says so too
 
 
+def test_duplicate_keys_across_shards_are_named_or_skipped(tmp_path: Path) -> None:
+    write_tar(tmp_path / "a-0.tar", {"k1.jpg": jpeg(0), "k1.txt": b"one", "k2.jpg": jpeg(1), "k2.txt": b"two"})
+    write_tar(tmp_path / "a-1.tar", {"k3.jpg": jpeg(2), "k3.txt": b"three", "k1.jpg": jpeg(3), "k1.txt": b"again"})
+    spec = f"{tmp_path}/a-{{0..1}}.tar"
+    with pytest.raises(DataError, match=r"a-1.tar:k1: duplicate sample key \(also in .*a-0.tar:k1\)"):
+        open_shards(spec, tmp_path / "c1")
+    bad = BadSamples("skip")
+    assert [r.key for r in open_shards(spec, tmp_path / "c2", bad)] == ["k1", "k2", "k3"] and bad.count == 1
+
+
 def test_a_changed_local_shard_is_reindexed(tmp_path: Path) -> None:
     spec = write_shards(tmp_path / "d", shards=2, per=4)
     assert len(open_shards(spec, tmp_path / "cache")) == 8

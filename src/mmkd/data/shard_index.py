@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -161,24 +162,18 @@ def build_index(refs: list[ShardRef], store: ShardStore, validate: Validate, bad
     sizes: list[int] = []
     lacking: dict[str, list[tuple[int, int, str]]] = {"caption": [], "label": []}
     example: dict[str, str | None] = {"caption": None, "label": None}
-    seen: dict[int, tuple[int, str]] = {}  # 64-bit key hash -> (shard, key): duplicates across shards
+    hashes: list[np.ndarray] = []  # 64-bit key hashes, 8 bytes a sample: duplicates are found at the end
     for s, ref in enumerate(refs):
         path = store.local_path(s)
         sizes.append(path.stat().st_size)
         rows: list[tuple[int, int]] = []
+        keys: list[int] = []
         for key, parts, start, end in tar_samples(path, ref.name, bad):
             try:
                 validate(ref.name, key, parts)
             except DataError as e:
                 bad.report(e)
                 continue
-            h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-            if h in seen:
-                first = seen[h]
-                bad.report(DataError(f"{ref.name}:{key}: duplicate sample key (also in {refs[first[0]].name}:"
-                                     f"{first[1]}); keys must be unique: remove or rename one"))
-                continue
-            seen[h] = (s, key)
             for what, exts in (("caption", cap_exts), ("label", lab_ext)):
                 if exts is None:
                     continue
@@ -187,9 +182,12 @@ def build_index(refs: list[ShardRef], store: ShardStore, validate: Validate, bad
                 else:
                     lacking[what].append((s, len(rows), key))
             rows.append((start, end))
+            keys.append(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"))
         spans.append(np.asarray(rows, dtype=np.int64).reshape(-1, 2))
+        hashes.append(np.asarray(keys, dtype=np.uint64))
         counts.append(len(rows))
     drop: dict[int, set[int]] = {}
+    _duplicates(refs, store, spans, hashes, bad, drop)
     for what, found in lacking.items():
         if example[what] is None:
             continue
@@ -208,6 +206,33 @@ def build_index(refs: list[ShardRef], store: ShardStore, validate: Validate, bad
     all_spans = np.concatenate(spans) if spans else np.zeros((0, 2), np.int64)
     return ShardIndex(refs, np.asarray(counts, np.int64), all_spans, sizes, list(bad.skipped),
                       time.perf_counter() - t0)
+
+
+def _duplicates(refs: list[ShardRef], store: ShardStore, spans: list[np.ndarray], hashes: list[np.ndarray],
+                bad: BadSamples, drop: dict[int, set[int]]) -> None:
+    """Report every sample whose key an earlier sample has (keys must be unique: the teacher cache and resume
+    look samples up by key) and mark it to be dropped; found by sorting the hashes, not by a dict of every key."""
+    flat = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    later = np.nonzero(ordered[1:] == ordered[:-1])[0] + 1
+    if not len(later):
+        return
+    offsets = np.concatenate([[0], np.cumsum([len(h) for h in hashes])])
+    for i in later:
+        g = int(order[i])
+        f = int(order[np.searchsorted(ordered, ordered[i], side="left")])  # stable sort: the earliest sample
+        s = int(np.searchsorted(offsets, g, side="right") - 1)
+        j = g - int(offsets[s])
+        fs = int(np.searchsorted(offsets, f, side="right") - 1)
+        fj = f - int(offsets[fs])
+        key = read_span(store.read(s, *(int(v) for v in spans[s][j])), refs[s].name)[0]
+        other = read_span(store.read(fs, *(int(v) for v in spans[fs][fj])), refs[fs].name)[0]
+        if key != other:
+            continue  # a 64-bit hash collision of two different keys
+        bad.report(DataError(f"{refs[s].name}:{key}: duplicate sample key (also in {refs[fs].name}:{other}); "
+                             "keys must be unique: remove or rename one"))
+        drop.setdefault(s, set()).add(j)
 
 
 def _stamp(ref: ShardRef) -> list[int] | None:
@@ -241,7 +266,7 @@ def load_or_build(refs: list[ShardRef], store: ShardStore, folder: Path | None, 
                 return index
         fresh = BadSamples(bad.policy)
         index = build_index(refs, store, validate, fresh, needs)
-        tmp = folder / f"spans.npy.part-{id(index)}"
+        tmp = folder / f"spans.npy.part-{os.getpid()}"
         with open(tmp, "wb") as f:
             np.save(f, index.spans, allow_pickle=False)
         tmp.replace(folder / "spans.npy")
