@@ -186,6 +186,7 @@ def _rank_batches(rank: int, spec: str, cache: str, out: str, steps: int) -> Non
                 "captions": [b.captions for b in batches]}, f"{out}-rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_see_the_one_process_batches(tmp_path: Path) -> None:
     from test_distributed import _free_port, _spawn
 
