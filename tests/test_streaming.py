@@ -275,6 +275,38 @@ def test_bad_remote_shards_are_one_line_naming_the_shard(tmp_path: Path) -> None
         open_shards(str(tmp_path / "z.tar.gz"), tmp_path / "cache")
 
 
+# --------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_distill_on_shards_with_an_online_teacher_counts_skipped_samples(tiny_teacher_dir: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without augmentation over streamed shards the teacher runs per batch (no table over every sample), the
+    data fingerprint comes from the index, and ``on_error: skip`` counts the sample the index left out."""
+    import json
+
+    import yaml
+    from tiny_runs import student
+
+    from mmkd.cli import main
+
+    spec = write_shards(tmp_path / "d", shards=2, per=6)
+    write_tar(tmp_path / "d" / "s-0002.tar", {"bad.txt": b"no image here", "ok.jpg": jpeg(5), "ok.txt": b"fine"})
+    cfg = {"teacher": str(tiny_teacher_dir), "out": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+           "student": student("new"),
+           "data": {"train": f"wds:{spec[:-len('{0000..0001}.tar')]}{{0000..0002}}.tar", "batch_size": 4,
+                    "on_error": "skip", "workers": 1},
+           "objectives": [{"name": "clip"}, {"name": "fd_mse"}],
+           "train": {"steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "threads": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["distill", str(tmp_path / "run.yaml")]) == 0
+    assert "computing teacher targets once" not in capsys.readouterr().out  # per batch, beside the student's
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data"] == {"on_error": "skip", "skipped": 1}
+    prints = metrics["run"]["fingerprints"]["data"]["paired"]
+    assert prints["n"] == 13 and prints["shards"] == 3
+
+
 # ------------------------------------------------------------------------------------------------ a real kill
 
 
