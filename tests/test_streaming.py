@@ -203,6 +203,16 @@ def test_two_gloo_processes_see_the_one_process_batches(tmp_path: Path) -> None:
         assert torch.equal(torch.cat([got[0]["pix"][step], got[1]["pix"][step]]), ref[step].pixel_values)
 
 
+def test_an_undecodable_image_is_one_line_naming_shard_and_key_from_any_worker(tmp_path: Path) -> None:
+    spec = write_shards(tmp_path / "d", shards=2, per=4)
+    write_tar(tmp_path / "d" / "s-0002.tar", {"junk.jpg": b"not a jpeg at all", "junk.txt": b"broken"})
+    data = train_data(open_shards(spec.replace("0001}", "0002}"), tmp_path / "cache"), batch=9)  # every sample
+    for workers in (0, 1):
+        with pytest.raises(DataError, match=r"s-0002.tar:junk: cannot read image") as e:
+            list(data.batches(0, 1, workers=workers))
+        assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------------ remote specs
 
 

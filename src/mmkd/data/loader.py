@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mmkd.errors import MmkdError
 
 if TYPE_CHECKING:
     from mmkd.data.batches import TrainBatch, TrainData
@@ -35,8 +38,19 @@ class StepDataset(Dataset):
     def __init__(self, data: TrainData, rank: int) -> None:
         self.data, self.rank = data, rank
 
-    def __getitem__(self, step: int) -> TrainBatch:
-        return self.data.batch(int(step), self.rank)
+    def __getitem__(self, step: int) -> TrainBatch | Failure:
+        try:
+            return self.data.batch(int(step), self.rank)
+        except MmkdError as e:  # sent back whole: DataLoader would re-raise it with a worker traceback inside
+            return Failure(e)
+
+
+@dataclass
+class Failure:
+    """An mmkd error met while building a batch (a sample that cannot be decoded, a shard gone), re-raised as is
+    by the training process so its one-line message (naming shard and key) reaches the user unchanged."""
+
+    error: MmkdError
 
 
 class StepSampler(Sampler[int]):
@@ -68,8 +82,15 @@ def iterate_batches(data: TrainData, start: int, stop: int, rank: int = 0, worke
                         # its own generator: DataLoader draws a worker base seed at every iterator, which from the
                         # global RNG would shift the training's dropout draws by one after a resume
                         generator=torch.Generator().manual_seed(0))
-    return iter(loader)
+    return _raising(iter(loader))
 
 
-def _identity(batch: TrainBatch) -> TrainBatch:
+def _raising(batches: Iterator[TrainBatch | Failure]) -> Iterator[TrainBatch]:
+    for b in batches:
+        if isinstance(b, Failure):
+            raise b.error
+        yield b
+
+
+def _identity(batch: TrainBatch | Failure) -> TrainBatch | Failure:
     return batch
