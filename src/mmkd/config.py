@@ -130,6 +130,8 @@ class DataConfig:
     on_error: str = "raise"  # a bad sample (e.g. a shard member missing): raise (stop, naming it) or skip (count it)
     max_image_pixels: int | None = None  # refuse larger images (decompression bombs); None: PIL's 89,478,485
     only_cached_shards: bool = False  # teacher: cache:DIR partly built: train on the shards it holds (else refused)
+    workers: int | None = None  # DataLoader processes decoding batches; 0: in the training process; None: auto
+    shard_window: int = 8  # shards whose samples are shuffled together (WebDataset shards; see README)
 
 
 @dataclass
@@ -482,6 +484,11 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"data.{key} must be ≥ 1, got {getattr(cfg.data, key)}")
     if cfg.data.unpaired_batch_size < 0:
         raise ConfigError(f"data.unpaired_batch_size must be ≥ 0, got {cfg.data.unpaired_batch_size}")
+    if cfg.data.workers is not None and cfg.data.workers < 0:
+        raise ConfigError(f"data.workers must be ≥ 0 (0: decode in the training process; null: auto), "
+                          f"got {cfg.data.workers}")
+    if cfg.data.shard_window < 1:
+        raise ConfigError(f"data.shard_window must be ≥ 1 (shards shuffled together), got {cfg.data.shard_window}")
     if cfg.data.on_error not in ON_ERROR:
         raise ConfigError(f"data.on_error: {cfg.data.on_error!r} is not one of {', '.join(ON_ERROR)}")
     for i, spec in enumerate(cfg.eval):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from mmkd.config import ConfigError, RunConfig, to_dict
-from mmkd.data.batches import ImageBank, TrainData
+from mmkd.data.batches import ImageBank, TrainData, in_memory
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, zeroshot_classes
 from mmkd.devices import resolve_device
@@ -39,33 +39,54 @@ from mmkd.train.loop import train
 from mmkd.train.runfolder import RunFolder, RunIdentity, data_fingerprint, plan_start, run_config
 
 
-def label_captions(records: list[Record], spec: str, template: str) -> list[Record]:
+def label_captions(records: Sequence[Record], spec: str, template: str) -> Sequence[Record]:
     """Give labelled, uncaptioned records the caption ``template.format(class name)`` (CLIP's class prompts)."""
     names, _ = zeroshot_classes(spec)
-    out = []
-    for r in records:
+
+    def caption(r: Record) -> Record:
         if r.captions:
-            out.append(r)
-            continue
+            return r
         if r.label is None:
             raise DataError(f"{r.origin or r.key}: data.label_captions needs a class label on every uncaptioned "
                             "image; this one has none")
         if not 0 <= r.label < len(names):
             raise DataError(f"{r.origin or r.key}: label {r.label} is out of range: {spec} has {len(names)} classes "
                             f"(labels 0..{len(names) - 1}); fix the label or the class list")
-        out.append(replace(r, captions=(template.format(names[r.label]),)))
-    return out
+        return replace(r, captions=(template.format(names[r.label]),))
+
+    return rewrite(records, caption)
+
+
+def rewrite(records: Sequence[Record], fn: Callable[[Record], Record]) -> Sequence[Record]:
+    """``fn`` applied to every record: at once for records in memory, as each is read for sharded ones."""
+    return [fn(r) for r in records] if in_memory(records) else records.map(fn)  # type: ignore[attr-defined]
 
 
 def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int, bad: BadSamples | None = None
-             ) -> list[Record]:
-    recs = records_from_spec(spec, cfg.cache_dir, world_n=n_world, bad=bad)
+             ) -> Sequence[Record]:
+    recs = records_from_spec(spec, cfg.cache_dir, world_n=n_world, bad=bad, stream=True)
+    store = getattr(recs, "store", None)
+    if store is not None:  # fetched shards kept on disk: the current window and the next, whatever its size
+        store.max_cached = store.max_open = max(store.max_cached, 2 * cfg.data.shard_window)
     recs = recs[:limit] if limit else recs
     if cfg.data.label_captions:
         recs = label_captions(recs, spec, cfg.data.label_captions)
     if cfg.data.captions_per_image:
-        recs = [replace(r, captions=r.captions[: cfg.data.captions_per_image]) for r in recs]
+        keep = cfg.data.captions_per_image
+        recs = rewrite(recs, lambda r: replace(r, captions=r.captions[:keep]))
     return recs
+
+
+def data_print(paired: Sequence[Record], unpaired: Sequence[Record] | None) -> dict[str, Any]:
+    """The run identity's data fingerprint: record digests for data in memory, the shard index for shards
+    (names, sizes, counts: computed without reading a sample)."""
+    if in_memory(paired) and (unpaired is None or in_memory(unpaired)):
+        return data_fingerprint(list(paired), list(unpaired) if unpaired is not None else None)
+    out = {}
+    for name, recs in (("paired", paired), ("unpaired", unpaired if unpaired is not None else [])):
+        out[name] = (data_fingerprint(list(recs), None)["paired"] if in_memory(recs)
+                     else recs.fingerprint())  # type: ignore[attr-defined]
+    return out
 
 
 def load_teacher(cfg: RunConfig) -> Any:
@@ -135,7 +156,8 @@ def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
 ONLINE_VIEWS = 1 << 30  # an online teacher sees any view: augmented views are then fresh at every step
 
 
-def training_records(cfg: RunConfig, bad: BadSamples | None = None) -> tuple[list[Record], list[Record] | None]:
+def training_records(cfg: RunConfig, bad: BadSamples | None = None
+                     ) -> tuple[Sequence[Record], Sequence[Record] | None]:
     """The captioned training records and the uncaptioned (unpaired) ones a config names, as distill reads them.
 
     bad: collects the samples left out under ``data.on_error: skip`` (default: ``cfg.data.on_error``, uncounted)."""
@@ -144,8 +166,8 @@ def training_records(cfg: RunConfig, bad: BadSamples | None = None) -> tuple[lis
     unpaired = (_records(cfg, cfg.data.unpaired, cfg.data.unpaired_limit, cfg.data.world_size_unpaired, bad)
                 if cfg.data.unpaired else None)
     if unpaired is not None:
-        unpaired = [replace(r, captions=()) for r in unpaired]
-    return paired, unpaired or None
+        unpaired = rewrite(unpaired, lambda r: replace(r, captions=()))
+    return paired, unpaired if unpaired is not None and len(unpaired) else None
 
 
 def augment_paired(cfg: RunConfig) -> bool:
@@ -193,7 +215,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
             data, targets, student, objectives, prints = _online_setup(cfg, info, log, cache, bad, device)
         if bad.count and info.is_main:
             log(f"data.on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
-        prints["data"] = data_fingerprint(data.paired.records, data.unpaired.records if data.unpaired else None)
+        prints["data"] = data_print(data.paired.records, data.unpaired.records if data.unpaired else None)
         identity = RunIdentity(run_config(cfg), prints)
 
         def on_start(step: int) -> None:
@@ -207,7 +229,8 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
                 log(f"resuming run {identity.run_id[:8]} from step {step} ({out / 'checkpoints'})")
 
         result = train(student, objectives, data, targets, cfg.train, out, info, resume=plan == "resume",
-                       desc="distill", progress=progress, identity=identity, on_start=on_start, device=device)
+                       desc="distill", progress=progress, identity=identity, on_start=on_start, device=device,
+                       workers=cfg.data.workers)
         metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                              "final_loss": result.final_loss, "resumed_from": result.resumed_from},
                                    "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
@@ -245,7 +268,7 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                   if unpaired else None)
     views = cfg.data.views or (ONLINE_VIEWS if cfg.data.augment else 1)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
-                     world=info.world_size, seed=cfg.train.seed, views=views)
+                     world=info.world_size, seed=cfg.train.seed, views=views, window=cfg.data.shard_window)
     targets: Targets | None = None
     if objectives.needs_teacher:
         teacher.to(device or "cpu")
@@ -255,8 +278,11 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                                 cfg.train.seed) if unpaired else None)
         # a shared cache computes features too, so every run of a sweep can use the same table
         online = OnlineTeacher(teacher, t_paired, t_unpaired, features=cache is not None or wants_features(objectives))
-        if cfg.data.augment:
-            targets = online  # augmented views differ every step: the teacher must see the same view
+        if cfg.data.augment or data.streaming:
+            # augmented views differ every step: the teacher must see the same view; and a table over streamed
+            # shards would be O(samples): the teacher's pixels are decoded with the student's, in the workers
+            data.teacher_banks = (t_paired, t_unpaired)
+            targets = online
         else:
             def compute() -> TableTeacher:
                 log("computing teacher targets once (no augmentation: every step reuses them)")
@@ -294,7 +320,7 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
     objectives = build_objectives(cfg.objectives, ctx, seed=cfg.train.seed)
     views = cfg.data.views or (cache.views if cfg.data.augment else 1)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
-                     world=info.world_size, seed=cfg.train.seed, views=views)
+                     world=info.world_size, seed=cfg.train.seed, views=views, window=cfg.data.shard_window)
     prints = {"teacher": cache.meta["fingerprint"]["teacher"].get("weights_sha256"),
               "cache": hashlib.sha256(json.dumps(cache.meta["fingerprint"], sort_keys=True).encode()).hexdigest()}
     if not objectives.needs_teacher:

@@ -7,8 +7,7 @@ the view whose embedding it stored.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +15,21 @@ import numpy as np
 import torch
 
 from mmkd.config import ConfigError
+from mmkd.data.plan import DEFAULT_WINDOW, ShardPlan
+from mmkd.data.plan import rng_of as _rng
 from mmkd.data.records import DataError, Record, open_encoded
 from mmkd.data.transforms import ImageTransform, TransformConfig, apply_view
 
 
-def _rng(*parts: int | str) -> np.random.Generator:
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+def in_memory(records: Sequence[Record]) -> bool:
+    """Whether ``records`` are all held (a list), as opposed to read on demand from shards."""
+    return isinstance(records, list)
+
+
+def shard_counts(records: Sequence[Record]) -> list[int] | np.ndarray:
+    """Samples per shard: a sharded source's layout, or one "shard" for records held in memory."""
+    counts = getattr(records, "shard_counts", None)
+    return counts if counts is not None else [len(records)]
 
 
 class ImageBank:
@@ -34,7 +41,7 @@ class ImageBank:
 
     def __init__(self, records: Sequence[Record], image_size: int, mean: Sequence[float], std: Sequence[float],
                  augment: bool = False, seed: int = 0, augmentation: Mapping[str, Any] | None = None) -> None:
-        self.records = list(records)
+        self.records = list(records) if not hasattr(records, "shard_counts") else records  # sharded: stays lazy
         self.seed = seed
         self.augment = augment
         aug = {k: tuple(v) if isinstance(v, list) else v for k, v in (augmentation or {}).items()}
@@ -43,8 +50,8 @@ class ImageBank:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._stack: torch.Tensor | None = None
-        if records and all(isinstance(r.image, np.ndarray) and r.image.shape[:2] == (image_size, image_size)
-                           for r in records):
+        if in_memory(self.records) and records and all(
+                isinstance(r.image, np.ndarray) and r.image.shape[:2] == (image_size, image_size) for r in records):
             self._stack = torch.from_numpy(np.stack([r.image for r in records]))  # [N, H, W, 3] uint8
 
     def __len__(self) -> int:
@@ -56,11 +63,17 @@ class ImageBank:
         if self._stack is not None and not any(views):
             x = self._stack[torch.as_tensor(list(indices), dtype=torch.long)].permute(0, 3, 1, 2).float() / 255.0
             return (x - self.mean) / self.std
+        return self.pixels_of([self.records[int(i)] for i in indices], views)
+
+    def pixels_of(self, records: Sequence[Record], views: Sequence[int]) -> torch.Tensor:
+        """Pixel batch for records already read (of this bank or not) at ``views``."""
         out = []
-        for i, v in zip(indices, views):
-            rec = self.records[i]
+        for rec, v in zip(records, views):
             img = rec.image if isinstance(rec.image, np.ndarray) else open_encoded(rec)
             out.append(apply_view(self.train_tf, self.eval_tf, img, self.seed, rec.key, v))
+        if not out:
+            size = self.eval_tf.cfg.image_size
+            return torch.zeros(0, 3, size, size)
         return torch.stack(out)
 
 
@@ -73,55 +86,67 @@ class TrainBatch:
     n_paired: int
     paired_idx: np.ndarray
     unpaired_idx: np.ndarray
+    teacher_pixels: torch.Tensor | None = None  # the same samples and views at the online teacher's resolution
 
 
-class BatchPlan:
-    """Global batch ``step`` of an epoch-wise permutation (drop-last), the same in every process."""
+class BatchPlan(ShardPlan):
+    """Global batch ``step`` of an epoch-wise permutation of ``n`` samples held in memory (one shard)."""
 
     def __init__(self, n: int, global_batch: int, seed: int, name: str) -> None:
-        if n < global_batch:
-            raise ConfigError(f"{name}: {n} samples is fewer than one global batch of {global_batch}; "
-                             "lower the batch size or add data")
-        self.n, self.global_batch, self.seed, self.name = n, global_batch, seed, name
-        self.per_epoch = n // global_batch
-
-    def indices(self, step: int) -> np.ndarray:
-        """The global batch of ``step``; ranks slice it (see TrainData.batch)."""
-        epoch, pos = divmod(step, self.per_epoch)
-        perm = _rng(self.seed, self.name, epoch).permutation(self.n)
-        return perm[pos * self.global_batch:(pos + 1) * self.global_batch]
+        super().__init__([n], global_batch, seed, name)
 
 
 class TrainData:
-    """Paired (captioned) samples plus optional unpaired images, batched deterministically."""
+    """Paired (captioned) samples plus optional unpaired images, batched deterministically.
+
+    teacher_banks: the online teacher's (paired, unpaired) banks, so the batch carries the teacher's pixels too
+    and both are decoded in the DataLoader workers. window: shards per shuffle window (see `mmkd.data.plan`).
+    """
 
     def __init__(self, paired: ImageBank, unpaired: ImageBank | None, batch_size: int, unpaired_batch_size: int,
-                 world: int, seed: int, views: int = 1) -> None:
-        for r in paired.records:
-            if not r.captions:
-                raise DataError(f"{r.origin or r.key}: a paired training sample has no caption")
+                 world: int, seed: int, views: int = 1, window: int = DEFAULT_WINDOW,
+                 teacher_banks: tuple[ImageBank, ImageBank | None] | None = None) -> None:
+        if in_memory(paired.records):  # sharded records are checked as they are read (and when indexed)
+            for r in paired.records:
+                if not r.captions:
+                    raise DataError(f"{r.origin or r.key}: a paired training sample has no caption")
         if batch_size % world or unpaired_batch_size % world:
             raise ConfigError(f"batch sizes ({batch_size}, {unpaired_batch_size}) must divide by the number of "
                              f"processes ({world})")
         self.paired, self.unpaired = paired, unpaired
         self.seed, self.world, self.views = seed, world, views
-        self.plan = BatchPlan(len(paired), batch_size, seed, "paired")
-        self.uplan = (BatchPlan(len(unpaired), unpaired_batch_size, seed, "unpaired")
+        self.teacher_banks = teacher_banks
+        self.plan = ShardPlan(shard_counts(paired.records), batch_size, seed, "paired", window)
+        self.uplan = (ShardPlan(shard_counts(unpaired.records), unpaired_batch_size, seed, "unpaired", window)
                       if unpaired is not None and unpaired_batch_size > 0 else None)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether samples are read from shards on demand (not held in memory)."""
+        banks = [b for b in (self.paired, self.unpaired) if b is not None]
+        return not all(in_memory(b.records) for b in banks)
 
     def batch(self, step: int, rank: int = 0) -> TrainBatch:
         """Rank ``rank``'s slice of global batch ``step``: captions and views are drawn for the whole global
         batch first, so N processes see exactly what 1 process sees."""
         rng = _rng(self.seed, "choice", step)
         gidx = self.plan.indices(step)
-        recs = [self.paired.records[i] for i in gidx]
-        gcaps = [r.captions[int(rng.integers(len(r.captions)))] for r in recs]
-        gviews = rng.integers(self.views, size=len(gidx)) if self.paired.augment else np.zeros(len(gidx), int)
         local = len(gidx) // self.world
         sl = slice(rank * local, (rank + 1) * local)
-        idx, captions, views = gidx[sl], gcaps[sl], [int(v) for v in gviews[sl]]
-        pix = [self.paired.pixels(idx, views)]
-        keys = [r.key for r in recs[sl]]
+        # captions are drawn for the whole global batch (one draw per sample, in order): read only this
+        # rank's records, but draw every sample's choice so the stream of draws is the same on every rank
+        draws = rng.random(len(gidx))
+        gviews = rng.integers(self.views, size=len(gidx)) if self.paired.augment else np.zeros(len(gidx), int)
+        idx, views = gidx[sl], [int(v) for v in gviews[sl]]
+        recs = [self.paired.records[int(i)] for i in idx]
+        captions = []
+        for r, u in zip(recs, draws[sl]):
+            if not r.captions:
+                raise DataError(f"{r.origin or r.key}: a paired training sample has no caption")
+            captions.append(r.captions[int(u * len(r.captions))])
+        pix = [_pixels(self.paired, idx, recs, views)]
+        tpix = [_pixels(self.teacher_banks[0], idx, recs, views)] if self.teacher_banks is not None else []
+        keys = [r.key for r in recs]
         uidx = np.zeros(0, dtype=np.int64)
         if self.uplan is not None and self.unpaired is not None:
             guidx = self.uplan.indices(step)
@@ -130,7 +155,23 @@ class TrainData:
             ulocal = len(guidx) // self.world
             usl = slice(rank * ulocal, (rank + 1) * ulocal)
             uidx, uviews = guidx[usl], [int(v) for v in guviews[usl]]
-            pix.append(self.unpaired.pixels(uidx, uviews))
-            keys += [self.unpaired.records[i].key for i in uidx]
+            urecs = [self.unpaired.records[int(i)] for i in uidx]
+            pix.append(_pixels(self.unpaired, uidx, urecs, uviews))
+            if self.teacher_banks is not None and self.teacher_banks[1] is not None:
+                tpix.append(_pixels(self.teacher_banks[1], uidx, urecs, uviews))
+            keys += [r.key for r in urecs]
             views += uviews
-        return TrainBatch(torch.cat(pix), keys, views, captions, len(idx), idx, uidx)
+        return TrainBatch(torch.cat(pix), keys, views, captions, len(idx), idx, uidx,
+                          torch.cat(tpix) if tpix else None)
+
+    def batches(self, start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2
+                ) -> Iterator[TrainBatch]:
+        """Batches ``start..stop-1`` of this rank, decoded by ``workers`` DataLoader processes (0: in this one)."""
+        from mmkd.data.loader import iterate_batches
+
+        return iterate_batches(self, start, stop, rank, workers, prefetch)
+
+
+def _pixels(bank: ImageBank, idx: np.ndarray, recs: list[Record], views: list[int]) -> torch.Tensor:
+    """A bank's pixels of records already read; banks held in memory keep their stacked fast path."""
+    return bank.pixels(idx, views) if in_memory(bank.records) else bank.pixels_of(recs, views)

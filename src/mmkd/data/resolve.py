@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from pathlib import Path
 
 from mmkd.data import sources, world
@@ -12,16 +13,24 @@ WORLD_SPLITS = ("train", "val", "test", "pool")
 
 
 def records_from_spec(spec: str, cache_dir: str | Path = "runs/.cache", world_n: int = 4000,
-                      world_seed: int = 0, bad: BadSamples | None = None, **options) -> list[Record]:
+                      world_seed: int = 0, bad: BadSamples | None = None, stream: bool = False,
+                      **options) -> Sequence[Record]:
     """``world:SPLIT`` generates (or reads cached) built-in world images; ``FORMAT:PATH`` reads files.
 
-    bad: raise at a bad sample (default) or skip and count it (formats that can tell one; see sources)."""
+    bad: raise at a bad sample (default) or skip and count it (formats that can tell one; see sources).
+    stream: WebDataset shards (``wds:``) become a lazy `ShardedRecords` indexed under ``cache_dir/shards`` (read
+    on demand, memory O(shards)) instead of a list of every sample; other formats are lists either way."""
     fmt, _, rest = spec.partition(":")
     if fmt == "world":
         split = rest or "train"
         if split not in WORLD_SPLITS:
             raise DataError(f"data spec {spec!r}: world split must be one of {', '.join(WORLD_SPLITS)}")
         return world.to_records(world.load_split(split, world_n, Path(cache_dir) / "world", seed=world_seed))
+    if stream and fmt.strip().lower() == "wds":
+        from mmkd.data.sharded import open_shards
+
+        sources.check_options(sources.FORMATS.get("wds"), options)
+        return open_shards(rest.strip(), cache_dir, bad, **options)
     return sources.read_records(spec, bad=bad, **options)
 
 

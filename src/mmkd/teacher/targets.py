@@ -95,6 +95,8 @@ class OnlineTeacher:
         return teacher_extras(self.model)
 
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        if batch.teacher_pixels is not None:  # decoded beside the student's pixels (in the loader's workers)
+            return {**self.encode(batch.teacher_pixels, batch.captions), **self.extras()}
         pix = [self.paired.pixels(batch.paired_idx, batch.views[: batch.n_paired])]
         if self.unpaired is not None and len(batch.unpaired_idx):
             pix.append(self.unpaired.pixels(batch.unpaired_idx, batch.views[batch.n_paired:]))

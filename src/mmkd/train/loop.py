@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mmkd.config import TrainConfig
 from mmkd.data.batches import TrainBatch, TrainData
+from mmkd.data.loader import default_workers
 from mmkd.devices import autocast, device_of, grad_scaler, resolve_device, to_device
 from mmkd.dist import DistInfo, all_reduce_mean, any_rank, broadcast_int, gather_objects
 from mmkd.errors import MmkdError
@@ -181,6 +182,7 @@ def train(
     identity: RunIdentity | None = None,
     on_start: Callable[[int], None] | None = None,
     device: torch.device | None = None,
+    workers: int | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``cfg.steps`` optimizer steps; returns timing and the last logged loss.
 
@@ -188,7 +190,8 @@ def train(
     chooses it and every rank loads that same file); identity: the run's id, config and fingerprints, saved
     in every checkpoint and checked against the one resumed; on_start(step): called on every rank once the
     start step is settled, before anything is written (run_distill writes config.yaml there); device: where
-    the student, the objectives' maps and the batches go (default: ``cfg.device`` resolved).
+    the student, the objectives' maps and the batches go (default: ``cfg.device`` resolved); workers: DataLoader
+    processes decoding batches (``data.workers``; None: `default_workers`).
     """
     out = Path(out_dir)
     dist_info = dist_info or DistInfo()
@@ -202,8 +205,10 @@ def train(
     objectives.to(device)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(student)
-    paired_captions = [c for r in data.paired.records for c in r.captions]
-    frozen_text = FrozenText(student, paired_captions) if text_is_frozen(student) else None
+    # a frozen text tower's caption features are tabled once for captions held in memory; streamed shards'
+    # captions are not all known up front (and would be O(samples)), so their features are computed per step
+    frozen_text = (FrozenText(student, [c for r in data.paired.records for c in r.captions])
+                   if text_is_frozen(student) and not data.streaming else None)
     if cfg.compile:
         compile_towers(student)
     task = DistillTask(student, objectives, frozen_text)
@@ -246,10 +251,12 @@ def train(
                 state["scaler"] = scaler.state_dict()
             ckpts.save(done, state)
 
+    n_workers = workers if workers is not None else default_workers(data.streaming)
+    batches = data.batches(start * cfg.accumulate, cfg.steps * cfg.accumulate, dist_info.rank, n_workers)
     for step in range(start, cfg.steps):
         step_terms: dict[str, float] = {}
         for micro in range(cfg.accumulate):
-            batch = data.batch(step * cfg.accumulate + micro, dist_info.rank)
+            batch = next(batches)  # batch step * accumulate + micro, decoded ahead by the loader's workers
             targets = teacher(batch) if teacher is not None else {}
             batch = replace(batch, pixel_values=to_device(batch.pixel_values, device))
             targets = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}

@@ -23,9 +23,10 @@ spec                  options (defaults)
 ====================  ==========================================================================
 
 SHARDS: a tar, a folder of tars, a brace pattern ``train-{0000..0004}.tar`` / ``{a,b}.tar``, or a
-comma-separated list of any of those. Reading is eager (a list, so length, shuffling and resume are
-trivial) but images stay lazy: file paths, encoded bytes from tars, or uint8 arrays for pickled/binary
-sets. Every problem raises `DataError` naming the file (and line/row/sample) and what to do.
+comma-separated list of any of those, a ``pipe:COMMAND`` or an fsspec URL (``s3://``, ``gs://``, ``https://``,
+``file://``). `read_records` is eager (a list) but images stay lazy: file paths, encoded bytes from tars, or
+uint8 arrays for pickled/binary sets; training streams shards instead (`mmkd.data.sharded`).
+Every problem raises `DataError` naming the file (and line/row/sample) and what to do.
 
 The package holds the registry and spec parsing (``registry``), the checks all readers share (``checks``) and one
 module per family of formats (``captions``, ``folders``, ``webdataset``, ``classification``), each registering its
@@ -38,8 +39,8 @@ from mmkd.data.records import DataError
 
 # the format modules register their readers when imported here
 from mmkd.data.sources import captions, classification, folders, webdataset  # noqa: F401
-from mmkd.data.sources.registry import FORMATS, SourceFormat, class_names, parse_spec, read_records
+from mmkd.data.sources.registry import FORMATS, SourceFormat, check_options, class_names, parse_spec, read_records
 from mmkd.data.sources.webdataset import expand_braces, shard_paths
 
-__all__ = ["FORMATS", "DataError", "SourceFormat", "class_names", "expand_braces", "parse_spec", "read_records",
-           "shard_paths"]
+__all__ = ["FORMATS", "DataError", "SourceFormat", "check_options", "class_names", "expand_braces", "parse_spec",
+           "read_records", "shard_paths"]

@@ -60,7 +60,7 @@ def read_records(spec: str, bad: BadSamples | None = None, **options: Any) -> li
     """
     fmt, path = parse_spec(spec)
     src = FORMATS.get(fmt)
-    _check_options(src, options)
+    check_options(src, options)
     if "bad" in inspect.signature(src.read).parameters:
         options = {**options, "bad": bad}
     records = src.read(path, **options)
@@ -75,7 +75,7 @@ def class_names(spec: str, **options: Any) -> list[str] | None:
     """
     fmt, path = parse_spec(spec)
     src = FORMATS.get(fmt)
-    _check_options(src, options)
+    check_options(src, options)
     if src.class_names is None:
         return None
     accepted = inspect.signature(src.class_names).parameters
@@ -85,7 +85,7 @@ def class_names(spec: str, **options: Any) -> list[str] | None:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def _check_options(src: SourceFormat, options: dict[str, Any]) -> None:
+def check_options(src: SourceFormat, options: dict[str, Any]) -> None:
     params = inspect.signature(src.read).parameters
     valid = [p for p in params if p not in ("path", "bad")]
     unknown = sorted(set(options) - set(valid))

@@ -1,0 +1,96 @@
+"""Batches decoded in DataLoader workers, identical for any number of workers and processes.
+
+The map-style dataset's item is a training step: item ``s`` is this rank's slice of global batch ``s``
+(`TrainData.batch`, a pure function of (seed, step)), and the sampler yields steps ``start, start+1, …``. So a
+worker reads, decodes and augments whole batches while the model trains on earlier ones; DataLoader returns
+items in sampler order whatever the number of workers; and resuming at step s is starting the sampler at s: exact
+mid-epoch resume with no loader state to save. Workers are forked (no pickling of the data plane) and hold
+only the data's O(shards) index, their open shard files and the batches in flight.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mmkd.errors import MmkdError
+
+if TYPE_CHECKING:
+    from mmkd.data.batches import TrainBatch, TrainData
+
+
+def default_workers(streaming: bool) -> int:
+    """``data.workers: null``: in-process for data held in memory (decoding is trivial or the set is tiny);
+    for shards, one worker per two cores (at least 1, at most 8), leaving the rest to the model's threads."""
+    if not streaming:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+class StepDataset(Dataset):
+    """Item ``step`` = rank ``rank``'s batch of global step ``step``."""
+
+    def __init__(self, data: TrainData, rank: int) -> None:
+        self.data, self.rank = data, rank
+
+    def __getitem__(self, step: int) -> TrainBatch | Failure:
+        try:
+            return self.data.batch(int(step), self.rank)
+        except MmkdError as e:  # sent back whole: DataLoader would re-raise it with a worker traceback inside
+            return Failure(e)
+
+
+@dataclass
+class Failure:
+    """An mmkd error met while building a batch (a sample that cannot be decoded, a shard gone), re-raised as is
+    by the training process so its one-line message (naming shard and key) reaches the user unchanged."""
+
+    error: MmkdError
+
+
+class StepSampler(Sampler[int]):
+    """Steps ``start..stop-1`` in order: where the loader starts is the only state a resume needs."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode with PIL; torch threads in each would oversubscribe the cores
+
+
+def iterate_batches(data: TrainData, start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2
+                    ) -> Iterator[TrainBatch]:
+    """This rank's batches of steps ``start..stop-1``; ``workers`` > 0 decodes them in that many processes."""
+    if workers < 0:
+        raise ValueError(f"data.workers must be >= 0, got {workers}")
+    loader = DataLoader(StepDataset(data, rank), batch_size=None, sampler=StepSampler(start, stop),
+                        num_workers=workers, collate_fn=_identity, worker_init_fn=_one_thread if workers else None,
+                        prefetch_factor=prefetch if workers else None, persistent_workers=False,
+                        multiprocessing_context="fork" if workers else None,
+                        # its own generator: DataLoader draws a worker base seed at every iterator, which from the
+                        # global RNG would shift the training's dropout draws by one after a resume
+                        generator=torch.Generator().manual_seed(0))
+    return _raising(iter(loader))
+
+
+def _raising(batches: Iterator[TrainBatch | Failure]) -> Iterator[TrainBatch]:
+    for b in batches:
+        if isinstance(b, Failure):
+            raise b.error
+        yield b
+
+
+def _identity(batch: TrainBatch | Failure) -> TrainBatch | Failure:
+    return batch
