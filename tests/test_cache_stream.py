@@ -1,0 +1,85 @@
+"""The teacher cache over streaming shards: built shard by shard (one shard's records in memory at a time, the same
+bytes as a build from a list), checked against the shard index without reading samples, looked up in the
+DataLoader workers, and fingerprinted by the JPEG decoder that made its views."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_dual_encoder
+from test_cache_scale import _tar
+
+from mmkd.data.records import BadSamples
+from mmkd.data.sharded import ShardedRecords, open_shards
+from mmkd.models.dual_encoder import DualEncoder
+from mmkd.teacher.cache import build_cache
+
+SHARDS, PER_SHARD = 3, 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(minilm_path: str) -> DualEncoder:
+    return tiny_dual_encoder(minilm_path)
+
+
+def _shards(folder: Path) -> str:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in range(SHARDS):
+        _tar(folder / f"part-{part}.tar", {f"p{part}s{i}": (rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
+                                                            f"thing {part} {i % 3}") for i in range(PER_SHARD)})
+    return f"{folder}/part-{{0..{SHARDS - 1}}}.tar"
+
+
+def _build(teacher: DualEncoder, records: Any, out: Path) -> Any:
+    return build_cache(teacher, records, out, views=2, dtype="float32", chunk_rows=4, batch_size=8, precision="fp32")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    # the saved tokenizer carries the truncation state the previous build's encoding left: not cache content
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock" and p.parent.name != "tokenizer"}
+
+
+def test_build_over_shards_holds_one_shard_at_a_time_and_matches_the_list_build(
+        teacher: DualEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _shards(tmp_path / "data")
+    sharded = open_shards(spec, tmp_path / "dc", BadSamples())
+    listed = list(sharded)
+    listed_result = _build(teacher, listed, tmp_path / "from-list")
+    del listed
+
+    live = [0]
+    peak = [0]
+    read = ShardedRecords.__getitem__
+
+    def counted(self: ShardedRecords, i: Any) -> Any:
+        rec = read(self, i)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(rec, lambda: live.__setitem__(0, live[0] - 1))
+        return rec
+
+    monkeypatch.setattr(ShardedRecords, "__getitem__", counted)
+    result = _build(teacher, sharded, tmp_path / "streamed")
+    assert 0 < peak[0] <= PER_SHARD, f"{peak[0]} records were held at once; one shard has {PER_SHARD}"
+    assert (result.n_samples, result.n_captions) == (listed_result.n_samples, listed_result.n_captions)
+
+    a, b = _files(tmp_path / "from-list"), _files(tmp_path / "streamed")
+    stamps = {k for k in b if k.endswith("/shard.json")}
+    assert len(stamps) == SHARDS  # the streamed build records each shard's stamp beside its segment
+    assert set(a) == set(b) - stamps
+    assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
