@@ -83,3 +83,92 @@ def test_build_over_shards_holds_one_shard_at_a_time_and_matches_the_list_build(
     assert len(stamps) == SHARDS  # the streamed build records each shard's stamp beside its segment
     assert set(a) == set(b) - stamps
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+
+
+def _cached_run(tmp_path: Path, spec: str, train: str = "", **data: Any) -> tuple[Any, Any]:
+    """The data and the teacher of a cached distill over ``spec``, set up as `mmkd distill` starts one."""
+    from test_cache import STUDENT
+
+    from mmkd.config import load_config
+    from mmkd.dist import DistInfo
+    from mmkd.pipeline import _cached_setup
+
+    extra = "".join(f", {k}: {v}" for k, v in data.items())
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+teacher: cache:{tmp_path / 'tc'}
+out: {tmp_path / 'run'}
+cache_dir: {tmp_path / 'dc'}
+{STUDENT}
+data: {{train: "wds:{spec}", batch_size: 4, augment: true{extra}}}
+objectives: [{{name: clip}}, {{name: fd_mse}}]
+train: {{steps: 2, ckpt_every: 0, threads: 1{train}}}
+""")
+    data_, teacher, *_ = _cached_setup(load_config(cfg), str(tmp_path / "tc"), DistInfo(), lambda _: None)
+    return data_, teacher
+
+
+def _count_sample_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from mmkd.data.shards import ShardStore
+
+    reads = [0]
+    read = ShardStore.read
+
+    def counted(self: ShardStore, *a: Any) -> bytes:
+        reads[0] += 1
+        return read(self, *a)
+
+    monkeypatch.setattr(ShardStore, "read", counted)
+    return reads
+
+
+def test_cached_distill_checks_shards_without_reading_samples_and_refuses_a_changed_one(
+        teacher: DualEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmkd.teacher.cache import CacheFingerprintError
+
+    spec = _shards(tmp_path / "data")
+    _build(teacher, open_shards(spec, tmp_path / "dc", BadSamples()), tmp_path / "tc")
+    open_shards(spec, tmp_path / "dc", BadSamples())  # the index exists: starting a run reads no sample
+    reads = _count_sample_reads(monkeypatch)
+    _cached_run(tmp_path, spec)
+    assert reads[0] == 0, f"checking the cache read {reads[0]} sample(s)"
+
+    rng = np.random.default_rng(1)  # part-1 rewritten: the same keys and captions, other (larger) images
+    _tar(tmp_path / "data" / "part-1.tar", {f"p1s{i}": (rng.integers(0, 256, (28, 24, 3), dtype=np.uint8),
+                                                        f"thing 1 {i % 3}") for i in range(PER_SHARD)})
+    with pytest.raises(CacheFingerprintError, match=r"built for other data.*part-1\.tar.*ignore_cache_fingerprint"):
+        _cached_run(tmp_path, spec)
+    _cached_run(tmp_path, spec, train=", ignore_cache_fingerprint: true")  # overridable, as the other parts are
+
+
+def test_cached_targets_are_looked_up_in_the_workers_and_equal_in_process(
+        teacher: DualEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from mmkd.teacher.cache import CachedTeacher
+
+    spec = _shards(tmp_path / "data")
+    _build(teacher, open_shards(spec, tmp_path / "dc", BadSamples()), tmp_path / "tc")
+    calls = tmp_path / "calls"
+    call = CachedTeacher.__call__
+
+    def logged(self: CachedTeacher, batch: Any) -> Any:
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return call(self, batch)
+
+    monkeypatch.setattr(CachedTeacher, "__call__", logged)
+    data, cache = _cached_run(tmp_path, spec)
+    runs = {}
+    for workers in (0, 2):
+        calls.unlink(missing_ok=True)
+        runs[workers] = [b.targets for b in data.batches(0, 4, workers=workers)]
+        pids = set(calls.read_text().split())
+        if workers:
+            assert str(os.getpid()) not in pids and len(pids) >= 1
+        else:
+            assert pids == {str(os.getpid())}
+    for a, b in zip(runs[0], runs[2], strict=True):
+        assert a is not None and a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)

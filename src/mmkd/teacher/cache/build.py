@@ -22,6 +22,7 @@ import torch
 
 from mmkd import dist as mdist
 from mmkd.data.batches import ImageBank
+from mmkd.data.decode import jpeg_decoder
 from mmkd.data.records import DataError, Record
 from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augmentation_settings
 from mmkd.locking import FolderLock
@@ -109,7 +110,9 @@ def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, 
             "transform": {"image_size": teacher.meta.image_size, "image_mean": list(teacher.meta.image_mean),
                           "image_std": list(teacher.meta.image_std),
                           "augmentation": augmentation_settings(bank.train_tf.cfg), "view_seed": int(seed),
-                          "version": TRANSFORM_VERSION},
+                          "version": TRANSFORM_VERSION,
+                          # simplejpeg and PIL's draft() decode a JPEG to slightly different pixels
+                          "decoder": jpeg_decoder().name},
             "views": int(views),
             "storage": {"dtype": dtype, "features": bool(features), "precision": precision},
         },
