@@ -17,7 +17,7 @@ from test_cache_scale import _tar
 from mmkd.data.records import BadSamples
 from mmkd.data.sharded import ShardedRecords, open_shards
 from mmkd.models.dual_encoder import DualEncoder
-from mmkd.teacher.cache import build_cache
+from mmkd.teacher.cache import CacheError, build_cache
 
 SHARDS, PER_SHARD = 3, 5
 
@@ -172,3 +172,25 @@ def test_cached_targets_are_looked_up_in_the_workers_and_equal_in_process(
         assert a is not None and a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_a_cache_built_with_one_jpeg_decoder_is_refused_where_training_decodes_with_the_other(
+        teacher: DualEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmkd.data import decode
+    from mmkd.teacher.cache import CachedTeacher, CacheExpectation, CacheFingerprintError
+    from mmkd.teacher.cache.format import read_meta
+
+    pytest.importorskip("simplejpeg")
+    spec = _shards(tmp_path / "data")
+    _build(teacher, open_shards(spec, tmp_path / "dc", BadSamples()), tmp_path / "tc")
+    assert read_meta(tmp_path / "tc")["fingerprint"]["transform"]["decoder"] == "simplejpeg"
+    cache = CachedTeacher.open(tmp_path / "tc")
+    cache.check(CacheExpectation(decoder=decode.jpeg_decoder().name))
+    real = decode._import
+    monkeypatch.setattr(decode, "_import", lambda m: None if m == "simplejpeg" else real(m))  # not installed
+    assert decode.jpeg_decoder().name == "pil"
+    with pytest.raises(CacheFingerprintError, match=r"transform\.decoder: .*simplejpeg.*pil.*ignore_cache_fingerp"):
+        _cached_run(tmp_path, spec)
+    _cached_run(tmp_path, spec, train=", ignore_cache_fingerprint: true")
+    with pytest.raises(CacheError, match=r"other settings.*transform\.decoder"):  # nor grown with the other one
+        _build(teacher, open_shards(spec, tmp_path / "dc", BadSamples()), tmp_path / "tc")
