@@ -14,7 +14,8 @@ workers > 0 the workers' peak (``ru_maxrss`` of the children) is reported too.
 
 Keys: ``rss_400k_over_20k`` (raw peak RSS ratio; target ≤ 1.15), ``rss_delta_400k_over_20k`` (above baseline),
 ``first_batch_s_400k`` (target ≤ 10 s). ``cache_lookup_rss_mb_1m`` is measured by ``bench/cache_lookup.py`` (the
-teacher cache's key lookup at 1,000,000 keys); pass its JSON with ``--cache-lookup-json`` to copy the figure here.
+teacher cache's key lookup at 1,000,000 keys): copied from its JSON (``--cache-lookup-json``, default
+``bench/results/cache_lookup.json``), or measured by running it when that file is absent.
 
 Usage: python bench/data_scale.py [--sizes 20000,100000,400000] [--steps 100] [--batch 128] [--image-size 64]
                                   [--workers 0] [--work DIR] [--cache-lookup-json PATH] [--json PATH]
@@ -37,6 +38,7 @@ from typing import Any
 
 PER_SHARD = 1000
 CACHE_LOOKUP_KEY = "cache_lookup_rss_mb_1m"  # measured by bench/cache_lookup.py (the teacher cache's key lookup)
+LOOKUP_JSON = Path(__file__).resolve().parent / "results" / "cache_lookup.json"
 
 
 def _status_kb(field: str) -> int:
@@ -148,8 +150,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--cache-lookup-json", type=Path, default=None,
-                    help=f"bench/cache_lookup.py's JSON, whose {CACHE_LOOKUP_KEY} is copied into this one")
+    ap.add_argument("--cache-lookup-json", type=Path, default=LOOKUP_JSON,
+                    help=f"bench/cache_lookup.py's JSON, whose {CACHE_LOOKUP_KEY} is copied into this one (absent: "
+                         "bench/cache_lookup.py is run)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", choices=("index", "run"), default=None)
     ap.add_argument("--n", type=int, default=0)
@@ -181,10 +184,7 @@ def main() -> None:
         results["rss_delta_400k_over_20k"] = round(hi["peak_above_baseline_mb"] / lo["peak_above_baseline_mb"], 3)
         results["first_batch_s_400k"] = hi["first_batch_s"]
         results["index_build_s_400k"] = hi["index_build_s"]
-        lookup = None
-        if args.cache_lookup_json is not None and args.cache_lookup_json.is_file():
-            lookup = json.loads(args.cache_lookup_json.read_text()).get(CACHE_LOOKUP_KEY)
-        results[CACHE_LOOKUP_KEY] = lookup  # None: run bench/cache_lookup.py and pass --cache-lookup-json
+        results[CACHE_LOOKUP_KEY], results["cache_lookup_from"] = cache_lookup_rss(args.cache_lookup_json, args.work)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -194,6 +194,20 @@ def main() -> None:
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def cache_lookup_rss(path: Path, work: Path) -> tuple[float | None, str]:
+    """``cache_lookup_rss_mb_1m`` and where it came from: ``path`` (bench/cache_lookup.py's JSON) when it holds
+    it, else a run of bench/cache_lookup.py (a minute or so) writing its JSON under ``work``."""
+    if path.is_file():
+        value = json.loads(path.read_text()).get(CACHE_LOOKUP_KEY)
+        if value is not None:
+            return value, str(path)
+    out = work / "cache_lookup.json"
+    print(f"{path} absent: measuring the cache lookup with bench/cache_lookup.py")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("cache_lookup.py")), "--json", str(out)],
+                   check=True)
+    return json.loads(out.read_text()).get(CACHE_LOOKUP_KEY), "bench/cache_lookup.py, run by this benchmark"
 
 
 def _with(args: argparse.Namespace, sub: str) -> argparse.Namespace:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,8 +16,10 @@ from mmkd.dist import init_distributed
 from mmkd.teacher.cache import BuildResult, CacheError, build_cache
 
 
-def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:
-    """(teacher, records, out folder) from ``--teacher/--data/--out`` or from a distill ``--config``."""
+def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record], ...], str]:
+    """(teacher, data sources, out folder) from ``--teacher/--data/--out`` or from a distill ``--config``.
+
+    Sources stay as read (``wds:`` ones lazy, over their shard index): the build walks them shard by shard."""
     teacher, out = args.teacher, args.out
     bad = BadSamples(getattr(args, "on_error", "raise"))
     if args.config:
@@ -29,7 +32,7 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:
         set_max_image_pixels(cfg.data.max_image_pixels)
         bad = BadSamples(cfg.data.on_error)
         paired, unpaired = training_records(cfg, bad)
-        records = paired + (unpaired or [])
+        sources: list[Sequence[Record]] = [paired, *([unpaired] if unpaired else [])]
         target = cache_path(cfg.teacher)
         out = out or target
         if not teacher and target is None:
@@ -40,17 +43,17 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, list[Record], str]:
         if not args.data:
             raise CacheError("mmkd cache needs --data SPEC (or --config CONFIG) and --teacher MODEL and --out DIR; "
                              "or --verify DIR")
-        records = []
+        sources = []
         for spec in args.data:
-            recs = records_from_spec(spec, args.data_cache, world_n=args.world_n, bad=bad)
-            records += recs[: args.limit] if args.limit else recs
+            recs = records_from_spec(spec, args.data_cache, world_n=args.world_n, bad=bad, stream=True)
+            sources.append(recs[: args.limit] if args.limit else recs)
     if not teacher:
         raise CacheError("--teacher MODEL is required (a model folder or hub id)")
     if not out:
         raise CacheError("--out DIR is required")
     if bad.count:
         print(f"on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
-    return teacher, records, out
+    return teacher, tuple(sources), out
 
 
 def _source_name(teacher: str) -> str:

@@ -328,6 +328,7 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
     expect = CacheExpectation.for_data(data, arrays=arrays_needed(objectives),
                                        ignore_fingerprint=cfg.train.ignore_cache_fingerprint)
     cache.check(expect)
+    data.lookup = cache  # targets looked up where batches are built: in the DataLoader workers when there are any
     if info.is_main:
         log(f"teacher targets from the cache {folder}: {cache.n_samples} samples × {cache.views} view(s); "
             f"training draws views 0..{views - 1}")

@@ -7,7 +7,7 @@ the view whose embedding it stored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,7 @@ class TrainBatch:
     paired_idx: np.ndarray
     unpaired_idx: np.ndarray
     teacher_pixels: torch.Tensor | None = None  # the same samples and views at the online teacher's resolution
+    targets: dict[str, Any] | None = None  # teacher targets looked up where the batch was built (`TrainData.lookup`)
 
 
 class BatchPlan(ShardPlan):
@@ -101,11 +102,15 @@ class TrainData:
 
     teacher_banks: the online teacher's (paired, unpaired) banks, so the batch carries the teacher's pixels too
     and both are decoded in the DataLoader workers. window: shards per shuffle window (see `mmkd.data.plan`).
+    lookup: a teacher that answers from stored targets (a teacher cache, memory-mapped per process): each batch
+    carries ``lookup(batch)``, computed where the batch is built, so DataLoader workers do the lookups and the
+    training process none.
     """
 
     def __init__(self, paired: ImageBank, unpaired: ImageBank | None, batch_size: int, unpaired_batch_size: int,
                  world: int, seed: int, views: int = 1, window: int = DEFAULT_WINDOW,
-                 teacher_banks: tuple[ImageBank, ImageBank | None] | None = None) -> None:
+                 teacher_banks: tuple[ImageBank, ImageBank | None] | None = None,
+                 lookup: Callable[[TrainBatch], dict[str, Any]] | None = None) -> None:
         if in_memory(paired.records):  # sharded records are checked as they are read (and when indexed)
             for r in paired.records:
                 if not r.captions:
@@ -116,6 +121,7 @@ class TrainData:
         self.paired, self.unpaired = paired, unpaired
         self.seed, self.world, self.views = seed, world, views
         self.teacher_banks = teacher_banks
+        self.lookup = lookup
         self.plan = ShardPlan(shard_counts(paired.records), batch_size, seed, "paired", window)
         self.uplan = (ShardPlan(shard_counts(unpaired.records), unpaired_batch_size, seed, "unpaired", window)
                       if unpaired is not None and unpaired_batch_size > 0 else None)
@@ -161,8 +167,11 @@ class TrainData:
                 tpix.append(_pixels(self.teacher_banks[1], uidx, urecs, uviews))
             keys += [r.key for r in urecs]
             views += uviews
-        return TrainBatch(torch.cat(pix), keys, views, captions, len(idx), idx, uidx,
-                          torch.cat(tpix) if tpix else None)
+        batch = TrainBatch(torch.cat(pix), keys, views, captions, len(idx), idx, uidx,
+                           torch.cat(tpix) if tpix else None)
+        if self.lookup is not None:
+            batch.targets = self.lookup(batch)
+        return batch
 
     def batches(self, start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2
                 ) -> Iterator[TrainBatch]:

@@ -257,7 +257,8 @@ def train(
         step_terms: dict[str, float] = {}
         for micro in range(cfg.accumulate):
             batch = next(batches)  # batch step * accumulate + micro, decoded ahead by the loader's workers
-            targets = teacher(batch) if teacher is not None else {}
+            # a cached teacher's targets come with the batch, looked up in the loader's workers
+            targets = (batch.targets if batch.targets is not None else teacher(batch)) if teacher is not None else {}
             batch = replace(batch, pixel_values=to_device(batch.pixel_values, device))
             targets = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
             sync = micro == cfg.accumulate - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)

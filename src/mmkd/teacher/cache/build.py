@@ -22,6 +22,7 @@ import torch
 
 from mmkd import dist as mdist
 from mmkd.data.batches import ImageBank
+from mmkd.data.decode import jpeg_decoder
 from mmkd.data.records import DataError, Record
 from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augmentation_settings
 from mmkd.locking import FolderLock
@@ -36,10 +37,12 @@ from mmkd.teacher.cache.format import (
     PRECISIONS,
     SEGMENT_FILE,
     SEGMENTS,
+    SHARD_STAMP,
     CacheError,
     Chunk,
     Layout,
     array_sha256,
+    read_json_or_none,
     read_manifest,
     segment_name,
     shard_id,
@@ -107,7 +110,9 @@ def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, 
             "transform": {"image_size": teacher.meta.image_size, "image_mean": list(teacher.meta.image_mean),
                           "image_std": list(teacher.meta.image_std),
                           "augmentation": augmentation_settings(bank.train_tf.cfg), "view_seed": int(seed),
-                          "version": TRANSFORM_VERSION},
+                          "version": TRANSFORM_VERSION,
+                          # simplejpeg and PIL's draft() decode a JPEG to slightly different pixels
+                          "decoder": jpeg_decoder().name},
             "views": int(views),
             "storage": {"dtype": dtype, "features": bool(features), "precision": precision},
         },
@@ -121,6 +126,60 @@ def by_shard(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
     for r in records:
         groups.setdefault(shard_id(r.shard), []).append(r)
     return list(groups.items())
+
+
+@dataclass
+class ShardGroup:
+    """One data shard's records, read when the build reaches it (``load``), so a build holds one shard at a time.
+
+    n: its sample count, known without reading it; stamp: what the shard index knows of its tar (name, size, count),
+    written beside the segment so that training checks the cache against the data without reading sample bytes."""
+
+    shard: str
+    n: int
+    load: Callable[[], list[Record]]
+    stamp: dict[str, Any] | None = None
+
+
+def _sharded(records: Sequence[Record]) -> bool:
+    """Whether records are read on demand from indexed shards (``ShardedRecords``), not held in a list."""
+    return hasattr(records, "shard_counts")
+
+
+def shard_groups(sources: Sequence[Sequence[Record]]) -> list[ShardGroup]:
+    """The data shards of ``sources`` in data order: records held in memory grouped at once (as ``by_shard``),
+    sharded ones (``ShardedRecords``) one group per shard, read lazily: O(shards) here, never O(samples)."""
+    held: dict[str, list[Record]] = {}
+    out: list[ShardGroup] = []
+    seen: set[str] = set()
+    for src in sources:
+        if not _sharded(src):
+            for shard, recs in by_shard(list(src)):
+                if shard not in held:
+                    if shard in seen:
+                        raise CacheError(f"data shard {shard} is given twice; give each shard once")
+                    held[shard] = []
+                    seen.add(shard)
+                    out.append(ShardGroup(shard, 0, lambda shard=shard: held[shard]))
+                held[shard] += recs
+            continue
+        index, counts = src.index, src.shard_counts  # type: ignore[attr-defined]
+        for s, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            shard = shard_id(index.refs[s].name)
+            if shard in seen:
+                raise CacheError(f"data shard {shard} is given twice; give each shard once")
+            seen.add(shard)
+            lo = int(index.offsets[s])
+            stamp = {"name": index.refs[s].name, "size": int(index.sizes[s]), "count": int(index.counts[s])}
+            out.append(ShardGroup(shard, int(count), lambda lo=lo, n=int(count), src=src: [src[i] for i in
+                                                                                      range(lo, lo + n)],
+                                  stamp if count == int(index.counts[s]) else None))
+    for g in out:
+        if g.shard in held:
+            g.n = len(held[g.shard])
+    return out
 
 
 def prefetch_pays(device: str) -> bool:
@@ -222,7 +281,7 @@ def commit_chunk(layout: Layout, chunk: Chunk, arrays: dict[str, np.ndarray]) ->
 
 def build_cache(
     teacher: DualEncoder,
-    records: Sequence[Record],
+    records: Sequence[Record] | Sequence[Sequence[Record]],
     out_dir: str | os.PathLike,
     *,
     views: int = 1,
@@ -239,6 +298,8 @@ def build_cache(
 ) -> BuildResult:
     """Run ``teacher`` once over ``records`` (K views each) and their captions, writing a cache to ``out_dir``.
 
+    ``records``: one source (a list, or sharded records read on demand) or a tuple of sources (e.g. paired and
+    unpaired). Sharded sources are walked shard by shard, so the build holds one shard's records at a time.
     Records are grouped by data shard (``Record.shard``; in-memory records form one segment): a shard whose
     segment is complete is checked against the data and left untouched, a partial one resumes chunk by chunk, a new
     one is computed, so a grown dataset costs only its new shards. Under torchrun (an initialised process group)
@@ -258,42 +319,45 @@ def build_cache(
     unknown = sorted(set(augmentation or {}) - set(AUGMENTATION_FIELDS))
     if unknown:
         raise CacheError(f"augmentation: unknown setting(s) {unknown}; valid: {', '.join(AUGMENTATION_FIELDS)}")
-    if not records:
+    sources = list(records) if isinstance(records, tuple) else [records]
+    if not any(len(src) for src in sources):
         raise CacheError("no records to cache: the data is empty")
-    records = list(records)
-    _check_keys(records)
-    shards = by_shard(records)
+    # keys are checked unique here for records in memory; a shard index refused duplicates when it was built, and
+    # a key another segment holds is refused as each segment starts
+    _check_keys([r for src in sources if not _sharded(src) for r in src])
+    shards = shard_groups(sources)
+    n_samples = sum(g.n for g in shards)
     prec = resolve_precision(precision, next(teacher.parameters()).device.type)
     meta = cache_meta(teacher, views=views, dtype=dtype, features=features, seed=seed, augmentation=augmentation,
                       precision=prec, chunk_rows=chunk_rows, source=source)
     root = Path(out_dir)
     rank, world = mdist.rank(), mdist.world_size()
-    stats = {"chunks_built": 0, "chunks_skipped": 0, "segments_built": 0, "segments_skipped": 0}
+    stats = {"chunks_built": 0, "chunks_skipped": 0, "segments_built": 0, "segments_skipped": 0, "captions": 0}
     # rank 0 holds the folder for the whole build: a second build fails at once instead of deleting this one's
     # temporary files or racing it at the rename
     with FolderLock(root, "teacher cache folder") if rank == 0 else nullcontext():
         if rank == 0:
             prepare_folder(root, meta, teacher.tokenizer, log)
             if read_manifest(root) is not None or any((root / SEGMENTS).glob(f"*/{DONE_FILE}")):
-                publish(root, [segment_name(s) for s, _ in shards])  # segments a killed build finished
+                publish(root, [segment_name(g.shard) for g in shards])  # segments a killed build finished
         mdist.barrier()
         if rank != 0:
             check_same_build(root, meta)
         cached = _published_keys(root)
         mine = shards[rank::world]  # rank r builds data segments r, r + N, ...
         if log and rank == 0:
-            done = sum((root / SEGMENTS / segment_name(s) / DONE_FILE).is_file() for s, _ in shards)
-            log(f"teacher cache {root}: {len(records)} samples in {len(shards)} data shard(s) × {views} view(s), "
+            done = sum((root / SEGMENTS / segment_name(g.shard) / DONE_FILE).is_file() for g in shards)
+            log(f"teacher cache {root}: {n_samples} samples in {len(shards)} data shard(s) × {views} view(s), "
                 f"{dtype}, {prec} compute" + (f"; {done} shard(s) already cached" if done else "")
                 + (f"; ranks split the shards ({world} ranks)" if world > 1 else ""))
         bar = _progress_bar(mine, views, enabled=progress and rank == 0)
-        order = [segment_name(s) for s, _ in shards]
+        order = [segment_name(g.shard) for g in shards]
         published, publish_s = time.monotonic(), 0.0
         was_training = teacher.training
         teacher.eval()
         try:
-            for shard, recs in mine:
-                _build_segment(teacher, root, meta, shard, recs, cached, stats, bar, log if rank == 0 else None,
+            for group in mine:
+                _build_segment(teacher, root, meta, group, cached, stats, bar, log if rank == 0 else None,
                                views=views, seed=seed, augmentation=augmentation, features=features,
                                bf16=prec == "bf16", batch_size=batch_size)
                 # a long build publishes what every rank finished now and then, so training can use it early
@@ -309,11 +373,11 @@ def build_cache(
         if rank == 0:
             manifest = publish(root, order)
             listed = {s["name"] for s in manifest["segments"]}
-            missing = [shard or "in memory" for shard, _ in shards if segment_name(shard) not in listed]
+            missing = [g.shard or "in memory" for g in shards if segment_name(g.shard) not in listed]
             if missing:
                 raise CacheError(f"{root}: the segments of {len(missing)} shard(s) were not written by their ranks "
                                  f"(first: {missing[0]}); rerun the same command to complete them")
-    return BuildResult(root, len(records), len({c for r in records for c in r.captions}), views,
+    return BuildResult(root, n_samples, stats["captions"], views,
                        stats["chunks_built"], stats["chunks_skipped"], time.perf_counter() - t0,
                        stats["segments_built"], stats["segments_skipped"])
 
@@ -330,22 +394,28 @@ def _published_keys(root: Path) -> Published:
     return KeyIndex(root, manifest["index"], "keys"), manifest["segments"]
 
 
-def _progress_bar(mine: Sequence[tuple[str, list[Record]]], views: int, enabled: bool) -> Any:
+def _progress_bar(mine: Sequence[ShardGroup], views: int, enabled: bool) -> Any:
+    """Images × views up front (known without reading); each segment's captions are added as it is read."""
     from tqdm import tqdm
 
-    total = sum(len(recs) * views + len({c for r in recs for c in r.captions}) for _, recs in mine)
+    total = sum(g.n * views for g in mine)
     return tqdm(total=total, desc="teacher cache", disable=not enabled, leave=False, unit="item")
 
 
-def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], shard: str, records: list[Record],
+def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], group: ShardGroup,
                    cached: Published, stats: dict[str, int], bar: Any, log: Callable[[str], None] | None,
                    **compute: Any) -> None:
     """One data shard's segment: its index (keys, digests, captions), then every chunk not yet committed, then
-    its commit. A complete segment is checked and left as it is: not one of its files is written again."""
+    its commit. A complete segment is checked and left as it is: not one of its files is written again (but its
+    shard stamp, which is not the segment's data, is added when missing)."""
+    shard, records = group.shard, group.load()
     folder = root / SEGMENTS / segment_name(shard)
     keys = [r.key for r in records]
     digests = fp.record_digests(records)
     captions = sorted({c for r in records for c in r.captions})
+    stats["captions"] += len(captions)
+    bar.total += len(captions)
+    bar.refresh()
     if cached is not None and not (folder / SEGMENT_FILE).is_file():
         index, segments = cached
         rows = index.rows(keys)
@@ -374,6 +444,8 @@ def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], shard
         stats["segments_built"] += 1
     else:
         stats["segments_skipped"] += 1
+    if group.stamp is not None and (read_json_or_none(folder / SHARD_STAMP) != group.stamp):
+        write_json(folder / SHARD_STAMP, group.stamp)  # before done.json: a finished segment always has it
     if todo or not (folder / DONE_FILE).is_file():
         write_json(folder / DONE_FILE, {"shard": shard, "chunks": len(layout.chunks())})
 

@@ -94,6 +94,8 @@ def check_same_build(root: Path, meta: dict[str, Any]) -> None:
     # weights', tokenizer's and config's hashes, so the same teacher named another way resumes the build
     mine, theirs = (dict(m["fingerprint"], teacher={k: v for k, v in m["fingerprint"]["teacher"].items()
                                                      if k != "source"}) for m in (meta, found))
+    if "decoder" not in theirs["transform"]:  # a cache from before the decoder was recorded: it may grow
+        mine["transform"] = {k: v for k, v in mine["transform"].items() if k != "decoder"}
     differences = (fp.diff(mine, theirs, names=names) + fp.diff(meta["layout"], found["layout"], "layout", names))
     if differences:
         raise CacheError(f"{root} already holds a teacher cache built with other settings, so it cannot be resumed, "

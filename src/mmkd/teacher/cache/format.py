@@ -79,6 +79,14 @@ def write_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write(path, lambda f: np.lib.format.write_array(f, arr, allow_pickle=False))
 
 
+def read_json_or_none(path: Path) -> Any:
+    """A small JSON file's value, None when it is absent or unreadable (an optional file, e.g. a shard stamp)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
@@ -231,6 +239,7 @@ INDEX = "index"
 MANIFEST = "manifest.json"
 SEGMENT_FILE = "segment.json"  # a segment's index commit (its keys, digests and captions are written)
 DONE_FILE = "done.json"  # a segment's commit (every chunk written)
+SHARD_STAMP = "shard.json"  # the data shard's name, size and sample count as its index knew them (sharded data)
 MEMORY_SHARD = ""  # the shard id of records that come from no data shard (in-memory sources)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mmkd.data.batches import ImageBank, TrainBatch, TrainData
+from mmkd.data.decode import jpeg_decoder
 from mmkd.data.records import Record
 from mmkd.data.transforms import TRANSFORM_VERSION, augmentation_settings
 from mmkd.models.dual_encoder import EncoderMeta
@@ -30,11 +31,13 @@ from mmkd.teacher.cache.format import (
     IMAGE_ARRAYS,
     SEGMENT_FILE,
     SEGMENTS,
+    SHARD_STAMP,
     CacheError,
     CacheFingerprintError,
     Layout,
     StringTable,
     from_storage,
+    read_json_or_none,
     read_manifest,
     read_meta,
     shard_id,
@@ -54,9 +57,10 @@ def open_maps_budget() -> int:
 class CacheExpectation:
     """What a consumer needs of a cache; ``CachedTeacher.check`` refuses a cache that does not provide it.
 
-    Fingerprint parts (overridable with ``ignore_fingerprint``): every record's content digest, the view seed,
-    the augmentation settings and the transform version (they decide which crop view v is), and the teacher's
-    weights hash. Hard requirements (never overridable): every key and caption present, the arrays, the views,
+    Fingerprint parts (overridable with ``ignore_fingerprint``): every record's content digest (for sharded data:
+    each shard's name, size and sample count as its index knows them), the view seed, the augmentation settings,
+    the transform version and the JPEG decoder (they decide view v's pixels), and the teacher's weights hash.
+    Hard requirements (never overridable): every key and caption present, the arrays, the views,
     and the embedding/feature widths.
     """
 
@@ -71,6 +75,10 @@ class CacheExpectation:
     feature_dims: Mapping[str, int] | None = None
     teacher_sha256: str | None = None
     ignore_fingerprint: bool = False
+    # sharded sources (``ShardedRecords``), checked shard by shard against the segments' shard stamps, reading no
+    # sample; (records, captioned) per source
+    sharded: Sequence[tuple[Sequence[Record], bool]] = ()
+    decoder: str | None = None  # the JPEG decoder that makes training's views (``mmkd.data.decode``)
 
     @classmethod
     def for_data(cls, data: TrainData, arrays: Sequence[str] = ("image_embeds", "text_embeds"),
@@ -84,7 +92,11 @@ class CacheExpectation:
                 raise CacheError("the paired and unpaired image banks use different view seeds or augmentation; "
                                  "build both with CachedTeacher.bank so they replay the cached views")
         ref = augmenting[0] if augmenting else None
-        return cls(records=[r for b in banks for r in b.records], captioned=data.paired.records,
+        held = [b for b in banks if not hasattr(b.records, "shard_counts")]
+        sharded = [(b.records, b is data.paired) for b in banks if hasattr(b.records, "shard_counts")]
+        return cls(records=[r for b in held for r in b.records],
+                   captioned=data.paired.records if data.paired in held else [], sharded=sharded,
+                   decoder=jpeg_decoder().name,
                    view_seed=ref.seed if ref else None,
                    augmentation=augmentation_settings(ref.train_tf.cfg) if ref else None,
                    views=data.views, augment=bool(augmenting), arrays=tuple(arrays), **kw)
@@ -240,8 +252,11 @@ class CachedTeacher:
         for tower, width in (expect.feature_dims or {}).items():
             if self.feature_dims.get(tower) != width:
                 hard.append(f"its {tower} features are {self.feature_dims.get(tower)}-wide, expected {width}")
+        text = "text_embeds" in expect.arrays or "text_features" in expect.arrays
+        if expect.sharded:
+            expect = self._check_shards(expect, text, hard, soft)
         if expect.records is not None:
-            hard += self._missing(expect, "text_embeds" in expect.arrays or "text_features" in expect.arrays)
+            hard += self._missing(expect, text)
             soft += self._changed(expect.records)
         if expect.view_seed is not None and expect.view_seed != self.view_seed:
             soft.append(f"transform.view_seed: the cache's views were drawn with seed {self.view_seed}, training "
@@ -249,6 +264,11 @@ class CachedTeacher:
         if expect.augmentation is not None:
             soft += fp.diff(dict(f["transform"]["augmentation"]), dict(expect.augmentation), "transform.augmentation",
                             ("cache", "training"))
+        built_by = f["transform"].get("decoder")  # absent in caches built before it was recorded
+        if expect.decoder is not None and built_by is not None and expect.decoder != built_by:
+            soft.append(f"transform.decoder: the cache's views were decoded by {built_by}, training decodes JPEGs "
+                        f"with {expect.decoder} (slightly different pixels): install {built_by} where training runs "
+                        "or rebuild the cache there")
         if f["transform"]["version"] != TRANSFORM_VERSION:
             soft.append(f"transform.version: the cache's views come from transform version "
                         f"{f['transform']['version']}, this mmkd makes version {TRANSFORM_VERSION}")
@@ -262,6 +282,58 @@ class CachedTeacher:
                 f"{f' (and {len(soft) - 6} more)' if len(soft) > 6 else ''}. Rebuild the cache with `mmkd cache`, or "
                 "if you are sure the targets still fit, set train.ignore_cache_fingerprint: true "
                 "(CLI: --ignore-fingerprint)")
+
+    def _check_shards(self, expect: CacheExpectation, text: bool, hard: list[str], soft: list[str]
+                      ) -> CacheExpectation:
+        """Sharded training data against the segments, by the shard index alone: each shard the cache lacks is
+        named, each whose name, size or sample count differs from the stamp its segment recorded is a fingerprint
+        difference. Shards whose segment has no stamp (built from records in a list) or whose stamp differs are read
+        and checked sample by sample as in-memory data is (keys present, content digests): the expectation
+        returned holds those records."""
+        segments = {s["shard"]: s for s in self.manifest["segments"]}
+        fallback: list[Record] = []
+        fallback_captioned: list[Record] = []
+        lacking: list[str] = []
+        changed: list[str] = []
+        n_shards = 0
+        for records, captioned in expect.sharded:
+            index, counts = records.index, records.shard_counts  # type: ignore[attr-defined]
+            for s, count in enumerate(counts.tolist()):
+                if not count:
+                    continue
+                n_shards += 1
+                name = index.refs[s].name
+                seg = segments.get(shard_id(name))
+                if seg is None:
+                    lacking.append(name)
+                    continue
+                now = {"name": name, "size": int(index.sizes[s]), "count": int(index.counts[s])}
+                then = read_json_or_none(self.root / SEGMENTS / seg["name"] / SHARD_STAMP)
+                if isinstance(then, dict) and {"size", "count"} <= set(then):
+                    if (then["size"], then["count"]) == (now["size"], now["count"]):
+                        continue
+                    changed.append(f"{name}: {then['size']} bytes, {then['count']} samples then; "
+                                   f"{now['size']} bytes, {now['count']} samples now")
+                # no stamp (built from records in a list), or a changed shard: its samples are checked one by one
+                lo = int(index.offsets[s])
+                recs = [records[i] for i in range(lo, lo + count)]
+                fallback += recs
+                if captioned:
+                    fallback_captioned += recs
+        if lacking:
+            hard.append(f"it lacks {len(lacking)} of the training data's {n_shards} shard(s) (it is partly built, or "
+                        f"the data grew): {', '.join(map(repr, lacking[:3]))}{' …' if len(lacking) > 3 else ''}; "
+                        "cache them with the same `mmkd cache` command over the whole data (it computes only the "
+                        "missing shards), or train on the cached shards only with data.only_cached_shards: true")
+        if changed:
+            soft.append(f"data: {len(changed)} shard(s) differ from when the cache was built (a shard's size or "
+                        f"sample count changed), e.g. {changed[0]}")
+        if not fallback:
+            return expect
+        from dataclasses import replace
+
+        return replace(expect, records=[*(expect.records or []), *fallback],
+                       captioned=[*(expect.captioned or []), *fallback_captioned])
 
     def _missing(self, expect: CacheExpectation, text: bool) -> list[str]:
         out = []

@@ -19,6 +19,7 @@ from mmkd.teacher.cache.format import (
     NORM_TOLERANCE,
     SEGMENT_FILE,
     SEGMENTS,
+    SHARD_STAMP,
     CacheError,
     Layout,
     StringTable,
@@ -113,7 +114,7 @@ def _verify_segment(rep: VerifyReport, root: Path, meta: dict, seg: dict, deep: 
                                                                                 fmt.key_hashes(captions)):
         rep.problems.append(f"segment {folder}: keys.hash.npy or captions.hash.npy does not match its strings")
     layout = Layout.of_segment(folder, meta, len(keys), len(captions))
-    known = {SEGMENT_FILE, DONE_FILE} | {f"{n}.{part}.npy" for n in ("keys", "digests", "captions")
+    known = {SEGMENT_FILE, DONE_FILE, SHARD_STAMP} | {f"{n}.{part}.npy" for n in ("keys", "digests", "captions")
                                          for part in ("bytes", "offsets")} | {"keys.hash.npy", "captions.hash.npy"}
     incomplete = 0
     tol = NORM_TOLERANCE[layout.dtype]
