@@ -503,6 +503,21 @@ def test_matching_demo_quick_writes_the_contract(tmp_path, tiny_models, shared_d
     hard = read_pairs(out / "pairs" / "hard.jsonl")
     assert {p.negative for p in hard.pairs if p.label == 0} == {"nearest", "swap"}
 
+    # the quick section's seeds: [0, 1] on the random pairs, KD with transfer 0 and 2; seed 0 at transfer 2 is
+    # the demo's own students, reused
+    seeds = json.loads((out / "seeds.json").read_text())
+    assert (seeds["seeds"], seeds["transfer"], seeds["kd"]) == ([0, 1], [0, 2], ["kd_kl", "kd_bce"])
+    assert list(seeds["settings"]) == ["random"]
+    assert seeds["settings"]["random"]["teacher"] == result["random"]["teacher"]
+    runs = seeds["settings"]["random"]["runs"]
+    keys = {(r["seed"], r["model"], r["transfer"]) for r in runs}
+    assert len(runs) == len(keys) == 2 * (1 + 2 * 2)
+    reused = {(r["model"], r["transfer"]): r["test"] for r in runs if r["reused"]}
+    assert set(reused) == {("baseline", None), ("kd_kl", 2), ("kd_bce", 2)}
+    assert all(r["seed"] == 0 for r in runs if r["reused"])
+    for (model, _), test in reused.items():
+        assert test == result["random"][model]
+
 
 def test_teacher_pretrain_runs_the_distill_config_once(tmp_path, minilm_path):
     """Without teacher.source, the demo's teacher config is trained by run_distill into the cache, then reused."""

@@ -4,7 +4,8 @@ For each setting: build the pairs → fine-tune the teacher's matcher (once; its
 baseline student (BCE) → train the KD students from the same initialisation and batch order, each labelled
 pair joined by ``train.transfer`` unlabelled ones scored by the teacher (its image with other training
 captions: the transfer set). Writes ``OUT/matching.json`` (test metrics per setting and model),
-``OUT/report.md`` (the table), ``OUT/matching.png``, ``OUT/demo.json`` and one study folder per setting.
+``OUT/report.md`` (the table), ``OUT/matching.png``, ``OUT/demo.json`` and one study folder per setting; with a
+``seeds`` section, also ``OUT/seeds.json`` (the students again per seed, see ``seeds.py``).
 
 Every data set a setting names is checked before any training: a missing one fails in one line that says how
 to drop the setting (``settings.NAME=null``). Budgets live in ``configs/matching/demo.yaml``.
@@ -28,6 +29,7 @@ from mmkd.studies.matching.metrics import summary
 from mmkd.studies.matching.pairfile import build_pairs_file
 from mmkd.studies.matching.pretrain import check_teacher, teacher_source
 from mmkd.studies.matching.report import demo_table, plot_demo
+from mmkd.studies.matching.seeds import seed_runs, transfer_sizes
 from mmkd.studies.matching.study import MatchingStudy
 
 
@@ -47,6 +49,7 @@ def check_settings_data(settings: dict[str, DemoSetting], cache: Path) -> None:
 
 def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) -> dict[str, Any]:
     settings = cfg.setting_list()
+    seeded = cfg.seed_settings()
     out, cache = Path(cfg.out), cfg.cache
     check_teacher(cfg)
     check_settings_data(settings, cache)
@@ -60,6 +63,7 @@ def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) ->
     encoder = TextEncoder(cfg.text_encoder, cache_file=cache / "text-features.npz")
     results: dict[str, dict[str, dict[str, float]]] = {}
     details: dict[str, Any] = {}
+    seeds: dict[str, Any] = {}
     for name, s in settings.items():
         log(f"\n== {name}: {s.data}, {s.negatives} negatives ==")
         is_world = s.data.startswith("world:")
@@ -76,8 +80,16 @@ def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) ->
         details[name] = {"pairs": str(pairs_path), "counts": counts,
                          "thresholds": {m: r["test"]["threshold"] for m, r in metrics["models"].items()},
                          "seconds": metrics["seconds"], "teacher_errors": len(metrics["teacher_errors"])}
+        if name in seeded:
+            t1 = time.perf_counter()
+            log(f"\n== {name}: the students again with seeds {cfg.seeds.seeds} ==")
+            seeds[name] = {"teacher": results[name]["teacher"], "runs": seed_runs(study, cfg, metrics["models"]),
+                           "seconds": round(time.perf_counter() - t1, 1)}
     encoder.save_cache()
     atomic_write_json(out / "matching.json", results)
+    if seeds:
+        atomic_write_json(out / "seeds.json", {"seeds": cfg.seeds.seeds, "transfer": transfer_sizes(cfg),
+                                               "kd": [k.name for k in cfg.kd], "settings": seeds})
     plot_demo(results, out / "matching.png")
     seconds = round(time.perf_counter() - t0, 1)
     atomic_write_json(out / "demo.json", {"quick": quick, "teacher": str(teacher_dir), "settings": details,
