@@ -405,6 +405,20 @@ def test_config_errors_name_the_key():
                              DemoConfig).setting_list()
 
 
+def test_demo_seeds_section_is_typed_and_checked():
+    demo = load_matching_config(DEMO, [], DemoConfig)
+    assert demo.seeds.seeds == [0, 1, 2] and demo.seed_settings() == ["random", "hard"]
+    assert load_matching_config(DEMO, ["settings.hard=null"], DemoConfig).seed_settings() == ["random"]
+    assert load_matching_config(DEMO, ["seeds.seeds=[]"], DemoConfig).seed_settings() == []
+    assert load_matching_config(DEMO, ["seeds.settings=[]"], DemoConfig).seed_settings() == ["random", "hard", "coco"]
+    for override, message in (("seeds.settings=[nope]", "seeds.settings: 'nope' is not one of the demo's settings"),
+                              ("seeds.seeds=[1, 1]", "seeds: each seed once"),
+                              ("seeds.seeds=[a]", "seeds.seeds[0]: expected an integer"),
+                              ("seeds.runs=3", "unknown config key 'seeds.runs'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_matching_config(DEMO, [override], DemoConfig)
+
+
 def test_cli_rejects_bad_settings_before_any_work(tmp_path, capsys):
     missing = str(tmp_path / "nothing.jsonl")
     base = [STUDY, f"pairs.file={missing}", "teacher.source=x", "--out", str(tmp_path)]
@@ -517,6 +531,7 @@ def test_matching_demo_quick_writes_the_contract(tmp_path, tiny_models, shared_d
     assert all(r["seed"] == 0 for r in runs if r["reused"])
     for (model, _), test in reused.items():
         assert test == result["random"][model]
+    assert "| random |" in (out / "report.md").read_text().split("## Over seeds 0, 1")[1]
 
 
 def test_teacher_pretrain_runs_the_distill_config_once(tmp_path, minilm_path):

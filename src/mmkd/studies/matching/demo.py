@@ -28,7 +28,7 @@ from mmkd.studies.matching.data import load_pair_data
 from mmkd.studies.matching.metrics import summary
 from mmkd.studies.matching.pairfile import build_pairs_file
 from mmkd.studies.matching.pretrain import check_teacher, teacher_source
-from mmkd.studies.matching.report import demo_table, plot_demo
+from mmkd.studies.matching.report import demo_table, plot_demo, seeds_table
 from mmkd.studies.matching.seeds import seed_runs, transfer_sizes
 from mmkd.studies.matching.study import MatchingStudy
 
@@ -87,19 +87,20 @@ def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) ->
                            "seconds": round(time.perf_counter() - t1, 1)}
     encoder.save_cache()
     atomic_write_json(out / "matching.json", results)
+    seed_record = {"seeds": cfg.seeds.seeds, "transfer": transfer_sizes(cfg), "kd": [k.name for k in cfg.kd],
+                   "settings": seeds}
     if seeds:
-        atomic_write_json(out / "seeds.json", {"seeds": cfg.seeds.seeds, "transfer": transfer_sizes(cfg),
-                                               "kd": [k.name for k in cfg.kd], "settings": seeds})
+        atomic_write_json(out / "seeds.json", seed_record)
     plot_demo(results, out / "matching.png")
     seconds = round(time.perf_counter() - t0, 1)
     atomic_write_json(out / "demo.json", {"quick": quick, "teacher": str(teacher_dir), "settings": details,
                                           "config": to_dict(cfg), "seconds": seconds})
-    _write_report(out, results, details, cfg, teacher_dir, seconds)
+    _write_report(out, results, details, cfg, teacher_dir, seconds, seed_record if seeds else None)
     return results
 
 
 def _write_report(out: Path, results: dict[str, Any], details: dict[str, Any], cfg: DemoConfig,
-                  teacher_dir: Path, seconds: float) -> None:
+                  teacher_dir: Path, seconds: float, seeds: dict[str, Any] | None) -> None:
     kd = ", ".join(f"{k.variant} T={k.temperature} α={k.alpha}" for k in cfg.kd)
     kd += f"; {cfg.train.transfer} teacher-scored unlabelled pairs per labelled pair" if cfg.train.transfer else ""
     text = ["# Binary image–text matching demo (the matching study)", "",
@@ -113,5 +114,8 @@ def _write_report(out: Path, results: dict[str, Any], details: dict[str, Any], c
         text.append(f"- **{name}**: train/val/test pairs {c['train']['pairs']}/{c['val']['pairs']}/"
                     f"{c['test']['pairs']}; teacher errors on test: {d['teacher_errors']} (listed in "
                     f"`{name}/report.md`); {d['seconds']:.0f} s")
+    if seeds:
+        text += ["", f"## Over seeds {', '.join(map(str, seeds['seeds']))} (test F1, mean ± sd; `seeds.json`)", "",
+                 seeds_table(seeds)]
     text += ["", f"Total: {seconds:.0f} s.", ""]
     atomic_write_text(out / "report.md", "\n".join(text))
