@@ -405,6 +405,20 @@ def test_config_errors_name_the_key():
                              DemoConfig).setting_list()
 
 
+def test_demo_seeds_section_is_typed_and_checked():
+    demo = load_matching_config(DEMO, [], DemoConfig)
+    assert demo.seeds.seeds == [0, 1, 2] and demo.seed_settings() == ["random", "hard"]
+    assert load_matching_config(DEMO, ["settings.hard=null"], DemoConfig).seed_settings() == ["random"]
+    assert load_matching_config(DEMO, ["seeds.seeds=[]"], DemoConfig).seed_settings() == []
+    assert load_matching_config(DEMO, ["seeds.settings=[]"], DemoConfig).seed_settings() == ["random", "hard", "coco"]
+    for override, message in (("seeds.settings=[nope]", "seeds.settings: 'nope' is not one of the demo's settings"),
+                              ("seeds.seeds=[1, 1]", "seeds: each seed once"),
+                              ("seeds.seeds=[a]", "seeds.seeds[0]: expected an integer"),
+                              ("seeds.runs=3", "unknown config key 'seeds.runs'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_matching_config(DEMO, [override], DemoConfig)
+
+
 def test_cli_rejects_bad_settings_before_any_work(tmp_path, capsys):
     missing = str(tmp_path / "nothing.jsonl")
     base = [STUDY, f"pairs.file={missing}", "teacher.source=x", "--out", str(tmp_path)]
@@ -502,6 +516,22 @@ def test_matching_demo_quick_writes_the_contract(tmp_path, tiny_models, shared_d
     assert "| hard | KD-BCE |" in (out / "report.md").read_text()
     hard = read_pairs(out / "pairs" / "hard.jsonl")
     assert {p.negative for p in hard.pairs if p.label == 0} == {"nearest", "swap"}
+
+    # the quick section's seeds: [0, 1] on the random pairs, KD with transfer 0 and 2; seed 0 at transfer 2 is
+    # the demo's own students, reused
+    seeds = json.loads((out / "seeds.json").read_text())
+    assert (seeds["seeds"], seeds["transfer"], seeds["kd"]) == ([0, 1], [0, 2], ["kd_kl", "kd_bce"])
+    assert list(seeds["settings"]) == ["random"]
+    assert seeds["settings"]["random"]["teacher"] == result["random"]["teacher"]
+    runs = seeds["settings"]["random"]["runs"]
+    keys = {(r["seed"], r["model"], r["transfer"]) for r in runs}
+    assert len(runs) == len(keys) == 2 * (1 + 2 * 2)
+    reused = {(r["model"], r["transfer"]): r["test"] for r in runs if r["reused"]}
+    assert set(reused) == {("baseline", None), ("kd_kl", 2), ("kd_bce", 2)}
+    assert all(r["seed"] == 0 for r in runs if r["reused"])
+    for (model, _), test in reused.items():
+        assert test == result["random"][model]
+    assert "| random |" in (out / "report.md").read_text().split("## Over seeds 0, 1")[1]
 
 
 def test_teacher_pretrain_runs_the_distill_config_once(tmp_path, minilm_path):

@@ -65,14 +65,26 @@ def test_demo_section_is_replaced_and_the_rest_untouched(tmp_path: Path) -> None
 
 def test_cli_regenerates_and_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     readme = tmp_path / "README.md"
-    readme.write_text(BEFORE + AFTER)
-    assert main(["readme", "--readme", str(readme), "--root", str(tmp_path)]) == 2
+    old = BEFORE + "the last run's table\n" + AFTER
+    readme.write_text(old)
+    # every section: one whose JSON has not been made here keeps its block, and the command says so in one line
+    assert main(["readme", "--readme", str(readme), "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "results:demo: " in out and "runs/demo/metrics.json not found; run `make demo`" in out
+    assert "its block is kept as it is" in out and "regenerated no section" in out
+    assert readme.read_text() == old
+    # asked for by name, it must be there: an error, nothing written
+    assert main(["readme", "--readme", str(readme), "--root", str(tmp_path), "--section", "demo"]) == 2
     assert "runs/demo/metrics.json not found; run `make demo`" in capsys.readouterr().err
-    assert readme.read_text() == BEFORE + AFTER  # nothing written on failure
+    assert readme.read_text() == old
 
     fake_demo(tmp_path)
     assert main(["readme", "--readme", str(readme), "--root", str(tmp_path)]) == 0
     assert "regenerated demo" in capsys.readouterr().out
+
+    (tmp_path / "runs" / "demo" / "metrics.json").write_text("{not json")  # a broken file is never skipped
+    with pytest.raises(ReadmeError, match="metrics.json is not valid JSON"):
+        update_readme(readme, tmp_path, kept=print)
 
     readme.write_text("<!-- results:nosuch -->\nx\n<!-- /results:nosuch -->\n")
     with pytest.raises(ReadmeError, match=r"no renderer for section\(s\) \['nosuch'\]"):
@@ -105,10 +117,112 @@ def test_loader_bench_section_comes_from_the_committed_results(tmp_path: Path) -
 
 
 def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> None:
+    import mmkd.studies.matching.report  # noqa: F401  (registers the study's sections, as `mmkd readme` does)
     from mmkd.report.readme import _BLOCK, SECTIONS
 
-    names = {m.group("name") for m in _BLOCK.finditer((REPO / "README.md").read_text())}
-    assert {"demo", "bench-cache"} <= names <= set(SECTIONS.names())
+    text = (REPO / "README.md").read_text()
+    names = [m.group("name") for m in _BLOCK.finditer(text)]
+    assert {"demo", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1"} <= set(names)
+    assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))
+    # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
+    opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)
+    closed = re.findall(r"^<!-- /results:([\w.-]+) -->$", text, re.M)
+    assert opened == closed == names
+    for m in _BLOCK.finditer(text):
+        assert "<!-- results:" not in m.group("body") and "<!-- /results:" not in m.group("body")
+
+
+def _board_row(run: str, role: str, top1: float | None, ref: str = "", d: float | None = None) -> dict:
+    return {"run": run, "role": role, "objectives": "clip" if role != "teacher" else "runs/t", "zs_top1": top1,
+            "zs_top5": 0.9, "i2t_r1": 0.1, "t2i_r1": 0.05, "train_s": None if role == "teacher" else 30.0,
+            "vs_scratch": ref, "d_top1": d}
+
+
+def test_sweep_s1_section_is_the_sweeps_leaderboard_and_its_command(tmp_path: Path) -> None:
+    rows = [_board_row("teacher", "teacher", 0.416),
+            _board_row("task-clip__kd-mse", "distilled", 0.39, "task-clip__kd-scratch", 0.39 - 0.30),
+            _board_row("task-clip__kd-kl", "distilled", 0.31, "task-clip__kd-scratch", 0.31 - 0.30),
+            _board_row("task-clip__kd-scratch", "scratch", 0.30)]
+    folder = tmp_path / "runs" / "s1_compare"
+    folder.mkdir(parents=True)
+    cmd = "mmkd sweep configs/s1_compare.yaml teacher=runs/world_teacher/student train.threads=1"
+    (folder / "leaderboard.json").write_text(json.dumps({"command": cmd, "notes": "Zero-shot: world:test.",
+                                                         "rows": rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text("## S1\n<!-- results:sweep-s1 -->\n| old | 39.0 |\n<!-- /results:sweep-s1 -->\nprose\n")
+    assert update_readme(readme, tmp_path) == ["sweep-s1"]
+    text = readme.read_text()
+    assert f"written by `{cmd}` (3 runs, 2 minutes of student training). Zero-shot: world:test." in text
+    assert "| old |" not in text and text.endswith("<!-- /results:sweep-s1 -->\nprose\n")
+    assert ("| run | role | objectives | zero-shot top-1 % | top-5 % | Δ top-1 vs scratch (pts) | i2t R@1 % | "
+            "t2i R@1 % | train s |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+            "| teacher | teacher | runs/t | 41.6 | 90.0 |  | 10.0 | 5.0 |  |\n"
+            "| task-clip__kd-mse | distilled | clip | 39.0 | 90.0 | +9.0 | 10.0 | 5.0 | 30 |\n"
+            "| task-clip__kd-kl | distilled | clip | 31.0 | 90.0 | +1.0 | 10.0 | 5.0 | 30 |\n"
+            "| task-clip__kd-scratch | scratch | clip | 30.0 | 90.0 |  | 10.0 | 5.0 | 30 |\n") in text
+    assert ("- Against `task-clip__kd-scratch` (30.0% top-1): the 2 distilled runs gain +1.0 to +9.0 points; "
+            "best `task-clip__kd-mse`, 39.0%.") in text
+    assert "- The best student, `task-clip__kd-mse`, is 2.6 points of top-1 below the teacher (41.6%)." in text
+
+
+def _r(f1: float) -> dict:
+    return {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": f1, "roc_auc": 0.5}
+
+
+def test_matching_seeds_section_is_mean_and_sd_over_the_seeds(tmp_path: Path) -> None:
+    import mmkd.studies.matching.report  # noqa: F401
+
+    f1 = {("baseline", None): [0.80, 0.82, 0.84], ("kd_kl", 0): [0.85, 0.85, 0.85], ("kd_kl", 4): [0.90, 0.94, 0.92],
+          ("kd_bce", 0): [0.81, 0.83, 0.85], ("kd_bce", 4): [0.86, 0.86, 0.89]}
+    runs = [{"seed": seed, "model": m, "transfer": t, "reused": seed == 0 and t in (None, 4), "val": _r(v),
+             "test": _r(v), "train_seconds": 1.0} for (m, t), vs in f1.items() for seed, v in enumerate(vs)]
+    seeds = {"seeds": [0, 1, 2], "transfer": [0, 4], "kd": ["kd_kl", "kd_bce"],
+             "settings": {"random": {"teacher": _r(0.96), "runs": runs, "seconds": 10.0}}}
+    (tmp_path / "runs" / "matching").mkdir(parents=True)
+    (tmp_path / "runs" / "matching" / "seeds.json").write_text(json.dumps(seeds))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:matching-seeds -->\n<!-- /results:matching-seeds -->\n")
+    assert update_readme(readme, tmp_path) == ["matching-seeds"]
+    text = readme.read_text()
+    assert "seeds 0, 1, 2 on the same pairs and teacher" in text and "12 extra student runs" in text
+    assert ("| negatives | teacher | KD students trained on | baseline (BCE) | KD-KL | KD-BCE |\n"
+            "|---|---|---|---|---|---|\n"
+            "| random | 96.0 | labelled pairs only (S2) | 82.0 ± 2.0 | 85.0 ± 0.0 | 83.0 ± 2.0 |\n"
+            "| random | 96.0 | + 4 transfer pairs per pair | 82.0 ± 2.0 | 92.0 ± 2.0 | 87.0 ± 1.7 |\n") in text
+    assert ("- random: mean test F1 as a share of the teacher's: baseline 85%, KD-KL 89% / 96%, KD-BCE 86% / 91% "
+            "(labelled only / + 4 transfer).") in text
+
+
+def test_matching_sweep_section_shows_the_top_the_last_and_the_references(tmp_path: Path) -> None:
+    import mmkd.studies.matching.report  # noqa: F401
+
+    def row(rank: object, model: str, variant: str, t: object, a: object, val: float) -> dict:
+        return {"rank": rank, "model": model, "variant": variant, "temperature": t, "alpha": a, "val_f1": val,
+                "val_accuracy": val, "test_accuracy": 0.9, "test_precision": 0.8, "test_recall": 1.0,
+                "test_f1": val - 0.01, "test_roc_auc": 0.95}
+
+    kd = [row(i + 1, "kd_bce" if i % 2 else "kd_kl", "bce" if i % 2 else "kl", 1.5 + 0.5 * (i // 2) % 4,
+              0.5, 0.91 - 0.005 * i) for i in range(8)]
+    kd[3] = row(4, "kd_bce", "bce", 3.0, 0.5, kd[3]["val_f1"])
+    refs = [row("", "teacher", "", "", "", 0.95), row("", "baseline", "", "", "", 0.877)]
+    sweep = {"pairs": "runs/matching/pairs/random.jsonl", "leaderboard": kd + refs, "runs": [],
+             "config": {"train": {"epochs": 15, "transfer": 0}}, "seconds": 300.0}
+    (tmp_path / "runs" / "matching" / "sweep").mkdir(parents=True)
+    (tmp_path / "runs" / "matching" / "sweep" / "sweep.json").write_text(json.dumps(sweep))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:matching-sweep -->\n<!-- /results:matching-sweep -->\n")
+    assert update_readme(readme, tmp_path) == ["matching-sweep"]
+    text = readme.read_text()
+    assert ("written by `mmkd matching sweep configs/matching/demo_sweep.yaml` on `runs/matching/pairs/random.jsonl`"
+            " (8 KD runs, 15 epochs each, transfer pairs per pair: 0; 5 minutes in all)") in text
+    table = [line for line in text.splitlines() if line.startswith("| ")]  # the header, then the rows
+    ranks = [line.split("|")[1].strip() for line in table[1:]]
+    assert ranks == ["1", "2", "3", "4", "5", "…", "8", "", ""]
+    assert "| 4 | KD-BCE | 3.0 | 0.5 | 89.5 | 90.0 | 80.0 | 100.0 | 88.5 | 95.0 |" in text
+    assert "|  | teacher |  |  | 95.0 | 90.0 | 80.0 | 100.0 | 94.0 | 95.0 |" in text
+    assert ("The 8 KD runs span 87.5–91.0 validation F1 and 86.5–90.0 test F1; teacher 95.0 / 94.0; "
+            "baseline (BCE) 87.7 / 86.7 (validation / test F1).") in text
+    assert "S2's best setting (KD-BCE, T = 3, α = 0.5) ranks 4 of 8 here." in text
 
 
 def test_matching_section_from_the_study_demo_json(tmp_path: Path) -> None:

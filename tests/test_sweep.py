@@ -46,6 +46,8 @@ def test_grid_arguments_references_and_errors(tmp_path: Path) -> None:
     assert names[:4] == [f"reference-scratch__{t}__train.lr-{lr}" for t in ("triplet", "clip")
                          for lr in ("0.001", "0.002")]
     assert len(names) == 4 + 2 * 2 * 2
+    assert sweep.command == f"mmkd sweep {CONFIGS / 's1_compare.yaml'} --grid=kd=mse,kl --grid=train.lr=1e-3,2e-3 " \
+                            "train.steps=7"  # recorded with the leaderboard: what made it
     assert all(r.cfg.train.steps == 7 for r in sweep.runs)
     assert {r.cfg.train.lr for r in sweep.runs} == {1e-3, 2e-3}
     ref = next(r for r in sweep.runs if r.name == "reference-scratch__clip__train.lr-0.002")
@@ -153,6 +155,12 @@ def test_sweep_runs_once_skips_finished_runs_and_writes_the_leaderboard(
         assert float(r["train_s"]) == metrics["train"]["seconds"]
     top1s = [float(r["zs_top1"]) for r in rows[1:]]
     assert top1s == sorted(top1s, reverse=True)
+    # leaderboard.json (what `mmkd readme` renders the README's copy from): the same table, and its command
+    from mmkd.report.leaderboard import markdown
+
+    saved = json.loads((tmp_path / "sweep" / "leaderboard.json").read_text())
+    assert saved["command"] == f"mmkd sweep {config}" and saved["notes"] in text
+    assert markdown(saved["rows"]) in text
 
     # a second sweep run trains nothing: every run is finished
     monkeypatch.setattr(pipeline, "run_distill", lambda *a, **k: pytest.fail("a finished run was trained again"))

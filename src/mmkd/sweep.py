@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
@@ -75,6 +76,7 @@ class Sweep:
     runs: list[Run]
     axes: dict[str, list[Any]]
     sets: dict[str, list[Any]] = field(default_factory=dict)
+    command: str = ""  # the `mmkd sweep` command line that gives this sweep (recorded with the leaderboard)
 
 
 def _parse_grid_arg(item: str) -> tuple[str, list[Any]]:
@@ -118,14 +120,16 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
             raise ConfigError(f"sweep.grid.{key}: {missing[0]!r} names no objective set; sets: "
                               f"{', '.join(sorted(sets)) or 'none'} (an axis named by a config key, e.g. "
                               f"train.lr, takes plain values instead; config keys: {', '.join(sorted(config_keys))})")
-    out = Path(out or section.out or base.get("out") or "runs/sweep")
+    out_arg, out = out, Path(out or section.out or base.get("out") or "runs/sweep")
     runs = [_make_run(base, sets, dict(zip(axes, combo)), out) for combo in itertools.product(*axes.values())]
     if not runs:
         runs = [_make_run(base, sets, {}, out)]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep: two grid points give the same run name ({names}); make the values distinct")
-    return Sweep(out, _add_scratch_references(runs, out), axes, sets)
+    command = shlex.join(["mmkd", "sweep", str(path), *(f"--grid={g}" for g in grid or []), *(overrides or []),
+                          *(["--out", str(out_arg)] if out_arg else [])])
+    return Sweep(out, _add_scratch_references(runs, out), axes, sets, command)
 
 
 def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, Any], out: Path) -> Run:

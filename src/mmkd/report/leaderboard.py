@@ -1,7 +1,8 @@
 """The sweep's leaderboard: one row per run plus the teacher and the from-scratch references.
 
-Written as ``leaderboard.md`` (what a person reads), ``leaderboard.csv`` (every metric, for a notebook) and
-``leaderboard.png`` (zero-shot top-1/top-5, retrieval R@1 and train time per run).
+Written as ``leaderboard.md`` (what a person reads), ``leaderboard.csv`` (every metric, for a notebook),
+``leaderboard.png`` (zero-shot top-1/top-5, retrieval R@1 and train time per run) and ``leaderboard.json`` (the
+rows, notes and the command, from which ``mmkd readme`` renders the README's copy).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.eval.tasks import spec_data
-from mmkd.fileio import atomic_write_bytes, atomic_write_text
+from mmkd.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mmkd.report.figures import png, subplots
 
 
@@ -142,6 +143,8 @@ def write_leaderboard(sweep: Any, teacher: dict[str, Any] | None) -> Path:
     notes = (f"Zero-shot: {where(zs)}; " if zs else "") + (f"retrieval: {where(rt)}; " if rt else "") + (
         f"teacher: {first.teacher}. Train time is student time only (teacher targets computed once per sweep).")
     atomic_write_text(sweep.out / "leaderboard.md", markdown(rows, f"# Leaderboard: {sweep.out}\n\n{notes}"))
+    atomic_write_json(sweep.out / "leaderboard.json", {"command": sweep.command, "notes": notes,
+                                                       "rows": rows})
     write_csv(rows, sweep.out / "leaderboard.csv")
     plot(rows, sweep.out / "leaderboard.png")
     return sweep.out / "leaderboard.md"

@@ -3,7 +3,8 @@
 A section is a marked block ``<!-- results:NAME -->`` … ``<!-- /results:NAME -->``; everything between the two
 markers is replaced by what the renderer registered as NAME returns, and nothing outside them is touched.
 A renderer reads its JSON under the project root (e.g. ``runs/demo/metrics.json``); a study or a sweep adds
-its leaderboard by registering one more renderer.
+its leaderboard by registering one more renderer. A section whose JSON has not been made on this machine yet
+keeps its block as it is (and says so), so one run's results can be filled in without every other run.
 """
 
 from __future__ import annotations
@@ -28,19 +29,26 @@ class ReadmeError(MmkdError, ValueError):
     """A README section that cannot be regenerated: the message names the section and the file it needs."""
 
 
+class ResultsMissing(ReadmeError):
+    """A section's JSON is not there (its run has not been made here): the block can stay as it is."""
+
+
 def read_json(path: Path, section: str, how: str) -> Any:
     """A renderer's JSON input; a missing or broken file is a ReadmeError naming the section and what to run."""
     if not path.is_file():
-        raise ReadmeError(f"results:{section}: {path} not found; {how}")
+        raise ResultsMissing(f"results:{section}: {path} not found; {how}")
     try:
         return json.loads(path.read_text())
     except ValueError as e:
         raise ReadmeError(f"results:{section}: {path} is not valid JSON ({e}); {how}") from None
 
 
-def update_readme(readme: str | Path, root: str | Path = ".", only: list[str] | None = None) -> list[str]:
+def update_readme(readme: str | Path, root: str | Path = ".", only: list[str] | None = None,
+                  kept: Callable[[str], None] | None = None) -> list[str]:
     """Rewrite the marked sections of ``readme`` (all, or those named in ``only``) in place; returns their names.
 
+    With ``kept``, a section whose JSON is missing keeps its block unchanged and ``kept`` gets the one-line
+    reason; without it, that is a ResultsMissing error and nothing is written. A broken JSON is always an error.
     The file is written atomically and only if a section changed, so a second run is a no-op.
     """
     from mmkd.fileio import atomic_write_text
@@ -60,8 +68,14 @@ def update_readme(readme: str | Path, root: str | Path = ".", only: list[str] | 
         name = m.group("name")
         if only and name not in only:
             return m.group(0)
+        try:
+            body = SECTIONS.get(name)(root).strip("\n")
+        except ResultsMissing as e:
+            if kept is None:
+                raise
+            kept(f"{e}; its block is kept as it is")
+            return m.group(0)
         done.append(name)
-        body = SECTIONS.get(name)(root).strip("\n")
         return f"{m.group(1)}{body}\n{m.group(4)}"
 
     new = _BLOCK.sub(render, text)
@@ -208,3 +222,35 @@ def bench_loader_section(root: Path) -> str:
         notes.append("The machine was oversubscribed throughout (load above its core count): the worker rows measure "
                      "contention for the cores, not how the loader scales; rerun on an idle machine for that.")
     return "\n".join(lines + [""] + [textwrap.fill(n, 115) for n in notes])
+
+
+@SECTIONS.register("sweep-s1")
+def sweep_s1_section(root: Path) -> str:
+    """S1's comparison: the sweep's own leaderboard (``runs/s1_compare/leaderboard.json``), the command that made
+    it, and each distilled group's gain over its from-scratch reference."""
+    from mmkd.report.leaderboard import markdown
+
+    how = ("run `mmkd distill configs/world_teacher.yaml train.threads=1`, then `mmkd sweep configs/s1_compare.yaml "
+           "teacher=runs/world_teacher/student train.threads=1`")
+    board = read_json(root / "runs" / "s1_compare" / "leaderboard.json", "sweep-s1", how)
+    rows = board["rows"]
+    students = [r for r in rows if r["role"] != "teacher"]
+    train_s = sum(r.get("train_s") or 0 for r in students)
+    out = [f"From `runs/s1_compare/leaderboard.json`, written by `{board['command']}` ({len(students)} runs, "
+           f"{train_s / 60:.0f} minutes of student training). {board['notes']}", "", markdown(rows).strip(), ""]
+    for ref in (r for r in students if r["role"] == "scratch"):
+        group = [r for r in students if r.get("vs_scratch") == ref["run"] and r.get("d_top1") is not None]
+        if not group or ref["zs_top1"] is None:
+            continue
+        best = max(group, key=lambda r: r["d_top1"])
+        lo, hi = min(r["d_top1"] for r in group), best["d_top1"]
+        out.append(f"- Against `{ref['run']}` ({_pct(ref['zs_top1'])}% top-1): the {len(group)} distilled runs "
+                   f"gain {100 * lo:+.1f} to {100 * hi:+.1f} points; best `{best['run']}`, {_pct(best['zs_top1'])}%.")
+    teacher = next((r for r in rows if r["role"] == "teacher"), None)
+    ranked = [r for r in students if r["zs_top1"] is not None]
+    if teacher is not None and teacher["zs_top1"] is not None and ranked:
+        top = max(ranked, key=lambda r: r["zs_top1"])
+        gap = 100 * (top["zs_top1"] - teacher["zs_top1"])
+        out.append(f"- The best student, `{top['run']}`, is {abs(gap):.1f} points of top-1 "
+                   f"{'below' if gap < 0 else 'above'} the teacher ({_pct(teacher['zs_top1'])}%).")
+    return "\n".join(out)

@@ -3,7 +3,7 @@
 One file configures every command (``mmkd matching build|train|sweep CONFIG key=value ...``): ``pairs`` says
 what the pairs are built from and where they live, ``teacher`` / ``student`` / ``train`` / ``kd`` the models and
 their training, ``sweep`` the KD grid. The demo's config adds ``settings`` (one pairs set per entry) and
-``quick`` (the overrides ``--quick`` applies). See ``configs/matching/``.
+``quick`` (the overrides ``--quick`` applies) and ``seeds`` (the students again per seed). See ``configs/matching/``.
 """
 
 from __future__ import annotations
@@ -99,11 +99,41 @@ class DemoSetting:
 
 
 @dataclass
+class SeedsConfig:
+    """The demo's students trained again with each seed, KD with and without the transfer set (``OUT/seeds.json``).
+
+    The students are small enough that one seed moves their F1 by points; the spread over seeds says which
+    differences are real. Each seed trains the baseline once and every ``kd`` student with ``train.transfer = 0``
+    (the labelled pairs only) and with the config's ``train.transfer``; the seed the demo itself ran with reuses
+    the demo's students. Empty ``seeds``: none.
+    """
+
+    seeds: list[int] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)  # which of the demo's settings (empty: every one)
+
+    def __post_init__(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"each seed once, got {self.seeds}")
+
+
+@dataclass
 class DemoConfig(MatchingConfig):
     """The whole study on several pairs sets; ``settings.NAME=null`` drops one, ``--quick`` applies ``quick``."""
 
     settings: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
+
+    def seed_settings(self) -> list[str]:
+        """The settings the ``seeds`` runs repeat (none when ``seeds.seeds`` is empty; a dropped one is skipped)."""
+        names = list(self.setting_list())
+        unknown = [s for s in self.seeds.settings if s not in self.settings]
+        if unknown:
+            raise ConfigError(f"seeds.settings: {unknown[0]!r} is not one of the demo's settings "
+                              f"({', '.join(self.settings)})")
+        if not self.seeds.seeds:
+            return []
+        return [s for s in names if not self.seeds.settings or s in self.seeds.settings]
 
     def setting_list(self) -> dict[str, DemoSetting]:
         out = {}
@@ -139,5 +169,5 @@ def load_matching_config(path: str | Path, overrides: list[str] | None = None, c
     except DeviceError as e:
         raise ConfigError(str(e)) from None
     if isinstance(cfg, DemoConfig):
-        cfg.setting_list()
+        cfg.seed_settings()  # also checks the settings
     return cfg

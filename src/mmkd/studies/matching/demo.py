@@ -4,7 +4,8 @@ For each setting: build the pairs → fine-tune the teacher's matcher (once; its
 baseline student (BCE) → train the KD students from the same initialisation and batch order, each labelled
 pair joined by ``train.transfer`` unlabelled ones scored by the teacher (its image with other training
 captions: the transfer set). Writes ``OUT/matching.json`` (test metrics per setting and model),
-``OUT/report.md`` (the table), ``OUT/matching.png``, ``OUT/demo.json`` and one study folder per setting.
+``OUT/report.md`` (the table), ``OUT/matching.png``, ``OUT/demo.json`` and one study folder per setting; with a
+``seeds`` section, also ``OUT/seeds.json`` (the students again per seed, see ``seeds.py``).
 
 Every data set a setting names is checked before any training: a missing one fails in one line that says how
 to drop the setting (``settings.NAME=null``). Budgets live in ``configs/matching/demo.yaml``.
@@ -27,7 +28,8 @@ from mmkd.studies.matching.data import load_pair_data
 from mmkd.studies.matching.metrics import summary
 from mmkd.studies.matching.pairfile import build_pairs_file
 from mmkd.studies.matching.pretrain import check_teacher, teacher_source
-from mmkd.studies.matching.report import demo_table, plot_demo
+from mmkd.studies.matching.report import demo_table, plot_demo, seeds_table
+from mmkd.studies.matching.seeds import seed_runs, transfer_sizes
 from mmkd.studies.matching.study import MatchingStudy
 
 
@@ -47,6 +49,7 @@ def check_settings_data(settings: dict[str, DemoSetting], cache: Path) -> None:
 
 def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) -> dict[str, Any]:
     settings = cfg.setting_list()
+    seeded = cfg.seed_settings()
     out, cache = Path(cfg.out), cfg.cache
     check_teacher(cfg)
     check_settings_data(settings, cache)
@@ -60,6 +63,7 @@ def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) ->
     encoder = TextEncoder(cfg.text_encoder, cache_file=cache / "text-features.npz")
     results: dict[str, dict[str, dict[str, float]]] = {}
     details: dict[str, Any] = {}
+    seeds: dict[str, Any] = {}
     for name, s in settings.items():
         log(f"\n== {name}: {s.data}, {s.negatives} negatives ==")
         is_world = s.data.startswith("world:")
@@ -76,18 +80,27 @@ def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) ->
         details[name] = {"pairs": str(pairs_path), "counts": counts,
                          "thresholds": {m: r["test"]["threshold"] for m, r in metrics["models"].items()},
                          "seconds": metrics["seconds"], "teacher_errors": len(metrics["teacher_errors"])}
+        if name in seeded:
+            t1 = time.perf_counter()
+            log(f"\n== {name}: the students again with seeds {cfg.seeds.seeds} ==")
+            seeds[name] = {"teacher": results[name]["teacher"], "runs": seed_runs(study, cfg, metrics["models"]),
+                           "seconds": round(time.perf_counter() - t1, 1)}
     encoder.save_cache()
     atomic_write_json(out / "matching.json", results)
+    seed_record = {"seeds": cfg.seeds.seeds, "transfer": transfer_sizes(cfg), "kd": [k.name for k in cfg.kd],
+                   "settings": seeds}
+    if seeds:
+        atomic_write_json(out / "seeds.json", seed_record)
     plot_demo(results, out / "matching.png")
     seconds = round(time.perf_counter() - t0, 1)
     atomic_write_json(out / "demo.json", {"quick": quick, "teacher": str(teacher_dir), "settings": details,
                                           "config": to_dict(cfg), "seconds": seconds})
-    _write_report(out, results, details, cfg, teacher_dir, seconds)
+    _write_report(out, results, details, cfg, teacher_dir, seconds, seed_record if seeds else None)
     return results
 
 
 def _write_report(out: Path, results: dict[str, Any], details: dict[str, Any], cfg: DemoConfig,
-                  teacher_dir: Path, seconds: float) -> None:
+                  teacher_dir: Path, seconds: float, seeds: dict[str, Any] | None) -> None:
     kd = ", ".join(f"{k.variant} T={k.temperature} α={k.alpha}" for k in cfg.kd)
     kd += f"; {cfg.train.transfer} teacher-scored unlabelled pairs per labelled pair" if cfg.train.transfer else ""
     text = ["# Binary image–text matching demo (the matching study)", "",
@@ -101,5 +114,8 @@ def _write_report(out: Path, results: dict[str, Any], details: dict[str, Any], c
         text.append(f"- **{name}**: train/val/test pairs {c['train']['pairs']}/{c['val']['pairs']}/"
                     f"{c['test']['pairs']}; teacher errors on test: {d['teacher_errors']} (listed in "
                     f"`{name}/report.md`); {d['seconds']:.0f} s")
+    if seeds:
+        text += ["", f"## Over seeds {', '.join(map(str, seeds['seeds']))} (test F1, mean ± sd; `seeds.json`)", "",
+                 seeds_table(seeds)]
     text += ["", f"Total: {seconds:.0f} s.", ""]
     atomic_write_text(out / "report.md", "\n".join(text))

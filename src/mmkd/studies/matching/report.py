@@ -155,3 +155,102 @@ def readme_section(root: Path) -> str:
             f"{demo.get('config', {}).get('train', {}).get('seed', 0)}, nothing tuned on test; "
             f"{demo['seconds']:.0f} s in all, {study_s:.0f} s of it in the studies):")
     return head + "\n\n" + demo_table(results)
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    """Mean ± sample sd in percent (just the mean for one value)."""
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{100 * mean:.1f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def _f1s(runs: Sequence[dict[str, Any]], model: str, transfer: int | None) -> list[float]:
+    return [r["test"]["f1"] for r in runs if r["model"] == model and r["transfer"] == transfer]
+
+
+def seeds_table(seeds: dict[str, Any]) -> str:
+    """Test F1 mean ± sd over seeds per setting × transfer size (rows) and model (columns)."""
+    models = ["baseline", *seeds["kd"]]
+    lines = ["| negatives | teacher | KD students trained on | " + " | ".join(LABELS.get(m, m) for m in models) + " |",
+             "|---|---|---|" + "---|" * len(models)]
+    for setting, s in seeds["settings"].items():
+        for t in seeds["transfer"]:
+            what = "labelled pairs only (S2)" if t == 0 else f"+ {t} transfer pairs per pair"
+            cells = [_mean_sd(_f1s(s["runs"], m, None if m == "baseline" else t)) for m in models]
+            lines.append(f"| {setting} | {_pct(s['teacher']['f1'])} | {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _kept(runs: Sequence[dict[str, Any]], teacher_f1: float, model: str, transfer: int | None) -> str:
+    f1s = _f1s(runs, model, transfer)
+    return f"{100 * sum(f1s) / len(f1s) / teacher_f1:.0f}%" if f1s and teacher_f1 else "–"
+
+
+def seeds_summary(seeds: dict[str, Any]) -> list[str]:
+    """Per setting: each model's mean test F1 as a share of the teacher's, with and without the transfer set."""
+    out = []
+    sizes = " / ".join("labelled only" if t == 0 else f"+ {t} transfer" for t in seeds["transfer"])
+    for setting, s in seeds["settings"].items():
+        runs, t_f1 = s["runs"], s["teacher"]["f1"]
+        parts = [f"{LABELS.get(m, m)} {' / '.join(_kept(runs, t_f1, m, t) for t in seeds['transfer'])}"
+                 for m in seeds["kd"]]
+        out.append(f"- {setting}: mean test F1 as a share of the teacher's: baseline "
+                   f"{_kept(runs, t_f1, 'baseline', None)}, {', '.join(parts)} ({sizes}).")
+    return out
+
+
+@SECTIONS.register("matching-seeds")
+def seeds_section(root: Path) -> str:
+    """The demo's students over several seeds (``runs/matching/seeds.json``): mean ± sd of test F1."""
+    how = "run `mmkd matching demo configs/matching/demo.yaml` (its seeds section) first"
+    seeds = read_json(root / "runs" / "matching" / "seeds.json", "matching-seeds", how)
+    n = sum(1 for s in seeds["settings"].values() for r in s["runs"] if not r["reused"])
+    head = (f"From `runs/matching/seeds.json` of the same `mmkd matching demo configs/matching/demo.yaml` run: "
+            f"seeds {', '.join(map(str, seeds['seeds']))} on the same pairs and teacher (the seed sets a student's "
+            f"initialisation and batch order; {n} extra student runs, the demo's own seed reused). Test F1, "
+            "mean ± sample sd over the seeds; the baseline never uses transfer pairs, so its two rows are the "
+            "same runs:")
+    return "\n".join([head, "", seeds_table(seeds), "", *seeds_summary(seeds)])
+
+
+# ------------------------------------------------------------------------------------------------ sweep section
+
+SWEEP_COMMAND = "mmkd matching sweep configs/matching/demo_sweep.yaml"
+
+
+@SECTIONS.register("matching-sweep")
+def sweep_section(root: Path, top: int = 5) -> str:
+    """The KD sweep on the demo's random pairs (``runs/matching/sweep/sweep.json``): top of the leaderboard,
+    the last row and the references, and the spread of the whole grid."""
+    how = f"run `mmkd matching demo configs/matching/demo.yaml`, then `{SWEEP_COMMAND}`"
+    sweep = read_json(root / "runs" / "matching" / "sweep" / "sweep.json", "matching-sweep", how)
+    rows = sweep["leaderboard"]
+    kd = [r for r in rows if r["rank"] != ""]
+    refs = [r for r in rows if r["rank"] == ""]
+    train = sweep.get("config", {}).get("train", {})
+    cut = len(kd) > top + 1
+    table = leaderboard_md([*kd[:top], kd[-1]] + refs if cut else kd + refs).split("\n")
+    if cut:  # after the header's two lines and the top rows
+        table.insert(2 + top, "| … |" + " |" * 9)
+    head = (f"From `runs/matching/sweep/sweep.json`, written by `{SWEEP_COMMAND}` on `{sweep['pairs']}` "
+            f"({len(kd)} KD runs, {train.get('epochs', '?')} epochs each, transfer pairs per pair: "
+            f"{train.get('transfer', 0)}; {sweep['seconds'] / 60:.0f} minutes in all). Ranked by validation F1; "
+            "the top, the last and the references:")
+    out = [head, "", *table, ""]
+    if kd:
+        vals, tests = [r["val_f1"] for r in kd], [r["test_f1"] for r in kd]
+        out.append(f"The {len(kd)} KD runs span {_pct(min(vals))}–{_pct(max(vals))} validation F1 and "
+                   f"{_pct(min(tests))}–{_pct(max(tests))} test F1; "
+                   + "; ".join(f"{LABELS.get(r['model'], r['model'])} {_pct(r['val_f1'])} / {_pct(r['test_f1'])}"
+                               for r in refs) + " (validation / test F1).")
+    s2 = next((r for r in kd if (r["variant"], r["temperature"], r["alpha"]) == ("bce", 3.0, 0.5)), None)
+    if s2 is not None:
+        out.append(f"S2's best setting (KD-BCE, T = 3, α = 0.5) ranks {s2['rank']} of {len(kd)} here.")
+    return "\n".join(out)

@@ -29,6 +29,7 @@ from mmkd.studies.matching.models import TeacherMatcher, load_teacher_matcher, s
 from mmkd.studies.matching.pairs import SPLITS
 from mmkd.studies.matching.train import (
     Log,
+    StudentTrainConfig,
     TeacherInputs,
     TeacherTrainConfig,
     TransferSet,
@@ -168,18 +169,23 @@ class MatchingStudy:
             enc.save_cache()
         return self._text_feats
 
-    def run_student(self, kd: KDConfig | None, name: str | None = None) -> dict[str, Any]:
-        """Train one student (baseline when ``kd`` is None) and evaluate it; the teacher only as cached logits."""
+    def run_student(self, kd: KDConfig | None, name: str | None = None,
+                    train: StudentTrainConfig | None = None) -> dict[str, Any]:
+        """Train one student (baseline when ``kd`` is None) and evaluate it; the teacher only as cached logits.
+
+        ``train`` replaces the config's ``train`` section for this student (another seed or transfer size).
+        """
         name = name or (kd.name if kd else "baseline")
+        tc = train or self.cfg.train
         if kd is not None:
             self.prepare_teacher()
         feats = self.text_features()
-        transfer = self.transfer_set() if kd is not None and self.cfg.train.transfer > 0 else None
+        transfer = self.transfer_set() if kd is not None and tc.transfer > 0 else None
         what = (f"KD-{kd.variant} (T={kd.temperature}, α={kd.alpha}"
-                + (f", +{self.cfg.train.transfer} teacher-labelled pairs per pair)" if transfer else ")")
+                + (f", +{tc.transfer} teacher-labelled pairs per pair)" if transfer else ")")
                 if kd else "baseline (BCE)")
-        self.log(f"{name}: {what}, {self.cfg.train.epochs} epochs, lr {self.cfg.train.lr}")
-        run = train_student(self.data, feats, self.cfg.student, self.cfg.train, kd,
+        self.log(f"{name}: {what}, {tc.epochs} epochs, lr {tc.lr}, seed {tc.seed}")
+        run = train_student(self.data, feats, self.cfg.student, tc, kd,
                             self.logits.get("train") if kd else None, log=self.log, name=name, transfer=transfer,
                             device=self.device)
         images = self.data.images(self.cfg.student.image_size, self.cfg.student.image_mean, self.cfg.student.image_std)
