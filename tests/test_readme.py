@@ -116,13 +116,29 @@ def test_loader_bench_section_comes_from_the_committed_results(tmp_path: Path) -
     assert "<!-- results:bench-loader -->" in (REPO / "README.md").read_text()
 
 
+def test_data_scale_and_cache_lookup_sections_come_from_the_committed_results(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "bench" / "results", tmp_path / "bench" / "results")
+    scale = json.loads((tmp_path / "bench" / "results" / "data_scale.json").read_text())
+    lookup = json.loads((tmp_path / "bench" / "results" / "cache_lookup.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:bench-data-scale -->\n<!-- /results:bench-data-scale -->\n\n"
+                      "<!-- results:bench-cache-lookup -->\n<!-- /results:bench-cache-lookup -->\n")
+    assert sorted(update_readme(readme, tmp_path)) == ["bench-cache-lookup", "bench-data-scale"]
+    text = readme.read_text()
+    big = scale["400000"]
+    assert f"| 400,000 (400) | {big['index_build_s']:.1f} s | {big['first_batch_s']:.2f} s |" in text
+    assert f"**{scale['rss_400k_over_20k']:.2f}**" in text
+    assert f"| {lookup['variants']['dict']['rss_mb']:.0f} MB | {lookup['variants']['index']['rss_mb']:.1f} MB" in text
+
+
 def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> None:
     import mmkd.studies.matching.report  # noqa: F401  (registers the study's sections, as `mmkd readme` does)
     from mmkd.report.readme import _BLOCK, SECTIONS
 
     text = (REPO / "README.md").read_text()
     names = [m.group("name") for m in _BLOCK.finditer(text)]
-    assert {"demo", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1"} <= set(names)
+    assert {"demo", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1", "bench-loader",
+            "bench-data-scale", "bench-cache-lookup"} <= set(names)
     assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))
     # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
     opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)
