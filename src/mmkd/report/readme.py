@@ -265,7 +265,8 @@ def bench_data_scale_section(root: Path) -> str:
     lines = [f"`bench/data_scale.py` (synthetic shards of small JPEGs, {st['per_shard']:,} per shard; {st['steps']} "
              f"steps of batch {st['batch']} at {st['image_size']} px with {st['workers']} workers, so the whole data "
              "plane is in the measured process; each N in fresh processes; `bench/results/data_scale.json`):", "",
-             "| N samples (shards) | index build (once) | first batch (index built) | steps/s | peak RSS (above baseline) |",
+             "| N samples (shards) | index build (once) | first batch (index built) | steps/s "
+             "| peak RSS (above baseline) |",
              "|---|---|---|---|---|"]
     for n in st["sizes"]:
         x = r[str(n)]
