@@ -105,6 +105,14 @@ def test_import_distill_export_round_trip(world: dict[str, Any], tmp_path: Path,
     assert np.array_equal(tc.images(world["keys"])["image_embeds"].numpy().astype(np.float16), world["img"])
     assert np.array_equal(tc.texts(world["captions"])["text_embeds"].numpy().astype(np.float16), world["text"])
 
+    # the same import again leaves the cache as it is; another import into it is refused, naming what differs
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["cache", "import", "--from", str(src), "--data", world["data"], "--out", str(cache)]) == 0
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    other = _source(world, tmp_path / "cr-other", img=world["img"][::-1].copy())
+    assert main(["cache", "import", "--from", str(other), "--data", world["data"], "--out", str(cache)]) == 2
+    assert "other settings" in capsys.readouterr().err
+
     # distil from it: embeddings, logits and the contrastive loss, with no teacher weights anywhere
     cfg = _config(tmp_path, world, cache, "[{name: clip}, {name: fd_mse_cosine, towers: [image, text]}, {name: kl}]")
     assert main(["distill", str(cfg)]) == 0
