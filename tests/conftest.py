@@ -134,3 +134,31 @@ def keep_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def write_clip_retrieval(root: Path, img: Any, text: Any = None, columns: dict[str, list] | None = None,
+                         partitions: int = 1) -> Path:
+    """A folder in the layout clip-retrieval's ``inference`` writes, as it writes it (``np.save`` and a parquet
+    table per partition, numbers zero-padded to the partition count's width): ``img``/``text`` [rows, D] arrays
+    (text None: images only), ``columns`` the metadata (e.g. image_path, caption), split into ``partitions``
+    partitions of consecutive rows. Needs pyarrow (the test skips without it)."""
+    import numpy as np
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    columns = columns or {}
+    n = len(img)
+    bounds = np.linspace(0, n, partitions + 1).astype(int)
+    digits = len(str(partitions))
+    for sub in ("img_emb", "metadata", *(["text_emb"] if text is not None else [])):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for p in range(partitions):
+        lo, hi = bounds[p], bounds[p + 1]
+        name = str(p).zfill(digits)
+        np.save(root / "img_emb" / f"img_emb_{name}.npy", img[lo:hi])
+        if text is not None:
+            np.save(root / "text_emb" / f"text_emb_{name}.npy", text[lo:hi])
+        pq.write_table(pa.table({k: v[lo:hi] for k, v in columns.items()}),
+                       root / "metadata" / f"metadata_{name}.parquet")
+    return root

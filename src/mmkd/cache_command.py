@@ -1,4 +1,5 @@
-"""``mmkd cache``: resolve the teacher and the data the way ``mmkd distill`` does, then build the teacher cache."""
+"""``mmkd cache``: resolve the teacher and the data the way ``mmkd distill`` does, then build the teacher cache;
+``mmkd cache import``/``export``: the same data, for embeddings computed elsewhere."""
 
 from __future__ import annotations
 
@@ -83,3 +84,22 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
             + (f"; {result.segments_skipped} shard(s) were cached before" if result.segments_skipped else "")
             + f", {result.seconds:.1f} s). Train from it with `teacher: cache:{result.root}`")
     return result
+
+
+def _records(args: argparse.Namespace) -> list[Record]:
+    """Every sample of the ``--data`` specs, in order (held in memory: an import matches rows to all of them)."""
+    return [r for spec in args.data
+            for r in records_from_spec(spec, args.data_cache, world_n=args.world_n, bad=BadSamples("raise"))]
+
+
+def run_import(args: argparse.Namespace, log: Any = print) -> Any:
+    from mmkd.teacher.cache.imported import import_embeddings
+
+    return import_embeddings(args.source, _records(args), args.out, match=args.match, dtype=args.dtype,
+                             logit_scale=args.logit_scale, chunk_rows=args.chunk_rows, log=log)
+
+
+def run_export(args: argparse.Namespace, log: Any = print) -> Any:
+    from mmkd.teacher.cache.export import export_cache
+
+    return export_cache(args.cache, args.out, _records(args) if args.data else None, log=log)

@@ -1,4 +1,5 @@
-"""``mmkd cache``: run the teacher once over the data and store its embeddings, or ``--verify DIR``."""
+"""``mmkd cache``: run the teacher once over the data and store its embeddings, or ``--verify DIR``; ``mmkd cache
+import``/``export``: embeddings computed elsewhere, in clip-retrieval's layout."""
 
 from __future__ import annotations
 
@@ -41,10 +42,44 @@ def add_parser(sub: Any) -> None:
                                                      "exists, else cpu; the default), cpu, cuda, cuda:N")
     c.add_argument("--verify", metavar="DIR", help="check an existing cache completely and exit (1 if damaged)")
     c.add_argument("--quick", action="store_true", help="with --verify: skip checksums and value checks")
-    c.set_defaults(func=run)
+    c.set_defaults(func=run, action=None)
+    actions = c.add_subparsers(dest="action", metavar="{import,export}",
+                               help="embeddings computed elsewhere, in clip-retrieval's layout (img_emb/, text_emb/, "
+                                    "metadata/): import them as a cache, or export a cache to it")
+    i = actions.add_parser("import", help="import clip-retrieval embeddings as a one-view teacher cache (no teacher "
+                                          "weights needed)", epilog=DATA_SPECS,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("--from", dest="source", required=True, metavar="DIR",
+                   help="folder with img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet")
+    i.add_argument("--data", action="append", default=[], metavar="SPEC", required=True,
+                   help="the training data the embeddings are of (repeat for several sets)")
+    i.add_argument("--out", required=True, help="the new cache folder (train from it with teacher: cache:DIR)")
+    i.add_argument("--match", choices=["auto", "key", "path"], default="auto",
+                   help="how metadata rows name samples: key (the key column, else image_path, against sample keys), "
+                        "path (image_path against image files), auto (whichever matches more rows; the default)")
+    i.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                   help="storage type (auto: float16 input stays float16, bit-exact; else float32)")
+    i.add_argument("--logit-scale", type=float, default=100.0,
+                   help="the source model's temperature scale, for logit objectives like kl (default 100, CLIP's)")
+    i.add_argument("--chunk-rows", type=int, default=1024, help="samples per stored chunk (default 1024)")
+    i.add_argument("--world-n", type=int, default=4000, help="images in a built-in world split (world:SPLIT)")
+    i.add_argument("--data-cache", default="runs/.cache", help="cache folder for the built-in world")
+    e = actions.add_parser("export", help="export a teacher cache to clip-retrieval's layout (for FAISS/autofaiss)",
+                           epilog=DATA_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("cache", metavar="CACHE", help="the teacher cache folder")
+    e.add_argument("--out", required=True, help="the new folder (refused if it exists and is not empty)")
+    e.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="the data the cache was built from: exports each image's caption and image path too")
+    e.add_argument("--world-n", type=int, default=4000, help="images in a built-in world split (world:SPLIT)")
+    e.add_argument("--data-cache", default="runs/.cache", help="cache folder for the built-in world")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action in ("import", "export"):
+        from mmkd.cache_command import run_export, run_import
+
+        (run_import if args.action == "import" else run_export)(args)
+        return 0
     if args.verify:
         return verify(args)
     from mmkd.cache_command import run_cache

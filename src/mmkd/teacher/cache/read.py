@@ -239,12 +239,18 @@ class CachedTeacher:
         if missing_arrays:
             features = any(a.endswith("_features") for a in missing_arrays)
             hard.append(f"it holds no {', '.join(missing_arrays)}" + (
+                " (it was imported from embeddings computed elsewhere, which hold no pooled features: use "
+                "objectives on embeddings, level: embeds)" if features and self.imported else
+                " (the imported embeddings had no text_emb/)" if self.imported else
                 " (an objective works on pooled features: rebuild the cache with --features)" if features else
                 " (the data had no captions when it was built)" if "text_embeds" in missing_arrays else ""))
         if expect.views is not None and expect.views > self.views:
             hard.append(f"training draws views 0..{expect.views - 1} but the cache holds {self.views} view(s): "
                         f"rebuild with --views {expect.views} or set data.views ≤ {self.views}")
-        if expect.augment and self.views == 1:
+        if expect.augment and self.views == 1 and self.imported:
+            hard.append("training augments images but the cache was imported from embeddings computed elsewhere, "
+                        "which hold view 0 only (the plain image): set data.augment: false")
+        elif expect.augment and self.views == 1:
             hard.append("training augments images but the cache holds only view 0 (no augmented views): rebuild "
                         "with --views K (K ≥ 2) or set data.augment: false")
         if expect.embed_dim is not None and expect.embed_dim != self.embed_dim:
@@ -383,6 +389,11 @@ class CachedTeacher:
                 f"{f' ({r.origin})' if r.origin and r.origin != r.key else ''}: {then} then, {d} now"]
 
     @property
+    def imported(self) -> dict[str, Any] | None:
+        """What ``mmkd cache import`` recorded (source folder, match, what is absent), None for a built cache."""
+        return self.meta["fingerprint"].get("imported")
+
+    @property
     def views(self) -> int:
         return int(self.meta["fingerprint"]["views"])
 
@@ -424,7 +435,8 @@ class CachedTeacher:
 
             tokenizer = load_tokenizer(self.root / "tokenizer", where=f"the teacher cache {self.root}")
         return TeacherInfo(EncoderMeta.from_json(t["meta"]), int(t["projection_dim"]), float(t["logit_scale"]),
-                           tokenizer, source=f"the cached teacher {self.root}")
+                           tokenizer, source=(f"the imported embeddings {self.root} (no teacher weights)" if
+                                              self.imported else f"the cached teacher {self.root}"))
 
     def bank(self, records: Sequence[Record], image_size: int, mean: Sequence[float], std: Sequence[float],
              augment: bool | None = None) -> ImageBank:
