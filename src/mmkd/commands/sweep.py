@@ -1,4 +1,5 @@
-"""``mmkd sweep CONFIG [--grid KEY=V1,V2 ...] [--seeds N] [--out DIR] [key=value ...]``: a grid of runs and a leaderboard."""
+"""``mmkd sweep CONFIG [--grid KEY=V1,V2 ...] [--seeds N] [--out DIR] [key=value ...]``: a grid of runs and a
+leaderboard."""
 
 from __future__ import annotations
 
