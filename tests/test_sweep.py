@@ -16,10 +16,10 @@ from conftest import tiny_dual_encoder
 
 from mmkd import cli, pipeline
 from mmkd.config import ConfigError, load_config
-from mmkd.eval.perimage import read_per_image
+from mmkd.eval.perimage import PerImageError, read_per_image, write_per_image
 from mmkd.models.hub import save_dual_encoder
 from mmkd.report.leaderboard import markdown
-from mmkd.report.noise import bootstrap_interval
+from mmkd.report.noise import beyond_noise, bootstrap_interval
 from mmkd.sweep import load_sweep, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -240,7 +240,9 @@ def test_one_seed_board_keeps_todays_columns_plus_the_interval(tmp_path: Path) -
     assert "seeds" not in text and "| a | distilled | clip + kl | 50.0 | 40.0–60.0 | 90.0 | +10.0 | yes |" in text
     # a board written before seeds (leaderboard rows without the new keys) still renders
     old = [{k: v for k, v in rows[0].items() if k not in ("zs_top1_lo", "zs_top1_hi", "beyond_noise", "seeds")}]
-    assert "| 50.0 | – | 90.0 | +10.0 |  |" in markdown(old)
+    assert markdown(old) == ("| run | role | objectives | zero-shot top-1 % | top-5 % | Δ top-1 vs scratch (pts) | "
+                             "i2t R@1 % | t2i R@1 % | train s |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+                             "| a | distilled | clip + kl | 50.0 | 90.0 | +10.0 | 40.0 | 30.0 | 12 |\n")
 
 
 @pytest.mark.parametrize("value, message", [
@@ -271,3 +273,24 @@ def test_sweep_seeds_key_is_validated(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match="sweep.seeds and the grid axis train.seed"):
         load_sweep(config)
+
+
+def test_per_image_bits_round_trip_and_a_broken_file_is_named(tmp_path: Path) -> None:
+    hits = np.array([True, False, True] * 7, dtype=bool)  # 21 images: not a multiple of 8
+    write_per_image(tmp_path, {"zeroshot:x": hits})
+    assert np.array_equal(read_per_image(tmp_path)["zeroshot:x"], hits)
+    assert read_per_image(tmp_path / "none") == {}  # a run finished before per-image results: no interval
+    (tmp_path / "eval_per_image.json").write_text('{"format": 1, "zeroshot": {"x": {"n": 99, "top1": "AA=="}}}')
+    with pytest.raises(PerImageError, match=r"eval_per_image.json: not a per-image results file .*delete it"):
+        read_per_image(tmp_path)
+
+
+def test_beyond_noise_rule() -> None:
+    assert beyond_noise(0.05, (0.01, 0.09), None, None) is True  # one seed: the paired interval excludes 0
+    assert beyond_noise(0.05, (-0.01, 0.09), None, None) is False
+    assert beyond_noise(0.05, (0.01, 0.09), 0.03, 0.03) is True  # 0.05 > hypot(0.03, 0.03) = 0.042
+    assert beyond_noise(0.05, (0.01, 0.09), 0.04, 0.04) is False  # within the seeds' combined spread
+    assert beyond_noise(-0.05, None, 0.01, 0.01) is True  # no per-image results: the spread test alone
+    assert beyond_noise(0.05, None, None, None) is None and beyond_noise(None, (0.1, 0.2), 0.0, 0.0) is None
+    lo, hi = bootstrap_interval(np.array([1.0] * 30 + [0.0] * 70))
+    assert lo < 0.3 < hi and (lo, hi) == bootstrap_interval(np.array([1.0] * 30 + [0.0] * 70))
