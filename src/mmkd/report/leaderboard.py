@@ -74,7 +74,7 @@ def _aggregate(point: str, members: list[tuple[Any, dict[str, Any], np.ndarray |
     row: dict[str, Any] = {"run": point, "role": first_row["role"], "objectives": first_row["objectives"],
                            "seeds": len(members), "seed_list": " ".join(str(m[0].seed) for m in members),
                            **{k: v for k, v in first_row.items() if k.startswith("axis:")}}
-    keys: list[str] = []
+    keys: list[str] = list(METRICS)  # (always present, None where a run has no such evaluation)
     for _, r, _ in members:
         keys += [k for k, v in r.items() if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool)]
     for k in keys:
