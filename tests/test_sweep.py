@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import tiny_dual_encoder
 
 from mmkd import cli, pipeline
 from mmkd.config import ConfigError, load_config
+from mmkd.eval.perimage import PerImageError, read_per_image, write_per_image
 from mmkd.models.hub import save_dual_encoder
+from mmkd.report.leaderboard import markdown
+from mmkd.report.noise import beyond_noise, bootstrap_interval
 from mmkd.sweep import load_sweep, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -185,3 +191,114 @@ def test_a_foreign_run_in_a_sweep_folder_says_what_to_do(tmp_path: Path, minilm_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "task-clip__kd-none" in err and "move" in err and "away (or delete it)" in err and "--overwrite" not in err
     assert (foreign / "checkpoints" / "step-00000001.pt").read_bytes() == b"not ours"
+
+
+def test_seeds_sweep_board_mean_sd_bootstrap_and_resume(tmp_path: Path, minilm_path: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """--seeds 2: both seeds' runs (and scratch references) are written; the board's mean/sd are those of the
+    runs' metrics.json; the bootstrap interval brackets the top-1 and is the same when written again."""
+    _teacher(tmp_path / "teacher", minilm_path)
+    config = _config(tmp_path)
+    assert cli.main(["sweep", str(config), "--grid", "kd=none,mse", "--seeds", "2"]) == 0
+    capsys.readouterr()
+    runs = tmp_path / "sweep" / "runs"
+    names = ["task-clip__kd-none", "task-clip__kd-none__seed-1", "task-clip__kd-mse", "task-clip__kd-mse__seed-1"]
+    assert sorted(p.name for p in runs.iterdir()) == sorted(names)
+    assert yaml.safe_load((runs / "task-clip__kd-mse__seed-1" / "config.yaml").read_text())["train"]["seed"] == 1
+    zs = "zeroshot:world:test:colour_shape"
+    top1 = {n: json.loads((runs / n / "metrics.json").read_text())["eval"][zs]["top1"] for n in names}
+    hits = {n: read_per_image(runs / n)[zs] for n in names}
+    assert all(h.size == 48 and h.mean() == pytest.approx(top1[n]) for n, h in hits.items())
+
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "sweep" / "leaderboard.csv").open())}
+    assert set(rows) == {"teacher", "task-clip__kd-none", "task-clip__kd-mse"}
+    for point in ("task-clip__kd-none", "task-clip__kd-mse"):
+        r, values = rows[point], [top1[point], top1[point + "__seed-1"]]
+        assert r["seeds"] == "2" and r["seed_list"] == "0 1"
+        assert float(r["zs_top1"]) == pytest.approx(statistics.mean(values))
+        assert float(r["zs_top1_sd"]) == pytest.approx(statistics.stdev(values))
+        lo, hi = float(r["zs_top1_lo"]), float(r["zs_top1_hi"])
+        assert lo <= float(r["zs_top1"]) <= hi
+    mse = rows["task-clip__kd-mse"]
+    deltas = [top1["task-clip__kd-mse"] - top1["task-clip__kd-none"],
+              top1["task-clip__kd-mse__seed-1"] - top1["task-clip__kd-none__seed-1"]]  # each seed vs its own
+    assert float(mse["d_top1"]) == pytest.approx(statistics.mean(deltas))
+    assert float(mse["d_top1_sd"]) == pytest.approx(statistics.stdev(deltas))
+    assert mse["vs_scratch"] == "task-clip__kd-none" and mse["beyond_noise"] in ("True", "False")
+    assert float(mse["d_top1_lo"]) <= float(mse["d_top1"]) <= float(mse["d_top1_hi"])
+    text = (tmp_path / "sweep" / "leaderboard.md").read_text()
+    assert "| seeds |" in text and f"{100 * statistics.mean(deltas):+.1f} ± " in text
+    sweep_json = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sweep_json["seeds"] == [0, 1] and {r["point"] for r in sweep_json["runs"]} == set(rows) - {"teacher"}
+
+    # deterministic: a rerun trains nothing (every run finished) and writes the same board
+    csv_before = (tmp_path / "sweep" / "leaderboard.csv").read_text()
+    assert cli.main(["sweep", str(config), "--grid", "kd=none,mse", "--seeds", "0,1"]) == 0
+    assert capsys.readouterr().out.count("finished before (metrics.json exists), skipped") == 4
+    assert (tmp_path / "sweep" / "leaderboard.csv").read_text() == csv_before
+    rate = np.mean([hits["task-clip__kd-mse"], hits["task-clip__kd-mse__seed-1"]], axis=0)
+    assert bootstrap_interval(rate) == bootstrap_interval(rate) == (float(mse["zs_top1_lo"]), float(mse["zs_top1_hi"]))
+
+
+def test_one_seed_board_keeps_todays_columns_plus_the_interval(tmp_path: Path) -> None:
+    rows = [{"run": "a", "role": "distilled", "objectives": "clip + kl", "zs_top1": 0.5, "zs_top5": 0.9,
+             "i2t_r1": 0.4, "t2i_r1": 0.3, "train_s": 12.0, "d_top1": 0.1, "zs_top1_lo": 0.4, "zs_top1_hi": 0.6,
+             "beyond_noise": True, "seeds": 1}]
+    text = markdown(rows)
+    assert "seeds" not in text and "| a | distilled | clip + kl | 50.0 | 40.0–60.0 | 90.0 | +10.0 | yes |" in text
+    # a board written before seeds (leaderboard rows without the new keys) still renders
+    old = [{k: v for k, v in rows[0].items() if k not in ("zs_top1_lo", "zs_top1_hi", "beyond_noise", "seeds")}]
+    assert markdown(old) == ("| run | role | objectives | zero-shot top-1 % | top-5 % | Δ top-1 vs scratch (pts) | "
+                             "i2t R@1 % | t2i R@1 % | train s |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+                             "| a | distilled | clip + kl | 50.0 | 90.0 | +10.0 | 40.0 | 30.0 | 12 |\n")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "--seeds 0: 0 seeds; give a count ≥ 1"), ("x", "--seeds x: 'x' is neither a count"),
+    ("1,1", "--seeds 1,1: [1, 1] repeats a seed"), ("1,a", "--seeds 1,a: '1,a' is neither")])
+def test_bad_seeds_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, value: str, message: str) -> None:
+    config = _config(tmp_path)
+    assert cli.main(["sweep", str(config), "--seeds", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_seeds_key_is_validated(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    for bad, message in ((0, "sweep.seeds: 0 seeds"), ("three", "sweep.seeds: 'three' is neither"),
+                         ([], "sweep.seeds: [] is neither"), ([2, 2], "sweep.seeds: [2, 2] repeats")):
+        data["sweep"]["seeds"] = bad
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_sweep(config)
+    data["sweep"]["seeds"] = [3, 5]
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert [r.name for r in load_sweep(config).runs][:2] == ["task-clip__kd-none__seed-3", "task-clip__kd-none__seed-5"]
+    data["sweep"]["seeds"] = 2
+    data["sweep"]["grid"]["train.seed"] = [0, 1]
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match="sweep.seeds and the grid axis train.seed"):
+        load_sweep(config)
+
+
+def test_per_image_bits_round_trip_and_a_broken_file_is_named(tmp_path: Path) -> None:
+    hits = np.array([True, False, True] * 7, dtype=bool)  # 21 images: not a multiple of 8
+    write_per_image(tmp_path, {"zeroshot:x": hits})
+    assert np.array_equal(read_per_image(tmp_path)["zeroshot:x"], hits)
+    assert read_per_image(tmp_path / "none") == {}  # a run finished before per-image results: no interval
+    (tmp_path / "eval_per_image.json").write_text('{"format": 1, "zeroshot": {"x": {"n": 99, "top1": "AA=="}}}')
+    with pytest.raises(PerImageError, match=r"eval_per_image.json: not a per-image results file .*delete it"):
+        read_per_image(tmp_path)
+
+
+def test_beyond_noise_rule() -> None:
+    assert beyond_noise(0.05, (0.01, 0.09), None, None) is True  # one seed: the paired interval excludes 0
+    assert beyond_noise(0.05, (-0.01, 0.09), None, None) is False
+    assert beyond_noise(0.05, (0.01, 0.09), 0.03, 0.03) is True  # 0.05 > hypot(0.03, 0.03) = 0.042
+    assert beyond_noise(0.05, (0.01, 0.09), 0.04, 0.04) is False  # within the seeds' combined spread
+    assert beyond_noise(-0.05, None, 0.01, 0.01) is True  # no per-image results: the spread test alone
+    assert beyond_noise(0.05, None, None, None) is None and beyond_noise(None, (0.1, 0.2), 0.0, 0.0) is None
+    lo, hi = bootstrap_interval(np.array([1.0] * 30 + [0.0] * 70))
+    assert lo < 0.3 < hi and (lo, hi) == bootstrap_interval(np.array([1.0] * 30 + [0.0] * 70))

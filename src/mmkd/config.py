@@ -230,11 +230,39 @@ class SweepSection:
     out: str | None = None  # default: the run config's out
     grid: dict[str, list[Any]] = field(default_factory=dict)
     sets: dict[str, list[ObjectiveSpec]] = field(default_factory=dict)
+    # N: every grid point with seeds train.seed, train.seed+1, …, +N-1; a list: those seeds; None: train.seed only
+    seeds: Any = None
 
     def __post_init__(self) -> None:
         for key, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid.{key} must be a non-empty list of values")
+        if self.seeds is not None:
+            check_seeds(self.seeds, "sweep.seeds")
+
+
+def check_seeds(value: Any, where: str) -> int | list[int]:
+    """A sweep's seeds: a count N ≥ 1 or a non-empty list of distinct integer seeds (errors name ``where``)."""
+    example = "0,1,2" if where.startswith("--") else "[0, 1, 2]"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(f"{where}: {value} seeds; give a count ≥ 1 (e.g. 3) or a list of seeds (e.g. {example})")
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where}: {value} repeats a seed; list each seed once")
+        return list(value)
+    raise ConfigError(f"{where}: {value!r} is neither a count ≥ 1 (e.g. 3) nor a non-empty list of integer seeds "
+                      f"(e.g. {example})")
+
+
+def parse_seeds_arg(raw: str) -> int | list[int]:
+    """``--seeds 3`` (a count) or ``--seeds 0,1,2`` (the seeds; ``--seeds 7,`` is the one seed 7)."""
+    try:
+        value: Any = ([int(v) for v in raw.split(",") if v.strip()] if "," in raw else int(raw))
+    except ValueError:
+        value = raw
+    return check_seeds(value, f"--seeds {raw}")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, zeroshot_classes
 from mmkd.devices import resolve_device
 from mmkd.dist import DistInfo, barrier, init_distributed
+from mmkd.eval.perimage import write_per_image
 from mmkd.eval.tasks import check_specs as check_eval_specs
 from mmkd.eval.tasks import evaluate
 from mmkd.fileio import atomic_write_json, atomic_write_text
@@ -148,9 +149,10 @@ def _targets_key(cfg: RunConfig) -> Hashable:
             d.unpaired_limit, d.world_size_train, d.world_size_unpaired, d.label_captions, d.captions_per_image)
 
 
-def run_eval_specs(model: Any, cfg: RunConfig) -> dict[str, Any]:
-    """The run's ``eval:`` list scored on ``model`` (the student, or a sweep's teacher row)."""
-    return evaluate(model, cfg.eval, cache_dir=cfg.cache_dir)
+def run_eval_specs(model: Any, cfg: RunConfig, per_image: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's ``eval:`` list scored on ``model`` (the student, or a sweep's teacher row); per_image receives
+    each zero-shot entry's per-image top-1 correctness (see ``mmkd.eval.perimage``)."""
+    return evaluate(model, cfg.eval, cache_dir=cfg.cache_dir, per_image=per_image)
 
 
 ONLINE_VIEWS = 1 << 30  # an online teacher sees any view: augmented views are then fresh at every step
@@ -237,7 +239,9 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
         if info.is_main:
             save_dual_encoder(student, out / "student")
             if cfg.eval:
-                metrics["eval"] = run_eval_specs(student, cfg)
+                per_image: dict[str, Any] = {}
+                metrics["eval"] = run_eval_specs(student, cfg, per_image)
+                write_per_image(out, per_image)  # before metrics.json, which marks the run finished
             run = identity.to_plain()
             metrics["run"] = {k: run[k] for k in ("run_id", "config_sha256", "fingerprints")}
             atomic_write_json(out / "metrics.json", metrics)  # metrics.json marks a finished run

@@ -17,6 +17,11 @@ re-run skips it. A run whose objectives need no teacher is a *scratch* reference
 with the task loss only); if the grid has none, one is added. The teacher is evaluated as a reference row.
 Teacher targets are computed once per sweep (not once per run), so the sweep costs only student time.
 Under ``torchrun`` each process takes every N-th run (no DDP inside a run); rank 0 writes the leaderboard.
+
+``sweep.seeds`` (or ``--seeds``) runs every grid point, scratch references included, once per seed
+(``train.seed``); the run with the config's own seed keeps the grid point's name, the others get ``__seed-S``,
+so a finished one-seed sweep grows to N seeds by running only the new ones. Each run is paired with the scratch
+reference of its own seed.
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ from mmkd.config import (
     apply_overrides,
     from_dict,
     load_sweep_config,
+    parse_seeds_arg,
     parse_value,
     to_dict,
     validate,
 )
 from mmkd.dist import DistInfo
+from mmkd.eval.perimage import write_per_image
 from mmkd.fileio import atomic_write_json
 from mmkd.locking import FolderLock
 from mmkd.objectives import OBJECTIVES
@@ -63,6 +70,8 @@ class Run:
     axes: dict[str, Any]
     role: str  # "scratch" (no teacher term) or "distilled"
     added: bool = False  # a scratch reference the sweep added itself
+    seed: int = 0  # train.seed
+    point: str = ""  # the grid point's name (the run's name without its seed suffix): the leaderboard's row
 
     @property
     def reference(self) -> str:
@@ -76,6 +85,7 @@ class Sweep:
     runs: list[Run]
     axes: dict[str, list[Any]]
     sets: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
     command: str = ""  # the `mmkd sweep` command line that gives this sweep (recorded with the leaderboard)
 
 
@@ -101,9 +111,20 @@ def _config_fields() -> set[str]:
     return {f.name for f in fields(RunConfig)}
 
 
+def _seed_list(spec: int | list[int] | None, base: dict[str, Any]) -> tuple[list[int], int]:
+    """The sweep's seeds and the config's own ``train.seed`` (the seed whose runs keep the plain name)."""
+    probe = from_dict(RunConfig, {k: v for k, v in base.items() if k == "train"}) if "train" in base else RunConfig()
+    first = probe.train.seed
+    if spec is None:
+        return [first], first
+    return (list(range(first, first + spec)) if isinstance(spec, int) else list(spec)), first
+
+
 def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[str] | None = None,
-               out: str | Path | None = None) -> Sweep:
-    """Read a sweep config, expand its grid into validated run configs (before any compute is spent)."""
+               out: str | Path | None = None, seeds: str | None = None) -> Sweep:
+    """Read a sweep config, expand its grid into validated run configs (before any compute is spent).
+
+    seeds: ``--seeds`` as typed (a count or a comma list), replacing ``sweep.seeds``."""
     config = load_sweep_config(path, overrides)
     base, section = config.run, config.sweep
     sets = {name: [to_dict(o) for o in objectives] for name, objectives in section.sets.items()}
@@ -120,26 +141,39 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
             raise ConfigError(f"sweep.grid.{key}: {missing[0]!r} names no objective set; sets: "
                               f"{', '.join(sorted(sets)) or 'none'} (an axis named by a config key, e.g. "
                               f"train.lr, takes plain values instead; config keys: {', '.join(sorted(config_keys))})")
+    seed_spec = parse_seeds_arg(seeds) if seeds is not None else section.seeds
+    seed_list, first = _seed_list(seed_spec, base)
+    if seed_spec is not None and "train.seed" in axes:
+        raise ConfigError(f"{'--seeds' if seeds is not None else 'sweep.seeds'} and the grid axis train.seed both "
+                          "set train.seed; keep one of them")
     out_arg, out = out, Path(out or section.out or base.get("out") or "runs/sweep")
-    runs = [_make_run(base, sets, dict(zip(axes, combo)), out) for combo in itertools.product(*axes.values())]
-    if not runs:
-        runs = [_make_run(base, sets, {}, out)]
+    combos = list(itertools.product(*axes.values())) or [()]
+    runs = [_make_run(base, sets, dict(zip(axes, combo)), out, seed, first) for combo in combos for seed in seed_list]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep: two grid points give the same run name ({names}); make the values distinct")
     command = shlex.join(["mmkd", "sweep", str(path), *(f"--grid={g}" for g in grid or []), *(overrides or []),
-                          *(["--out", str(out_arg)] if out_arg else [])])
-    return Sweep(out, _add_scratch_references(runs, out), axes, sets, command)
+                          *(["--out", str(out_arg)] if out_arg else []), *(["--seeds", seeds] if seeds else [])])
+    return Sweep(out, _add_scratch_references(runs, out, first), axes, sets, seed_list, command)
 
 
-def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, Any], out: Path) -> Run:
+def _seed_suffix(seed: int, first: int) -> str:
+    return "" if seed == first else f"__seed-{seed}"
+
+
+def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, Any], out: Path, seed: int,
+              first: int) -> Run:
     data = copy.deepcopy(base)
+    data.setdefault("train", {})
+    if isinstance(data["train"], dict):  # (not a mapping: validation below names train)
+        data["train"]["seed"] = seed
     config_keys = _config_fields()
     objective_axes = [k for k in axes if k.split(".")[0] not in config_keys]
     if objective_axes:
         data["objectives"] = [copy.deepcopy(o) for k in objective_axes for o in sets[str(axes[k])]]
     apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in axes.items() if k not in objective_axes])
-    name = "__".join(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items()) or "run"
+    point = "__".join(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items()) or "run"
+    name = point + _seed_suffix(seed, first)
     data["out"] = str(out / "runs" / name)
     try:
         cfg = from_dict(RunConfig, data)
@@ -148,7 +182,7 @@ def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, 
     except ConfigError as e:
         raise ConfigError(f"sweep run {name}: {e}") from None
     role = "distilled" if any(OBJECTIVES.get(o.name).uses_teacher for o in cfg.objectives) else "scratch"
-    return Run(name, cfg, axes, role)
+    return Run(name, cfg, axes, role, seed=seed, point=point)
 
 
 def task_objectives(cfg: RunConfig) -> list[Any]:
@@ -156,14 +190,14 @@ def task_objectives(cfg: RunConfig) -> list[Any]:
 
 
 def reference_key(run: Run) -> str:
-    """Runs with the same task objectives and config-axis values share one from-scratch reference."""
+    """Runs with the same task objectives, config-axis values and seed share one from-scratch reference."""
     config_keys = _config_fields()
     task = [(o.name, o.weight, o.towers, o.params) for o in task_objectives(run.cfg)]
-    return json.dumps([task, {k: v for k, v in run.axes.items() if k.split(".")[0] in config_keys}],
+    return json.dumps([task, {k: v for k, v in run.axes.items() if k.split(".")[0] in config_keys}, run.seed],
                       sort_keys=True, default=str)
 
 
-def _add_scratch_references(runs: list[Run], out: Path) -> list[Run]:
+def _add_scratch_references(runs: list[Run], out: Path, first: int) -> list[Run]:
     """For every group of runs without a task-loss-only run of its own, a scratch reference run first."""
     have = {reference_key(r) for r in runs if r.role == "scratch"}
     added: dict[str, Run] = {}
@@ -177,12 +211,13 @@ def _add_scratch_references(runs: list[Run], out: Path) -> list[Run]:
                               "from-scratch reference; add one to its objectives")
         config_keys = _config_fields()
         axes = {k: v for k, v in run.axes.items() if k.split(".")[0] in config_keys}
-        name = "__".join(["reference-scratch", "+".join(o.name for o in task),
-                          *(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items())])
+        point = "__".join(["reference-scratch", "+".join(o.name for o in task),
+                           *(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items())])
+        name = point + _seed_suffix(run.seed, first)
         cfg = copy.deepcopy(run.cfg)
         cfg.objectives = task
         cfg.out = str(out / "runs" / name)
-        added[key] = Run(name, cfg, axes, "scratch", added=True)
+        added[key] = Run(name, cfg, axes, "scratch", added=True, seed=run.seed, point=point)
     return list(added.values()) + runs
 
 
@@ -206,8 +241,10 @@ def _teacher_row(sweep: Sweep, cache: TargetCache, log: Any) -> dict[str, Any] |
         log("the teacher is an image model only: no zero-shot or retrieval row for it")
         return None
     log(f"evaluating the teacher {cfg.teacher}")
-    metrics = {"eval": run_eval_specs(teacher, cfg), "teacher": cfg.teacher}
+    per_image: dict[str, Any] = {}
+    metrics = {"eval": run_eval_specs(teacher, cfg, per_image), "teacher": cfg.teacher}
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_per_image(path.parent, per_image)
     atomic_write_json(path, metrics)
     return metrics
 
@@ -229,8 +266,9 @@ def _run_sweep(sweep: Sweep, rank: int, world: int, log: Any, progress: bool, po
     from mmkd.report.leaderboard import write_leaderboard
 
     if rank == 0:
-        atomic_write_json(sweep.out / "sweep.json", {"axes": sweep.axes, "runs": [
-            {"name": r.name, "role": r.role, "axes": r.axes, "added": r.added, "out": r.cfg.out,
+        atomic_write_json(sweep.out / "sweep.json", {"axes": sweep.axes, "seeds": sweep.seeds, "runs": [
+            {"name": r.name, "point": r.point, "seed": r.seed, "role": r.role, "axes": r.axes, "added": r.added,
+             "out": r.cfg.out,
              "objectives": [{"name": o.name, "weight": o.weight, "towers": o.towers, "params": o.params}
                             for o in r.cfg.objectives]} for r in sweep.runs]})
     cache = TargetCache()

@@ -1,4 +1,5 @@
-"""``mmkd sweep CONFIG [--grid KEY=V1,V2 ...] [--out DIR] [key=value ...]``: a grid of runs and a leaderboard."""
+"""``mmkd sweep CONFIG [--grid KEY=V1,V2 ...] [--seeds N] [--out DIR] [key=value ...]``: a grid of runs and a
+leaderboard."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="an axis: an objective-set axis (values name sweep.sets) or a config key; repeatable")
     w.add_argument("--out", default=None, help="output folder (default: the config's sweep.out)")
+    w.add_argument("--seeds", default=None, metavar="N|S1,S2,…",
+                   help="run every grid point with N seeds (train.seed, +1, …) or with the listed seeds; the "
+                        "leaderboard then shows mean ± sd over seeds (replaces sweep.seeds)")
     w.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mmkd.sweep import load_sweep, run_sweep
 
-    sweep = load_sweep(args.config, args.grid, args.overrides, out=args.out)
+    sweep = load_sweep(args.config, args.grid, args.overrides, out=args.out, seeds=args.seeds)
     print(f"sweep: {len(sweep.runs)} runs → {sweep.out}")
     board = run_sweep(sweep)
     if int(os.environ.get("RANK", 0)) == 0:

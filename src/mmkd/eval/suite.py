@@ -12,7 +12,7 @@ from mmkd.data.records import DataError, Record
 from mmkd.eval.efficiency import efficiency_metrics
 from mmkd.eval.embed import embed_images
 from mmkd.eval.retrieval import evaluate_retrieval, retrieval_from_embeddings
-from mmkd.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier, zeroshot_scores
+from mmkd.eval.zeroshot import evaluate_zeroshot_and_hits, zeroshot_classifier, zeroshot_scores
 
 
 def pixel_batches(model: Any, records: Sequence[Record], second: Sequence[int] | None = None,
@@ -41,6 +41,12 @@ def world_labels(records: Sequence[Record], class_set: str) -> list[int]:
 
 def zeroshot(model: Any, records: Sequence[Record], classnames: list[str], templates: list[str],
              labels: Sequence[int] | None = None) -> dict[str, float]:
+    return zeroshot_and_hits(model, records, classnames, templates, labels)[0]
+
+
+def zeroshot_and_hits(model: Any, records: Sequence[Record], classnames: list[str], templates: list[str],
+                      labels: Sequence[int] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """Zero-shot scores and each record's top-1 correctness (bool [N], in record order)."""
     labels = labels if labels is not None else [r.label for r in records]  # type: ignore[misc]
     for r, lab in zip(records, labels):
         if lab is None:
@@ -49,7 +55,7 @@ def zeroshot(model: Any, records: Sequence[Record], classnames: list[str], templ
             raise DataError(f"{r.origin or r.key}: label {lab} is out of range: the data has {len(classnames)} "
                             f"classes (labels 0..{len(classnames) - 1}); fix the label or the class list "
                             "(e.g. classes.txt beside WebDataset shards)")
-    return evaluate_zeroshot(model, pixel_batches(model, records, labels), classnames, templates)
+    return evaluate_zeroshot_and_hits(model, pixel_batches(model, records, labels), classnames, templates)
 
 
 def retrieval(model: Any, records: Sequence[Record]) -> dict[str, float]:

@@ -43,6 +43,7 @@ class EvalContext:
     sequence, so a limit needs only that many images generated), else ``WORLD_N``.
     strict_split: a split named explicitly must exist for the format (a run's ``eval:``); else it is ignored
     by the formats without splits.
+    per_image: where zero-shot kinds leave each image's top-1 correctness (``mmkd sweep``'s intervals need it).
     """
 
     models: dict[str, Any]
@@ -51,6 +52,7 @@ class EvalContext:
     reference: str | None = "teacher"
     strict_split: bool = False
     log: Callable[[str], None] = print
+    per_image: dict[str, dict[str, Any]] | None = None  # when a dict: {spec name: {model: top-1 hits [N]}}
     _records: dict[tuple[str, str, int | None, int], list[Record]] = field(default_factory=dict)
 
     def records(self, spec: EvalSpec) -> list[Record]:
@@ -93,7 +95,7 @@ def world_class_labels(records: Sequence[Record], spec: EvalSpec) -> list[int] |
 
 def _zeroshot(spec: EvalSpec, ctx: EvalContext) -> dict[str, Any]:
     from mmkd.data.resolve import zeroshot_classes
-    from mmkd.eval.suite import zeroshot
+    from mmkd.eval.suite import zeroshot_and_hits
 
     records = ctx.records(spec)
     names, templates = zeroshot_classes(spec_data(spec), spec.class_set, spec.templates,
@@ -103,7 +105,9 @@ def _zeroshot(spec: EvalSpec, ctx: EvalContext) -> dict[str, Any]:
     for name, model in ctx.models.items():
         ctx.log(f"zero-shot {spec.name} ({len(records)} images, {len(names)} classes, {len(templates)} "
                 f"templates): {name}")
-        out[name] = zeroshot(model, records, names, templates, labels)
+        out[name], hits = zeroshot_and_hits(model, records, names, templates, labels)
+        if ctx.per_image is not None:
+            ctx.per_image.setdefault(spec.name or spec.kind, {})[name] = hits
     return out
 
 
@@ -167,19 +171,23 @@ def check_specs(specs: Sequence[EvalSpec], where: str = "eval") -> None:
 
 
 def evaluate(model: Any, specs: Sequence[EvalSpec], *, cache_dir: str | Path = "runs/.cache",
-             log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+             log: Callable[[str], None] = lambda _: None, per_image: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score one model on every spec: ``{name: result}``, named as a run's ``eval:`` names them.
 
     Defaults are those of a run's ``eval:``: data ``world:test``, split ``test`` (an explicit one must exist),
-    a built-in world of ``limit`` images when a limit is given.
+    a built-in world of ``limit`` images when a limit is given. per_image: a dict to receive, per zero-shot
+    entry's name, each test image's top-1 correctness (a bool tensor).
     """
     check_specs(specs)
-    ctx = EvalContext({"model": model}, cache_dir, world_n=None, reference=None, strict_split=True, log=log)
+    ctx = EvalContext({"model": model}, cache_dir, world_n=None, reference=None, strict_split=True, log=log,
+                      per_image={} if per_image is not None else None)
     out: dict[str, Any] = {}
     for spec in specs:
         name = run_eval_name(spec)
         log(f"evaluating {name}")
         result = run_spec(replace(spec, name=name), ctx)
         out[name] = result if EVALS.get(spec.kind).across_models else result["model"]
+    if per_image is not None and ctx.per_image is not None:
+        per_image.update({name: by_model["model"] for name, by_model in ctx.per_image.items()})
     return out
 

@@ -42,7 +42,16 @@ def zeroshot_classifier(
 def zeroshot_scores(
     image_emb: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy and mean per-class recall (balanced accuracy) as fractions in [0, 1].
+    """Top-1/top-5 accuracy and mean per-class recall (balanced accuracy) as fractions in [0, 1]; see
+    :func:`zeroshot_scores_and_hits`."""
+    return zeroshot_scores_and_hits(image_emb, classifier, labels)[0]
+
+
+def zeroshot_scores_and_hits(
+    image_emb: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Top-1/top-5 accuracy and mean per-class recall (balanced accuracy) as fractions in [0, 1], and each
+    image's top-1 correctness (a bool tensor [N], for intervals over test images: ``mmkd sweep``'s bootstrap).
 
     The true class's rank is 1 + the number of other classes scoring at least as high, i.e. ties (and NaNs)
     count against the model, so a collapsed model with identical scores gets chance-or-worse instead of a
@@ -83,7 +92,7 @@ def zeroshot_scores(
     per_class_count = torch.bincount(labels, minlength=c).double()
     present = per_class_count > 0
     out["mean_per_class_recall"] = (per_class_hits[present] / per_class_count[present]).mean().item()
-    return out
+    return out, (ranks <= 1).cpu()
 
 
 def evaluate_zeroshot(
@@ -94,6 +103,17 @@ def evaluate_zeroshot(
     batch_size: int = 256,
 ) -> dict[str, float]:
     """Zero-shot classification of ``(pixel_values, labels)`` batches; keys as in :func:`zeroshot_scores`."""
+    return evaluate_zeroshot_and_hits(model, batches, classnames, templates, batch_size)[0]
+
+
+def evaluate_zeroshot_and_hits(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    batch_size: int = 256,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """:func:`evaluate_zeroshot` and each image's top-1 correctness (bool [N], in batch order)."""
     classifier = zeroshot_classifier(model, classnames, templates, batch_size=batch_size)
     image_emb, labels = embed_images(model, batches)
-    return zeroshot_scores(image_emb, classifier, labels)
+    return zeroshot_scores_and_hits(image_emb, classifier, labels)

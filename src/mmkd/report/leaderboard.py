@@ -1,8 +1,10 @@
-"""The sweep's leaderboard: one row per run plus the teacher and the from-scratch references.
+"""The sweep's leaderboard: one row per grid point plus the teacher and the from-scratch references.
 
 Written as ``leaderboard.md`` (what a person reads), ``leaderboard.csv`` (every metric, for a notebook),
-``leaderboard.png`` (zero-shot top-1/top-5, retrieval R@1 and train time per run) and ``leaderboard.json`` (the
-rows, notes and the command, from which ``mmkd readme`` renders the README's copy).
+``leaderboard.png`` (zero-shot top-1/top-5, retrieval R@1 and train time per grid point) and ``leaderboard.json``
+(the rows, notes and the command, from which ``mmkd readme`` renders the README's copy). A grid point run with
+several seeds shows each metric's mean ± sd over them; every row has a bootstrap interval of zero-shot top-1
+over test images and every distilled row says whether its Δ vs scratch is beyond noise (``mmkd.report.noise``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from mmkd.eval.perimage import read_per_image
 from mmkd.eval.tasks import spec_data
 from mmkd.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mmkd.report.figures import png, subplots
+from mmkd.report.noise import beyond_noise, bootstrap_interval, mean_sd, per_image_rate
 
 
 def _first(evals: dict[str, Any], kind: str) -> tuple[str | None, dict[str, Any]]:
@@ -54,45 +60,123 @@ def _objectives_text(objectives: list[dict[str, Any]]) -> str:
     return " + ".join(parts)
 
 
+METRICS = ("zs_top1", "zs_top5", "i2t_r1", "t2i_r1", "train_s")
+
+
+def _hits(folder: Path, metrics: dict[str, Any]) -> np.ndarray | None:
+    """The run's per-image top-1 correctness on the zero-shot entry the board shows (None: not stored)."""
+    name, _ = _first(metrics.get("eval", {}), "zeroshot")
+    return read_per_image(folder).get(name) if name else None
+
+
+def _aggregate(point: str, members: list[tuple[Any, dict[str, Any], np.ndarray | None]]) -> dict[str, Any]:
+    """One row per grid point: every numeric metric's mean over its seeds, and its sd (``KEY_sd``)."""
+    first_run, first_row, _ = members[0]
+    row: dict[str, Any] = {"run": point, "role": first_row["role"], "objectives": first_row["objectives"],
+                           "seeds": len(members), "seed_list": " ".join(str(m[0].seed) for m in members),
+                           **{k: v for k, v in first_row.items() if k.startswith("axis:")}}
+    keys: list[str] = list(METRICS)  # (always present, None where a run has no such evaluation)
+    for _, r, _ in members:
+        keys += [k for k, v in r.items() if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for k in keys:
+        mean, sd = mean_sd([r.get(k) for _, r, _ in members])
+        row[k] = mean
+        if len(members) > 1:  # (one seed: the columns of a one-seed board, no empty sd columns)
+            row[f"{k}_sd"] = sd
+    rate = per_image_rate([h for _, _, h in members])
+    row["zs_top1_lo"], row["zs_top1_hi"] = bootstrap_interval(rate) if rate is not None else (None, None)
+    row["_rate"] = rate
+    return row
+
+
 def leaderboard_rows(sweep: Any, teacher: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Teacher first, then runs by zero-shot top-1 (best first); each student row gets Δ top-1 vs the
-    scratch run with the same task objectives and config-axis values (else the sweep's scratch reference)."""
-    runs = []
+    """Teacher first, then one row per grid point (its seeds averaged) by zero-shot top-1 (best first).
+
+    Each student row gets Δ top-1 vs the scratch run with the same task objectives, config-axis values and seed
+    (mean and sd over seeds, ``d_top1``/``d_top1_sd``), its paired bootstrap interval over test images
+    (``d_top1_lo``/``_hi``) and ``beyond_noise`` (see :func:`mmkd.report.noise.beyond_noise`)."""
+    per_run = []
     for run in sweep.runs:
-        metrics = json.loads((Path(run.cfg.out) / "metrics.json").read_text())
+        folder = Path(run.cfg.out)
+        metrics = json.loads((folder / "metrics.json").read_text())
         objectives = [{"name": o.name, "weight": o.weight, "towers": o.towers, "params": o.params}
                       for o in run.cfg.objectives]
-        row = _row(run.name, run.role, _objectives_text(objectives), run.axes, metrics)
-        row["_ref"] = run.reference
-        runs.append(row)
-    scratch = {r["_ref"]: r for r in runs if r["role"] == "scratch"}
-    for r in runs:
-        ref = scratch.get(r["_ref"])
-        r["vs_scratch"] = ref["run"] if ref is not None and ref is not r else ""
-        r["d_top1"] = (r["zs_top1"] - ref["zs_top1"] if ref is not None and ref is not r
-                       and r["zs_top1"] is not None and ref["zs_top1"] is not None else None)
-    runs.sort(key=lambda r: -(r["zs_top1"] if r["zs_top1"] is not None else -1.0))
-    for r in runs:
-        r.pop("_ref")
-    rows = []
+        per_run.append((run, _row(run.name, run.role, _objectives_text(objectives), run.axes, metrics),
+                        _hits(folder, metrics)))
+    scratch = {run.reference: (run, row) for run, row, _ in per_run if run.role == "scratch"}
+    groups: dict[str, list[tuple[Any, dict[str, Any], np.ndarray | None]]] = {}
+    for run, row, hits in per_run:
+        ref = scratch.get(run.reference)
+        row["_ref_point"] = ref[0].point or ref[0].name if ref is not None and ref[0] is not run else ""
+        row["d_top1"] = (row["zs_top1"] - ref[1]["zs_top1"] if row["_ref_point"] and ref is not None
+                         and row["zs_top1"] is not None and ref[1]["zs_top1"] is not None else None)
+        groups.setdefault(run.point or run.name, []).append((run, row, hits))
+    rows = {point: _aggregate(point, members) for point, members in groups.items()}
+    for point, members in groups.items():
+        r = rows[point]
+        refs = {m[1]["_ref_point"] for m in members}
+        ref_point = refs.pop() if len(refs) == 1 else ""
+        r["vs_scratch"] = ref_point
+        ref = rows.get(ref_point)
+        d_values = [m[1]["d_top1"] for m in members]
+        r["d_top1"], d_sd = mean_sd(d_values) if ref is not None else (None, None)
+        if r["seeds"] > 1:
+            r["d_top1_sd"] = d_sd
+        interval = None
+        if ref is not None and r["_rate"] is not None and ref["_rate"] is not None \
+                and r["_rate"].size == ref["_rate"].size and r["seeds"] == ref["seeds"]:
+            interval = bootstrap_interval(r["_rate"] - ref["_rate"])
+        r["d_top1_lo"], r["d_top1_hi"] = interval or (None, None)
+        r["beyond_noise"] = beyond_noise(r["d_top1"], interval, r.get("zs_top1_sd"),
+                                         ref.get("zs_top1_sd") if ref is not None else None)
+    out = sorted(rows.values(), key=lambda r: -(r["zs_top1"] if r["zs_top1"] is not None else -1.0))
     if teacher is not None:
-        rows.append(_row("teacher", "teacher", teacher.get("teacher", ""), {}, teacher))
-    return rows + runs
+        t = _row("teacher", "teacher", teacher.get("teacher", ""), {}, teacher)
+        rate = _hits(sweep.out / "teacher", teacher)
+        t["zs_top1_lo"], t["zs_top1_hi"] = bootstrap_interval(rate.astype(np.float64)) if rate is not None \
+            else (None, None)
+        out.insert(0, t)
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in out]
 
 
 def _pct(v: Any) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def _spread(r: dict[str, Any], key: str, fmt: str = ".1f", mult: float = 100.0, sign: str = "") -> str:
+    """``mean`` or ``mean ± sd`` (over seeds); ``–`` when missing."""
+    v = r.get(key)
+    if v is None:
+        return "–"
+    sd = r.get(f"{key}_sd")
+    text = f"{mult * v:{sign}{fmt}}"
+    return text if sd is None else f"{text} ± {mult * sd:{fmt}}"
+
+
+def _interval(r: dict[str, Any]) -> str:
+    lo, hi = r.get("zs_top1_lo"), r.get("zs_top1_hi")
+    return "–" if lo is None or hi is None else f"{100 * lo:.1f}–{100 * hi:.1f}"
+
+
 def markdown(rows: list[dict[str, Any]], title: str = "") -> str:
-    head = ("| run | role | objectives | zero-shot top-1 % | top-5 % | Δ top-1 vs scratch (pts) | "
-            "i2t R@1 % | t2i R@1 % | train s |")
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    """The board as a Markdown table: a ``seeds`` column only when some grid point ran more than one seed; the
+    interval and noise columns only for rows written with them (a board saved before them renders as it was)."""
+    seeded = any((r.get("seeds") or 1) > 1 for r in rows)
+    noisy = any("zs_top1_lo" in r for r in rows)
+    cols = ["run", "role", "objectives", *(["seeds"] if seeded else []), "zero-shot top-1 %",
+            *(["top-1 95% interval"] if noisy else []), "top-5 %", "Δ top-1 vs scratch (pts)",
+            *(["beyond noise"] if noisy else []), "i2t R@1 %", "t2i R@1 %", "train s"]
+    align = {"run": "---", "role": "---", "objectives": "---", "beyond noise": ":---:"}
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(align.get(c, "---:") for c in cols) + "|"]
     for r in rows:
-        delta = "" if r.get("d_top1") is None else f"{100 * r['d_top1']:+.1f}"
-        train = "" if r.get("train_s") is None else f"{r['train_s']:.0f}"
-        lines.append(f"| {r['run']} | {r['role']} | {r['objectives']} | {_pct(r['zs_top1'])} | "
-                     f"{_pct(r['zs_top5'])} | {delta} | {_pct(r['i2t_r1'])} | {_pct(r['t2i_r1'])} | {train} |")
+        cells = {"run": r["run"], "role": r["role"], "objectives": r["objectives"], "seeds": str(r.get("seeds") or ""),
+                 "zero-shot top-1 %": _spread(r, "zs_top1"), "top-1 95% interval": _interval(r),
+                 "top-5 %": _spread(r, "zs_top5"),
+                 "Δ top-1 vs scratch (pts)": "" if r.get("d_top1") is None else _spread(r, "d_top1", sign="+"),
+                 "beyond noise": {True: "yes", False: "no"}.get(r.get("beyond_noise"), ""),  # type: ignore[arg-type]
+                 "i2t R@1 %": _spread(r, "i2t_r1"), "t2i R@1 %": _spread(r, "t2i_r1"),
+                 "train s": "" if r.get("train_s") is None else _spread(r, "train_s", ".0f", 1.0)}
+        lines.append("| " + " | ".join(cells[c] for c in cols) + " |")
     return (f"{title}\n\n" if title else "") + "\n".join(lines) + "\n"
 
 
@@ -118,7 +202,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
     for ax, (key, label, mult) in zip(axes, panels):
         values = [(r[key] or 0) * mult for r in students][::-1]
-        ax.barh(range(len(names)), values, color=colours)
+        spread = [(r.get(f"{key}_sd") or 0) * mult for r in students][::-1]
+        ax.barh(range(len(names)), values, color=colours, xerr=spread if any(spread) else None, capsize=2)
         if teacher is not None and teacher.get(key) is not None and key != "train_s":
             ax.axvline(teacher[key] * mult, color="#c0392b", ls="--", lw=1.2, label="teacher")
             ax.legend(loc="lower right", fontsize=8)
