@@ -333,3 +333,13 @@ def test_open_clip_as_student_tower_source(open_clip_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="converted on load"):  # where only a plain folder will do
         from mmkd.teacher.unimodal import load_image_teacher
         load_image_teacher(spec)
+
+
+@pytest.mark.slow
+def test_distill_from_an_open_clip_teacher(open_clip_dir: Path, tmp_path: Path) -> None:
+    from conftest import write_run_config
+
+    assert main(["distill", str(write_run_config(tmp_path, f"open_clip:{open_clip_dir}"))]) == 0
+    student = load_dual_encoder(tmp_path / "run" / "student")
+    assert student.meta.image_mean == MEAN and student.meta.max_text_length == CONTEXT  # the teacher's settings
+    assert student.vision_model.config.num_hidden_layers == 1 and len(student.tokenizer) == 1190
