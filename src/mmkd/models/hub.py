@@ -10,6 +10,8 @@ import importlib
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,9 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
     text = str(path_or_id)
     if text.startswith(PACKAGE_PREFIX):
         return packaged_model(text[len(PACKAGE_PREFIX):])
+    if converted_source(text) is not None:
+        raise ModelLoadError(f"{text}: a checkpoint converted on load is accepted where a whole dual encoder is "
+                             "(teacher, student tower source, eval --model, cache --teacher), not here")
     p = Path(path_or_id)
     if p.exists():
         if not p.is_dir():
@@ -89,6 +94,9 @@ def check_tokenizer(tokenizer: Any, where: str, min_vocab: int = MIN_VOCAB) -> A
 
 
 def load_tokenizer(path: str | os.PathLike, where: str | None = None) -> Any:
+    prefix = converted_source(path)
+    if prefix is not None:
+        return CONVERTED_SOURCES[prefix].tokenizer(str(path))
     if str(path).startswith(PACKAGE_PREFIX):
         path = resolve(path)
     try:
@@ -205,9 +213,13 @@ def _from_clip_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> Dual
         clip = CLIPModel.from_pretrained(str(folder))
     except Exception as e:
         raise ModelLoadError(f"cannot load CLIPModel from {folder}: {e}") from None
+    return _from_clip_model(clip, _image_settings(folder, int(clip.config.vision_config.image_size)), tokenizer)
+
+
+def _from_clip_model(clip: CLIPModel, settings: dict[str, Any], tokenizer: Any) -> DualEncoder:
+    """A CLIPModel (from a folder, or converted) as a DualEncoder; ``settings``: image size, mean and std."""
     vision = _clip_tower(CLIPVisionModel, clip.config.vision_config, clip.vision_model, "vision_model")
     text = _clip_tower(CLIPTextModel, clip.config.text_config, clip.text_model, "text_model")
-    settings = _image_settings(folder, int(clip.config.vision_config.image_size))
     meta = EncoderMeta(vision_pooling="pooler", text_pooling="pooler",
                        max_text_length=int(clip.config.text_config.max_position_embeddings), **settings)
     model = DualEncoder(vision, text, int(clip.config.projection_dim), meta, tokenizer)
@@ -239,8 +251,50 @@ LOADERS = {
 }
 
 
+def _from_open_clip(spec: str, tokenizer_path: str | None) -> tuple[DualEncoder, Path]:
+    from mmkd.models.open_clip import load_open_clip, parse_spec
+
+    ckpt = load_open_clip(spec, tokenizer_path)
+    settings = {"image_size": int(ckpt.model.config.vision_config.image_size), "image_mean": ckpt.image_mean,
+                "image_std": ckpt.image_std}
+    return _from_clip_model(ckpt.model, settings, ckpt.tokenizer), parse_spec(spec)[0]
+
+
+def _open_clip_tokenizer(spec: str) -> Any:
+    from mmkd.models.open_clip import open_clip_tokenizer
+
+    return open_clip_tokenizer(spec)
+
+
+@dataclass(frozen=True)
+class ConvertedSource:
+    """A checkpoint format of another library: load(spec, tokenizer_path) -> (model, its folder); tokenizer(spec)."""
+
+    load: Callable[[str, str | None], tuple[DualEncoder, Path]]
+    tokenizer: Callable[[str], Any]
+
+
+# Checkpoints in other libraries' formats, named ``PREFIX:SPEC`` wherever a dual encoder is accepted (teacher,
+# student tower source, eval --model, cache --teacher) and converted on load.
+CONVERTED_SOURCES: dict[str, ConvertedSource] = {
+    "open_clip": ConvertedSource(_from_open_clip, _open_clip_tokenizer),
+}
+
+
+def converted_source(path_or_id: str | os.PathLike) -> str | None:
+    """The CONVERTED_SOURCES prefix ``path_or_id`` names, or None (a folder, package: model or hub id)."""
+    text = str(path_or_id)
+    return next((p for p in CONVERTED_SOURCES if text.startswith(p + ":")), None)
+
+
 def load_dual_encoder(path_or_id: str | os.PathLike, tokenizer_path: str | None = None) -> DualEncoder:
-    """Load a dual encoder from an mmkd folder, a CLIPModel or a VisionTextDualEncoderModel (folder or hub id)."""
+    """Load a dual encoder from an mmkd folder, a CLIPModel or a VisionTextDualEncoderModel (folder or hub id), or
+    convert one named ``PREFIX:SPEC`` (see CONVERTED_SOURCES)."""
+    prefix = converted_source(path_or_id)
+    if prefix is not None:
+        model, folder = CONVERTED_SOURCES[prefix].load(str(path_or_id), tokenizer_path)
+        check_finite(model, folder)
+        return model.eval()
     folder = resolve(path_or_id)
     cfg = read_config(folder)
     model_type = cfg.get("model_type")

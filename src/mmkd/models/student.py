@@ -13,20 +13,21 @@ from transformers import AutoModel, CLIPModel
 
 from mmkd.config import ConfigError, StudentConfig, TowerSpec
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.hub import drop_unused_pooler, load_tokenizer, resolve
+from mmkd.models.hub import converted_source, drop_unused_pooler, load_dual_encoder, load_tokenizer, resolve
 from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
 from mmkd.seeding import seeded
 
 
 def _pretrained_tower(source: str, modality: str) -> nn.Module:
+    if converted_source(source) is not None:  # e.g. open_clip:FOLDER: a whole dual encoder, converted
+        de = load_dual_encoder(source)
+        return de.vision_model if modality == "image" else de.text_model
     folder = resolve(source)
     try:
         model = AutoModel.from_pretrained(str(folder))
     except Exception as e:
         raise ConfigError(f"cannot load a {modality} tower from {source}: {e}") from None
     if isinstance(model, CLIPModel):  # a whole CLIP given as a tower source: take the matching half
-        from mmkd.models.hub import load_dual_encoder
-
         de = load_dual_encoder(folder)
         return de.vision_model if modality == "image" else de.text_model
     return model
@@ -81,7 +82,7 @@ def _tokenizer(cfg: StudentConfig, teacher: Any, tok_source: str | None) -> Any:
     """The student's tokenizer: the configured one, else the pretrained text tower's, else the teacher's."""
     source = cfg.tokenizer or tok_source
     if source is not None:
-        return load_tokenizer(resolve(source), where=source)
+        return load_tokenizer(source if converted_source(source) else resolve(source), where=source)
     tok = getattr(teacher, "tokenizer", None)
     if tok is None:
         raise ConfigError("the student needs a tokenizer: set student.tokenizer (a folder or hub id with tokenizer "
