@@ -359,3 +359,19 @@ def test_sigkill_mid_epoch_on_shards_then_resume_sees_the_uninterrupted_batches(
     mmkd_ok("distill", str(config(out)), "--resume")
     assert_same_weights(out / "student", tmp_path / "ref" / "student")
     assert losses(out) == losses(tmp_path / "ref")
+
+
+def test_workers_send_uint8_pixels_normalised_in_the_training_process(tmp_path: Path) -> None:
+    """A worker's item is the raw batch (uint8: a quarter of float32's bytes between processes); the batch the
+    loader yields is its normalisation, equal to `TrainData.batch`'s floats."""
+    from mmkd.data.loader import StepDataset
+
+    data = train_data(open_shards(write_shards(tmp_path / "d", shards=2, per=6), tmp_path / "cache"))
+    raw = StepDataset(data, 0)[1]
+    assert isinstance(raw, TrainBatch) and raw.pixel_values.dtype == torch.uint8
+    assert raw.pixel_values.is_contiguous() and raw.pixel_values.shape == (6, 3, 16, 16)
+    (got,) = list(data.batches(1, 2, workers=1))
+    assert got.pixel_values.dtype == torch.float32
+    assert torch.equal(got.pixel_values, data.batch(1).pixel_values)
+    assert torch.equal(got.pixel_values, data.paired.pixels_of([data.paired.records[int(i)] for i in raw.paired_idx],
+                                                               raw.views))
