@@ -3,15 +3,14 @@ training views compared with a bare PIL loop.
 
 Part 1, decoders (one process, one thread, every coco-mini photo): for a 224-px training view (random resized crop,
 mmkd's view 1), the 224-px eval view (centre crop) and the same two at 32 px, images/s of decode + crop-resize by:
-``pil`` (plain: full decode, then the bicubic resize: the reference), ``pil-draft`` (PIL's ``draft``: DCT scaling by
-1/2, 1/4, 1/8), ``simplejpeg`` (mmkd's: DCT scaling by 1/8, 1/4, 3/8, 1/2, else a full decode),
-``simplejpeg-every-n8`` (every n/8, as before: libjpeg-turbo's 5/8-7/8 are slower than a full decode),
-``simplejpeg-noscale`` (full-size decode: the library's own speed), ``turbojpeg`` (PyTurboJPEG, every n/8, when it
-and libturbojpeg are installed: on Debian 12, ``apt-get install libturbojpeg0`` and ``pip install 'PyTurboJPEG<2'``,
-as PyTurboJPEG 2 needs libjpeg-turbo ≥ 3). Each scaled decode uses the smallest factor keeping the crop ≥ the output
-size (``mmkd.data.decode``). Quality: every view is compared with ``pil``'s (mean absolute difference in levels of
-255, worst PSNR); a decoder is adopted only within ``mmkd.data.decode``'s tolerance. ``decoder_over_pil``: mmkd's
-decoder (the fastest adopted) over ``pil`` at the 224-px training view (target ≥ 1.5 per core).
+``pil`` (plain: full decode, then the bicubic resize: the reference), ``pil-draft`` (PIL's ``draft``: DCT scaling
+by 1/2, 1/4, 1/8), ``simplejpeg`` (DCT scaling by every n/8), ``simplejpeg-noscale`` (full-size decode: the
+library's own speed), ``turbojpeg`` (PyTurboJPEG, every n/8, when it and libturbojpeg are installed: on Debian 12,
+``apt-get install libturbojpeg0`` and ``pip install 'PyTurboJPEG<2'``, as PyTurboJPEG 2 needs libjpeg-turbo ≥ 3).
+Each scaled decode uses the smallest factor keeping the crop ≥ the output size (``mmkd.data.decode``). Quality:
+every view is compared with ``pil``'s (mean absolute difference in levels of 255, worst PSNR); a decoder is adopted
+only within ``mmkd.data.decode``'s tolerance. ``decoder_over_pil``: mmkd's decoder (the fastest adopted) over
+``pil`` at the 224-px training view (target ≥ 1.5 per core).
 
 Part 2, loader: the photos repeated ``--repeat`` times into WebDataset shards in a temporary folder; images/s of a
 bare single-process loop (PIL decode, crop-resize, normalise to a tensor) vs mmkd's own streaming loader (what
@@ -117,9 +116,6 @@ def compare_decoders(photos: list[tuple[str, bytes]], rounds: int) -> dict[str, 
     cands: dict[str, Callable[[bytes, str, int, bool], np.ndarray]] = {
         "pil": pil_plain, "pil-draft": scaled(jpeg_decoder("pil")), "simplejpeg": scaled(jpeg_decoder("simplejpeg")),
         "simplejpeg-noscale": scaled(jpeg_decoder("simplejpeg"), scale=False)}
-    sj = jpeg_decoder("simplejpeg")
-    cands["simplejpeg-every-n8"] = scaled(JpegDecoder("simplejpeg-every-n8", tuple(n / 8 for n in range(1, 9)),
-                                                      sj.decode))  # mmkd's before TRANSFORM_VERSION 3
     if tj is not None:
         cands["turbojpeg"] = scaled(tj)
     out: dict[str, Any] = {"photos": len(photos), "rounds": rounds, "turbojpeg_unavailable": tj_why or None,
@@ -248,8 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     decoders = compare_decoders(photos, args.rounds)
     train = decoders["views"]["train224"]
-    adopted = {k: v for k, v in train.items()
-               if v["within_tolerance"] and k not in ("simplejpeg-noscale", "simplejpeg-every-n8")}
+    adopted = {k: v for k, v in train.items() if v["within_tolerance"] and k != "simplejpeg-noscale"}
     fastest = max(adopted, key=lambda k: adopted[k]["images_per_s"])
     chosen = jpeg_decoder().name
     print(f"fastest within tolerance at train224: {fastest}; mmkd decodes with: {chosen}", flush=True)

@@ -198,19 +198,6 @@ def test_scaling_never_shrinks_the_crop_below_the_output_size(decoder: str) -> N
         assert scaled[2] <= img.size[0] + 1e-9 and scaled[3] <= img.size[1] + 1e-9
 
 
-def test_simplejpeg_skips_the_slow_5_to_7_eighths_factors() -> None:
-    """libjpeg-turbo's 5/8..7/8 inverse DCTs are slower than a full decode: a crop that 1/2 would shrink below the
-    output is decoded whole (before: at 5/8)."""
-    pytest.importorskip("simplejpeg")
-    data = encoded(photo(640, 480, seed=1), quality=80)
-    dec = jpeg_decoder("simplejpeg")
-    assert dec.factors == (1 / 8, 1 / 4, 3 / 8, 1 / 2, 1.0)
-    img, box = decode_rgb(data, (0.0, 0.0, 400.0, 400.0), 224, dec)  # 1/2: 200 px < 224; 5/8 would give 250
-    assert img.size == (640, 480) and box == (0.0, 0.0, 400.0, 400.0)
-    img, box = decode_rgb(data, (0.0, 0.0, 480.0, 480.0), 224, dec)  # 1/2 keeps 240 px ≥ 224
-    assert img.size == (320, 240) and box == (0.0, 0.0, 240.0, 240.0)
-
-
 # ------------------------------------------------------------------------------------------- teacher caches
 
 
@@ -222,11 +209,11 @@ def test_cache_built_by_the_previous_transform_version_is_refused(minilm_path: s
     from mmkd.teacher.cache import CachedTeacher, CacheExpectation, CacheFingerprintError, build_cache
     from mmkd.teacher.cache import build as cache_build
 
-    assert transforms.TRANSFORM_VERSION == 3  # 3: simplejpeg's slow 5/8..7/8 factors dropped (mmkd.data.decode)
+    assert transforms.TRANSFORM_VERSION == 2  # 2: JPEGs decoded with DCT scaling (mmkd.data.decode)
     recs = [Record(f"s{i}", SYNTHETIC["jpeg"](), (f"a photo {i}",)) for i in range(4)]
-    monkeypatch.setattr(cache_build, "TRANSFORM_VERSION", 2)  # as the mmkd decoding at every n/8 wrote it
+    monkeypatch.setattr(cache_build, "TRANSFORM_VERSION", 1)  # as the mmkd before DCT-scaled decoding wrote it
     build_cache(tiny_dual_encoder(minilm_path), recs, tmp_path / "c", views=2, dtype="float32", chunk_rows=4,
                 batch_size=4, precision="fp32")
     with pytest.raises(CacheFingerprintError, match="transform.version: the cache's views come from transform "
-                                                    "version 2, this mmkd makes version 3"):
+                                                    "version 1, this mmkd makes version 2"):
         CachedTeacher.open(tmp_path / "c").check(CacheExpectation())

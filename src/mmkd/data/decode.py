@@ -5,11 +5,10 @@ DCT (by n/8, n = 1..8), so a 224-px crop of a 640-px photo need not be decoded a
 bicubic resize then starts from fewer pixels. The factor is the smallest that keeps the view's crop box at least
 as large as the output on both sides, so a view never loses resolution it would have had.
 
-Decoders (a registry, fastest first): ``simplejpeg`` (libjpeg-turbo; the n/8 factors up to 1/2, see
-``SIMPLEJPEG_FACTORS``) and ``pil`` (PIL's ``draft``, which offers only 1/2, 1/4 and 1/8). Which one runs is the
-caller's choice or the first importable one; the pixels of a view depend on it only through the factor (measured on
-coco-mini: identical at the factors both offer). Anything that is not a plain YCbCr/grayscale JPEG (PNG, WebP, CMYK
-JPEG, …) is PIL's, at full size.
+Decoders (a registry, fastest first): ``simplejpeg`` (libjpeg-turbo, every n/8 factor) and ``pil`` (PIL's
+``draft``, which offers only 1/2, 1/4 and 1/8). Which one runs is the caller's choice or the first importable one;
+the pixels of a view depend on it only through the factor (measured on coco-mini: identical at the factors both
+offer). Anything that is not a plain YCbCr/grayscale JPEG (PNG, WebP, CMYK JPEG, …) is PIL's, at full size.
 ``bench/loader_throughput.py`` holds the side-by-side measurements that chose this.
 """
 
@@ -57,13 +56,6 @@ DECODERS: Registry[Callable[[], JpegDecoder | None]] = Registry("JPEG decoder")
 PREFERENCE = ("simplejpeg", "pil")  # fastest first, by bench/results/loader_throughput.json
 
 
-# libjpeg-turbo's scaled inverse DCTs for 5/8, 6/8 and 7/8 have no SIMD code: on coco-mini's ~640-px photos they
-# decode 1.5-2.4x slower than a full-size decode (3.6-5.9 ms vs 2.5 ms per photo; 1/8..1/2 take 2.3-2.5 ms). So a
-# crop that 1/2 would shrink below the output is decoded whole and the bicubic resize does the rest: faster (+10%
-# per 224-px training view) and closer to PIL's full-size views (mean difference 0.4 instead of 1.3 levels).
-SIMPLEJPEG_FACTORS = (1 / 8, 2 / 8, 3 / 8, 4 / 8, 1.0)
-
-
 def _import(module: str) -> object | None:
     try:
         return importlib.import_module(module)
@@ -86,7 +78,7 @@ def _simplejpeg() -> JpegDecoder | None:
             raise ValueError(f"decoded {arr.shape[1]}×{arr.shape[0]}, not the {ow}×{oh} asked for")
         return Image.fromarray(arr)
 
-    return JpegDecoder("simplejpeg", SIMPLEJPEG_FACTORS, decode)
+    return JpegDecoder("simplejpeg", tuple(n / 8 for n in range(1, 9)), decode)
 
 
 @DECODERS.register("pil")

@@ -27,9 +27,7 @@ ImageLike = Image.Image | np.ndarray
 # teacher caches built by an older version are refused instead of silently mismatching the student's views.
 # 2: JPEGs are decoded with DCT-domain downscaling to the smallest n/8 factor that keeps the crop box at least
 #    the output size (mmkd.data.decode), before the same bicubic resize.
-# 3: simplejpeg no longer decodes at 5/8, 6/8 or 7/8 (slower than a full decode: mmkd.data.decode.SIMPLEJPEG_FACTORS);
-#    crops that needed them are decoded at full size, so their views change (towards PIL's full-size ones).
-TRANSFORM_VERSION = 3
+TRANSFORM_VERSION = 2
 AUGMENTATION_FIELDS = ("scale", "ratio", "hflip")
 
 
