@@ -218,6 +218,8 @@ def _join(parts: list[tuple[ImageBank, torch.Tensor]]) -> torch.Tensor:
     """The banks' pixels in one tensor: uint8 when every part is uint8 and normalised alike (the first bank's
     `normalize` finishes it), else each part normalised by its own bank here."""
     first = parts[0][0]
+    if len(parts) == 1:
+        return parts[0][1]
     if all(p.dtype == torch.uint8 and first.same_normalization(b) for b, p in parts):
         return torch.cat([p for _, p in parts])
     return torch.cat([b.normalize(p) for b, p in parts])

@@ -196,12 +196,10 @@ class ImageTransform:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, H, W] (on any device) → float32 (x/255 - mean)/std, computed exactly as `__call__`
         computes it (x * scale, then + offset, both in float32), so the floats are the same bits either way."""
-        scale = torch.from_numpy(self._scale).to(pixels.device)
-        offset = torch.from_numpy(self._offset).to(pixels.device)
         out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
-        torch.mul(pixels, scale, out=out)
-        out += offset
-        return out
+        out.copy_(pixels)  # exact: every uint8 is a float32; in place, twice as fast as a mixed-dtype multiply
+        out.mul_(torch.from_numpy(self._scale).to(pixels.device))
+        return out.add_(torch.from_numpy(self._offset).to(pixels.device))
 
 
 def augmentation_settings(cfg: TransformConfig) -> dict[str, object]:
