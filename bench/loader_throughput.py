@@ -13,11 +13,13 @@ only within ``mmkd.data.decode``'s tolerance. ``decoder_over_pil``: mmkd's decod
 ``pil`` at the 224-px training view (target ≥ 1.5 per core).
 
 Part 2, loader: the photos repeated ``--repeat`` times into WebDataset shards in a temporary folder; images/s of a
-bare single-process loop (PIL decode, crop-resize, normalise to a tensor) vs ``mmkd_loader`` at 0, 1 and 2 workers
-with mmkd's decoder, 224-px training views in batches of ``--batch``. Steady state: counted from the first batch
-(time to first batch, which includes reading the shards, reported apart). ``loader_w2_over_bare``: target ≥ 1.7 on
-2 cores. Rounds alternate the configurations; each figure is the best round (the machine may be shared: load
-averages are recorded).
+bare single-process loop (PIL decode, crop-resize, normalise to a tensor) vs mmkd's own streaming loader (what
+``mmkd distill`` runs on ``wds:`` shards: ``mmkd.data.loader`` over the shards' index, see ``mmkd_loader``) at 0, 1
+and 2 workers with mmkd's decoder, 224-px training views in batches of ``--batch``, one epoch each. Steady
+state: counted from the first batch (time to first batch, which includes reading the shards or starting the
+workers, reported apart; the index build, once, too). ``loader_w2_over_bare``: target ≥ 1.7 on 2 cores. Rounds
+alternate the configurations; each figure is the best round (the machine may be shared: load averages are
+recorded).
 
 Usage: python bench/loader_throughput.py [--data ../shared/data/coco-mini] [--repeat 4] [--shards 4] [--batch 64]
                                          [--rounds 3] [--work DIR] [--note TEXT] [--json PATH]
@@ -34,7 +36,7 @@ import os
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
+from mmkd.data.batches import ImageBank, TrainData
 from mmkd.data.decode import (
     TOLERANCE_MEAN_ABS,
     TOLERANCE_PSNR_DB,
@@ -52,12 +54,10 @@ from mmkd.data.decode import (
     jpeg_decoder,
     view_difference,
 )
-from mmkd.data.records import Record, open_encoded
+from mmkd.data.records import Record
+from mmkd.data.resolve import records_from_spec
 from mmkd.data.sources import read_records
 from mmkd.data.transforms import (
-    ImageTransform,
-    TransformConfig,
-    apply_view,
     center_box,
     crop_resize,
     random_resized_crop_box,
@@ -69,6 +69,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 SEED = 0
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 SCALE, RATIO = (0.6, 1.0), (3 / 4, 4 / 3)  # TransformConfig's defaults
+ONLINE_VIEWS = 1 << 30  # mmkd.pipeline's views with an online teacher: every drawn view a fresh training crop
 VIEWS = {"train224": (224, True), "eval224": (224, False), "train32": (32, True), "eval32": (32, False)}
 
 
@@ -164,33 +165,15 @@ def write_shards(photos: list[tuple[str, bytes]], repeat: int, shards: int, fold
     return f"wds:{folder}"
 
 
-class TrainViews(Dataset):
-    """Sample i → mmkd's 224-px training view 1 of record i, decoded as ``ImageBank.pixels`` decodes it."""
-
-    def __init__(self, records: list[Record], size: int, decoder: str | None) -> None:
-        self.records, self.decoder = records, decoder
-        cfg = dict(image_size=size, mean=MEAN, std=STD)
-        self.eval_tf = ImageTransform(TransformConfig(**cfg))
-        self.train_tf = ImageTransform(TransformConfig(**cfg, train=True))
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        rec = self.records[i]
-        return apply_view(self.train_tf, self.eval_tf, open_encoded(rec, self.decoder), SEED, rec.key, 1)
-
-
-def mmkd_loader(shards: str, workers: int, decoder: str | None, batch: int,
-                size: int = 224) -> Iterator[torch.Tensor]:
-    """mmkd's loader for this benchmark: batches of training views of the samples in ``shards`` (a source spec),
-    decoded in ``workers`` DataLoader workers (today: the shards read into memory, then a map-style Dataset).
-
-    One function on purpose: when mmkd's streaming loader lands, this is the one place to switch to it.
-    """
-    loader = DataLoader(TrainViews(read_records(shards), size, decoder), batch_size=batch, num_workers=workers,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
-    yield from loader
+def mmkd_loader(shards: Sequence[Record], workers: int, batch: int, size: int = 224) -> Iterator[torch.Tensor]:
+    """What ``mmkd distill`` runs on ``wds:`` shards with augmentation and an online teacher: the streaming data
+    plane (`TrainData` over the shards' index, shard-window shuffle, ``views`` = any: every view a fresh 224-px
+    training crop), batches decoded by ``workers`` DataLoader workers (uint8 to this process, normalised here),
+    one epoch. The decoder is mmkd's default (the fastest installed, `mmkd.data.decode.jpeg_decoder`)."""
+    bank = ImageBank(shards, size, MEAN, STD, augment=True, seed=SEED)
+    data = TrainData(bank, None, batch, 0, world=1, seed=SEED, views=ONLINE_VIEWS)
+    for b in data.batches(0, data.plan.per_epoch, workers=workers):
+        yield b.pixel_values
 
 
 def bare_loop(shards: str, batch: int, size: int = 224) -> Iterator[torch.Tensor]:
@@ -219,10 +202,13 @@ def time_batches(batches: Iterator[torch.Tensor]) -> dict[str, float]:
     return {"first_batch_s": t1 - t0, "images": n + len(first), "images_per_s": n / (t2 - t1) if n else 0.0}
 
 
-def compare_loaders(shards: str, batch: int, rounds: int, decoder: str) -> dict[str, Any]:
+def compare_loaders(shards: str, batch: int, rounds: int, decoder: str, cache: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    sharded = records_from_spec(shards, cache, stream=True)  # the O(shards) index, as `mmkd distill` opens it
+    index_s = time.perf_counter() - t0
     configs: dict[str, Callable[[], Iterator[torch.Tensor]]] = {"bare": lambda: bare_loop(shards, batch)}
     for w in (0, 1, 2):
-        configs[f"mmkd_w{w}"] = lambda w=w: mmkd_loader(shards, w, decoder, batch)
+        configs[f"mmkd_w{w}"] = lambda w=w: mmkd_loader(sharded, w, batch)
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in configs}
     torch.set_num_threads(1)
     for r in range(rounds):
@@ -232,7 +218,8 @@ def compare_loaders(shards: str, batch: int, rounds: int, decoder: str) -> dict[
             print(f"round {r} {name:8s} {x['images_per_s']:7.1f} images/s (first batch {x['first_batch_s']:.2f} s)",
                   flush=True)
     best = {k: max(v, key=lambda x: x["images_per_s"]) for k, v in runs.items()}
-    return {"samples": runs["bare"][0]["images"], "batch": batch, "decoder": decoder, "best": best, "rounds": runs}
+    return {"samples": runs["bare"][0]["images"], "batch": batch, "decoder": decoder, "index_build_s": index_s,
+            "best": best, "rounds": runs}
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -266,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tmp.name) if tmp is not None else args.work
     try:
         spec = write_shards(photos, args.repeat, args.shards, work / "shards")
-        loaders = compare_loaders(spec, args.batch, args.rounds, chosen)
+        loaders = compare_loaders(spec, args.batch, args.rounds, chosen, work / "cache")
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -359,3 +359,45 @@ def test_sigkill_mid_epoch_on_shards_then_resume_sees_the_uninterrupted_batches(
     mmkd_ok("distill", str(config(out)), "--resume")
     assert_same_weights(out / "student", tmp_path / "ref" / "student")
     assert losses(out) == losses(tmp_path / "ref")
+
+
+def test_workers_send_uint8_pixels_normalised_in_the_training_process(tmp_path: Path) -> None:
+    """A worker's item is the raw batch (uint8: a quarter of float32's bytes between processes); the batch the
+    loader yields is its normalisation, equal to `TrainData.batch`'s floats."""
+    from mmkd.data.loader import StepDataset
+
+    data = train_data(open_shards(write_shards(tmp_path / "d", shards=2, per=6), tmp_path / "cache"))
+    raw = StepDataset(data, 0)[1]
+    assert isinstance(raw, TrainBatch) and raw.pixel_values.dtype == torch.uint8
+    assert raw.pixel_values.is_contiguous() and raw.pixel_values.shape == (6, 3, 16, 16)
+    (got,) = list(data.batches(1, 2, workers=1))
+    assert got.pixel_values.dtype == torch.float32
+    assert torch.equal(got.pixel_values, data.batch(1).pixel_values)
+    assert torch.equal(got.pixel_values, data.paired.pixels_of([data.paired.records[int(i)] for i in raw.paired_idx],
+                                                               raw.views))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_loader_worker_dies_with_a_sigkilled_training_process() -> None:
+    """A forked worker shares the run folder's lock (a flock belongs to the open file): it must not outlive a
+    SIGKILLed training process, or a ``--resume`` started at once finds the folder locked (DataLoader's own
+    watchdog notices a dead parent only seconds later)."""
+    script = ("import os, time\nfrom mmkd.data.loader import _die_with\nparent = os.getpid()\npid = os.fork()\n"
+              "if pid == 0:\n    _die_with(parent)\n    time.sleep(300)\n    os._exit(0)\n"
+              "print(pid, flush=True)\ntime.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+
+    def alive() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.monotonic() + 60  # without the death signal the worker sleeps 300 s
+    while alive():
+        assert time.monotonic() < deadline, "the worker outlived its training process"
+        time.sleep(0.05)

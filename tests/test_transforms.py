@@ -132,3 +132,15 @@ def test_config_validation() -> None:
         TransformConfig(16, MEAN, (1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="view"):
         view_rng(0, "k", -1)
+
+
+def test_normalize_of_uint8_views_is_the_same_bits_as_the_per_image_path() -> None:
+    """Workers ship uint8 views and the training process normalises them (`ImageTransform.normalize`): the floats
+    must equal `__call__`'s exactly, for every level in every channel, so moving the arithmetic changes nothing."""
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    tf = ImageTransform(TransformConfig(16, mean, std))
+    levels = np.tile(np.arange(256, dtype=np.uint8), (3, 1)).T.reshape(16, 16, 3)
+    chw = torch.from_numpy(np.ascontiguousarray(levels.transpose(2, 0, 1)))
+    assert torch.equal(tf.normalize(chw), tf(levels))
+    assert torch.equal(tf.normalize(chw[None].expand(2, -1, -1, -1))[1], tf(levels))
+    assert tf.view(levels).dtype == np.uint8

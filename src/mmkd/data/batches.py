@@ -8,7 +8,7 @@ the view whose embedding it stored.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from mmkd.config import ConfigError
 from mmkd.data.plan import DEFAULT_WINDOW, ShardPlan
 from mmkd.data.plan import rng_of as _rng
 from mmkd.data.records import DataError, Record, open_encoded
-from mmkd.data.transforms import ImageTransform, TransformConfig, apply_view
+from mmkd.data.transforms import ImageTransform, TransformConfig, apply_view_pixels
 
 
 def in_memory(records: Sequence[Record]) -> bool:
@@ -67,14 +67,23 @@ class ImageBank:
 
     def pixels_of(self, records: Sequence[Record], views: Sequence[int]) -> torch.Tensor:
         """Pixel batch for records already read (of this bank or not) at ``views``."""
-        out = []
-        for rec, v in zip(records, views):
+        return self.normalize(self.raw_pixels_of(records, views))
+
+    def raw_pixels_of(self, records: Sequence[Record], views: Sequence[int]) -> torch.Tensor:
+        """`pixels_of` before normalisation: uint8 [B, 3, H, W], written straight into one buffer."""
+        size = self.eval_tf.cfg.image_size
+        out = np.empty((len(records), 3, size, size), dtype=np.uint8)
+        for i, (rec, v) in enumerate(zip(records, views)):
             img = rec.image if isinstance(rec.image, np.ndarray) else open_encoded(rec)
-            out.append(apply_view(self.train_tf, self.eval_tf, img, self.seed, rec.key, v))
-        if not out:
-            size = self.eval_tf.cfg.image_size
-            return torch.zeros(0, 3, size, size)
-        return torch.stack(out)
+            out[i] = apply_view_pixels(self.train_tf, self.eval_tf, img, self.seed, rec.key, v).transpose(2, 0, 1)
+        return torch.from_numpy(out)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels of this bank's views → the model's normalised float32 ones (float pixels pass as they are)."""
+        return self.eval_tf.normalize(pixels) if pixels.dtype == torch.uint8 else pixels
+
+    def same_normalization(self, other: ImageBank) -> bool:
+        return self.eval_tf.cfg.mean == other.eval_tf.cfg.mean and self.eval_tf.cfg.std == other.eval_tf.cfg.std
 
 
 @dataclass
@@ -88,6 +97,11 @@ class TrainBatch:
     unpaired_idx: np.ndarray
     teacher_pixels: torch.Tensor | None = None  # the same samples and views at the online teacher's resolution
     targets: dict[str, Any] | None = None  # teacher targets looked up where the batch was built (`TrainData.lookup`)
+
+    def pin_memory(self) -> TrainBatch:
+        """DataLoader's ``pin_memory`` hook: the pixels in page-locked memory, for non-blocking copies to a GPU."""
+        return replace(self, pixel_values=self.pixel_values.pin_memory(),
+                       teacher_pixels=None if self.teacher_pixels is None else self.teacher_pixels.pin_memory())
 
 
 class BatchPlan(ShardPlan):
@@ -135,6 +149,25 @@ class TrainData:
     def batch(self, step: int, rank: int = 0) -> TrainBatch:
         """Rank ``rank``'s slice of global batch ``step``: captions and views are drawn for the whole global
         batch first, so N processes see exactly what 1 process sees."""
+        return self.normalized(self.raw_batch(step, rank))
+
+    def normalized(self, batch: TrainBatch, device: torch.device | None = None) -> TrainBatch:
+        """A `raw_batch` made the model's input: its uint8 pixels moved to ``device`` (non-blocking from pinned
+        memory) and normalised there, so a GPU receives a quarter of the bytes and does the arithmetic."""
+        def finish(pix: torch.Tensor | None, bank: ImageBank | None) -> torch.Tensor | None:
+            if pix is None or bank is None:
+                return pix
+            if device is not None and pix.device != device:
+                pix = pix.to(device, non_blocking=pix.is_pinned())
+            return bank.normalize(pix)
+
+        return replace(batch, pixel_values=finish(batch.pixel_values, self.paired),
+                       teacher_pixels=finish(batch.teacher_pixels, self.teacher_banks[0] if self.teacher_banks
+                                             else None))
+
+    def raw_batch(self, step: int, rank: int = 0) -> TrainBatch:
+        """`batch` with decoded pixels left uint8 (what a DataLoader worker builds and sends): `normalized`
+        turns it into `batch`'s floats, bit for bit."""
         rng = _rng(self.seed, "choice", step)
         gidx = self.plan.indices(step)
         local = len(gidx) // self.world
@@ -150,8 +183,9 @@ class TrainData:
             if not r.captions:
                 raise DataError(f"{r.origin or r.key}: a paired training sample has no caption")
             captions.append(r.captions[int(u * len(r.captions))])
-        pix = [_pixels(self.paired, idx, recs, views)]
-        tpix = [_pixels(self.teacher_banks[0], idx, recs, views)] if self.teacher_banks is not None else []
+        pix = [(self.paired, _pixels(self.paired, idx, recs, views))]
+        tpix = ([(self.teacher_banks[0], _pixels(self.teacher_banks[0], idx, recs, views))]
+                if self.teacher_banks is not None else [])
         keys = [r.key for r in recs]
         uidx = np.zeros(0, dtype=np.int64)
         if self.uplan is not None and self.unpaired is not None:
@@ -162,25 +196,39 @@ class TrainData:
             usl = slice(rank * ulocal, (rank + 1) * ulocal)
             uidx, uviews = guidx[usl], [int(v) for v in guviews[usl]]
             urecs = [self.unpaired.records[int(i)] for i in uidx]
-            pix.append(_pixels(self.unpaired, uidx, urecs, uviews))
+            pix.append((self.unpaired, _pixels(self.unpaired, uidx, urecs, uviews)))
             if self.teacher_banks is not None and self.teacher_banks[1] is not None:
-                tpix.append(_pixels(self.teacher_banks[1], uidx, urecs, uviews))
+                tpix.append((self.teacher_banks[1], _pixels(self.teacher_banks[1], uidx, urecs, uviews)))
             keys += [r.key for r in urecs]
             views += uviews
-        batch = TrainBatch(torch.cat(pix), keys, views, captions, len(idx), idx, uidx,
-                           torch.cat(tpix) if tpix else None)
-        if self.lookup is not None:
+        batch = TrainBatch(_join(pix), keys, views, captions, len(idx), idx, uidx, _join(tpix) if tpix else None)
+        if self.lookup is not None:  # in the worker that built the batch: keys, views and captions, no pixels
             batch.targets = self.lookup(batch)
         return batch
 
-    def batches(self, start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2
-                ) -> Iterator[TrainBatch]:
-        """Batches ``start..stop-1`` of this rank, decoded by ``workers`` DataLoader processes (0: in this one)."""
+    def batches(self, start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2,
+                device: torch.device | None = None) -> Iterator[TrainBatch]:
+        """Batches ``start..stop-1`` of this rank, decoded by ``workers`` DataLoader processes (0: in this one),
+        their pixels normalised on ``device`` (default: the CPU)."""
         from mmkd.data.loader import iterate_batches
 
-        return iterate_batches(self, start, stop, rank, workers, prefetch)
+        return iterate_batches(self, start, stop, rank, workers, prefetch, device)
 
 
 def _pixels(bank: ImageBank, idx: np.ndarray, recs: list[Record], views: list[int]) -> torch.Tensor:
-    """A bank's pixels of records already read; banks held in memory keep their stacked fast path."""
-    return bank.pixels(idx, views) if in_memory(bank.records) else bank.pixels_of(recs, views)
+    """A bank's pixels of records already read: uint8 where decoded; banks of model-sized arrays held in memory
+    keep their stacked (float) fast path."""
+    if bank._stack is not None and not any(views):
+        return bank.pixels(idx, views)
+    return bank.raw_pixels_of(recs, views)
+
+
+def _join(parts: list[tuple[ImageBank, torch.Tensor]]) -> torch.Tensor:
+    """The banks' pixels in one tensor: uint8 when every part is uint8 and normalised alike (the first bank's
+    `normalize` finishes it), else each part normalised by its own bank here."""
+    first = parts[0][0]
+    if len(parts) == 1:
+        return parts[0][1]
+    if all(p.dtype == torch.uint8 and first.same_normalization(b) for b, p in parts):
+        return torch.cat([p for _, p in parts])
+    return torch.cat([b.normalize(p) for b, p in parts])

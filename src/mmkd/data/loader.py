@@ -10,9 +10,13 @@ only the data's O(shards) index, their open shard files and the batches in fligh
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,7 +44,7 @@ class StepDataset(Dataset):
 
     def __getitem__(self, step: int) -> TrainBatch | Failure:
         try:
-            return self.data.batch(int(step), self.rank)
+            return self.data.raw_batch(int(step), self.rank)  # uint8 pixels: `_finished` normalises them
         except MmkdError as e:  # sent back whole: DataLoader would re-raise it with a worker traceback inside
             return Failure(e)
 
@@ -66,30 +70,54 @@ class StepSampler(Sampler[int]):
         return max(0, self.stop - self.start)
 
 
-def _one_thread(_: int) -> None:
+def _worker_init(parent: int, _: int) -> None:
     torch.set_num_threads(1)  # workers decode with PIL; torch threads in each would oversubscribe the cores
+    _die_with(parent)
 
 
-def iterate_batches(data: TrainData, start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2
-                    ) -> Iterator[TrainBatch]:
-    """This rank's batches of steps ``start..stop-1``; ``workers`` > 0 decodes them in that many processes."""
+def _die_with(parent: int) -> None:
+    """Linux: the kernel SIGKILLs this worker when the training process dies. A forked worker shares the training
+    process's open files, its run folder's lock among them (a flock belongs to the open file, not the process):
+    outliving a SIGKILLed run by the seconds DataLoader takes to notice, it would make a ``--resume`` started at
+    once find the folder locked."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def iterate_batches(data: TrainData, start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2,
+                    device: torch.device | None = None) -> Iterator[TrainBatch]:
+    """This rank's batches of steps ``start..stop-1``; ``workers`` > 0 decodes them in that many processes.
+
+    Transport: workers send uint8 pixels (a quarter of float32's bytes through shared memory), pinned in the
+    training process when ``device`` is a GPU; they are normalised on ``device`` (default: where they are) as
+    each batch is taken. ``prefetch`` batches per worker are decoded ahead: an item is a whole batch, so 2 already
+    keeps 2 × workers batches in flight, enough to ride out a slow batch without holding many in memory."""
     if workers < 0:
         raise ValueError(f"data.workers must be >= 0, got {workers}")
     loader = DataLoader(StepDataset(data, rank), batch_size=None, sampler=StepSampler(start, stop),
-                        num_workers=workers, collate_fn=_identity, worker_init_fn=_one_thread if workers else None,
+                        num_workers=workers, collate_fn=_identity,
+                        worker_init_fn=partial(_worker_init, os.getpid()) if workers else None,
                         prefetch_factor=prefetch if workers else None, persistent_workers=False,
                         multiprocessing_context="fork" if workers else None,
                         # its own generator: DataLoader draws a worker base seed at every iterator, which from the
                         # global RNG would shift the training's dropout draws by one after a resume
-                        generator=torch.Generator().manual_seed(0))
-    return _raising(iter(loader))
+                        generator=torch.Generator().manual_seed(0),
+                        pin_memory=device is not None and device.type == "cuda")
+    return _finished(iter(loader), data, device)
 
 
-def _raising(batches: Iterator[TrainBatch | Failure]) -> Iterator[TrainBatch]:
+def _finished(batches: Iterator[TrainBatch | Failure], data: TrainData, device: torch.device | None
+              ) -> Iterator[TrainBatch]:
     for b in batches:
         if isinstance(b, Failure):
             raise b.error
-        yield b
+        yield data.normalized(b, device)
 
 
 def _identity(batch: TrainBatch | Failure) -> TrainBatch | Failure:

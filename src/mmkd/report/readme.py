@@ -213,8 +213,10 @@ def bench_loader_section(root: Path) -> str:
              f"`loader_w2_over_bare` = {r['loader_w2_over_bare']:.2f} (target ≥ {r['targets']['loader_w2_over_bare']})."
              f" From `bench/results/loader_throughput.json`: images/s, best of {dec['rounds']} alternating rounds, "
              f"decoders over the {dec['photos']} coco-mini photos in one thread (decode + crop-resize), the loader "
-             f"over {loader['samples']} samples in WebDataset shards (batches of {loader['batch']}, decode, crop, "
-             f"normalise, collate). Tolerance: every view within {tol['worst_psnr_db']:.0f} dB PSNR of PIL's, mean "
+             f"over {loader['samples']} samples in WebDataset shards (batches of {loader['batch']}; mmkd's rows are "
+             "its streaming loader as `mmkd distill` runs it: shard index, shuffle plan, workers sending uint8 "
+             "batches normalised in the training process). "
+             f"Tolerance: every view within {tol['worst_psnr_db']:.0f} dB PSNR of PIL's, mean "
              f"absolute difference ≤ {tol['mean_abs']:.0f} levels.{tj} Machine: {mach['cpu_count']} cores, load "
              f"average {mach['loadavg_before'][0]:.1f} before and {mach['loadavg_after'][0]:.1f} after"
              + (f"; {mach['note']}" if mach.get("note") else "") + "."]

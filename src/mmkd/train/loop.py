@@ -252,7 +252,8 @@ def train(
             ckpts.save(done, state)
 
     n_workers = workers if workers is not None else default_workers(data.streaming)
-    batches = data.batches(start * cfg.accumulate, cfg.steps * cfg.accumulate, dist_info.rank, n_workers)
+    batches = data.batches(start * cfg.accumulate, cfg.steps * cfg.accumulate, dist_info.rank, n_workers,
+                           device=device)  # pixels arrive uint8, are normalised on the device
     for step in range(start, cfg.steps):
         step_terms: dict[str, float] = {}
         for micro in range(cfg.accumulate):
