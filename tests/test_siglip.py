@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import write_run_config
-
 WIDTH = 32
 
 
