@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import write_run_config
 
 WIDTH = 32
 
@@ -23,7 +24,8 @@ def tiny_siglip(tok: Any, *, layers: int = 2, image_size: int = 32, seed: int = 
               "num_attention_heads": 4}
     cfg = SiglipConfig(
         text_config={**common, "vocab_size": len(tok), "max_position_embeddings": 16, "projection_size": WIDTH,
-                     "pad_token_id": tok.pad_token_id},
+                     "pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id,
+                     "eos_token_id": tok.sep_token_id},
         vision_config={**common, "image_size": image_size, "patch_size": 8})
     torch.manual_seed(seed)
     model = SiglipModel(cfg).eval()
@@ -142,3 +144,45 @@ def test_siglip_with_a_foreign_tokenizer_is_refused(siglip_dir: Path, tmp_path: 
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="tokenizer has 30522 tokens but the text tower's vocabulary is 1000"):
         load_dual_encoder(folder)
+
+
+@pytest.mark.slow
+def test_distil_a_siglip_teacher_into_a_siglip_student(siglip_dir: Path, tmp_path: Path,
+                                                       tiny_teacher_dir: Path) -> None:
+    """mmkd distill shrinks the SigLIP teacher, trains with its sigmoid probabilities (its bias), saves a student
+    SiglipModel loads with the same embeddings, and mmkd eval zeroshot reports its sigmoid probabilities."""
+    from tiny_runs import mmkd, mmkd_ok
+    from transformers import SiglipModel
+
+    from mmkd.models.hub import load_dual_encoder
+
+    cfg = write_run_config(tmp_path, siglip_dir, objectives="[{name: siglip, params: {targets: teacher}}, "
+                           "{name: fd_mse_cosine}]")
+    shrink_text = "  text: {source: teacher}\n"
+    assert shrink_text in cfg.read_text()
+    cfg.write_text(cfg.read_text().replace(shrink_text, "  text: {source: teacher, keep_layers: [0]}\n"))
+    mmkd_ok("distill", str(cfg))
+    folder = tmp_path / "run" / "student"
+    student = load_dual_encoder(folder)
+    assert student.vision_model.config.num_hidden_layers == 1 and student.text_model.config.num_hidden_layers == 1
+    hf = SiglipModel.from_pretrained(str(folder)).eval()
+    pixels, tok = _inputs(student)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.get_image_features(pixel_values=pixels).pooler_output,
+                                   student.encode_image(pixels), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf.get_text_features(**tok).pooler_output,
+                                   student.encode_text(tok["input_ids"], tok["attention_mask"]), atol=1e-5, rtol=0)
+    bias = float(hf.logit_bias.detach())
+    assert bias == pytest.approx(float(student.logit_bias.detach()))
+    assert bias != -12.5  # trained: the bias is the student's, started from the teacher's
+    assert float(hf.logit_scale.detach().exp()) > 100  # SigLIP's scale is not capped at CLIP's 100
+
+    done = mmkd_ok("eval", "zeroshot", "--model", str(folder), "--data", "world:test", "--world-n", "24",
+                   "--cache", str(tmp_path / "cache"), "--sigmoid")
+    got = json.loads(done.stdout)["zeroshot"]
+    assert 0 <= got["top1"] <= 1 and 0 < got["sigmoid"]["p_true_class"] < 1
+    assert got["sigmoid"]["p_top1"] >= got["sigmoid"]["p_true_class"]
+    # a model without a learnt bias: the option is refused in one line, no traceback
+    refused = mmkd("eval", "zeroshot", "--model", str(tiny_teacher_dir), "--data", "world:test", "--world-n", "24",
+                   "--cache", str(tmp_path / "cache"), "--sigmoid")
+    assert refused.returncode == 2 and "learnt logit bias" in refused.stderr and "Traceback" not in refused.stderr

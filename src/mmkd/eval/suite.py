@@ -40,7 +40,7 @@ def world_labels(records: Sequence[Record], class_set: str) -> list[int]:
 
 
 def zeroshot(model: Any, records: Sequence[Record], classnames: list[str], templates: list[str],
-             labels: Sequence[int] | None = None) -> dict[str, float]:
+             labels: Sequence[int] | None = None, sigmoid: bool = False) -> dict[str, Any]:
     labels = labels if labels is not None else [r.label for r in records]  # type: ignore[misc]
     for r, lab in zip(records, labels):
         if lab is None:
@@ -49,7 +49,7 @@ def zeroshot(model: Any, records: Sequence[Record], classnames: list[str], templ
             raise DataError(f"{r.origin or r.key}: label {lab} is out of range: the data has {len(classnames)} "
                             f"classes (labels 0..{len(classnames) - 1}); fix the label or the class list "
                             "(e.g. classes.txt beside WebDataset shards)")
-    return evaluate_zeroshot(model, pixel_batches(model, records, labels), classnames, templates)
+    return evaluate_zeroshot(model, pixel_batches(model, records, labels), classnames, templates, sigmoid=sigmoid)
 
 
 def retrieval(model: Any, records: Sequence[Record]) -> dict[str, float]:

@@ -103,7 +103,7 @@ def _zeroshot(spec: EvalSpec, ctx: EvalContext) -> dict[str, Any]:
     for name, model in ctx.models.items():
         ctx.log(f"zero-shot {spec.name} ({len(records)} images, {len(names)} classes, {len(templates)} "
                 f"templates): {name}")
-        out[name] = zeroshot(model, records, names, templates, labels)
+        out[name] = zeroshot(model, records, names, templates, labels, sigmoid=spec.sigmoid)
     return out
 
 
