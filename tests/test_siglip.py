@@ -65,7 +65,7 @@ def test_siglip_folder_loads_with_transformers_embeddings(siglip_dir: Path) -> N
     assert isinstance(model, SiglipDualEncoder)
     assert model.meta.image_mean == (0.4, 0.5, 0.6) and model.meta.image_std == (0.2, 0.3, 0.4)
     assert model.image_size == 32 and model.meta.max_text_length == 16
-    assert float(model.logit_scale.detach().exp()) == pytest.approx(117.0) and float(model.logit_bias) == -12.5
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(117.0) and float(model.logit_bias.detach()) == -12.5
     pixels, tok = _inputs(model)
     assert tok["input_ids"].shape[1] == 16  # padded to the full length: the text head pools the last position
     hf = SiglipModel.from_pretrained(str(siglip_dir)).eval()
