@@ -186,3 +186,27 @@ def test_distil_a_siglip_teacher_into_a_siglip_student(siglip_dir: Path, tmp_pat
     refused = mmkd("eval", "zeroshot", "--model", str(tiny_teacher_dir), "--data", "world:test", "--world-n", "24",
                    "--cache", str(tmp_path / "cache"), "--sigmoid")
     assert refused.returncode == 2 and "learnt logit bias" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_siglip_teacher_cache_carries_the_bias(siglip_dir: Path, tmp_path: Path) -> None:
+    """mmkd cache stores a SigLIP teacher's bias; distilling from the cache with targets: teacher runs (it would
+    be refused without the bias in the objective's context, and fail without it in the targets)."""
+    from mmkd.cli import main
+    from mmkd.teacher.cache import CachedTeacher
+
+    cfg = write_run_config(tmp_path, f"cache:{tmp_path / 'tc'}", objectives="[{name: siglip, params: "
+                           "{targets: teacher}}]", world_size=16)
+    student = ("student:\n  vision: {source: new, arch: vit, config: {hidden_size: 16, num_hidden_layers: 1, "
+               "num_attention_heads: 2, intermediate_size: 32, image_size: 32, patch_size: 8}}\n"
+               "  text: {source: new, arch: bert, config: {hidden_size: 16, num_hidden_layers: 1, "
+               "num_attention_heads: 2, intermediate_size: 32}}\n")
+    text = cfg.read_text()
+    old = "student:\n  vision: {source: teacher, keep_layers: [1]}\n  text: {source: teacher}\n"
+    assert old in text
+    cfg.write_text(text.replace(old, student))
+    assert main(["cache", "--teacher", str(siglip_dir), "--config", str(cfg), "--threads", "1"]) == 0
+    cache = CachedTeacher.open(tmp_path / "tc")
+    assert cache.meta["fingerprint"]["teacher"]["logit_bias"] == -12.5
+    assert main(["distill", str(cfg), "train.threads=1"]) == 0
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "siglip" in log

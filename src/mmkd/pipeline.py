@@ -321,7 +321,10 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
     s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=augment_paired(cfg))
     s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
                   if unpaired else None)
+    t_bias = cache.meta["fingerprint"]["teacher"].get("logit_bias")  # a SigLIP teacher's (None for others)
     ctx = ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims,
+                           teacher_logit_scale=cache.logit_scale if t_bias is not None else None,
+                           teacher_logit_bias=t_bias,
                            student_logit_bias=getattr(student, "logit_bias", None) is not None)
     objectives = build_objectives(cfg.objectives, ctx, seed=cfg.train.seed)
     views = cfg.data.views or (cache.views if cfg.data.augment else 1)

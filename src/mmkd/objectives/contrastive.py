@@ -139,8 +139,8 @@ class SiglipObjective(Objective):
             raise ConfigError(f"siglip: targets must be one of {', '.join(SIGLIP_TARGETS)}, got {targets!r}")
         if targets == "teacher" and ctx.teacher_logit_bias is None:
             raise ConfigError("siglip: targets: teacher distils a SigLIP teacher's sigmoid probabilities and needs "
-                              "a SigLIP teacher (a SiglipModel folder, loaded: not a cache); this teacher has no "
-                              "learnt logit bias. Use targets: labels, or a relational objective")
+                              "a SigLIP teacher (a SiglipModel folder, or a teacher cache built from one); this "
+                              "teacher has no learnt logit bias. Use targets: labels, or a relational objective")
         self.targets = targets
         self.uses_teacher = targets == "teacher"
         self.own = not ctx.student_logit_bias
