@@ -113,7 +113,8 @@ def test_siglip_student_shrinks_the_teacher(siglip_dir: Path) -> None:
     student = build_student(teacher, cfg, seed=0)
     assert isinstance(student, SiglipDualEncoder)
     assert student.vision_model.config.num_hidden_layers == 1
-    assert float(student.logit_bias.detach()) == -12.5 and float(student.logit_scale.detach().exp()) == pytest.approx(117.0)
+    assert float(student.logit_bias.detach()) == -12.5
+    assert float(student.logit_scale.detach().exp()) == pytest.approx(117.0)
     assert student.meta.text_padding == "max_length"
     # the kept layer's weights are the teacher's second layer
     torch.testing.assert_close(student.vision_model.encoder.layers[0].mlp.fc1.weight,
