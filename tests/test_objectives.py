@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_dual_encoder
 
-from mmkd.config import ObjectiveSpec
+from mmkd.config import ConfigError, ObjectiveSpec
 from mmkd.objectives import OBJECTIVES
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, objective_params
 from mmkd.objectives.contrastive import ClipObjective
@@ -324,6 +324,73 @@ def test_siglip_matches_reference() -> None:
     _check(obj, inp, ref_siglip(inp, scale, bias))
     # its temperature and bias are parameters of the objective, so they train with the student
     assert {n for n, p in obj.named_parameters() if p.requires_grad} == {"log_scale", "bias"}
+
+
+def _siglip_ctx(**kw: Any) -> ObjectiveContext:
+    return ObjectiveContext(DIM, DIM, {"image": DIM, "text": DIM}, {"image": DIM, "text": DIM}, **kw)
+
+
+def ref_siglip_soft(inp: Inputs, scale: Any, bias: Any, t_scale: float, t_bias: float) -> dict[str, torch.Tensor]:
+    """Binary cross-entropy of every pair against the teacher's own sigmoid probability (its scale and bias)."""
+    s = _sim(inp.rows("si")[: inp.n], inp.rows("st"))
+    t = _sim(inp.rows("ti")[: inp.n], inp.rows("tt"))
+    total = 0.0
+    for i in range(inp.n):
+        for j in range(inp.n):
+            p = 1 / (1 + math.exp(-(t_scale * float(t[i][j]) + t_bias)))
+            z = scale * s[i][j] + bias
+            total = total - (p * torch.log(1 / (1 + torch.exp(-z))) + (1 - p) * torch.log(1 / (1 + torch.exp(z))))
+    return {"siglip": total / inp.n}
+
+
+def test_siglip_starts_from_a_siglip_teachers_scale_and_bias() -> None:
+    obj = OBJECTIVES.get("siglip")(_siglip_ctx(teacher_logit_scale=117.0, teacher_logit_bias=-12.5), ["image", "text"])
+    assert float(obj.log_scale.detach().exp()) == pytest.approx(117.0, rel=1e-6) and float(obj.bias.detach()) == -12.5
+    plain = _build("siglip")  # a CLIP teacher (or none): SigLIP's own init
+    assert float(plain.log_scale.detach().exp()) == pytest.approx(10.0) and float(plain.bias.detach()) == -10.0
+
+
+def test_siglip_distils_the_teachers_probabilities_with_its_bias() -> None:
+    inp = Inputs(4)
+    obj = OBJECTIVES.get("siglip")(_siglip_ctx(teacher_logit_scale=7.0, teacher_logit_bias=-1.5), ["image", "text"],
+                                   targets="teacher").double()
+    assert obj.uses_teacher
+    scale, bias = float(obj.log_scale.detach().exp()), float(obj.bias.detach())
+    assert scale == pytest.approx(7.0) and bias == -1.5
+    teacher = {**inp.teacher(), "sigmoid_logit_scale": torch.tensor(7.0, dtype=torch.float64),
+               "logit_bias": torch.tensor(-1.5, dtype=torch.float64)}
+    terms = obj(inp.student(), teacher)
+    ref = ref_siglip_soft(inp, scale, bias, 7.0, -1.5)
+    assert float(terms["siglip"].detach()) == pytest.approx(float(ref["siglip"].detach()), rel=1e-9)
+    g, g_ref = (torch.autograd.grad(x["siglip"], [inp.si, inp.st]) for x in (terms, ref))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    # the teacher's bias matters: with another bias the targets, and so the loss, change
+    other = obj(inp.student(), {**teacher, "logit_bias": torch.tensor(0.0, dtype=torch.float64)})["siglip"]
+    assert abs(float(other.detach()) - float(terms["siglip"].detach())) > 1e-3
+
+
+def test_siglip_with_a_siglip_student_trains_the_students_scale_and_bias() -> None:
+    inp = Inputs(5)
+    bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    obj = OBJECTIVES.get("siglip")(_siglip_ctx(student_logit_bias=True), ["image", "text"]).double()
+    assert not list(obj.parameters())  # the model's own scale and bias, saved with it
+    terms = obj({**inp.student(), "logit_bias": bias}, inp.teacher())
+    ref = ref_siglip(inp, inp.log_scale.exp(), bias)
+    assert float(terms["siglip"].detach()) == pytest.approx(float(ref["siglip"].detach()), rel=1e-9)
+    got = torch.autograd.grad(terms["siglip"], [inp.log_scale, bias])
+    want = torch.autograd.grad(ref["siglip"], [inp.log_scale, bias])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    with pytest.raises(ConfigError, match="SigLIP student trains its own"):
+        OBJECTIVES.get("siglip")(_siglip_ctx(student_logit_bias=True), ["image", "text"], init_bias=0.0)
+
+
+def test_siglip_teacher_targets_need_a_siglip_teacher() -> None:
+    with pytest.raises(ConfigError, match="needs a SigLIP teacher"):
+        _build("siglip", targets="teacher")
+    with pytest.raises(ConfigError, match="targets must be one of labels, teacher"):
+        _build("siglip", targets="soft")
 
 
 @pytest.mark.parametrize("name,kinds", [("fd_mse", ("mse",)), ("fd_cosine", ("cosine",)),

@@ -196,6 +196,7 @@ class EvalSpec:
     split: str | None = None  # cifar10/cifar100/stl10 only
     limit: int | None = None  # first N records only
     templates: str | None = None  # zeroshot: built-in ensemble name or template file (default: by format)
+    sigmoid: bool = False  # zeroshot: also SigLIP's sigmoid probabilities (models with a learnt logit bias only)
     words: str | None = None  # bias: word-list YAML (default: the packaged assets/bias_words.yaml)
     template: str | None = None  # bias: text-probe prompt, overrides the word file's
     min_group_images: int = 5  # bias: fewest images per caption group for the image probe

@@ -105,13 +105,18 @@ def teacher_fingerprint(teacher: Any) -> str | None:
 
 
 def teacher_context(student: Any, teacher: Any) -> ObjectiveContext:
+    sig = {"student_logit_bias": getattr(student, "logit_bias", None) is not None}
     if teacher is None:
-        return ObjectiveContext(student.projection_dim, None, feature_widths(student), {})
+        return ObjectiveContext(student.projection_dim, None, feature_widths(student), {}, **sig)
     if isinstance(teacher, ImageTeacher):
         return ObjectiveContext(student.projection_dim, None, feature_widths(student),
-                                {"image": tower_width(teacher.vision_model)})
+                                {"image": tower_width(teacher.vision_model)}, **sig)
+    bias = getattr(teacher, "logit_bias", None)
+    if isinstance(bias, torch.Tensor):  # a SigLIP teacher: the siglip objective starts from (or distils) its logits
+        sig.update(teacher_logit_bias=float(bias.detach()),
+                   teacher_logit_scale=float(teacher.logit_scale.detach().float().exp()))
     return ObjectiveContext(student.projection_dim, teacher.projection_dim, feature_widths(student),
-                            feature_widths(teacher))
+                            feature_widths(teacher), **sig)
 
 
 class TargetCache:
@@ -320,7 +325,11 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
     s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=augment_paired(cfg))
     s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
                   if unpaired else None)
-    ctx = ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims)
+    t_bias = cache.meta["fingerprint"]["teacher"].get("logit_bias")  # a SigLIP teacher's (None for others)
+    ctx = ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims,
+                           teacher_logit_scale=cache.logit_scale if t_bias is not None else None,
+                           teacher_logit_bias=t_bias,
+                           student_logit_bias=getattr(student, "logit_bias", None) is not None)
     objectives = build_objectives(cfg.objectives, ctx, seed=cfg.train.seed)
     views = cfg.data.views or (cache.views if cfg.data.augment else 1)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,

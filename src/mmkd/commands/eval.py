@@ -29,6 +29,9 @@ def add_parser(sub: Any) -> None:
             q.add_argument("--templates", default=None,
                            help="prompt templates: a file (one per line, {c} = class) or a built-in ensemble "
                                 "(cifar10, cifar100, stl10, imagenet); default: by data format")
+            q.add_argument("--sigmoid", action="store_true",
+                           help="also report SigLIP's sigmoid probabilities (mean of the true class's, the top "
+                                "one's, the others'); models with a learnt logit bias only")
         add_device_option(q, "where the model runs")
         q.set_defaults(func=run_single, task=task)
 
@@ -89,7 +92,8 @@ def run_single(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device")
     ctx = _context(args, {"model": load_dual_encoder(args.model).to(device)})
     spec = EvalSpec(args.task, args.data, class_set=getattr(args, "class_set", None), split=args.split,
-                    limit=args.limit, templates=getattr(args, "templates", None))
+                    limit=args.limit, templates=getattr(args, "templates", None),
+                    sigmoid=getattr(args, "sigmoid", False))
     n = len(ctx.records(spec))
     result = run_spec(spec, ctx)["model"]
     print(json.dumps({"model": args.model, "data": args.data, "n": n, args.task: result}, indent=2))

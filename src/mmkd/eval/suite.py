@@ -40,12 +40,13 @@ def world_labels(records: Sequence[Record], class_set: str) -> list[int]:
 
 
 def zeroshot(model: Any, records: Sequence[Record], classnames: list[str], templates: list[str],
-             labels: Sequence[int] | None = None) -> dict[str, float]:
-    return zeroshot_and_hits(model, records, classnames, templates, labels)[0]
+             labels: Sequence[int] | None = None, sigmoid: bool = False) -> dict[str, Any]:
+    return zeroshot_and_hits(model, records, classnames, templates, labels, sigmoid)[0]
 
 
 def zeroshot_and_hits(model: Any, records: Sequence[Record], classnames: list[str], templates: list[str],
-                      labels: Sequence[int] | None = None) -> tuple[dict[str, float], torch.Tensor]:
+                      labels: Sequence[int] | None = None, sigmoid: bool = False
+                      ) -> tuple[dict[str, Any], torch.Tensor]:
     """Zero-shot scores and each record's top-1 correctness (bool [N], in record order)."""
     labels = labels if labels is not None else [r.label for r in records]  # type: ignore[misc]
     for r, lab in zip(records, labels):
@@ -55,7 +56,8 @@ def zeroshot_and_hits(model: Any, records: Sequence[Record], classnames: list[st
             raise DataError(f"{r.origin or r.key}: label {lab} is out of range: the data has {len(classnames)} "
                             f"classes (labels 0..{len(classnames) - 1}); fix the label or the class list "
                             "(e.g. classes.txt beside WebDataset shards)")
-    return evaluate_zeroshot_and_hits(model, pixel_batches(model, records, labels), classnames, templates)
+    return evaluate_zeroshot_and_hits(model, pixel_batches(model, records, labels), classnames, templates,
+                                      sigmoid=sigmoid)
 
 
 def retrieval(model: Any, records: Sequence[Record]) -> dict[str, float]:

@@ -105,7 +105,7 @@ def _zeroshot(spec: EvalSpec, ctx: EvalContext) -> dict[str, Any]:
     for name, model in ctx.models.items():
         ctx.log(f"zero-shot {spec.name} ({len(records)} images, {len(names)} classes, {len(templates)} "
                 f"templates): {name}")
-        out[name], hits = zeroshot_and_hits(model, records, names, templates, labels)
+        out[name], hits = zeroshot_and_hits(model, records, names, templates, labels, sigmoid=spec.sigmoid)
         if ctx.per_image is not None:
             ctx.per_image.setdefault(spec.name or spec.kind, {})[name] = hits
     return out

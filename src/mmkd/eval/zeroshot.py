@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkd.config import ConfigError
 from mmkd.eval.embed import Batch, embed_images, embed_texts
 
 Template = str | Callable[[str], str]
@@ -95,15 +97,30 @@ def zeroshot_scores_and_hits(
     return out, (ranks <= 1).cpu()
 
 
+def sigmoid_probabilities(image_emb: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, scale: float,
+                          bias: float) -> dict[str, float]:
+    """SigLIP's own reading of its scores: each (image, class) pair's probability ``sigmoid(scale * cos + bias)``,
+    independent per class (they need not sum to 1). Mean over images of the true class's, of the highest one's,
+    and mean over the other classes'. Rankings (top1, ...) do not depend on the bias: it shifts every score."""
+    labels = torch.as_tensor(labels).reshape(-1).to(image_emb.device, torch.long)
+    probs = torch.sigmoid(scale * image_emb.double() @ classifier.double().T + bias)
+    true = probs.gather(1, labels[:, None]).squeeze(1)
+    other = probs.scatter(1, labels[:, None], 0.0).sum(1) / max(probs.shape[1] - 1, 1)
+    return {"p_true_class": true.mean().item(), "p_top1": probs.amax(1).mean().item(),
+            "p_other_classes": other.mean().item()}
+
+
 def evaluate_zeroshot(
     model: nn.Module,
     batches: Iterable[Batch],
     classnames: Sequence[str],
     templates: Sequence[Template],
     batch_size: int = 256,
-) -> dict[str, float]:
-    """Zero-shot classification of ``(pixel_values, labels)`` batches; keys as in :func:`zeroshot_scores`."""
-    return evaluate_zeroshot_and_hits(model, batches, classnames, templates, batch_size)[0]
+    sigmoid: bool = False,
+) -> dict[str, Any]:
+    """Zero-shot classification of ``(pixel_values, labels)`` batches; keys as in :func:`zeroshot_scores`, plus
+    :func:`sigmoid_probabilities` under ``sigmoid`` where asked (a model with a learnt logit bias: SigLIP)."""
+    return evaluate_zeroshot_and_hits(model, batches, classnames, templates, batch_size, sigmoid)[0]
 
 
 def evaluate_zeroshot_and_hits(
@@ -112,8 +129,18 @@ def evaluate_zeroshot_and_hits(
     classnames: Sequence[str],
     templates: Sequence[Template],
     batch_size: int = 256,
-) -> tuple[dict[str, float], torch.Tensor]:
+    sigmoid: bool = False,
+) -> tuple[dict[str, Any], torch.Tensor]:
     """:func:`evaluate_zeroshot` and each image's top-1 correctness (bool [N], in batch order)."""
+    bias = getattr(model, "logit_bias", None)
+    if sigmoid and not isinstance(bias, torch.Tensor):
+        raise ConfigError("sigmoid probabilities (--sigmoid, eval sigmoid: true) need a model with a learnt logit "
+                          "bias (a SigLIP model); this one was trained with a softmax over cosines, whose sigmoid "
+                          "means nothing: drop the option for this model")
     classifier = zeroshot_classifier(model, classnames, templates, batch_size=batch_size)
     image_emb, labels = embed_images(model, batches)
-    return zeroshot_scores_and_hits(image_emb, classifier, labels)
+    out, hits = zeroshot_scores_and_hits(image_emb, classifier, labels)
+    if sigmoid and isinstance(bias, torch.Tensor):
+        scale = float(model.logit_scale.detach().float().exp())
+        out = {**out, "sigmoid": sigmoid_probabilities(image_emb, classifier, labels, scale, float(bias.detach()))}
+    return out, hits

@@ -134,9 +134,11 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"cannot read weights {f}: {e}") from None
 
 
-def _image_settings(folder: Path, image_size: int) -> dict[str, Any]:
-    """Preprocessing from preprocessor_config.json where present (as the model was trained), else CLIP's."""
-    out: dict[str, Any] = {"image_size": image_size, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+def _image_settings(folder: Path, image_size: int, mean: tuple[float, ...] = CLIP_MEAN,
+                   std: tuple[float, ...] = CLIP_STD) -> dict[str, Any]:
+    """Preprocessing from preprocessor_config.json where present (as the model was trained), else the given
+    defaults (CLIP's unless the model family has its own)."""
+    out: dict[str, Any] = {"image_size": image_size, "image_mean": mean, "image_std": std}
     f = folder / "preprocessor_config.json"
     if f.is_file():
         pc = json.loads(f.read_text())
@@ -248,7 +250,15 @@ LOADERS = {
     "vision-text-dual-encoder": _from_dual_encoder_folder,
     "clip": _from_clip_folder,
     "mmkd-shared-block-dual-encoder": _from_shared_block_folder,
+    "siglip": lambda folder, cfg, tok: _siglip().load_siglip(folder, cfg, tok),
+    "siglip2": lambda folder, cfg, tok: _siglip().refuse_siglip2(folder, cfg, tok),
 }
+
+
+def _siglip() -> Any:
+    from mmkd.models import siglip  # imports this module: loaded on first use
+
+    return siglip
 
 
 def _from_open_clip(spec: str, tokenizer_path: str | None) -> tuple[DualEncoder, Path]:
@@ -288,8 +298,8 @@ def converted_source(path_or_id: str | os.PathLike) -> str | None:
 
 
 def load_dual_encoder(path_or_id: str | os.PathLike, tokenizer_path: str | None = None) -> DualEncoder:
-    """Load a dual encoder from an mmkd folder, a CLIPModel or a VisionTextDualEncoderModel (folder or hub id), or
-    convert one named ``PREFIX:SPEC`` (see CONVERTED_SOURCES)."""
+    """Load a dual encoder from an mmkd folder, a CLIPModel, a SiglipModel or a VisionTextDualEncoderModel (folder
+    or hub id), or convert one named ``PREFIX:SPEC`` (see CONVERTED_SOURCES)."""
     prefix = converted_source(path_or_id)
     if prefix is not None:
         model, folder = CONVERTED_SOURCES[prefix].load(str(path_or_id), tokenizer_path)
@@ -326,9 +336,10 @@ def save_dual_encoder(model: DualEncoder, out: str | os.PathLike) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}  # a GPU student too
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.saved_state().items()}  # a GPU student too
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.hf_config(), indent=2))
+    model.save_extras(str(tmp))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(tmp))
     old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, CLIPModel
+from transformers import AutoModel, CLIPModel, SiglipModel, SiglipTextModel, SiglipVisionModel
 
 from mmkd.config import ConfigError, StudentConfig, TowerSpec
-from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
+from mmkd.models.dual_encoder import DualEncoder, EncoderMeta, SiglipDualEncoder
 from mmkd.models.hub import converted_source, drop_unused_pooler, load_dual_encoder, load_tokenizer, resolve
 from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
 from mmkd.seeding import seeded
@@ -27,7 +27,7 @@ def _pretrained_tower(source: str, modality: str) -> nn.Module:
         model = AutoModel.from_pretrained(str(folder))
     except Exception as e:
         raise ConfigError(f"cannot load a {modality} tower from {source}: {e}") from None
-    if isinstance(model, CLIPModel):  # a whole CLIP given as a tower source: take the matching half
+    if isinstance(model, (CLIPModel, SiglipModel)):  # a whole model given as a tower source: the matching half
         de = load_dual_encoder(folder)
         return de.vision_model if modality == "image" else de.text_model
     return model
@@ -130,6 +130,8 @@ def _build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
         else default_pooling(text, "text"))
     if hasattr(vision.config, "image_size") and cfg.vision.source != "teacher":
         meta.image_size = int(vision.config.image_size)
+    if not isinstance(text, SiglipTextModel):  # only SigLIP's text head needs every caption at the full length
+        meta.text_padding = "longest"
     drop_unused_pooler(vision, meta.vision_pooling)
     drop_unused_pooler(text, meta.text_pooling)
     t_dim = getattr(teacher, "projection_dim", None)
@@ -142,6 +144,8 @@ def _build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
         scale_init = math.log(1 / 0.07)
     if cfg.shared is not None:
         return _shared_student(teacher, cfg, vision, text, meta, tok, scale_init)
+    if _siglip_shaped(vision, text, meta, cfg):
+        return _siglip_student(teacher, cfg, vision, text, meta, tok, scale_init)
     dim = cfg.projection_dim or t_dim
     if dim is None:
         raise ConfigError("student.projection_dim is required when the teacher has no embedding width "
@@ -153,6 +157,29 @@ def _build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
                 s, t = getattr(student, name), getattr(teacher, name)
                 if s.weight.shape == t.weight.shape:
                     s.weight.copy_(t.weight)
+    apply_freeze(student, cfg.freeze)
+    return student
+
+
+def _siglip_shaped(vision: nn.Module, text: nn.Module, meta: EncoderMeta, cfg: StudentConfig) -> bool:
+    """Both towers SigLIP's, pooled by their heads, no other embedding width asked: a SigLIP student (saved as a
+    SiglipModel). Anything else over SigLIP towers is a plain dual encoder with projections."""
+    if not (isinstance(vision, SiglipVisionModel) and isinstance(text, SiglipTextModel)):
+        return False
+    width = tower_width(vision)
+    return (meta.vision_pooling == meta.text_pooling == "pooler" and width == tower_width(text)
+            and cfg.projection_dim in (None, width))
+
+
+def _siglip_student(teacher: Any, cfg: StudentConfig, vision: nn.Module, text: nn.Module, meta: EncoderMeta,
+                    tok: Any, scale_init: float) -> DualEncoder:
+    """A SigLIP student: scale and bias inherited from a SigLIP teacher, else SigLIP's init (10, -10)."""
+    bias = getattr(teacher, "logit_bias", None)
+    if isinstance(teacher, SiglipDualEncoder) and isinstance(bias, torch.Tensor):
+        scale, bias_init = scale_init, float(bias.detach())
+    else:
+        scale, bias_init = math.log(10.0), -10.0
+    student = SiglipDualEncoder(vision, text, meta, tok, logit_scale_init=scale, logit_bias_init=bias_init)
     apply_freeze(student, cfg.freeze)
     return student
 

@@ -20,6 +20,10 @@ from transformers import (
     CLIPVisionModel,
     PretrainedConfig,
     ResNetConfig,
+    SiglipTextConfig,
+    SiglipTextModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     ViTConfig,
 )
 
@@ -33,6 +37,8 @@ ARCHS.register("vit")((ViTConfig, "image"))
 ARCHS.register("resnet")((ResNetConfig, "image"))
 ARCHS.register("bert")((BertConfig, "text"))
 ARCHS.register("clip_text")((CLIPTextConfig, "text"))
+ARCHS.register("siglip_vision")((SiglipVisionConfig, "image"))
+ARCHS.register("siglip_text")((SiglipTextConfig, "text"))
 
 VISION_POOLING = ("pooler", "cls", "mean")
 TEXT_POOLING = ("pooler", "cls", "mean", "eos")
@@ -44,6 +50,10 @@ def model_from_config(config: PretrainedConfig) -> nn.Module:
         return CLIPVisionModel(config)
     if isinstance(config, CLIPTextConfig):
         return CLIPTextModel(config)
+    if isinstance(config, SiglipVisionConfig):
+        return SiglipVisionModel(config)
+    if isinstance(config, SiglipTextConfig):
+        return SiglipTextModel(config)
     if isinstance(config, (ViTConfig, BertConfig)):
         return AutoModel.from_config(config, add_pooling_layer=False)
     return AutoModel.from_config(config)
@@ -70,9 +80,9 @@ def config_from_dict(d: dict[str, Any]) -> PretrainedConfig:
 def default_pooling(model: nn.Module, modality: str) -> str:
     """Pooling that matches the architecture's own convention (what HF's dual encoders use)."""
     if modality == "image":
-        return "pooler" if isinstance(model, CLIPVisionModel) or _is_resnet(model) else "cls"
-    if isinstance(model, CLIPTextModel):
-        return "pooler"  # CLIP's EOS token after the final layer norm
+        return "pooler" if isinstance(model, (CLIPVisionModel, SiglipVisionModel)) or _is_resnet(model) else "cls"
+    if isinstance(model, (CLIPTextModel, SiglipTextModel)):
+        return "pooler"  # CLIP's EOS token after the final layer norm; SigLIP's last position through its head
     return "mean"
 
 
@@ -84,6 +94,8 @@ def tower_width(model: nn.Module) -> int:
     cfg = model.config
     if getattr(cfg, "model_type", "") == "resnet":
         return int(cfg.hidden_sizes[-1])
+    if isinstance(model, SiglipTextModel):  # its pooler output leaves through its head
+        return int(cfg.projection_size)
     return int(cfg.hidden_size)
 
 

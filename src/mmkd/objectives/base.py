@@ -29,6 +29,10 @@ class ObjectiveContext:
     teacher_embed_dim: int | None = None
     student_feature_dims: dict[str, int] = field(default_factory=dict)  # tower → pre-projection width
     teacher_feature_dims: dict[str, int] = field(default_factory=dict)
+    # a SigLIP teacher's similarity, ``scale * cos + bias`` (scale exp'd, not capped); None for other teachers
+    teacher_logit_scale: float | None = None
+    teacher_logit_bias: float | None = None
+    student_logit_bias: bool = False  # the student is a SigLIP model: it carries its own learnt scale and bias
 
 
 class Objective(nn.Module):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mmkd.config import ConfigError
 from mmkd.dist import gather_with_grad
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
-from mmkd.objectives.shared import MAX_LOGIT_SCALE, paired
+from mmkd.objectives.shared import MAX_LOGIT_SCALE, gathered, need, paired
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -103,28 +103,74 @@ class TripletObjective(Objective):
         return {"triplet": loss}
 
 
+SIGLIP_TARGETS = ("labels", "teacher")
+
+
+def siglip_logits_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """``-sum [p log sigmoid(z) + (1 - p) log sigmoid(-z)] / n`` over an [n, n] logit matrix; p is the identity
+    (SigLIP's labels: +1 on the diagonal, -1 elsewhere) where ``targets`` is None, else those probabilities."""
+    if targets is None:
+        signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+        return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+
+
 @OBJECTIVES.register("siglip")
 class SiglipObjective(Objective):
     """SigLIP's pairwise sigmoid loss: every (image, caption) pair of the global batch is a binary decision,
     ``-sum log sigmoid(z_ij (t x_i.y_j + b)) / n`` with z = +1 on the diagonal and -1 elsewhere.
 
-    Its own temperature t and bias b (initialised at 10 and -10, as in the paper) are learnt with the student
-    unless ``learnable: false``.
+    The temperature t and bias b: a SigLIP student's own (its ``logit_scale``/``logit_bias``, inherited from a
+    SigLIP teacher, trained and saved with it); for any other student the objective learns its own (unless
+    ``learnable: false``), initialised at a SigLIP teacher's values where the teacher is one, else at SigLIP's
+    10 and -10 (or ``init_scale``/``init_bias``).
+
+    targets: ``labels`` (the task loss above) or ``teacher``: the binary targets are the SigLIP teacher's own
+    sigmoid probabilities of each pair, ``sigmoid(t_T x^T_i.y^T_j + b_T)`` with its learnt bias b_T (distillation;
+    needs a SigLIP teacher).
     """
 
     uses_teacher = False
 
-    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, init_scale: float = 10.0,
-                 init_bias: float = -10.0, learnable: bool = True) -> None:
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, init_scale: float | None = None,
+                 init_bias: float | None = None, learnable: bool = True, targets: str = "labels") -> None:
         super().__init__(ctx, towers)
-        if init_scale <= 0:
-            raise ConfigError(f"siglip: init_scale must be > 0, got {init_scale}")
-        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learnable)
-        self.bias = torch.nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learnable)
+        if targets not in SIGLIP_TARGETS:
+            raise ConfigError(f"siglip: targets must be one of {', '.join(SIGLIP_TARGETS)}, got {targets!r}")
+        if targets == "teacher" and ctx.teacher_logit_bias is None:
+            raise ConfigError("siglip: targets: teacher distils a SigLIP teacher's sigmoid probabilities and needs "
+                              "a SigLIP teacher (a SiglipModel folder, or a teacher cache built from one); this "
+                              "teacher has no learnt logit bias. Use targets: labels, or a relational objective")
+        self.targets = targets
+        self.uses_teacher = targets == "teacher"
+        self.own = not ctx.student_logit_bias
+        if not self.own:
+            if init_scale is not None or init_bias is not None or not learnable:
+                raise ConfigError("siglip: a SigLIP student trains its own logit_scale and logit_bias (from the "
+                                  "teacher); drop init_scale/init_bias/learnable (freeze them with student.freeze: "
+                                  "[logit_scale, logit_bias])")
+            return
+        scale = init_scale if init_scale is not None else (ctx.teacher_logit_scale or 10.0)
+        bias = init_bias if init_bias is not None else (
+            ctx.teacher_logit_bias if ctx.teacher_logit_bias is not None else -10.0)
+        if scale <= 0:
+            raise ConfigError(f"siglip: init_scale must be > 0, got {scale}")
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(scale)), requires_grad=learnable)
+        self.bias = torch.nn.Parameter(torch.tensor(float(bias)), requires_grad=learnable)
 
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
         image, text = paired(student)
         image, text = gather_with_grad(image), gather_with_grad(text)
-        logits = self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE) * image @ text.t() + self.bias
-        signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
-        return {"siglip": -F.logsigmoid(signs * logits).sum() / logits.shape[0]}
+        if self.own:
+            scale, bias = self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE), self.bias
+        else:
+            scale, bias = student["logit_scale"], student["logit_bias"]
+        logits = scale * image @ text.t() + bias
+        probs = None
+        if self.targets == "teacher":
+            t_image, t_text = gathered(*paired(teacher, need(teacher, "text_embeds", "siglip").shape[0]))
+            with torch.no_grad():
+                t_logits = need(teacher, "sigmoid_logit_scale", "siglip") * (t_image @ t_text.t()) \
+                    + need(teacher, "logit_bias", "siglip")
+                probs = torch.sigmoid(t_logits.to(logits.dtype))
+        return {"siglip": siglip_logits_loss(logits, probs)}

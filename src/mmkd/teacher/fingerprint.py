@@ -66,7 +66,7 @@ def teacher_identity(model: DualEncoder, source: str = "") -> dict[str, Any]:
     """Everything about the teacher a cached target depends on, and what a student needs to be built without it."""
     config = model.hf_config()
     config.pop("logit_scale_init_value", None)  # a weight, covered by the weights hash
-    return {
+    identity = {
         "source": source,
         "weights_sha256": state_dict_sha256(model),
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
@@ -76,6 +76,10 @@ def teacher_identity(model: DualEncoder, source: str = "") -> dict[str, Any]:
         "logit_scale": float(model.logit_scale.detach().float().exp()),
         "meta": model.meta.to_json(),
     }
+    bias = getattr(model, "logit_bias", None)
+    if isinstance(bias, torch.Tensor):  # a SigLIP teacher: its sigmoid probabilities need the bias too
+        identity["logit_bias"] = float(bias.detach().float())
+    return identity
 
 
 def record_digest(record: Record) -> str:

@@ -104,11 +104,17 @@ class OnlineTeacher:
 
 
 def teacher_extras(model: object) -> dict[str, torch.Tensor]:
-    """The teacher's similarity scale, exp'd and clamped as in training (CLIP caps it at 100)."""
+    """The teacher's similarity scale, exp'd and clamped as in training (CLIP caps it at 100); a SigLIP teacher's
+    learnt bias and uncapped scale besides (its sigmoid probabilities need both as trained)."""
     scale = getattr(model, "logit_scale", None)
     if not isinstance(scale, torch.Tensor):
         return {}  # an image-only teacher has no similarity scale
-    return {"logit_scale": scale.detach().float().exp().clamp(max=100.0).clone()}
+    out = {"logit_scale": scale.detach().float().exp().clamp(max=100.0).clone()}
+    bias = getattr(model, "logit_bias", None)
+    if isinstance(bias, torch.Tensor):
+        out["logit_bias"] = bias.detach().float().clone()
+        out["sigmoid_logit_scale"] = scale.detach().float().exp().clone()
+    return out
 
 
 class TableTeacher:

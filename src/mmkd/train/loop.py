@@ -78,6 +78,8 @@ class DistillTask(nn.Module):
         s = self.student
         out: dict[str, Any] = {"logit_scale": s.logit_scale.exp(), "n_paired": batch.n_paired,
                                "pixel_values": batch.pixel_values, "model": s}  # model: for masked forwards
+        if getattr(s, "logit_bias", None) is not None:  # a SigLIP student's learnt bias
+            out["logit_bias"] = s.logit_bias
         feats = s.image_features(batch.pixel_values)
         out["image_features"] = feats
         out["image_embeds"] = nn.functional.normalize(s.visual_projection(feats), dim=-1)
@@ -285,7 +287,7 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
-            student.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+            student.logit_scale.clamp_(0, math.log(getattr(student, "max_logit_scale", MAX_LOGIT_SCALE)))
         for k, v in step_terms.items():
             sums[k] = sums.get(k, 0.0) + v
         n_sum += 1

@@ -516,4 +516,8 @@ class CachedTeacher:
         out = self.images(batch.keys, batch.views)
         out.update(self.texts(batch.captions))
         out["logit_scale"] = torch.tensor(min(self.logit_scale, 100.0))  # clamped as the online teacher's
+        bias = self.meta["fingerprint"]["teacher"].get("logit_bias")
+        if bias is not None:  # a SigLIP teacher's, with its uncapped scale (as teacher_extras gives them)
+            out["logit_bias"] = torch.tensor(float(bias))
+            out["sigmoid_logit_scale"] = torch.tensor(self.logit_scale)
         return out
