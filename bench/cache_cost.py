@@ -36,18 +36,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procstat import status_kb  # bench/: sys.path[0] when a benchmark runs as a script
+
 VIEWS = 2
 SEED = 0
 MODES = ("plain", "cached", "online_bf16", "online_fp32")
 DEMO_TEACHER = Path(__file__).resolve().parents[1] / "configs" / "demo" / "teacher.yaml"
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 # ------------------------------------------------------------------------------------------ models and data
@@ -143,7 +139,7 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
     aug = CachedTeacher.open(cache_dir).augmentation  # the same views in every mode
     bank = ImageBank(recs, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment=True, seed=SEED, augmentation=aug)
     data = TrainData(bank, None, args.batch, 0, world=1, seed=1, views=VIEWS)
-    baseline_kb = _status_kb("VmRSS")  # after imports and data loading
+    baseline_kb = status_kb("VmRSS")  # after imports and data loading
 
     student = make_student(tok)
     kd = args.mode != "plain"
@@ -178,7 +174,7 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     return {"step_s": statistics.median(times), "times": [round(t, 4) for t in times],
             "baseline_mb": baseline_kb / 1024, "peak_mb": peak_kb / 1024, "above_mb": (peak_kb - baseline_kb) / 1024}
 

@@ -30,15 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procstat import status_kb  # bench/: sys.path[0] when a benchmark runs as a script
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _keys(n: int) -> list[str]:
@@ -84,7 +80,7 @@ def child(variant: str, where: dict[str, Any], n: int, lookups: int, batch: int)
 
     rng = np.random.default_rng(0)
     queries = [f"{i:09d}" for i in rng.integers(0, n, lookups)]
-    base_rss, base_anon = _status_kb("VmRSS"), _status_kb("RssAnon")
+    base_rss, base_anon = status_kb("VmRSS"), status_kb("RssAnon")
     t0 = time.perf_counter()
     if variant == "dict":
         index = json.loads(Path(where["v1"]).read_text())
@@ -110,7 +106,7 @@ def child(variant: str, where: dict[str, Any], n: int, lookups: int, batch: int)
     assert np.array_equal(rows, np.array([int(q) for q in queries])), "wrong rows"
     del digests
     return {"variant": variant, "open_s": open_s, "lookups_per_s": lookups / lookup_s,
-            "rss_mb": (_status_kb("VmRSS") - base_rss) / 1024, "anon_mb": (_status_kb("RssAnon") - base_anon) / 1024}
+            "rss_mb": (status_kb("VmRSS") - base_rss) / 1024, "anon_mb": (status_kb("RssAnon") - base_anon) / 1024}
 
 
 def run_child(variant: str, where: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

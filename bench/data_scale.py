@@ -36,17 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procstat import status_kb  # bench/: sys.path[0] when a benchmark runs as a script
+
 PER_SHARD = 1000
 CACHE_LOOKUP_KEY = "cache_lookup_rss_mb_1m"  # measured by bench/cache_lookup.py (the teacher cache's key lookup)
 LOOKUP_JSON = Path(__file__).resolve().parent / "results" / "cache_lookup.json"
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _jpegs(n: int = 16, size: int = 48) -> list[bytes]:
@@ -106,7 +102,7 @@ def child_run(args: argparse.Namespace) -> dict[str, Any]:
     from mmkd.data.resolve import records_from_spec
 
     torch.set_num_threads(1)
-    base_kb = _status_kb("VmRSS")
+    base_kb = status_kb("VmRSS")
     t0 = time.perf_counter()
     recs = records_from_spec(spec(args.work, args.n), args.work / "cache", stream=True)
     bank = ImageBank(recs, args.image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment=True, seed=0)
@@ -121,7 +117,7 @@ def child_run(args: argparse.Namespace) -> dict[str, Any]:
         done += 1
     rate = (done - 1) / max(1e-9, time.perf_counter() - t1)
     del it
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"n": len(recs), "steps": done, "first_batch_s": round(first_s, 3), "steps_per_s": round(rate, 2),
             "peak_rss_mb": round(peak_kb / 1024, 1), "baseline_rss_mb": round(base_kb / 1024, 1),

@@ -129,6 +129,21 @@ def write_tar(path: Path, members: dict[str, bytes]) -> Path:
 
 
 @pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models: one thread is fastest, and immune to a busy machine's thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(minilm_path: str) -> DualEncoder:
+    """A tiny dual encoder on MiniLM's tokenizer, shared by a module's tests (a module may define its own)."""
+    return tiny_dual_encoder(minilm_path)
+
+
+@pytest.fixture
 def keep_threads() -> Iterator[None]:
     """For tests whose in-process runs set torch's thread count (train.threads): later tests get it back."""
     threads = torch.get_num_threads()

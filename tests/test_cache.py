@@ -52,18 +52,8 @@ def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models: one thread is fastest, and immune to a busy machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
-
-@pytest.fixture(scope="module")
-def teacher(minilm_path: str) -> DualEncoder:
-    return tiny_dual_encoder(minilm_path)
 
 
 @pytest.fixture(scope="module")

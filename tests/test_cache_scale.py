@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dual_encoder
 from PIL import Image
 from test_cache import STUDENT, make_records
 
@@ -26,18 +25,8 @@ from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, buil
 from mmkd.teacher.cache import build as cache_build
 from mmkd.teacher.cache import format as cache_format
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def teacher(minilm_path: str) -> DualEncoder:
-    return tiny_dual_encoder(minilm_path)
 
 
 def _build(teacher: DualEncoder, records: list[Record], out: Path, **kw: Any) -> Any:

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dual_encoder
 from test_cache_scale import _tar
 
 from mmkd.data.records import BadSamples
@@ -22,17 +21,8 @@ from mmkd.teacher.cache import CacheError, build_cache
 SHARDS, PER_SHARD = 3, 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
-
-@pytest.fixture(scope="module")
-def teacher(minilm_path: str) -> DualEncoder:
-    return tiny_dual_encoder(minilm_path)
 
 
 def _shards(folder: Path) -> str:

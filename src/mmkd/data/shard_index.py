@@ -66,6 +66,18 @@ class ShardIndex:
 # ------------------------------------------------------------------------------------------------ scanning
 
 
+def member_key(m: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member as webdataset groups them: ``dir/stem.ext`` → (``dir/stem``,
+    ``ext``), the key ending at the first dot; None for folders, hidden files and names without an extension."""
+    if not m.isfile():
+        return None
+    dirname, _, base = m.name.rpartition("/")
+    if base.startswith(".") or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{dirname}/{stem}" if dirname else stem), ext
+
+
 def tar_samples(path: Path, name: str, bad: BadSamples, with_bytes: bool = True
                 ) -> Iterator[tuple[str, dict[str, bytes], int, int]]:
     """(key, {extension: bytes}, start, end) per sample, members of one sample being contiguous (webdataset's rule).
@@ -83,13 +95,10 @@ def tar_samples(path: Path, name: str, bad: BadSamples, with_bytes: bool = True
             last = None
             for m in tf:
                 last = m
-                if not m.isfile():
+                named = member_key(m)
+                if named is None:
                     continue
-                dirname, _, base = m.name.rpartition("/")
-                if base.startswith(".") or "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                k = f"{dirname}/{stem}" if dirname else stem
+                k, ext = named
                 if k != key:
                     if key is not None:
                         yield key, parts, start, end
@@ -130,13 +139,10 @@ def read_span(data: bytes, name: str) -> tuple[str, dict[str, bytes]]:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
             for m in tf:
-                if not m.isfile():
+                named = member_key(m)
+                if named is None:
                     continue
-                dirname, _, base = m.name.rpartition("/")
-                if base.startswith(".") or "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = f"{dirname}/{stem}" if dirname else stem
+                key, ext = named
                 f = tf.extractfile(m)
                 parts[ext.lower()] = f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError) as e:
