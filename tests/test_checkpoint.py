@@ -254,3 +254,36 @@ def test_kill_during_checkpoint_write_in_training(tokenizer: Any, data: TrainDat
     assert result.resumed_from == 2
     assert_same_weights(student, straight[0])
     assert_same_weights(objectives, straight[1])
+
+
+def test_a_ctrl_c_during_a_checkpoint_write_is_raised_once_the_checkpoint_is_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT inside torch.save would leave its zip writer half-done and replace the KeyboardInterrupt with the
+    writer's own error; the save holds it until the checkpoint and `latest` are written, then raises it."""
+    import os
+    import signal
+
+    from mmkd.fileio import ctrl_c_deferred
+    from mmkd.train.checkpoint import read_checkpoint
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("finished the block")
+    assert done == ["finished the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    ckpts = CheckpointManager(tmp_path / "checkpoints")
+    real_save = torch.save
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the write
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpts.save(3, {"task": {"w": torch.ones(2)}})
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000003.pt"
+    assert torch.equal(read_checkpoint(tmp_path / "checkpoints" / "step-00000003.pt")["task"]["w"], torch.ones(2))

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +33,27 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done, then raise it.
+
+    A KeyboardInterrupt raised inside ``torch.save`` leaves its zip writer half-finished, and the writer's own
+    error ("unexpected pos") then replaces the interrupt: the user would see a crash instead of "interrupted,
+    resume with --resume", with the last checkpoint not written. Only the main thread receives signals, so
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # no signals here, or Ctrl-C ignored (a background job): nothing to hold
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

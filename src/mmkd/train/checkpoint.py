@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmkd.data.records import DataError
-from mmkd.fileio import atomic_write, atomic_write_bytes
+from mmkd.fileio import atomic_write, atomic_write_bytes, ctrl_c_deferred
 
 CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
 # what torch.load raises on a truncated, garbled or code-carrying (refused by weights_only) file
@@ -114,9 +114,10 @@ class CheckpointManager:
         path = self.path(step)
         run = {**state.get("run", {}), "run_id": self.run_id}
         full = {"rng": rng_state(), **state, "step": step, "run": run}  # this process's RNG unless given
-        atomic_write(path, lambda f: torch.save(full, f))
-        self._owner[path] = True
-        atomic_write_bytes(self.folder / "latest", path.name.encode())
+        with ctrl_c_deferred():  # a Ctrl-C mid-write is honoured once the checkpoint and `latest` are whole
+            atomic_write(path, lambda f: torch.save(full, f))
+            self._owner[path] = True
+            atomic_write_bytes(self.folder / "latest", path.name.encode())
         self._prune()
         return path
 
