@@ -220,77 +220,6 @@ class RunConfig:
     cache_dir: str = "runs/.cache"
 
 
-@dataclass
-class SweepSection:
-    """A sweep file's ``sweep:`` section (``mmkd sweep``; see README, "Sweeps").
-
-    grid: axes, each a list of values; an axis named by a config key (``train.lr``) overrides that key, any other
-    axis's values name ``sets``. sets: named objective lists, concatenated axis by axis into a run's objectives.
-    """
-
-    out: str | None = None  # default: the run config's out
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    sets: dict[str, list[ObjectiveSpec]] = field(default_factory=dict)
-    # N: every grid point with seeds train.seed, train.seed+1, …, +N-1; a list: those seeds; None: train.seed only
-    seeds: Any = None
-
-    def __post_init__(self) -> None:
-        for key, values in self.grid.items():
-            if not values:
-                raise ValueError(f"grid.{key} must be a non-empty list of values")
-        if self.seeds is not None:
-            check_seeds(self.seeds, "sweep.seeds")
-
-
-def check_seeds(value: Any, where: str) -> int | list[int]:
-    """A sweep's seeds: a count N ≥ 1 or a non-empty list of distinct integer seeds (errors name ``where``)."""
-    example = "0,1,2" if where.startswith("--") else "[0, 1, 2]"
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ConfigError(f"{where}: {value} seeds; give a count ≥ 1 (e.g. 3) or a list of seeds (e.g. {example})")
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        if len(set(value)) != len(value):
-            raise ConfigError(f"{where}: {value} repeats a seed; list each seed once")
-        return list(value)
-    raise ConfigError(f"{where}: {value!r} is neither a count ≥ 1 (e.g. 3) nor a non-empty list of integer seeds "
-                      f"(e.g. {example})")
-
-
-def parse_seeds_arg(raw: str) -> int | list[int]:
-    """``--seeds 3`` (a count) or ``--seeds 0,1,2`` (the seeds; ``--seeds 7,`` is the one seed 7)."""
-    try:
-        value: Any = ([int(v) for v in raw.split(",") if v.strip()] if "," in raw else int(raw))
-    except ValueError:
-        value = raw
-    return check_seeds(value, f"--seeds {raw}")
-
-
-@dataclass
-class SweepConfig:
-    """A sweep file: a run config (``run``, the keys every grid point starts from, overrides applied) plus its
-    ``sweep`` section. ``run`` stays a mapping because each grid point overrides it before it becomes a
-    RunConfig; ``load_sweep_config`` checks that it is one."""
-
-    run: dict[str, Any] = field(default_factory=dict)
-    sweep: SweepSection = field(default_factory=SweepSection)
-
-
-def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Read a sweep file: its ``sweep`` section typed (errors name ``sweep.KEY``), the run config read as
-    ``load_config`` reads it (student presets expanded, ``overrides`` applied); each grid point validates it."""
-    data = read_yaml(path)
-    section = data.pop("sweep", None) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: 'sweep' must be a mapping with keys "
-                          f"{', '.join(f.name for f in dataclasses.fields(SweepSection))}")
-    sweep = from_dict(SweepSection, section, "sweep")
-    _expand_preset(data)
-    apply_overrides(data, overrides or [])
-    _expand_preset(data)
-    return SweepConfig(data, sweep)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # building dataclasses from plain dicts, with errors that name the key
 
@@ -411,7 +340,7 @@ def student_presets() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.yaml"), key=lambda p: p.stem)}
 
 
-def _expand_preset(data: dict[str, Any]) -> None:
+def expand_preset(data: dict[str, Any]) -> None:
     """``student: preset:NAME`` becomes the preset's keys; ``student: {preset: NAME, ...}`` overrides them."""
     student = data.get("student")
     if isinstance(student, str) and student.startswith(PRESET_PREFIX):
@@ -435,7 +364,7 @@ def student_config(value: str | dict[str, Any] | StudentConfig) -> StudentConfig
     if isinstance(value, str) and not value.startswith(PRESET_PREFIX):
         value = PRESET_PREFIX + value
     data = {"student": copy.deepcopy(value)}
-    _expand_preset(data)
+    expand_preset(data)
     if not isinstance(data["student"], dict):
         raise ConfigError(f"student: expected a preset name or a mapping of student keys, got {value!r}")
     return from_dict(StudentConfig, data["student"], "student")
@@ -472,9 +401,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     """A run config from plain data (a parsed YAML file, or a dict written in a notebook), validated."""
     data = copy.deepcopy(data)
-    _expand_preset(data)  # before overrides, so that student.freeze=... refines the preset
+    expand_preset(data)  # before overrides, so that student.freeze=... refines the preset
     apply_overrides(data, overrides or [])
-    _expand_preset(data)  # an override may name a preset itself (student=preset:NAME)
+    expand_preset(data)  # an override may name a preset itself (student=preset:NAME)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg

@@ -45,8 +45,6 @@ from mmkd.config import (
     RunConfig,
     apply_overrides,
     from_dict,
-    load_sweep_config,
-    parse_seeds_arg,
     parse_value,
     to_dict,
     validate,
@@ -58,6 +56,7 @@ from mmkd.locking import FolderLock
 from mmkd.objectives import OBJECTIVES
 from mmkd.objectives.base import check_specs
 from mmkd.pipeline import TargetCache, cache_path, run_distill, run_eval_specs
+from mmkd.sweep_config import load_sweep_config, parse_seeds_arg
 from mmkd.teacher.unimodal import ImageTeacher
 from mmkd.train.checkpoint import CheckpointError
 from mmkd.train.runfolder import RunFolderError

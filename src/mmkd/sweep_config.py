@@ -1,0 +1,82 @@
+"""The typed sweep file (``mmkd sweep``): a run config every grid point starts from, plus its ``sweep`` section
+(grid axes, named objective sets, seeds), read with the run config's YAML rules and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmkd.config import ConfigError, ObjectiveSpec, apply_overrides, expand_preset, from_dict, read_yaml
+
+
+@dataclass
+class SweepSection:
+    """A sweep file's ``sweep:`` section (``mmkd sweep``; see README, "Sweeps").
+
+    grid: axes, each a list of values; an axis named by a config key (``train.lr``) overrides that key, any other
+    axis's values name ``sets``. sets: named objective lists, concatenated axis by axis into a run's objectives.
+    """
+
+    out: str | None = None  # default: the run config's out
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    sets: dict[str, list[ObjectiveSpec]] = field(default_factory=dict)
+    # N: every grid point with seeds train.seed, train.seed+1, …, +N-1; a list: those seeds; None: train.seed only
+    seeds: Any = None
+
+    def __post_init__(self) -> None:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} must be a non-empty list of values")
+        if self.seeds is not None:
+            check_seeds(self.seeds, "sweep.seeds")
+
+
+def check_seeds(value: Any, where: str) -> int | list[int]:
+    """A sweep's seeds: a count N ≥ 1 or a non-empty list of distinct integer seeds (errors name ``where``)."""
+    example = "0,1,2" if where.startswith("--") else "[0, 1, 2]"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(f"{where}: {value} seeds; give a count ≥ 1 (e.g. 3) or a list of seeds (e.g. {example})")
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where}: {value} repeats a seed; list each seed once")
+        return list(value)
+    raise ConfigError(f"{where}: {value!r} is neither a count ≥ 1 (e.g. 3) nor a non-empty list of integer seeds "
+                      f"(e.g. {example})")
+
+
+def parse_seeds_arg(raw: str) -> int | list[int]:
+    """``--seeds 3`` (a count) or ``--seeds 0,1,2`` (the seeds; ``--seeds 7,`` is the one seed 7)."""
+    try:
+        value: Any = ([int(v) for v in raw.split(",") if v.strip()] if "," in raw else int(raw))
+    except ValueError:
+        value = raw
+    return check_seeds(value, f"--seeds {raw}")
+
+
+@dataclass
+class SweepConfig:
+    """A sweep file: a run config (``run``, the keys every grid point starts from, overrides applied) plus its
+    ``sweep`` section. ``run`` stays a mapping because each grid point overrides it before it becomes a
+    RunConfig; ``load_sweep_config`` checks that it is one."""
+
+    run: dict[str, Any] = field(default_factory=dict)
+    sweep: SweepSection = field(default_factory=SweepSection)
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read a sweep file: its ``sweep`` section typed (errors name ``sweep.KEY``), the run config read as
+    ``load_config`` reads it (student presets expanded, ``overrides`` applied); each grid point validates it."""
+    data = read_yaml(path)
+    section = data.pop("sweep", None) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'sweep' must be a mapping with keys "
+                          f"{', '.join(f.name for f in dataclasses.fields(SweepSection))}")
+    sweep = from_dict(SweepSection, section, "sweep")
+    expand_preset(data)
+    apply_overrides(data, overrides or [])
+    expand_preset(data)
+    return SweepConfig(data, sweep)
