@@ -401,3 +401,27 @@ def test_a_loader_worker_dies_with_a_sigkilled_training_process() -> None:
     while alive():
         assert time.monotonic() < deadline, "the worker outlived its training process"
         time.sleep(0.05)
+
+
+def test_a_frozen_text_tower_computed_per_step_matches_its_table(minilm_path: str) -> None:
+    """Over streamed shards a frozen text tower's caption features are computed per step, not tabled; in train
+    mode its dropout would make them differ from the table in-memory data uses (and from step to step)."""
+    from conftest import tiny_dual_encoder
+
+    from mmkd.objectives.base import WeightedSum
+    from mmkd.train.loop import DistillTask, FrozenText, _train_mode, text_is_frozen
+
+    student = tiny_dual_encoder(minilm_path, dropout=True)
+    for p in student.text_model.parameters():
+        p.requires_grad_(False)
+    captions = ["a red circle at the top", "a blue square in the middle"]
+    table = FrozenText(student, captions).lookup(captions)
+    task = DistillTask(student, WeightedSum([]))
+    _train_mode(task, text_is_frozen(student))
+    assert student.training and not student.text_model.training
+    tok = student.tokenize(captions)
+    with torch.no_grad():
+        per_step = [student.text_features(tok["input_ids"], tok["attention_mask"]) for _ in range(2)]
+    assert torch.equal(per_step[0], per_step[1])  # no dropout
+    # the table may be computed in bf16 (where the CPU is fast at it): equal up to its rounding
+    assert torch.nn.functional.cosine_similarity(per_step[0], table).min() > 0.999

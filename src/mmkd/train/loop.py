@@ -94,6 +94,14 @@ class DistillTask(nn.Module):
         return self.objectives(out, teacher)
 
 
+def _train_mode(task: DistillTask, text_frozen: bool) -> None:
+    """Train mode, except a frozen text tower: it runs as its tabled features were computed (eval mode, no
+    dropout), also where they are computed per step (streamed shards, whose captions are not tabled)."""
+    task.train()
+    if text_frozen:
+        task.student.text_model.eval()
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases, norms, embeddings' scales and the logit scale are left alone."""
     decay, no_decay = [], []
@@ -229,7 +237,8 @@ def train(
     log = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
     log.truncate_after(start)
     run_record = identity.to_plain() if identity is not None else {}
-    task.train()
+    text_frozen = text_is_frozen(student)
+    _train_mode(task, text_frozen)
     amp_device = device_of(task)  # autocast follows the parameters, not whether the machine has a GPU
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not (progress and dist_info.is_main),
                dynamic_ncols=True, leave=False)
@@ -304,7 +313,7 @@ def train(
             if dist_info.is_main:
                 student.eval()
                 log.write({"step": done, "eval": evaluate(student)})
-                student.train()
+                _train_mode(task, text_frozen)
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
             checkpoint(done)
     bar.close()
