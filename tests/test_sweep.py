@@ -59,7 +59,7 @@ def test_grid_arguments_references_and_errors(tmp_path: Path) -> None:
     ref = next(r for r in sweep.runs if r.name == "reference-scratch__clip__train.lr-0.002")
     assert [o.name for o in ref.cfg.objectives] == ["clip"] and ref.added and ref.cfg.train.lr == 2e-3
 
-    with pytest.raises(ConfigError, match=r"'hinton' names no objective set; sets: clip, cosine, kl"):
+    with pytest.raises(ConfigError, match=r"'hinton' names no objective set or variant; sets: clip, cosine, kl"):
         load_sweep(CONFIGS / "s1_compare.yaml", ["kd=hinton"])
     with pytest.raises(ConfigError, match="train.lr: expected a number"):
         load_sweep(CONFIGS / "s1_compare.yaml", ["train.lr=fast"])
@@ -67,7 +67,7 @@ def test_grid_arguments_references_and_errors(tmp_path: Path) -> None:
         load_sweep(CONFIGS / "s1_compare.yaml", ["kd"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("sweep: {grids: {}}\n")
-    with pytest.raises(ConfigError, match=r"sweep.grids'; valid keys here: out, grid, sets"):
+    with pytest.raises(ConfigError, match=r"sweep.grids'; valid keys here: out, grid, sets, variants"):
         load_sweep(bad)
     for text, key in (("sweep: {sets: {mse: [{name: fd_mse, wieght: 1}]}}", r"'sweep.sets.mse\[0\].wieght'"),
                       ("sweep: {sets: {mse: {name: fd_mse}}}", r"sweep.sets.mse: expected a list"),
@@ -302,3 +302,69 @@ def test_beyond_noise_rule() -> None:
     assert beyond_noise(0.05, None, None, None) is None and beyond_noise(None, (0.1, 0.2), 0.0, 0.0) is None
     lo, hi = bootstrap_interval(np.array([1.0] * 30 + [0.0] * 70))
     assert lo < 0.3 < hi and (lo, hi) == bootstrap_interval(np.array([1.0] * 30 + [0.0] * 70))
+
+
+def test_variants_bundle_overrides_and_get_their_own_scratch_reference(tmp_path: Path) -> None:
+    """A variant applies several keys at once; each variant is its own config, so it gets its own reference."""
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump({
+        "train": {"steps": 3},
+        "sweep": {"sets": {"clip": [{"name": "clip"}], "mse": [{"name": "fd_mse"}]},
+                  "variants": {"plain": {"train.lr": 1.0e-3},
+                               "views": {"data.augment": True, "data.views": 4, "train.lr": 2.0e-3}},
+                  "grid": {"task": ["clip"], "kd": ["mse"], "setting": ["plain", "views"],
+                           "train.weight_decay": [0.1]}}}, sort_keys=False))
+    runs = {r.name: r for r in load_sweep(path).runs}
+    views = runs["task-clip__kd-mse__setting-views__train.weight_decay-0.1"]
+    assert (views.cfg.data.augment, views.cfg.data.views, views.cfg.train.lr, views.cfg.train.weight_decay) == \
+        (True, 4, 2e-3, 0.1)
+    plain = runs["task-clip__kd-mse__setting-plain__train.weight_decay-0.1"]
+    assert (plain.cfg.data.augment, plain.cfg.data.views, plain.cfg.train.lr) == (False, None, 1e-3)
+    refs = sorted(n for n in runs if n.startswith("reference-scratch"))
+    assert refs == ["reference-scratch__clip__setting-plain__train.weight_decay-0.1",
+                    "reference-scratch__clip__setting-views__train.weight_decay-0.1"]
+    ref = runs[refs[1]]
+    assert ref.cfg.data.views == 4 and [o.name for o in ref.cfg.objectives] == ["clip"]
+
+    for variants, grid, message in (
+            ({"v": {"data.wiews": 3}}, {"s": ["v"]}, r"sweep run task-clip__s-v: unknown config key 'data.wiews'"),
+            ({"v": {"dataa.views": 3}}, {"s": ["v"]}, r"sweep.variants.v: 'dataa.views' is not a config key"),
+            ({"v": {}}, {"s": ["v"]}, r"variants.v must be a non-empty mapping"),
+            ({"clip": {"data.views": 3}}, {"s": ["clip"]}, r"variants.clip has the name of a set"),
+            ({"v": {"data.views": 3}}, {"s": ["v", "clip"]}, r"sweep.grid.s: its values name both"),
+            ({"v": {"data.views": 3}}, {"s": ["w"]}, r"'w' names no objective set or variant; sets: clip; "
+                                                     r"variants: v")):
+        path.write_text(yaml.safe_dump({"sweep": {"sets": {"clip": [{"name": "clip"}]}, "variants": variants,
+                                                  "grid": {"task": ["clip"], **grid}}}, sort_keys=False))
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(path)
+
+
+def test_a_baseline_grid_point_replaces_the_scratch_references(tmp_path: Path, minilm_path: str,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """sweep.baseline: no scratch run is added; each row's Δ is vs the baseline's run of the same seed."""
+    _teacher(tmp_path / "teacher", minilm_path)
+    config = _config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["sweep"]["variants"] = {"lr1": {"train.lr": 1.0e-3}, "lr3": {"train.lr": 3.0e-3}}
+    data["sweep"]["grid"] = {"task": ["clip"], "kd": ["mse"], "setting": ["lr1", "lr3"]}
+    data["sweep"]["baseline"] = "task-clip__kd-mse__setting-lr1"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert cli.main(["sweep", str(config), "--seeds", "2"]) == 0
+    capsys.readouterr()
+    runs = tmp_path / "sweep" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        f"task-clip__kd-mse__setting-{s}{x}" for s in ("lr1", "lr3") for x in ("", "__seed-1"))
+    zs = "zeroshot:world:test:colour_shape"
+    top1 = {p.name: json.loads((p / "metrics.json").read_text())["eval"][zs]["top1"] for p in runs.iterdir()}
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "sweep" / "leaderboard.csv").open())}
+    base, other = "task-clip__kd-mse__setting-lr1", "task-clip__kd-mse__setting-lr3"
+    deltas = [top1[other] - top1[base], top1[other + "__seed-1"] - top1[base + "__seed-1"]]
+    assert rows[other]["vs_scratch"] == base and float(rows[other]["d_top1"]) == pytest.approx(statistics.mean(deltas))
+    assert rows[base]["d_top1"] == ""  # the baseline itself has no Δ
+    assert f"Δ top-1 vs {base} (pts)" in (tmp_path / "sweep" / "leaderboard.md").read_text()
+    data["sweep"]["baseline"] = "setting-lr9"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"sweep.baseline: 'setting-lr9' is not a grid point of this sweep; grid "
+                                          r"points: task-clip__kd-mse__setting-lr1, task-clip__kd-mse__setting-lr3"):
+        load_sweep(config)

@@ -7,14 +7,19 @@ A sweep config is a run config (see ``mmkd distill``) plus a ``sweep`` section::
       sets:                           # named objective lists
         triplet: [{name: triplet}]
         mse: [{name: fd_mse, towers: [image, text]}]
+      variants:                       # named bundles of key=value overrides
+        views10: {data.augment: true, data.views: 10}
       grid:                           # axes; the runs are their cartesian product
         task: [triplet, clip]         # an axis whose values name sets: the run's objectives are the
         kd: [none, mse]               #   concatenation of the chosen sets, axis by axis
         train.lr: [1.0e-3]            # an axis named by a config key: a key=value override
+        setting: [views10]            # an axis whose values name variants: their overrides
+      baseline: task-clip__kd-none__setting-views10   # optional: Δ vs this grid point, not vs scratch
 
 ``--grid key=v1,v2`` adds an axis or replaces one. A run is finished when its ``metrics.json`` exists; a
 re-run skips it. A run whose objectives need no teacher is a *scratch* reference (the same student trained
-with the task loss only); if the grid has none, one is added. The teacher is evaluated as a reference row.
+with the task loss only); if the grid has none, one is added, unless ``baseline`` names the grid point every row
+is compared with instead. The teacher is evaluated as a reference row.
 Teacher targets are computed once per sweep (not once per run), so the sweep costs only student time.
 Under ``torchrun`` each process takes every N-th run (no DDP inside a run); rank 0 writes the leaderboard.
 
@@ -71,6 +76,7 @@ class Run:
     added: bool = False  # a scratch reference the sweep added itself
     seed: int = 0  # train.seed
     point: str = ""  # the grid point's name (the run's name without its seed suffix): the leaderboard's row
+    config_axes: dict[str, Any] = field(default_factory=dict)  # the axes that change the config (keys, variants)
 
     @property
     def reference(self) -> str:
@@ -86,6 +92,7 @@ class Sweep:
     sets: dict[str, list[Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     command: str = ""  # the `mmkd sweep` command line that gives this sweep (recorded with the leaderboard)
+    baseline: str | None = None  # the grid point Δ top-1 is measured against (None: each run's scratch reference)
 
 
 def _parse_grid_arg(item: str) -> tuple[str, list[Any]]:
@@ -132,14 +139,24 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
         key, values = _parse_grid_arg(item)
         axes[key] = values  # added, or replacing the file's axis
     config_keys = _config_fields()
+    for name, overrides in section.variants.items():
+        bad = next((k for k in overrides if str(k).split(".")[0] not in config_keys), None)
+        if bad is not None:
+            raise ConfigError(f"sweep.variants.{name}: {bad!r} is not a config key; config keys: "
+                              f"{', '.join(sorted(config_keys))}")
     for key, values in axes.items():
         if key.split(".")[0] in config_keys:
             continue
-        missing = [v for v in values if str(v) not in sets]
+        kinds = {"set" if str(v) in sets else "variant" if str(v) in section.variants else "none" for v in values}
+        missing = [v for v in values if str(v) not in sets and str(v) not in section.variants]
         if missing:
-            raise ConfigError(f"sweep.grid.{key}: {missing[0]!r} names no objective set; sets: "
-                              f"{', '.join(sorted(sets)) or 'none'} (an axis named by a config key, e.g. "
+            raise ConfigError(f"sweep.grid.{key}: {missing[0]!r} names no objective set or variant; sets: "
+                              f"{', '.join(sorted(sets)) or 'none'}; variants: "
+                              f"{', '.join(sorted(section.variants)) or 'none'} (an axis named by a config key, e.g. "
                               f"train.lr, takes plain values instead; config keys: {', '.join(sorted(config_keys))})")
+        if len(kinds) > 1:
+            raise ConfigError(f"sweep.grid.{key}: its values name both objective sets and variants; give each kind "
+                              "its own axis")
     seed_spec = parse_seeds_arg(seeds) if seeds is not None else section.seeds
     seed_list, first = _seed_list(seed_spec, base)
     if seed_spec is not None and "train.seed" in axes:
@@ -147,30 +164,40 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
                           "set train.seed; keep one of them")
     out_arg, out = out, Path(out or section.out or base.get("out") or "runs/sweep")
     combos = list(itertools.product(*axes.values())) or [()]
-    runs = [_make_run(base, sets, dict(zip(axes, combo)), out, seed, first) for combo in combos for seed in seed_list]
+    runs = [_make_run(base, sets, section.variants, dict(zip(axes, combo)), out, seed, first)
+            for combo in combos for seed in seed_list]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep: two grid points give the same run name ({names}); make the values distinct")
+    if section.baseline is not None and section.baseline not in {r.point for r in runs}:
+        raise ConfigError(f"sweep.baseline: {section.baseline!r} is not a grid point of this sweep; grid points: "
+                          f"{', '.join(dict.fromkeys(r.point for r in runs))}")
     command = shlex.join(["mmkd", "sweep", str(path), *(f"--grid={g}" for g in grid or []), *(overrides or []),
                           *(["--out", str(out_arg)] if out_arg else []), *(["--seeds", seeds] if seeds else [])])
-    return Sweep(out, _add_scratch_references(runs, out, first), axes, sets, seed_list, command)
+    if section.baseline is None:
+        runs = _add_scratch_references(runs, out, first)
+    return Sweep(out, runs, axes, sets, seed_list, command, section.baseline)
 
 
 def _seed_suffix(seed: int, first: int) -> str:
     return "" if seed == first else f"__seed-{seed}"
 
 
-def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, Any], out: Path, seed: int,
-              first: int) -> Run:
+def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], variants: dict[str, dict[str, Any]],
+              axes: dict[str, Any], out: Path, seed: int, first: int) -> Run:
     data = copy.deepcopy(base)
     data.setdefault("train", {})
     if isinstance(data["train"], dict):  # (not a mapping: validation below names train)
         data["train"]["seed"] = seed
     config_keys = _config_fields()
-    objective_axes = [k for k in axes if k.split(".")[0] not in config_keys]
+    named = [k for k in axes if k.split(".")[0] not in config_keys]
+    objective_axes = [k for k in named if str(axes[k]) in sets]
     if objective_axes:
         data["objectives"] = [copy.deepcopy(o) for k in objective_axes for o in sets[str(axes[k])]]
-    apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in axes.items() if k not in objective_axes])
+    for k in named:  # a variant's overrides first, so that a config-key axis can still override one of them
+        if k not in objective_axes:
+            apply_overrides(data, [f"{key}={json.dumps(v)}" for key, v in variants[str(axes[k])].items()])
+    apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in axes.items() if k not in named])
     point = "__".join(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items()) or "run"
     name = point + _seed_suffix(seed, first)
     data["out"] = str(out / "runs" / name)
@@ -181,7 +208,8 @@ def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, 
     except ConfigError as e:
         raise ConfigError(f"sweep run {name}: {e}") from None
     role = "distilled" if any(OBJECTIVES.get(o.name).uses_teacher for o in cfg.objectives) else "scratch"
-    return Run(name, cfg, axes, role, seed=seed, point=point)
+    return Run(name, cfg, axes, role, seed=seed, point=point,
+               config_axes={k: v for k, v in axes.items() if k not in objective_axes})
 
 
 def task_objectives(cfg: RunConfig) -> list[Any]:
@@ -189,11 +217,10 @@ def task_objectives(cfg: RunConfig) -> list[Any]:
 
 
 def reference_key(run: Run) -> str:
-    """Runs with the same task objectives, config-axis values and seed share one from-scratch reference."""
-    config_keys = _config_fields()
+    """Runs with the same task objectives, config-axis values (variants included) and seed share one from-scratch
+    reference."""
     task = [(o.name, o.weight, o.towers, o.params) for o in task_objectives(run.cfg)]
-    return json.dumps([task, {k: v for k, v in run.axes.items() if k.split(".")[0] in config_keys}, run.seed],
-                      sort_keys=True, default=str)
+    return json.dumps([task, run.config_axes, run.seed], sort_keys=True, default=str)
 
 
 def _add_scratch_references(runs: list[Run], out: Path, first: int) -> list[Run]:
@@ -208,15 +235,14 @@ def _add_scratch_references(runs: list[Run], out: Path, first: int) -> list[Run]
         if not task:
             raise ConfigError(f"sweep run {run.name} has no task objective (clip, triplet, siglip), so it has no "
                               "from-scratch reference; add one to its objectives")
-        config_keys = _config_fields()
-        axes = {k: v for k, v in run.axes.items() if k.split(".")[0] in config_keys}
+        axes = dict(run.config_axes)
         point = "__".join(["reference-scratch", "+".join(o.name for o in task),
                            *(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items())])
         name = point + _seed_suffix(run.seed, first)
         cfg = copy.deepcopy(run.cfg)
         cfg.objectives = task
         cfg.out = str(out / "runs" / name)
-        added[key] = Run(name, cfg, axes, "scratch", added=True, seed=run.seed, point=point)
+        added[key] = Run(name, cfg, axes, "scratch", added=True, seed=run.seed, point=point, config_axes=axes)
     return list(added.values()) + runs
 
 
@@ -265,7 +291,8 @@ def _run_sweep(sweep: Sweep, rank: int, world: int, log: Any, progress: bool, po
     from mmkd.report.leaderboard import write_leaderboard
 
     if rank == 0:
-        atomic_write_json(sweep.out / "sweep.json", {"axes": sweep.axes, "seeds": sweep.seeds, "runs": [
+        atomic_write_json(sweep.out / "sweep.json", {"axes": sweep.axes, "seeds": sweep.seeds,
+                                                     "baseline": sweep.baseline, "runs": [
             {"name": r.name, "point": r.point, "seed": r.seed, "role": r.role, "axes": r.axes, "added": r.added,
              "out": r.cfg.out,
              "objectives": [{"name": o.name, "weight": o.weight, "towers": o.towers, "params": o.params}

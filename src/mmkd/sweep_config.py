@@ -16,12 +16,17 @@ class SweepSection:
     """A sweep file's ``sweep:`` section (``mmkd sweep``; see README, "Sweeps").
 
     grid: axes, each a list of values; an axis named by a config key (``train.lr``) overrides that key, any other
-    axis's values name ``sets``. sets: named objective lists, concatenated axis by axis into a run's objectives.
+    axis's values name ``sets`` or ``variants``. sets: named objective lists, concatenated axis by axis into a run's
+    objectives. variants: named bundles of ``key: value`` overrides (several keys that only make sense together,
+    e.g. a teacher ensemble with its caches, or views with RandAugment). baseline: a grid point every other row's
+    Δ top-1 is measured against (paired by seed), instead of a from-scratch reference (then none is added).
     """
 
     out: str | None = None  # default: the run config's out
     grid: dict[str, list[Any]] = field(default_factory=dict)
     sets: dict[str, list[ObjectiveSpec]] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: str | None = None  # a grid point's name (e.g. "setting-k1"): Δ vs it instead of vs scratch
     # N: every grid point with seeds train.seed, train.seed+1, …, +N-1; a list: those seeds; None: train.seed only
     seeds: Any = None
 
@@ -31,6 +36,13 @@ class SweepSection:
                 raise ValueError(f"grid.{key} must be a non-empty list of values")
         if self.seeds is not None:
             check_seeds(self.seeds, "sweep.seeds")
+        for name, overrides in self.variants.items():
+            if not isinstance(overrides, dict) or not overrides:
+                raise ValueError(f"variants.{name} must be a non-empty mapping of config keys to values "
+                                 "(e.g. {data.views: 10, data.augment: true})")
+        clash = sorted(set(self.sets) & set(self.variants))
+        if clash:
+            raise ValueError(f"variants.{clash[0]} has the name of a set; give variants and sets distinct names")
 
 
 def check_seeds(value: Any, where: str) -> int | list[int]:

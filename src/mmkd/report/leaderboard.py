@@ -93,8 +93,9 @@ def leaderboard_rows(sweep: Any, teacher: dict[str, Any] | None) -> list[dict[st
     """Teacher first, then one row per grid point (its seeds averaged) by zero-shot top-1 (best first).
 
     Each student row gets Δ top-1 vs the scratch run with the same task objectives, config-axis values and seed
-    (mean and sd over seeds, ``d_top1``/``d_top1_sd``), its paired bootstrap interval over test images
-    (``d_top1_lo``/``_hi``) and ``beyond_noise`` (see :func:`mmkd.report.noise.beyond_noise`)."""
+    (or, where the sweep names a ``baseline`` grid point, vs that point's run of the same seed): mean and sd over
+    seeds (``d_top1``/``d_top1_sd``), its paired bootstrap interval over test images (``d_top1_lo``/``_hi``)
+    and ``beyond_noise`` (see :func:`mmkd.report.noise.beyond_noise`)."""
     per_run = []
     for run in sweep.runs:
         folder = Path(run.cfg.out)
@@ -103,10 +104,13 @@ def leaderboard_rows(sweep: Any, teacher: dict[str, Any] | None) -> list[dict[st
                       for o in run.cfg.objectives]
         per_run.append((run, _row(run.name, run.role, _objectives_text(objectives), run.axes, metrics),
                         _hits(folder, metrics)))
+    baseline = getattr(sweep, "baseline", None)
+    if baseline is not None:  # every row against the baseline grid point's run of the same seed
+        by_seed = {run.seed: (run, row) for run, row, _ in per_run if run.point == baseline}
     scratch = {run.reference: (run, row) for run, row, _ in per_run if run.role == "scratch"}
     groups: dict[str, list[tuple[Any, dict[str, Any], np.ndarray | None]]] = {}
     for run, row, hits in per_run:
-        ref = scratch.get(run.reference)
+        ref = by_seed.get(run.seed) if baseline is not None else scratch.get(run.reference)
         row["_ref_point"] = ref[0].point or ref[0].name if ref is not None and ref[0] is not run else ""
         row["d_top1"] = (row["zs_top1"] - ref[1]["zs_top1"] if row["_ref_point"] and ref is not None
                          and row["zs_top1"] is not None and ref[1]["zs_top1"] is not None else None)
@@ -158,13 +162,14 @@ def _interval(r: dict[str, Any]) -> str:
     return "–" if lo is None or hi is None else f"{100 * lo:.1f}–{100 * hi:.1f}"
 
 
-def markdown(rows: list[dict[str, Any]], title: str = "") -> str:
+def markdown(rows: list[dict[str, Any]], title: str = "", versus: str = "scratch") -> str:
     """The board as a Markdown table: a ``seeds`` column only when some grid point ran more than one seed; the
-    interval and noise columns only for rows written with them (a board saved before them renders as it was)."""
+    interval and noise columns only for rows written with them (a board saved before them renders as it was).
+    versus: what Δ top-1 is measured against (the scratch references, or the sweep's baseline grid point)."""
     seeded = any((r.get("seeds") or 1) > 1 for r in rows)
     noisy = any("zs_top1_lo" in r for r in rows)
     cols = ["run", "role", "objectives", *(["seeds"] if seeded else []), "zero-shot top-1 %",
-            *(["top-1 95% interval"] if noisy else []), "top-5 %", "Δ top-1 vs scratch (pts)",
+            *(["top-1 95% interval"] if noisy else []), "top-5 %", f"Δ top-1 vs {versus} (pts)",
             *(["beyond noise"] if noisy else []), "i2t R@1 %", "t2i R@1 %", "train s"]
     align = {"run": "---", "role": "---", "objectives": "---", "beyond noise": ":---:"}
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(align.get(c, "---:") for c in cols) + "|"]
@@ -172,7 +177,7 @@ def markdown(rows: list[dict[str, Any]], title: str = "") -> str:
         cells = {"run": r["run"], "role": r["role"], "objectives": r["objectives"], "seeds": str(r.get("seeds") or ""),
                  "zero-shot top-1 %": _spread(r, "zs_top1"), "top-1 95% interval": _interval(r),
                  "top-5 %": _spread(r, "zs_top5"),
-                 "Δ top-1 vs scratch (pts)": "" if r.get("d_top1") is None else _spread(r, "d_top1", sign="+"),
+                 f"Δ top-1 vs {versus} (pts)": "" if r.get("d_top1") is None else _spread(r, "d_top1", sign="+"),
                  "beyond noise": {True: "yes", False: "no"}.get(r.get("beyond_noise"), ""),  # type: ignore[arg-type]
                  "i2t R@1 %": _spread(r, "i2t_r1"), "t2i R@1 %": _spread(r, "t2i_r1"),
                  "train s": "" if r.get("train_s") is None else _spread(r, "train_s", ".0f", 1.0)}
@@ -216,6 +221,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, png(fig, dpi=110))
 
 
+def _teachers(sweep: Any) -> str:
+    """The sweep's teacher, or each distinct one (a variant may change it) in grid order."""
+    seen = dict.fromkeys(str(r.cfg.teacher) for r in sweep.runs if r.role != "scratch") or {
+        str(sweep.runs[0].cfg.teacher): None}
+    return " / ".join(seen)
+
+
 def write_leaderboard(sweep: Any, teacher: dict[str, Any] | None) -> Path:
     rows = leaderboard_rows(sweep, teacher)
     first = sweep.runs[0].cfg
@@ -226,9 +238,11 @@ def write_leaderboard(sweep: Any, teacher: dict[str, Any] | None) -> Path:
         return spec_data(e) + (f" ({', '.join(extra)})" if extra else "")
 
     notes = (f"Zero-shot: {where(zs)}; " if zs else "") + (f"retrieval: {where(rt)}; " if rt else "") + (
-        f"teacher: {first.teacher}. Train time is student time only (teacher targets computed once per sweep).")
-    atomic_write_text(sweep.out / "leaderboard.md", markdown(rows, f"# Leaderboard: {sweep.out}\n\n{notes}"))
-    atomic_write_json(sweep.out / "leaderboard.json", {"command": sweep.command, "notes": notes,
+        f"teacher: {_teachers(sweep)}. Train time is student time only (teacher targets computed once per sweep).")
+    versus = getattr(sweep, "baseline", None) or "scratch"
+    atomic_write_text(sweep.out / "leaderboard.md",
+                      markdown(rows, f"# Leaderboard: {sweep.out}\n\n{notes}", versus=versus))
+    atomic_write_json(sweep.out / "leaderboard.json", {"command": sweep.command, "notes": notes, "versus": versus,
                                                        "rows": rows})
     write_csv(rows, sweep.out / "leaderboard.csv")
     plot(rows, sweep.out / "leaderboard.png")
