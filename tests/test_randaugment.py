@@ -270,6 +270,15 @@ def test_cli_flag_is_parsed_and_checked() -> None:
             parse_randaugment(bad)
 
 
+def test_cache_cli_refuses_a_malformed_flag(tiny_teacher_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cache", "--teacher", str(tiny_teacher_dir), "--data", "world:train", "--world-n", "4",
+                 "--data-cache", str(tmp_path / "world"), "--out", str(tmp_path / "tc"), "--randaugment", "2,31"]) == 2
+    err = capsys.readouterr().err
+    assert "--randaugment '2,31': magnitude must be an integer in [0, num_magnitude_bins - 1] = [0, 30]" in err
+    assert not (tmp_path / "tc").exists()
+
+
 # -------------------------------------------------------------------------------- teacher pixels, online and cached
 
 
@@ -344,7 +353,7 @@ def test_cache_replays_randaugmented_views_and_refuses_other_settings(ra_run: di
 def test_cache_cli_refuses_randaugment_twice(ra_run: dict[str, Any], tiny_teacher_dir: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cache", "--config", str(ra_run["ra"]["config"]), "--teacher", str(tiny_teacher_dir),
-                 "--randaugment", "2,9"]) != 0
+                 "--randaugment", "2,9"]) == 2
     assert "either with --randaugment or through --config" in capsys.readouterr().err
 
 

@@ -34,13 +34,12 @@ def parse_randaugment(text: str) -> RandAugmentConfig:
                          "default 31; e.g. --randaugment 2,9)") from None
 
 
-def cache_randaugment(args: argparse.Namespace, cfg: RandAugmentConfig | None) -> RandAugmentConfig | None:
+def cache_randaugment(flag: RandAugmentConfig | None, cfg: RandAugmentConfig | None) -> RandAugmentConfig | None:
     """RandAugment for the build: ``--randaugment`` or the ``--config``'s data.randaugment (not both)."""
-    flag = getattr(args, "randaugment", None)
     if flag is not None and cfg is not None:
         raise UsageError("give RandAugment either with --randaugment or through --config's data.randaugment, "
                          "not both")
-    return parse_randaugment(flag) if flag is not None else cfg
+    return flag if flag is not None else cfg
 
 
 def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record], ...], str]:
@@ -97,8 +96,10 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
     info = init_distributed(device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    flag = getattr(args, "randaugment", None)
+    flag = parse_randaugment(flag) if flag is not None else None  # a malformed flag fails before data is read
     teacher_path, records, out = cache_inputs(args)
-    ra = cache_randaugment(args, getattr(args, "randaugment_config", None))
+    ra = cache_randaugment(flag, getattr(args, "randaugment_config", None))
     teacher = load_dual_encoder(teacher_path).to(device)
     result = build_cache(teacher, records, out, views=args.views, dtype=args.dtype, features=args.features,
                          seed=args.seed, augmentation=with_randaugment(None, ra) or None,
