@@ -10,11 +10,36 @@ from typing import Any
 
 import torch
 
+from mmkd.config import RandAugmentConfig
 from mmkd.data.records import BadSamples, Record, set_max_image_pixels
 from mmkd.data.resolve import records_from_spec
+from mmkd.data.transforms import with_randaugment
 from mmkd.devices import resolve_device
 from mmkd.dist import init_distributed
+from mmkd.errors import UsageError
 from mmkd.teacher.cache import BuildResult, CacheError, build_cache
+from mmkd.teacher.cache.size import cache_size
+
+
+def parse_randaugment(text: str) -> RandAugmentConfig:
+    """``--randaugment N,M[,BINS]`` as a RandAugmentConfig; UsageError naming the flag."""
+    parts = text.split(",")
+    try:
+        numbers = [int(p) for p in parts]
+        if not 2 <= len(numbers) <= 3:
+            raise ValueError(f"give 2 or 3 numbers, got {len(numbers)}")
+        return RandAugmentConfig(*numbers)
+    except ValueError as e:
+        raise UsageError(f"--randaugment {text!r}: {e} (N,M[,BINS]: N ops per view at magnitude bin M of BINS, "
+                         "default 31; e.g. --randaugment 2,9)") from None
+
+
+def cache_randaugment(flag: RandAugmentConfig | None, cfg: RandAugmentConfig | None) -> RandAugmentConfig | None:
+    """RandAugment for the build: ``--randaugment`` or the ``--config``'s data.randaugment (not both)."""
+    if flag is not None and cfg is not None:
+        raise UsageError("give RandAugment either with --randaugment or through --config's data.randaugment, "
+                         "not both")
+    return flag if flag is not None else cfg
 
 
 def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record], ...], str]:
@@ -30,6 +55,7 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record],
         from mmkd.pipeline import cache_path, training_records
 
         cfg = load_config(args.config)
+        args.randaugment_config = cfg.data.randaugment
         set_max_image_pixels(cfg.data.max_image_pixels)
         bad = BadSamples(cfg.data.on_error)
         paired, unpaired = training_records(cfg, bad)
@@ -70,10 +96,14 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
     info = init_distributed(device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    flag = getattr(args, "randaugment", None)
+    flag = parse_randaugment(flag) if flag is not None else None  # a malformed flag fails before data is read
     teacher_path, records, out = cache_inputs(args)
+    ra = cache_randaugment(flag, getattr(args, "randaugment_config", None))
     teacher = load_dual_encoder(teacher_path).to(device)
     result = build_cache(teacher, records, out, views=args.views, dtype=args.dtype, features=args.features,
-                         seed=args.seed, batch_size=args.batch_size, chunk_rows=args.chunk_rows,
+                         seed=args.seed, augmentation=with_randaugment(None, ra) or None,
+                         batch_size=args.batch_size, chunk_rows=args.chunk_rows,
                          precision=args.precision, source=_source_name(teacher_path), progress=info.is_main,
                          log=log if info.is_main else None)
     if info.is_main:
@@ -83,6 +113,7 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
             + (f", {result.chunks_skipped} already there" if result.chunks_skipped else "")
             + (f"; {result.segments_skipped} shard(s) were cached before" if result.segments_skipped else "")
             + f", {result.seconds:.1f} s). Train from it with `teacher: cache:{result.root}`")
+        log(cache_size(result.root).line())
     return result
 
 

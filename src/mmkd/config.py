@@ -105,6 +105,29 @@ class StudentConfig:
 ON_ERROR = ("raise", "skip")
 
 
+@dataclass(frozen=True)
+class RandAugmentConfig:
+    """RandAugment (Cubuk et al.) on augmented views (``mmkd.data.randaugment``): ``num_ops`` operations per view,
+    each at bin ``magnitude`` of ``num_magnitude_bins`` (torchvision's ranges; 0 is the weakest, bins - 1 the
+    strongest). Part of a teacher cache's augmentation fingerprint."""
+
+    num_ops: int = 2
+    magnitude: int = 9
+    num_magnitude_bins: int = 31
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_ops, bool) or not isinstance(self.num_ops, int) or self.num_ops < 1:
+            raise ValueError(f"num_ops must be an integer ≥ 1 (operations per view; null turns RandAugment off), "
+                             f"got {self.num_ops!r}")
+        if (isinstance(self.num_magnitude_bins, bool) or not isinstance(self.num_magnitude_bins, int)
+                or self.num_magnitude_bins < 2):
+            raise ValueError(f"num_magnitude_bins must be an integer ≥ 2, got {self.num_magnitude_bins!r}")
+        if (isinstance(self.magnitude, bool) or not isinstance(self.magnitude, int)
+                or not 0 <= self.magnitude < self.num_magnitude_bins):
+            raise ValueError(f"magnitude must be an integer in [0, num_magnitude_bins - 1] = "
+                             f"[0, {self.num_magnitude_bins - 1}], got {self.magnitude!r}")
+
+
 @dataclass
 class DataConfig:
     """Where training pairs come from.
@@ -132,6 +155,7 @@ class DataConfig:
     only_cached_shards: bool = False  # teacher: cache:DIR partly built: train on the shards it holds (else refused)
     workers: int | None = None  # DataLoader processes decoding batches; 0: in the training process; None: auto
     shard_window: int = 8  # shards whose samples are shuffled together (WebDataset shards; see README)
+    randaugment: RandAugmentConfig | None = None  # on augmented views (view ≥ 1) after the crop; None: off
 
 
 @dataclass
@@ -458,6 +482,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.label_captions: {cfg.data.label_captions!r} needs a '{{}}' for the class name")
     if cfg.data.views is not None and cfg.data.views < 1:
         raise ConfigError("data.views must be ≥ 1 (view 0 is the unaugmented image)")
+    if cfg.data.randaugment is not None and not cfg.data.augment:
+        raise ConfigError("data.randaugment applies to augmented views only, and data.augment is false: set "
+                          "data.augment: true, or remove data.randaugment")
     if cfg.data.only_cached_shards and not cfg.teacher.startswith("cache:"):
         raise ConfigError("data.only_cached_shards: true needs teacher: cache:DIR (it trains on the shards a partly "
                           "built teacher cache holds)")

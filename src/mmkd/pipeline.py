@@ -22,6 +22,7 @@ from mmkd.config import ConfigError, RunConfig, to_dict
 from mmkd.data.batches import ImageBank, TrainData, in_memory
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, zeroshot_classes
+from mmkd.data.transforms import with_randaugment
 from mmkd.devices import resolve_device
 from mmkd.dist import DistInfo, barrier, init_distributed
 from mmkd.eval.perimage import write_per_image
@@ -272,9 +273,10 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                           "(clip, triplet, siglip)")
     paired, unpaired = training_records(cfg, bad)
     sm = student.meta
-    s_paired = ImageBank(paired, sm.image_size, sm.image_mean, sm.image_std, augment_paired(cfg), cfg.train.seed)
-    s_unpaired = (ImageBank(unpaired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed)
-                  if unpaired else None)
+    aug = with_randaugment(None, cfg.data.randaugment)  # the teacher's banks below: the same views
+    s_paired = ImageBank(paired, sm.image_size, sm.image_mean, sm.image_std, augment_paired(cfg), cfg.train.seed, aug)
+    s_unpaired = (ImageBank(unpaired, sm.image_size, sm.image_mean, sm.image_std, cfg.data.augment, cfg.train.seed,
+                            aug) if unpaired else None)
     views = cfg.data.views or (ONLINE_VIEWS if cfg.data.augment else 1)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
                      world=info.world_size, seed=cfg.train.seed, views=views, window=cfg.data.shard_window)
@@ -282,9 +284,10 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
     if objectives.needs_teacher:
         teacher.to(device or "cpu")
         tm = teacher.meta
-        t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, augment_paired(cfg), cfg.train.seed)
+        t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, augment_paired(cfg), cfg.train.seed,
+                             aug)
         t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
-                                cfg.train.seed) if unpaired else None)
+                                cfg.train.seed, aug) if unpaired else None)
         # a shared cache computes features too, so every run of a sweep can use the same table
         online = OnlineTeacher(teacher, t_paired, t_unpaired, features=cache is not None or wants_features(objectives))
         if cfg.data.augment or data.streaming:
@@ -322,9 +325,12 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
                 f"left out {len(lacking)} shard(s) it lacks, e.g. {lacking[0]}")
         unpaired = unpaired or None
     sm = student.meta
-    s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=augment_paired(cfg))
-    s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment)
-                  if unpaired else None)
+    # the cache's crops, training's RandAugment: a cache built with other RandAugment settings is refused by check()
+    aug = with_randaugment(cache.augmentation, cfg.data.randaugment)
+    s_paired = cache.bank(paired, sm.image_size, sm.image_mean, sm.image_std, augment=augment_paired(cfg),
+                          augmentation=aug)
+    s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment,
+                             augmentation=aug) if unpaired else None)
     t_bias = cache.meta["fingerprint"]["teacher"].get("logit_bias")  # a SigLIP teacher's (None for others)
     ctx = ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims,
                            teacher_logit_scale=cache.logit_scale if t_bias is not None else None,

@@ -22,6 +22,9 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--out", help="cache folder (resumed if it holds a partial cache of the same build)")
     c.add_argument("--views", type=int, default=1, help="views per image: view 0 = eval transform, 1..K-1 "
                                                         "augmented (default 1)")
+    c.add_argument("--randaugment", metavar="N,M[,BINS]", default=None,
+                   help="RandAugment on views ≥ 1: N ops per view at magnitude bin M of BINS (default 31), e.g. 2,9 "
+                        "(default: off, or the --config's data.randaugment); part of the cache's fingerprint")
     c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="storage type (default float16)")
     c.add_argument("--features", action="store_true",

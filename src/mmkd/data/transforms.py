@@ -10,16 +10,19 @@ uint8 → normalised float32 conversion is one numpy pass into a fresh buffer.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
+from mmkd.config import RandAugmentConfig
 from mmkd.data.decode import Box, Decodable
+from mmkd.data.randaugment import randaugment
 
 ImageLike = Image.Image | np.ndarray
 
@@ -27,8 +30,9 @@ ImageLike = Image.Image | np.ndarray
 # teacher caches built by an older version are refused instead of silently mismatching the student's views.
 # 2: JPEGs are decoded with DCT-domain downscaling to the smallest n/8 factor that keeps the crop box at least
 #    the output size (mmkd.data.decode), before the same bicubic resize.
+# (RandAugment draws after the crop and flip, so settings without it keep version 2's pixels.)
 TRANSFORM_VERSION = 2
-AUGMENTATION_FIELDS = ("scale", "ratio", "hflip")
+AUGMENTATION_FIELDS = ("scale", "ratio", "hflip", "randaugment")
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,11 @@ class TransformConfig:
     scale: tuple[float, float] = (0.6, 1.0)  # crop area range as a fraction of the image
     hflip: bool = False  # off by default: captions say "left"/"right"!
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect-ratio range
+    randaugment: RandAugmentConfig | None = None  # train only, after crop and flip (a mapping is converted)
 
     def __post_init__(self) -> None:
+        if isinstance(self.randaugment, Mapping):  # as a cache's meta.json or a YAML file hold it
+            object.__setattr__(self, "randaugment", randaugment_config(self.randaugment))
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -191,6 +198,8 @@ class ImageTransform:
             img = crop_resize(img, box, size)
         if flip:
             img = hflip(img)
+        if cfg.train and cfg.randaugment is not None:
+            img = randaugment(img, cfg.randaugment, rng)  # type: ignore[arg-type]
         return np.asarray(img)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -203,8 +212,35 @@ class ImageTransform:
 
 
 def augmentation_settings(cfg: TransformConfig) -> dict[str, object]:
-    """The settings that decide which crop view v is (image size, mean and std only decide its resolution)."""
-    return {"scale": list(cfg.scale), "ratio": list(cfg.ratio), "hflip": bool(cfg.hflip)}
+    """The settings that decide which crop view v is (image size, mean and std only decide its resolution).
+
+    ``randaugment`` is present only when it is on, so the settings of a cache built without it (before it
+    existed, too) still equal those of training without it."""
+    out: dict[str, object] = {"scale": list(cfg.scale), "ratio": list(cfg.ratio), "hflip": bool(cfg.hflip)}
+    if cfg.randaugment is not None:
+        out["randaugment"] = dataclasses.asdict(cfg.randaugment)
+    return out
+
+
+def randaugment_config(settings: Mapping[str, object]) -> RandAugmentConfig:
+    """A RandAugmentConfig from its settings mapping; ValueError naming an unknown or bad key."""
+    fields = [f.name for f in dataclasses.fields(RandAugmentConfig)]
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"randaugment: unknown setting(s) {unknown}; valid: {', '.join(fields)}")
+    try:
+        return RandAugmentConfig(**settings)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ValueError(f"randaugment: {e}") from None
+
+
+def with_randaugment(augmentation: Mapping[str, object] | None, cfg: RandAugmentConfig | None
+                     ) -> dict[str, object]:
+    """``augmentation`` (crop settings) with RandAugment set to ``cfg``, or removed where ``cfg`` is None."""
+    out = {k: v for k, v in (augmentation or {}).items() if k != "randaugment"}
+    if cfg is not None:
+        out["randaugment"] = dataclasses.asdict(cfg)
+    return out
 
 
 def _key_hash(key: str) -> int:

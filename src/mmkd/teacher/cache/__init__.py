@@ -10,15 +10,16 @@ the student replays exactly the augmented image whose teacher embedding it reads
 One module per job: ``format`` (the folder's layout, storage dtypes, metadata, errors), ``folder`` (claiming a
 folder for a build, starting segments, publishing the manifest), ``index`` (row lookup by key through a
 memory-mapped hash index), ``expect`` (what a consumer needs of a cache), ``build`` (running the teacher, one
-segment per data shard, committing chunks), ``read`` (``CachedTeacher``) and ``verify`` (``mmkd cache
---verify``). The names below are what the rest of mmkd imports.
+segment per data shard, committing chunks), ``read`` (``CachedTeacher``), ``size`` (bytes per sample) and
+``verify`` (``mmkd cache --verify``). The names below are what the rest of mmkd imports.
 """
 
 from mmkd.teacher.cache.build import BuildResult, build_cache, resolve_precision
 from mmkd.teacher.cache.expect import CacheExpectation, arrays_needed
 from mmkd.teacher.cache.format import CacheError, CacheFingerprintError
 from mmkd.teacher.cache.read import CachedTeacher
+from mmkd.teacher.cache.size import CacheSize, cache_size
 from mmkd.teacher.cache.verify import VerifyReport, verify_cache
 
-__all__ = ["BuildResult", "CacheError", "CacheExpectation", "CacheFingerprintError", "CachedTeacher", "VerifyReport",
-           "arrays_needed", "build_cache", "resolve_precision", "verify_cache"]
+__all__ = ["BuildResult", "CacheError", "CacheExpectation", "CacheFingerprintError", "CacheSize", "CachedTeacher",
+           "VerifyReport", "arrays_needed", "build_cache", "cache_size", "resolve_precision", "verify_cache"]

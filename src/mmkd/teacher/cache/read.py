@@ -10,7 +10,7 @@ import os
 import resource
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -380,10 +380,12 @@ class CachedTeacher:
                                               self.imported else f"the cached teacher {self.root}"))
 
     def bank(self, records: Sequence[Record], image_size: int, mean: Sequence[float], std: Sequence[float],
-             augment: bool | None = None) -> ImageBank:
-        """An image bank at the student's own resolution that replays the cached views (same seed and crops)."""
+             augment: bool | None = None, augmentation: Mapping[str, Any] | None = None) -> ImageBank:
+        """An image bank at the student's own resolution that replays the cached views (same seed and crops).
+
+        ``augmentation``: training's own settings instead of the cache's (``check`` then compares the two)."""
         return ImageBank(records, image_size, mean, std, augment=self.views > 1 if augment is None else augment,
-                         seed=self.view_seed, augmentation=self.augmentation)
+                         seed=self.view_seed, augmentation=self.augmentation if augmentation is None else augmentation)
 
     # -- lookups
     def _shard(self, seg: int, chunk: int, array: str) -> np.ndarray:

@@ -31,6 +31,7 @@ from mmkd.teacher.cache.format import (
     read_meta,
 )
 from mmkd.teacher.cache.index import KeyIndex
+from mmkd.teacher.cache.size import cache_size
 
 
 @dataclass
@@ -82,6 +83,11 @@ def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
     rep.summary = (f"{rows} samples in {len(listed)} segment(s) × {f['views']} view(s), {n_captions} captions, "
                    f"arrays {', '.join(arrays)}, {f['storage']['dtype']}; teacher {t.get('source') or '(in-process)'} "
                    f"weights {t['weights_sha256'][:12]}, embedding width {t['projection_dim']}")
+    if rows:
+        try:
+            rep.summary += f"; {cache_size(root).line()}"
+        except (CacheError, OSError) as e:  # a damaged file is already a problem above; the size is left out
+            rep.notes.append(f"bytes per sample not computed: {e}")
     return rep
 
 
