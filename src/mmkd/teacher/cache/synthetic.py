@@ -114,8 +114,8 @@ class SyntheticCaptions:
     """Training's view of a cache's synthetic captions: ``captions(keys, step)`` draws one per key (with its
     index), ``all_captions(keys)`` lists every one (to table a frozen text tower's features)."""
 
-    def __init__(self, cache: Any, seed: int, unpaired: bool = False) -> None:
-        self.cache, self.seed, self.unpaired = cache, seed, unpaired
+    def __init__(self, cache: Any, seed: int, unpaired: bool = False, weight: float = 1.0) -> None:
+        self.cache, self.seed, self.unpaired, self.weight = cache, seed, unpaired, weight
         self.n = synthetic_count(cache)
         if self.n == 0:
             raise CacheError(f"the teacher cache {cache.root} holds no synthetic captions (data.synthetic_captions "
