@@ -148,15 +148,18 @@ def load_captioner(name: str) -> Captioner:
 def _fill_generation_ids(model: Any, tokenizer: Any) -> None:
     """A VisionEncoderDecoder saved without its decoder start / pad ids (common for fresh ones) gets them from the
     tokenizer (CLS or BOS starts, PAD pads), as its training would have set them."""
-    cfg = model.config
-    if getattr(cfg, "decoder_start_token_id", None) is None and cfg.model_type == "vision-encoder-decoder":
-        start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        cfg.decoder_start_token_id = model.generation_config.decoder_start_token_id = start
-    if getattr(cfg, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        cfg.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config.eos_token_id is None:
-        eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        model.generation_config.eos_token_id = eos
+    cfg, gen = model.config, model.generation_config
+    if gen.decoder_start_token_id is None and cfg.model_type == "vision-encoder-decoder":
+        start = getattr(cfg, "decoder_start_token_id", None)
+        if start is None:
+            start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        gen.decoder_start_token_id = start
+    if gen.pad_token_id is None:
+        gen.pad_token_id = getattr(cfg, "pad_token_id", None)
+        if gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id
+    if gen.eos_token_id is None:
+        gen.eos_token_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
 
 
 def _first_line(e: BaseException) -> str:
