@@ -38,7 +38,8 @@ def _save_captioner(folder: Path, minilm_path: str, tokenizer: bool = True) -> P
                      intermediate_size=64, max_position_embeddings=64, is_decoder=True, add_cross_attention=True)
     model = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
     gen = model.generation_config
-    gen.decoder_start_token_id, gen.pad_token_id, gen.eos_token_id = tok.cls_token_id, tok.pad_token_id, tok.sep_token_id
+    gen.decoder_start_token_id, gen.pad_token_id = tok.cls_token_id, tok.pad_token_id
+    gen.eos_token_id = tok.sep_token_id
     model.save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     if tokenizer:
@@ -128,12 +129,15 @@ teacher: cache:{built / 'cache'}
 out: {tmp_path / name}
 cache_dir: {built / 'data'}
 student:
-  vision: {{source: teacher, keep_layers: [1]}}
-  text: {{source: teacher}}
+  vision: {{source: new, arch: clip_vision, config: {{image_size: 32, patch_size: 8, hidden_size: 32,
+           num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}}}
+  text: {{source: new, arch: bert, config: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2,
+         intermediate_size: 64, max_position_embeddings: 64}}}}
+  projection_dim: 16
   freeze: [text_model]
 data: {{train: "world:train", world_size_train: {N_IMAGES}, batch_size: 4, workers: 0{synthetic}}}
 objectives: [{{name: clip}}, {{name: fd_mse_cosine}}]
-train: {{steps: 3, log_every: 1, warmup_steps: 1}}
+train: {{steps: 3, log_every: 1, warmup_steps: 1, threads: 1}}
 """)
     return cfg
 
