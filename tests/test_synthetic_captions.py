@@ -213,3 +213,30 @@ def test_synthetic_captions_need_a_teacher_cache(tmp_path: Path, tiny_teacher_di
         config_from_dict({"teacher": str(tiny_teacher_dir), "data": {"synthetic_captions": {"enabled": True}}})
     with pytest.raises(ConfigError, match="data.synthetic_captions"):
         config_from_dict({"data": {"synthetic_captions": {"enable": True}}})
+
+
+def test_batches_carry_synthetic_captions_of_paired_or_all_images() -> None:
+    """TrainData draws through the synthetic source for the paired keys, or every key with ``unpaired``; a batch
+    is the same built twice (as on resume or in another worker)."""
+    from mmkd.data.batches import ImageBank, TrainData
+    from mmkd.data.records import Record
+
+    recs = [Record(key=f"p{i}", image=np.zeros((8, 8, 3), np.uint8), captions=(f"c{i}",)) for i in range(8)]
+    extra = [Record(key=f"u{i}", image=np.zeros((8, 8, 3), np.uint8), captions=()) for i in range(8)]
+
+    class Source:
+        def __init__(self, unpaired: bool) -> None:
+            self.unpaired = unpaired
+
+        def __call__(self, keys: list[str], step: int) -> tuple[list[str], list[int]]:
+            idx = draw(0, keys, step, 3)
+            return [f"{k}/syn{i}" for k, i in zip(keys, idx)], idx
+
+    for unpaired in (False, True):
+        bank = ImageBank(recs, 8, (0.5,) * 3, (0.25,) * 3)
+        ubank = ImageBank(extra, 8, (0.5,) * 3, (0.25,) * 3)
+        data = TrainData(bank, ubank, 4, 4, world=1, seed=0, synthetic=Source(unpaired))
+        a, b = data.raw_batch(3), data.raw_batch(3)
+        assert a.synthetic == b.synthetic and a.synthetic_idx == b.synthetic_idx
+        n = len(a.keys) if unpaired else a.n_paired
+        assert a.synthetic == [f"{k}/syn{i}" for k, i in zip(a.keys[:n], draw(0, a.keys[:n], 3, 3))]
