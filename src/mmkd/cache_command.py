@@ -100,12 +100,14 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
     flag = parse_randaugment(flag) if flag is not None else None  # a malformed flag fails before data is read
     teacher_path, records, out = cache_inputs(args)
     ra = cache_randaugment(flag, getattr(args, "randaugment_config", None))
+    captioner, sampling = _captioner(args)  # a bad captioner fails before the teacher is loaded
     teacher = load_dual_encoder(teacher_path).to(device)
     result = build_cache(teacher, records, out, views=args.views, dtype=args.dtype, features=args.features,
                          seed=args.seed, augmentation=with_randaugment(None, ra) or None,
                          batch_size=args.batch_size, chunk_rows=args.chunk_rows,
                          precision=args.precision, source=_source_name(teacher_path), progress=info.is_main,
-                         log=log if info.is_main else None)
+                         log=log if info.is_main else None,
+                         captioner=captioner.to(device) if captioner is not None else None, sampling=sampling)
     if info.is_main:
         log(f"teacher cache ready: {result.root} ({result.n_samples} samples × {result.views} view(s), "
             f"{result.n_captions} captions; {result.chunks_built} chunk(s) written in {result.segments_built} shard "
@@ -115,6 +117,20 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
             + f", {result.seconds:.1f} s). Train from it with `teacher: cache:{result.root}`")
         log(cache_size(result.root).line())
     return result
+
+
+def _captioner(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(captioner, sampling settings) of ``--captioner MODEL --synthetic-captions N``, or (None, None)."""
+    name, n = getattr(args, "captioner", None), getattr(args, "synthetic_captions", None)
+    if name is None and n is None:
+        return None, None
+    if name is None or n is None:
+        raise CacheError("--captioner MODEL and --synthetic-captions N go together (N captions per image from MODEL)")
+    from mmkd.teacher.captioner import Sampling, load_captioner
+
+    sampling = Sampling(n, top_p=args.caption_top_p, temperature=args.caption_temperature,
+                        max_tokens=args.caption_max_tokens, batch_size=args.batch_size)
+    return load_captioner(_source_name(name)), sampling
 
 
 def _records(args: argparse.Namespace) -> list[Record]:

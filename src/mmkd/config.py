@@ -129,6 +129,18 @@ class RandAugmentConfig:
 
 
 @dataclass
+class SyntheticCaptionsConfig:
+    """MobileCLIP's synthetic captions, from a teacher cache built with ``--captioner``: each captioned image
+    also draws one of its N synthetic captions per step, and the loss on (image, synthetic caption) is added to
+    the loss on (image, real caption) with ``weight`` (MobileCLIP's ``DRClipLoss`` sums them: 1.0).
+    ``unpaired``: uncaptioned images take part too, paired with their synthetic caption in that second loss."""
+
+    enabled: bool = False
+    weight: float = 1.0
+    unpaired: bool = False
+
+
+@dataclass
 class DataConfig:
     """Where training pairs come from.
 
@@ -156,6 +168,7 @@ class DataConfig:
     workers: int | None = None  # DataLoader processes decoding batches; 0: in the training process; None: auto
     shard_window: int = 8  # shards whose samples are shuffled together (WebDataset shards; see README)
     randaugment: RandAugmentConfig | None = None  # on augmented views (view ≥ 1) after the crop; None: off
+    synthetic_captions: SyntheticCaptionsConfig = field(default_factory=SyntheticCaptionsConfig)
 
 
 @dataclass
@@ -488,6 +501,13 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.only_cached_shards and not cfg.teacher.startswith("cache:"):
         raise ConfigError("data.only_cached_shards: true needs teacher: cache:DIR (it trains on the shards a partly "
                           "built teacher cache holds)")
+    syn = cfg.data.synthetic_captions
+    if syn.weight < 0:
+        raise ConfigError(f"data.synthetic_captions.weight must be ≥ 0, got {syn.weight}")
+    if syn.enabled and not cfg.teacher.startswith("cache:"):
+        raise ConfigError("data.synthetic_captions.enabled: true needs teacher: cache:DIR, a teacher cache built with "
+                          "`mmkd cache --captioner MODEL --synthetic-captions N` (the captions and their teacher "
+                          "targets are stored there)")
     if cfg.teacher.startswith("cache:") and not cfg.teacher[len("cache:"):]:
         raise ConfigError("teacher: 'cache:' needs the cache folder, e.g. cache:runs/teacher-cache")
     if cfg.teacher.startswith("cache:") and cfg.teacher_modality != "image_text":

@@ -33,7 +33,7 @@ from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, check_specs
-from mmkd.teacher.cache import CachedTeacher, CacheExpectation, arrays_needed
+from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, arrays_needed
 from mmkd.teacher.fingerprint import state_dict_sha256
 from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
@@ -307,6 +307,21 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
     return data, targets, student, objectives, prints
 
 
+def _use_synthetic(cfg: RunConfig, cache: CachedTeacher, folder: str, data: TrainData,
+                   arrays: Sequence[str]) -> None:
+    """data.synthetic_captions: draw one of each image's cached synthetic captions per step."""
+    from mmkd.teacher.cache.synthetic import SyntheticCaptions
+
+    syn = cfg.data.synthetic_captions
+    try:
+        data.synthetic = SyntheticCaptions(cache, cfg.train.seed, unpaired=syn.unpaired, weight=syn.weight)
+    except CacheError as e:
+        raise ConfigError(f"data.synthetic_captions: {e}") from None
+    if "text_features" in arrays and "syncap_features" not in cache.arrays:
+        raise ConfigError(f"data.synthetic_captions: the teacher cache {folder} holds no pooled features of its "
+                          "synthetic captions, which an objective reads: rebuild it with --features")
+
+
 def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: BadSamples | None = None
                   ) -> tuple[TrainData, Targets | None, Any, WeightedSum, dict[str, Any]]:
     """Train from a teacher cache: the teacher is never loaded; targets are read by key at the replayed view."""
@@ -342,6 +357,8 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
                      world=info.world_size, seed=cfg.train.seed, views=views, window=cfg.data.shard_window)
     prints = {"teacher": cache.meta["fingerprint"]["teacher"].get("weights_sha256"),
               "cache": hashlib.sha256(json.dumps(cache.meta["fingerprint"], sort_keys=True).encode()).hexdigest()}
+    if cfg.data.synthetic_captions.enabled:
+        _use_synthetic(cfg, cache, folder, data, arrays_needed(objectives) if objectives.needs_teacher else ())
     if not objectives.needs_teacher:
         return data, None, student, objectives, prints
     expect = CacheExpectation.for_data(data, arrays=arrays_needed(objectives),

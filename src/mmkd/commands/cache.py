@@ -43,6 +43,14 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     c.add_argument("--device", default="auto", help="where the teacher runs: auto (cuda:LOCAL_RANK where CUDA "
                                                      "exists, else cpu; the default), cpu, cuda, cuda:N")
+    g = c.add_argument_group("synthetic captions (MobileCLIP's dataset reinforcement; see README)")
+    g.add_argument("--captioner", metavar="MODEL", help="image-to-text model folder or hub id: store N sampled "
+                                                         "captions per image and the teacher's embeddings of them")
+    g.add_argument("--synthetic-captions", type=positive_int, metavar="N", help="captions per image (MobileCLIP: 5)")
+    g.add_argument("--caption-top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9, MobileCLIP's)")
+    g.add_argument("--caption-temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--caption-max-tokens", type=positive_int, default=30,
+                   help="longest caption in new tokens (default 30, open_clip CoCa's)")
     c.add_argument("--verify", metavar="DIR", help="check an existing cache completely and exit (1 if damaged)")
     c.add_argument("--quick", action="store_true", help="with --verify: skip checksums and value checks")
     c.set_defaults(func=run, action=None)

@@ -97,6 +97,9 @@ class TrainBatch:
     unpaired_idx: np.ndarray
     teacher_pixels: torch.Tensor | None = None  # the same samples and views at the online teacher's resolution
     targets: dict[str, Any] | None = None  # teacher targets looked up where the batch was built (`TrainData.lookup`)
+    # data.synthetic_captions: one drawn synthetic caption per image of keys[:len(synthetic)] and which of its N
+    synthetic: list[str] | None = None
+    synthetic_idx: list[int] | None = None
 
     def pin_memory(self) -> TrainBatch:
         """DataLoader's ``pin_memory`` hook: the pixels in page-locked memory, for non-blocking copies to a GPU."""
@@ -124,7 +127,8 @@ class TrainData:
     def __init__(self, paired: ImageBank, unpaired: ImageBank | None, batch_size: int, unpaired_batch_size: int,
                  world: int, seed: int, views: int = 1, window: int = DEFAULT_WINDOW,
                  teacher_banks: tuple[ImageBank, ImageBank | None] | None = None,
-                 lookup: Callable[[TrainBatch], dict[str, Any]] | None = None) -> None:
+                 lookup: Callable[[TrainBatch], dict[str, Any]] | None = None,
+                 synthetic: Callable[[list[str], int], tuple[list[str], list[int]]] | None = None) -> None:
         if in_memory(paired.records):  # sharded records are checked as they are read (and when indexed)
             for r in paired.records:
                 if not r.captions:
@@ -136,6 +140,9 @@ class TrainData:
         self.seed, self.world, self.views = seed, world, views
         self.teacher_banks = teacher_banks
         self.lookup = lookup
+        # (keys, step) → (a synthetic caption per key, its index): `mmkd.teacher.cache.synthetic.SyntheticCaptions`;
+        # its ``unpaired`` says whether uncaptioned images draw one too
+        self.synthetic = synthetic
         self.plan = ShardPlan(shard_counts(paired.records), batch_size, seed, "paired", window)
         self.uplan = (ShardPlan(shard_counts(unpaired.records), unpaired_batch_size, seed, "unpaired", window)
                       if unpaired is not None and unpaired_batch_size > 0 else None)
@@ -202,6 +209,9 @@ class TrainData:
             keys += [r.key for r in urecs]
             views += uviews
         batch = TrainBatch(_join(pix), keys, views, captions, len(idx), idx, uidx, _join(tpix) if tpix else None)
+        if self.synthetic is not None:  # a pure function of (seed, key, step): any worker or rank draws the same
+            skeys = keys if getattr(self.synthetic, "unpaired", False) else keys[:len(idx)]
+            batch.synthetic, batch.synthetic_idx = self.synthetic(skeys, step)
         if self.lookup is not None:  # in the worker that built the batch: keys, views and captions, no pixels
             batch.targets = self.lookup(batch)
         return batch

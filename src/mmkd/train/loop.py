@@ -68,11 +68,20 @@ def text_is_frozen(student: DualEncoder) -> bool:
 class DistillTask(nn.Module):
     """Student plus objectives in one module, so DDP, the optimizer and checkpoints see all trainable parts."""
 
-    def __init__(self, student: DualEncoder, objectives: WeightedSum, frozen_text: FrozenText | None = None):
+    def __init__(self, student: DualEncoder, objectives: WeightedSum, frozen_text: FrozenText | None = None,
+                 synthetic_weight: float = 1.0):
         super().__init__()
         self.student = student
         self.objectives = objectives
         self.frozen_text = frozen_text
+        self.synthetic_weight = synthetic_weight  # data.synthetic_captions.weight
+
+    def _text_features(self, captions: list[str]) -> torch.Tensor:
+        if self.frozen_text is not None:
+            return self.frozen_text.lookup(captions)
+        s = self.student
+        tok = {k: v.to(s.logit_scale.device, non_blocking=True) for k, v in s.tokenize(captions).items()}
+        return s.text_features(tok["input_ids"], tok["attention_mask"])
 
     def forward(self, batch: TrainBatch, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s = self.student
@@ -83,15 +92,33 @@ class DistillTask(nn.Module):
         feats = s.image_features(batch.pixel_values)
         out["image_features"] = feats
         out["image_embeds"] = nn.functional.normalize(s.visual_projection(feats), dim=-1)
-        if self.frozen_text is not None:
-            tf = self.frozen_text.lookup(batch.captions)
-        else:
-            device = s.logit_scale.device
-            tok = {k: v.to(device, non_blocking=True) for k, v in s.tokenize(batch.captions).items()}
-            tf = s.text_features(tok["input_ids"], tok["attention_mask"])
+        tf = self._text_features(batch.captions)
         out["text_features"] = tf
         out["text_embeds"] = nn.functional.normalize(s.text_projection(tf), dim=-1)
-        return self.objectives(out, teacher)
+        terms = self.objectives(out, teacher)
+        if batch.synthetic is None:
+            return terms
+        # MobileCLIP's DRClipLoss: the same objectives again on (image, synthetic caption), added with a weight
+        tf = self._text_features(batch.synthetic)
+        syn_out = dict(out, n_paired=len(batch.synthetic), text_features=tf,
+                       text_embeds=nn.functional.normalize(s.text_projection(tf), dim=-1))
+        syn_teacher = {k: v for k, v in teacher.items() if k not in ("text_embeds", "text_features")
+                       and not k.startswith("synthetic_")}
+        syn_teacher.update({k[len("synthetic_"):]: v for k, v in teacher.items() if k.startswith("synthetic_")})
+        syn = self.objectives(syn_out, syn_teacher)
+        merged = {**terms, **{f"synthetic/{k}": v.detach() for k, v in syn.items()}}
+        merged["loss"] = terms["loss"] + self.synthetic_weight * syn["loss"]
+        return merged
+
+
+def _synthetic_captions(data: TrainData) -> list[str]:
+    """Every synthetic caption training can draw (data.synthetic_captions), for a frozen text tower's table."""
+    if data.synthetic is None:
+        return []
+    recs = list(data.paired.records)
+    if getattr(data.synthetic, "unpaired", False) and data.unpaired is not None:
+        recs += list(data.unpaired.records)
+    return data.synthetic.all_captions([r.key for r in recs])  # type: ignore[attr-defined]
 
 
 def _train_mode(task: DistillTask, text_frozen: bool) -> None:
@@ -217,11 +244,12 @@ def train(
         enable_grad_checkpointing(student)
     # a frozen text tower's caption features are tabled once for captions held in memory; streamed shards'
     # captions are not all known up front (and would be O(samples)), so their features are computed per step
-    frozen_text = (FrozenText(student, [c for r in data.paired.records for c in r.captions])
+    frozen_text = (FrozenText(student, [c for r in data.paired.records for c in r.captions]
+                              + _synthetic_captions(data))
                    if text_is_frozen(student) and not data.streaming else None)
     if cfg.compile:
         compile_towers(student)
-    task = DistillTask(student, objectives, frozen_text)
+    task = DistillTask(student, objectives, frozen_text, getattr(data.synthetic, "weight", 1.0))
     model: nn.Module = task
     if dist_info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(task, find_unused_parameters=False,

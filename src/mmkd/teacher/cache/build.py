@@ -28,6 +28,7 @@ from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augment
 from mmkd.locking import FolderLock
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher import fingerprint as fp
+from mmkd.teacher.cache import synthetic
 from mmkd.teacher.cache.folder import check_same_build, prepare_folder, prepare_segment, publish, segment_meta
 from mmkd.teacher.cache.format import (
     DONE_FILE,
@@ -51,6 +52,7 @@ from mmkd.teacher.cache.format import (
     write_npy,
 )
 from mmkd.teacher.cache.index import KeyIndex
+from mmkd.teacher.captioner import Captioner, Sampling
 from mmkd.teacher.targets import bf16_supported, teacher_outputs
 
 PUBLISH_EVERY_S = 300.0  # rank 0 rewrites the manifest during a build at most this often
@@ -91,8 +93,8 @@ def _check_keys(records: Sequence[Record]) -> list[str]:
 
 
 def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, seed: int,
-               augmentation: Mapping[str, Any] | None, precision: str, chunk_rows: int, source: str = ""
-               ) -> dict[str, Any]:
+               augmentation: Mapping[str, Any] | None, precision: str, chunk_rows: int, source: str = "",
+               captioner: Captioner | None = None, sampling: Sampling | None = None) -> dict[str, Any]:
     """meta.json of the cache these arguments build: the fingerprint of everything but the data (each segment
     fingerprints its own shard's data) and the layout."""
     bank = ImageBank([], teacher.meta.image_size, teacher.meta.image_mean, teacher.meta.image_std, True, seed,
@@ -102,6 +104,12 @@ def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, 
     arrays: dict[str, list[int]] = {"image_embeds": [views, dim], "text_embeds": [dim]}
     if features:
         arrays.update(image_features=[views, fdims["image"]], text_features=[fdims["text"]])
+    extra: dict[str, Any] = {}
+    if captioner is not None and sampling is not None:  # N synthetic captions per sample and their text targets
+        extra["captioner"] = synthetic.fingerprint(captioner, sampling, seed)
+        arrays["syncap_embeds"] = [sampling.n, dim]
+        if features:
+            arrays["syncap_features"] = [sampling.n, fdims["text"]]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -115,6 +123,7 @@ def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, 
                           "decoder": jpeg_decoder().name},
             "views": int(views),
             "storage": {"dtype": dtype, "features": bool(features), "precision": precision},
+            **extra,
         },
         "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str},
     }
@@ -267,8 +276,9 @@ class _Writer:
             self._pool.shutdown(wait=True)
 
 
-def commit_chunk(layout: Layout, chunk: Chunk, arrays: dict[str, np.ndarray]) -> None:
-    """Write a chunk's shards (each atomically), then its marker: the marker is the commit."""
+def commit_chunk(layout: Layout, chunk: Chunk, arrays: dict[str, np.ndarray],
+                 extra: dict[str, Any] | None = None) -> None:
+    """Write a chunk's shards (each atomically), then its marker (with ``extra``): the marker is the commit."""
     files = {}
     for name, arr in arrays.items():
         expected = layout.shape(chunk, name)
@@ -276,7 +286,7 @@ def commit_chunk(layout: Layout, chunk: Chunk, arrays: dict[str, np.ndarray]) ->
             raise RuntimeError(f"internal error: {chunk.name}.{name} has shape {arr.shape}, expected {expected}")
         write_npy(layout.shard(chunk, name), arr)
         files[name] = {"shape": list(arr.shape), "sha256": array_sha256(arr)}
-    write_json(layout.marker(chunk), {"rows": [chunk.lo, chunk.hi], "files": files})
+    write_json(layout.marker(chunk), {"rows": [chunk.lo, chunk.hi], "files": files, **(extra or {})})
 
 
 def build_cache(
@@ -295,6 +305,8 @@ def build_cache(
     source: str = "",
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    captioner: Captioner | None = None,
+    sampling: Sampling | None = None,
 ) -> BuildResult:
     """Run ``teacher`` once over ``records`` (K views each) and their captions, writing a cache to ``out_dir``.
 
@@ -307,7 +319,8 @@ def build_cache(
     when all are committed. ``augmentation`` holds
     TransformConfig's ``scale``/``ratio``/``hflip`` (default: the training defaults); ``precision`` is the
     teacher's compute precision (``auto``: bfloat16 where the CPU/GPU supports it). The teacher's training
-    mode is restored afterwards and its parameters are not modified.
+    mode is restored afterwards and its parameters are not modified. ``captioner`` with ``sampling``: also store
+    ``sampling.n`` synthetic captions per sample and their teacher text targets (``mmkd.teacher.cache.synthetic``).
     """
     t0 = time.perf_counter()
     if views < 1:
@@ -329,7 +342,7 @@ def build_cache(
     n_samples = sum(g.n for g in shards)
     prec = resolve_precision(precision, next(teacher.parameters()).device.type)
     meta = cache_meta(teacher, views=views, dtype=dtype, features=features, seed=seed, augmentation=augmentation,
-                      precision=prec, chunk_rows=chunk_rows, source=source)
+                      precision=prec, chunk_rows=chunk_rows, source=source, captioner=captioner, sampling=sampling)
     root = Path(out_dir)
     rank, world = mdist.rank(), mdist.world_size()
     stats = {"chunks_built": 0, "chunks_skipped": 0, "segments_built": 0, "segments_skipped": 0, "captions": 0}
@@ -359,7 +372,7 @@ def build_cache(
             for group in mine:
                 _build_segment(teacher, root, meta, group, cached, stats, bar, log if rank == 0 else None,
                                views=views, seed=seed, augmentation=augmentation, features=features,
-                               bf16=prec == "bf16", batch_size=batch_size)
+                               bf16=prec == "bf16", batch_size=batch_size, captioner=captioner, sampling=sampling)
                 # a long build publishes what every rank finished now and then, so training can use it early
                 # (data.only_cached_shards) before it ends
                 if rank == 0 and time.monotonic() - published >= max(PUBLISH_EVERY_S, publish_s / PUBLISH_SHARE):
@@ -437,9 +450,16 @@ def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], group
             todo.append(c)
     stats["chunks_skipped"] += len(layout.chunks()) - len(todo)
     skipped = [c for c in layout.chunks() if c not in todo]
+    bar.total += sum(c.hi - c.lo for c in layout.chunks("syncap"))
     bar.update(sum((c.hi - c.lo) * (compute["views"] if c.kind == "image" else 1) for c in skipped))
     if todo:
-        _compute(teacher, records, captions, layout, todo, bar=bar, **compute)
+        captioner, sampling = compute.pop("captioner"), compute.pop("sampling")
+        _compute(teacher, records, captions, layout, [c for c in todo if c.kind != "syncap"], bar=bar, **compute)
+        syncaps = [c for c in todo if c.kind == "syncap"]
+        if syncaps:
+            synthetic.compute(teacher, captioner, sampling, records, layout, syncaps, seed=compute["seed"],
+                              features=compute["features"], bf16=compute["bf16"],
+                              batch_size=compute["batch_size"], bar=bar)
         stats["chunks_built"] += len(todo)
         stats["segments_built"] += 1
     else:

@@ -94,6 +94,9 @@ def check_same_build(root: Path, meta: dict[str, Any]) -> None:
     # weights', tokenizer's and config's hashes, so the same teacher named another way resumes the build
     mine, theirs = (dict(m["fingerprint"], teacher={k: v for k, v in m["fingerprint"]["teacher"].items()
                                                      if k != "source"}) for m in (meta, found))
+    for m in (mine, theirs):  # a captioner, too, is its weights, not the name it was given by
+        if isinstance(m.get("captioner"), dict):
+            m["captioner"] = {k: v for k, v in m["captioner"].items() if k != "source"}
     if "decoder" not in theirs["transform"]:  # a cache from before the decoder was recorded: it may grow
         mine["transform"] = {k: v for k, v in mine["transform"].items() if k != "decoder"}
     differences = (fp.diff(mine, theirs, names=names) + fp.diff(meta["layout"], found["layout"], "layout", names))

@@ -18,6 +18,8 @@ Layout of a cache folder (format version 2)::
         image-00000.image_features.npy   [rows, K, F]  pooled pre-projection features (--features)
         image-00000.done.json            the chunk's commit marker: row range, shapes, SHA-256 of each array
         text-00000.text_embeds.npy       [rows, D]     (and text_features [rows, F])
+        syncap-00000.syncaps.bytes.npy / .offsets.npy   (--captioner) N synthetic captions per sample, row-major
+        syncap-00000.syncap_embeds.npy   [rows, N, D]  the teacher's text embeddings of them (syncap_features: F)
         done.json                        the segment's commit: written after all its chunks
 
 A segment's rows are computed in chunks of ``chunk_rows``. Each file is written to a temporary file, fsynced and
@@ -52,6 +54,8 @@ DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np
 PRECISIONS = ("auto", "bf16", "fp32")
 IMAGE_ARRAYS = ("image_embeds", "image_features")
 TEXT_ARRAYS = ("text_embeds", "text_features")
+SYNCAP_ARRAYS = ("syncap_embeds", "syncap_features")  # synthetic captions' text targets, [rows, N, D] per sample
+KIND_ARRAYS = {"image": IMAGE_ARRAYS, "text": TEXT_ARRAYS, "syncap": SYNCAP_ARRAYS}
 # every key of meta.json that readers index: checked once on reading, so a damaged file is named, not a KeyError
 META_KEYS = ("layout.chunk_rows", "layout.arrays", "fingerprint.views",
              "fingerprint.storage.dtype", "fingerprint.teacher.projection_dim", "fingerprint.teacher.feature_dims",
@@ -132,6 +136,11 @@ class Chunk:
         return f"{self.kind}-{self.index:05d}"
 
 
+def kind_of(array: str) -> str:
+    """The chunk kind an array is stored in (``image``, ``text`` or ``syncap``)."""
+    return next(k for k, names in KIND_ARRAYS.items() if array in names)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where every row of one segment lives: derived from meta.json and the segment's counts, so readers and
@@ -151,14 +160,17 @@ class Layout:
 
     def chunks(self, kind: str | None = None) -> list[Chunk]:
         out = []
-        for k, n in (("image", self.n_samples), ("text", self.n_captions)):
+        kinds = [("image", self.n_samples), ("text", self.n_captions)]
+        if any(a in self.arrays for a in SYNCAP_ARRAYS):  # synthetic captions: one row per sample, as images
+            kinds.append(("syncap", self.n_samples))
+        for k, n in kinds:
             if kind in (None, k):
                 out += [Chunk(k, i, lo, min(lo + self.chunk_rows, n))
                         for i, lo in enumerate(range(0, n, self.chunk_rows))]
         return out
 
     def arrays_of(self, kind: str) -> list[str]:
-        return [a for a in (IMAGE_ARRAYS if kind == "image" else TEXT_ARRAYS) if a in self.arrays]
+        return [a for a in KIND_ARRAYS[kind] if a in self.arrays]
 
     def shard(self, chunk: Chunk, array: str) -> Path:
         return self.root / f"{chunk.name}.{array}.npy"

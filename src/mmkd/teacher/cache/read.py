@@ -27,7 +27,6 @@ from mmkd.teacher.cache.expect import CacheExpectation
 from mmkd.teacher.cache.format import (
     DONE_FILE,
     DTYPES,
-    IMAGE_ARRAYS,
     SEGMENT_FILE,
     SEGMENTS,
     SHARD_STAMP,
@@ -36,6 +35,7 @@ from mmkd.teacher.cache.format import (
     Layout,
     StringTable,
     from_storage,
+    kind_of,
     read_json_or_none,
     read_manifest,
     read_meta,
@@ -398,8 +398,13 @@ class CachedTeacher:
                 self._maps.move_to_end(key)
                 return m
             lay = self.layouts[seg]
-            kind = "image" if array in IMAGE_ARRAYS else "text"
-            c = lay.chunks(kind)[chunk]
+            if array == "syncaps":  # a chunk's synthetic caption table (mmkd.teacher.cache.synthetic)
+                from mmkd.teacher.cache.synthetic import strings_name
+
+                m = StringTable(lay.root, strings_name(lay.chunks("syncap")[chunk]))  # type: ignore[assignment]
+                self._maps[key] = m
+                return m
+            c = lay.chunks(kind_of(array))[chunk]
             m = np.load(lay.shard(c, array), mmap_mode="r")
             mm = getattr(m, "_mmap", None)  # rows are read at random: no read-ahead around each one
             if mm is not None and hasattr(mmap, "MADV_RANDOM"):
@@ -410,8 +415,12 @@ class CachedTeacher:
                 self._maps.popitem(last=False)
             return m
 
+    def strings(self, seg: int, chunk: int) -> StringTable:
+        """Segment ``seg``'s synthetic caption table of chunk ``chunk`` (kept open with the array maps)."""
+        return self._shard(seg, chunk, "syncaps")  # type: ignore[return-value]
+
     def _gather(self, array: str, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
-        starts = self.sample_starts if array in IMAGE_ARRAYS else self.caption_starts
+        starts = self.caption_starts if kind_of(array) == "text" else self.sample_starts
         lay0 = self.layouts[0]
         per = lay0.chunk_rows
         seg = np.searchsorted(starts, rows, side="right") - 1
@@ -458,6 +467,11 @@ class CachedTeacher:
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         out = self.images(batch.keys, batch.views)
         out.update(self.texts(batch.captions))
+        if batch.synthetic is not None:  # the drawn synthetic captions' targets (data.synthetic_captions)
+            from mmkd.teacher.cache.synthetic import targets
+
+            n = len(batch.synthetic)
+            out.update({f"synthetic_{k}": v for k, v in targets(self, batch.keys[:n], batch.synthetic_idx).items()})
         out["logit_scale"] = torch.tensor(min(self.logit_scale, 100.0))  # clamped as the online teacher's
         bias = self.meta["fingerprint"]["teacher"].get("logit_bias")
         if bias is not None:  # a SigLIP teacher's, with its uncapped scale (as teacher_extras gives them)

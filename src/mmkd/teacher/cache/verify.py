@@ -12,6 +12,7 @@ import torch
 
 from mmkd.teacher import fingerprint as fp
 from mmkd.teacher.cache import format as fmt
+from mmkd.teacher.cache import synthetic
 from mmkd.teacher.cache.format import (
     DONE_FILE,
     INDEX_NAMES,
@@ -129,6 +130,8 @@ def _verify_segment(rep: VerifyReport, root: Path, meta: dict, seg: dict, deep: 
         known.add(marker.name)
         names = layout.arrays_of(c.kind)
         known.update(layout.shard(c, a).name for a in names)
+        if c.kind == "syncap":
+            known.update(synthetic.string_files(c))
         if not marker.is_file():
             incomplete += 1
             continue
@@ -141,6 +144,9 @@ def _verify_segment(rep: VerifyReport, root: Path, meta: dict, seg: dict, deep: 
             rep.problems.append(f"{marker}: describes rows {m.get('rows')} / arrays {sorted(m.get('files', {}))}, "
                                 f"expected rows {[c.lo, c.hi]} / arrays {sorted(names)}")
             continue
+        problem = synthetic.check_strings(layout, c, m, deep) if c.kind == "syncap" else None
+        if problem:
+            rep.problems.append(problem)
         for a in names:
             try:
                 layout.check_shard(c, a)
