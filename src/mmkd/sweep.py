@@ -27,6 +27,7 @@ reference of its own seed.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -106,6 +107,21 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "x"
 
 
+MAX_SLUG = 80  # a run folder's name stays well below file systems' 255-byte limit
+
+
+def _axis_slug(key: str, value: Any) -> str:
+    """An axis value in a run's name; a teacher ensemble's members joined by ``+``, each by its folder's name (the
+    part that tells teachers apart), cut to MAX_SLUG characters with a hash of the whole where longer."""
+    if not (key == "teacher" and isinstance(value, list)):
+        return _slug(value)
+    text = "+".join(_slug(Path(str(v).removeprefix("cache:")).name or v) for v in value)
+    if len(text) > MAX_SLUG:
+        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+        text = f"{text[:MAX_SLUG - 9]}-{digest}"
+    return text
+
+
 def _config_fields() -> set[str]:
     return {f.name for f in fields(RunConfig)}
 
@@ -171,7 +187,7 @@ def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], axes: dict[str, 
     if objective_axes:
         data["objectives"] = [copy.deepcopy(o) for k in objective_axes for o in sets[str(axes[k])]]
     apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in axes.items() if k not in objective_axes])
-    point = "__".join(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items()) or "run"
+    point = "__".join(f"{_slug(k)}-{_axis_slug(k, v)}" for k, v in axes.items()) or "run"
     name = point + _seed_suffix(seed, first)
     data["out"] = str(out / "runs" / name)
     try:
@@ -211,7 +227,7 @@ def _add_scratch_references(runs: list[Run], out: Path, first: int) -> list[Run]
         config_keys = _config_fields()
         axes = {k: v for k, v in run.axes.items() if k.split(".")[0] in config_keys}
         point = "__".join(["reference-scratch", "+".join(o.name for o in task),
-                           *(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items())])
+                           *(f"{_slug(k)}-{_axis_slug(k, v)}" for k, v in axes.items())])
         name = point + _seed_suffix(run.seed, first)
         cfg = copy.deepcopy(run.cfg)
         cfg.objectives = task
@@ -232,6 +248,9 @@ def _teacher_row(sweep: Sweep, cache: TargetCache, log: Any) -> dict[str, Any] |
     path = sweep.out / "teacher" / "metrics.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if isinstance(cfg.teacher, list):
+        log("the teacher is an ensemble: no single teacher row (evaluate a member with `mmkd eval`)")
+        return None
     if cache_path(cfg.teacher) is not None:
         log(f"the teacher is a cache ({cfg.teacher}): its weights are never loaded, so no teacher row")
         return None

@@ -28,6 +28,7 @@ from mmkd.fileio import atomic_write_text
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.objectives.base import WeightedSum
 from mmkd.objectives.shared import MAX_LOGIT_SCALE
+from mmkd.teacher.ensemble import targets_to
 from mmkd.teacher.targets import Targets, bf16_supported
 from mmkd.train.acceleration import compile_failure, compile_towers, enable_grad_checkpointing
 from mmkd.train.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, rng_state, set_rng_state
@@ -272,7 +273,7 @@ def train(
             # a cached teacher's targets come with the batch, looked up in the loader's workers
             targets = (batch.targets if batch.targets is not None else teacher(batch)) if teacher is not None else {}
             batch = replace(batch, pixel_values=to_device(batch.pixel_values, device))
-            targets = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
+            targets = targets_to(targets, device)  # one teacher's, or each of an ensemble's
             sync = micro == cfg.accumulate - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             ctx = nullcontext() if sync else model.no_sync()  # type: ignore[operator]
             with ctx, compile_failure(cfg.compile and step == start and micro == 0):
