@@ -63,7 +63,7 @@ def check_agreement(caches: Sequence[CachedTeacher]) -> None:
             if a != b:
                 raise CacheError(f"teacher caches {first.root} and {other.root} differ in {field} ({a!r} vs {b!r}): "
                                  "an ensemble's caches must replay the same views; rebuild one with the other's "
-                                 "`mmkd cache` settings (--views, --view-seed, augmentation)")
+                                 "`mmkd cache` settings (--views, --seed)")
 
 
 class EnsembleLookup:
