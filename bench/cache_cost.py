@@ -2,8 +2,11 @@
 
 Modes: (a) ``plain``: the student alone (contrastive loss); (b) ``online``: KD with the teacher run on every batch
 (frozen, under inference_mode, in bfloat16 where the CPU supports it; ``online_fp32`` also in float32);
-(c) ``cached``: KD with the teacher's embeddings read from a cache built beforehand (``mmkd.teacher.cache``).
-KD = contrastive + fd_mse_cosine on both towers, with K=2 augmented views replayed exactly.
+(c) ``cached``: KD with the teacher's embeddings read from a cache built beforehand (``mmkd.teacher.cache``);
+(d) ``cached_ensemble_k10``: KD from a two-teacher ensemble's caches (the teacher's shape drawn with two seeds),
+K=10 views each, looked up together (``mmkd.teacher.ensemble``), fd_mse_cosine once per teacher (MobileCLIP's
+dataset-reinforcement setting). KD = contrastive + fd_mse_cosine on both towers, with K=2 augmented views replayed
+exactly (K=10 in (d)).
 
 Student: S3's (ViT 6 layers, width 256, patch 4, 32 px) plus a 4-layer width-256 text tower (MiniLM vocabulary).
 Teachers (random weights; cost does not depend on them): CLIP ViT-B/16's real shape (224 px, patch 16, 12 layers
@@ -20,7 +23,7 @@ growing the heap, which the prototype found cuts allocator growth and makes the 
 
 Usage: python bench/cache_cost.py [--steps 10] [--warmup 2] [--repeats 3] [--batch 64] [--samples 256] [--threads N]
                                   [--teachers b16,demo] [--work DIR] [--json PATH]
-Prints each mode's figures, then the ratios as the last lines.
+Prints each mode's figures, then the ratios; the ensemble's time ratio over plain is the last line.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ from typing import Any
 from procstat import status_kb  # bench/: sys.path[0] when a benchmark runs as a script
 
 VIEWS = 2
+ENSEMBLE_VIEWS = 10
 SEED = 0
-MODES = ("plain", "cached", "online_bf16", "online_fp32")
+MODES = ("plain", "cached", "cached_ensemble_k10", "online_bf16", "online_fp32")
+ENSEMBLE_SEEDS = (1234, 4321)  # the two members: the teacher's shape with weights drawn from each seed
 DEMO_TEACHER = Path(__file__).resolve().parents[1] / "configs" / "demo" / "teacher.yaml"
 
 
@@ -55,7 +60,7 @@ def _tokenizer() -> Any:
     return load_tokenizer(MINILM)
 
 
-def make_teacher(shape: str, tok: Any) -> Any:
+def make_teacher(shape: str, tok: Any, seed: int = 1234) -> Any:
     """The teacher of ``shape`` with seeded random weights (the same in every process)."""
     import torch
 
@@ -66,8 +71,8 @@ def make_teacher(shape: str, tok: Any) -> Any:
         from mmkd.config import load_config
         from mmkd.models.student import build_student
 
-        return build_student(None, load_config(DEMO_TEACHER).student, seed=1234)
-    torch.manual_seed(1234)
+        return build_student(None, load_config(DEMO_TEACHER).student, seed=seed)
+    torch.manual_seed(seed)
     vision = build_tower("clip_vision", dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
                                              num_attention_heads=12, intermediate_size=3072))
     text = build_tower("clip_text", dict(vocab_size=49408, hidden_size=512, num_hidden_layers=12,
@@ -112,9 +117,13 @@ def build_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = _tokenizer()
-    teacher = make_teacher(args.shape, tok)
+    seed, views, name = 1234, VIEWS, f"cache-{args.shape}"
+    if args.mode.startswith("ensemble"):  # ensemble0, ensemble1: the members of the K=10 ensemble
+        member = int(args.mode[len("ensemble"):])
+        seed, views, name = ENSEMBLE_SEEDS[member], ENSEMBLE_VIEWS, f"cache-{args.shape}-ensemble{member}"
+    teacher = make_teacher(args.shape, tok, seed)
     recs = records(args.samples, Path(args.work))
-    res = build_cache(teacher, recs, Path(args.work) / f"cache-{args.shape}", views=VIEWS, seed=SEED,
+    res = build_cache(teacher, recs, Path(args.work) / name, views=views, seed=SEED,
                       dtype="float16", batch_size=64, chunk_rows=256)
     return {"seconds": res.seconds, "built": res.chunks_built, "params": sum(p.numel() for p in teacher.parameters())}
 
@@ -128,6 +137,7 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
     from mmkd.models.student import tower_widths
     from mmkd.objectives.base import ObjectiveContext, build_objectives
     from mmkd.teacher.cache import CachedTeacher, CacheExpectation
+    from mmkd.teacher.ensemble import EnsembleLookup, check_agreement
     from mmkd.teacher.targets import OnlineTeacher, bf16_supported
     from mmkd.train.loop import DistillTask, param_groups
 
@@ -138,15 +148,25 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
     cache_dir = Path(args.work) / f"cache-{args.shape}"
     aug = CachedTeacher.open(cache_dir).augmentation  # the same views in every mode
     bank = ImageBank(recs, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment=True, seed=SEED, augmentation=aug)
-    data = TrainData(bank, None, args.batch, 0, world=1, seed=1, views=VIEWS)
+    ensemble = args.mode == "cached_ensemble_k10"
+    data = TrainData(bank, None, args.batch, 0, world=1, seed=1, views=ENSEMBLE_VIEWS if ensemble else VIEWS)
     baseline_kb = status_kb("VmRSS")  # after imports and data loading
 
     student = make_student(tok)
     kd = args.mode != "plain"
     teacher: Any = None
+    contexts = None
     if args.mode == "cached":
         teacher = CachedTeacher.open(cache_dir, expect=CacheExpectation.for_data(data))
         t_dim, t_feats = teacher.embed_dim, teacher.feature_dims
+    elif ensemble:  # both members' targets for every batch, as the DataLoader workers look them up in training
+        caches = [CachedTeacher.open(Path(args.work) / f"cache-{args.shape}-ensemble{i}",
+                                     expect=CacheExpectation.for_data(data)) for i in range(len(ENSEMBLE_SEEDS))]
+        check_agreement(caches)
+        teacher = EnsembleLookup(caches)
+        t_dim, t_feats = caches[0].embed_dim, caches[0].feature_dims
+        contexts = [ObjectiveContext(student.projection_dim, c.embed_dim, tower_widths(student), c.feature_dims)
+                    for c in caches]
     elif kd:
         model = make_teacher(args.shape, tok)
         t_bank = ImageBank(recs, model.meta.image_size, model.meta.image_mean, model.meta.image_std, augment=True,
@@ -159,7 +179,7 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
     specs = [ObjectiveSpec("clip")] + ([ObjectiveSpec("fd_mse_cosine", towers=["image", "text"])] if kd else [])
     ctx = ObjectiveContext(student.projection_dim, t_dim if kd else None, tower_widths(student),
                            t_feats if kd else {})
-    task = DistillTask(student, build_objectives(specs, ctx))
+    task = DistillTask(student, build_objectives(specs, contexts or ctx))
     opt = torch.optim.AdamW(param_groups(task, 0.05), lr=1e-4)
     task.train()
     times = []
@@ -235,7 +255,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         res = {}
         # plain and cached alternate over --repeats fresh processes: their ratio is near 1 and a single process's
         # speed drifts by ±10% here (memory layout, neighbours), more than the 5% being measured
-        rounds = [["plain", "cached"]] * args.repeats + [[m for m in MODES if m not in ("plain", "cached")]]
+        for member in range(len(ENSEMBLE_SEEDS)):
+            b = _run("build", shape, args, f"ensemble{member}")
+            print(f"[{shape}] ensemble member {member} cache ({ENSEMBLE_VIEWS} views) built in {b['seconds']:.1f} s",
+                  flush=True)
+        paced = ("plain", "cached", "cached_ensemble_k10")
+        rounds = [list(paced)] * args.repeats + [[m for m in MODES if m not in paced]]
         for mode in [m for r in rounds for m in r]:
             r = _run("step", shape, args, mode)
             if "skipped" in r:
@@ -251,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 m["step_s"] = statistics.median(t for r in m["runs"] for t in r["times"])
                 m["above_mb"] = statistics.median(r["above_mb"] for r in m["runs"])
                 m["peak_mb"] = statistics.median(r["peak_mb"] for r in m["runs"])
-        for mode in ("plain", "cached"):
+        for mode in paced:
             m = res[mode]
             print(f"[{shape}] {mode:12s} over {args.repeats} processes: step {m['step_s']:.3f} s, memory above "
                   f"baseline {m['above_mb']:.0f} MB", flush=True)
@@ -262,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ratios[f"{prefix}online_over_cached_time"] = online["step_s"] / c["step_s"]
         ratios[f"{prefix}online_fp32_over_cached_time"] = f["step_s"] / c["step_s"]
         ratios[f"{prefix}online_over_cached_memory"] = online["above_mb"] / c["above_mb"]
+        e = res["cached_ensemble_k10"]
+        ratios[f"{prefix}cached_ensemble_k10_over_plain_memory"] = e["above_mb"] / a["above_mb"]
+        ratios[f"{prefix}cached_ensemble_k10_over_plain_time"] = e["step_s"] / a["step_s"]
         details[shape] = {"teacher_params": built["params"], "cache_build_s": built["seconds"], "modes": res}
         lines.append((shape, prefix))
     if args.json is not None:
@@ -273,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               f"{ratios[f'{prefix}online_over_cached_time']:.2f}× (bf16; target ≥ 5 for b16), fp32 "
               f"{ratios[f'{prefix}online_fp32_over_cached_time']:.2f}×, memory "
               f"{ratios[f'{prefix}online_over_cached_memory']:.2f}×")
+    for shape, prefix in lines:
+        print(f"[{shape}] cached_ensemble_k10/plain time {ratios[f'{prefix}cached_ensemble_k10_over_plain_time']:.3f} "
+              f"(target ≤ 1.05), memory {ratios[f'{prefix}cached_ensemble_k10_over_plain_memory']:.3f}")
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     if tmp is not None:

@@ -60,6 +60,9 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record],
         bad = BadSamples(cfg.data.on_error)
         paired, unpaired = training_records(cfg, bad)
         sources: list[Sequence[Record]] = [paired, *([unpaired] if unpaired else [])]
+        if isinstance(cfg.teacher, list) and not (teacher and out):  # an ensemble: one cache per member
+            raise CacheError(f"{args.config} names a teacher ensemble ({', '.join(cfg.teacher)}): build each "
+                             "member's cache with its own --teacher MODEL --out DIR")
         target = cache_path(cfg.teacher)
         out = out or target
         if not teacher and target is None:

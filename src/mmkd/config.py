@@ -245,8 +245,9 @@ class EvalSpec:
 @dataclass
 class RunConfig:
     # model folder or hub id, cache:DIR for a teacher cache built by `mmkd cache`, or empty: no teacher
-    # (task objectives only: training from scratch, e.g. a teacher)
-    teacher: str = ""
+    # (task objectives only: training from scratch, e.g. a teacher); a list of them: an ensemble (README,
+    # "Teacher ensembles"), all models or all caches; a one-element list is its element
+    teacher: str | list[str] = ""
     teacher_modality: str = "image_text"  # image_text: a dual encoder; image: an image model only (unimodal teacher)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -269,6 +270,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if isinstance(value, (list, tuple)) and lists:  # a list's own errors name the bad item (key[i])
+            return _coerce(value, lists[0], path)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -495,6 +499,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.label_captions: {cfg.data.label_captions!r} needs a '{{}}' for the class name")
     if cfg.data.views is not None and cfg.data.views < 1:
         raise ConfigError("data.views must be ≥ 1 (view 0 is the unaugmented image)")
+    check_teachers(cfg)
     if cfg.data.randaugment is not None and not cfg.data.augment:
         raise ConfigError("data.randaugment applies to augmented views only, and data.augment is false: set "
                           "data.augment: true, or remove data.randaugment")
@@ -504,13 +509,13 @@ def validate(cfg: RunConfig) -> None:
     syn = cfg.data.synthetic_captions
     if syn.weight < 0:
         raise ConfigError(f"data.synthetic_captions.weight must be ≥ 0, got {syn.weight}")
-    if syn.enabled and not cfg.teacher.startswith("cache:"):
+    if syn.enabled and not all(t.startswith("cache:") for t in teacher_members(cfg) or [""]):
         raise ConfigError("data.synthetic_captions.enabled: true needs teacher: cache:DIR, a teacher cache built with "
                           "`mmkd cache --captioner MODEL --synthetic-captions N` (the captions and their teacher "
-                          "targets are stored there)")
-    if cfg.teacher.startswith("cache:") and not cfg.teacher[len("cache:"):]:
+                          "targets are stored there; for an ensemble, every member's cache)")
+    if cfg.teacher == "cache:":
         raise ConfigError("teacher: 'cache:' needs the cache folder, e.g. cache:runs/teacher-cache")
-    if cfg.teacher.startswith("cache:") and cfg.teacher_modality != "image_text":
+    if isinstance(cfg.teacher, str) and cfg.teacher.startswith("cache:") and cfg.teacher_modality != "image_text":
         raise ConfigError("teacher_modality: a teacher cache (cache:DIR) holds a dual encoder's targets; "
                           "use teacher_modality: image_text")
     if not cfg.objectives:
@@ -519,3 +524,42 @@ def validate(cfg: RunConfig) -> None:
         for tower in spec.towers or ():
             if tower not in ("image", "text"):
                 raise ConfigError(f"objectives[{i}].towers: {tower!r} is not one of image, text")
+
+
+def teacher_members(cfg: RunConfig) -> list[str]:
+    """The configured teachers in order: one for ``teacher: X``, several for an ensemble, none without one."""
+    if isinstance(cfg.teacher, list):
+        return list(cfg.teacher)
+    return [cfg.teacher] if cfg.teacher else []
+
+
+def check_teachers(cfg: RunConfig) -> None:
+    """An ensemble (``teacher: [A, B]``) is all caches or all dual-encoder models, each named once; a one-element
+    list becomes its element, so it runs (and fingerprints) exactly as the string."""
+    if not isinstance(cfg.teacher, list):
+        return
+    if not cfg.teacher:
+        raise ConfigError("teacher: an empty list names no teacher; give one or more (model folder, hub id, "
+                          "open_clip:FOLDER or cache:DIR), or leave the key out for no teacher")
+    for i, t in enumerate(cfg.teacher):
+        if not t.strip():
+            raise ConfigError(f"teacher[{i}]: empty; give a model folder, hub id, open_clip:FOLDER or cache:DIR")
+        if t == "cache:":
+            raise ConfigError(f"teacher[{i}]: 'cache:' needs the cache folder, e.g. cache:runs/teacher-cache")
+        if t in cfg.teacher[:i]:
+            raise ConfigError(f"teacher[{i}]: {t!r} repeats teacher[{cfg.teacher.index(t)}]; name each teacher once")
+    if len(cfg.teacher) == 1:
+        cfg.teacher = cfg.teacher[0]
+        return
+    cached = [t.startswith("cache:") for t in cfg.teacher]
+    if any(cached) and not all(cached):
+        c, m = cached.index(True), cached.index(False)
+        raise ConfigError(f"teacher: teacher[{c}] ({cfg.teacher[c]}) is a teacher cache but teacher[{m}] "
+                          f"({cfg.teacher[m]}) is a model; an ensemble is all caches or all models: build a cache "
+                          f"of {cfg.teacher[m]} with `mmkd cache` (same data and --views) and list it as cache:DIR")
+    if cfg.teacher_modality != "image_text":
+        raise ConfigError("teacher: an ensemble takes dual encoders (teacher_modality: image_text); an image-only "
+                          "teacher (teacher_modality: image) takes one teacher")
+    if cfg.data.only_cached_shards:
+        raise ConfigError("data.only_cached_shards: true takes one teacher cache, not an ensemble; build every "
+                          "member's cache over the same shards")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmkd.config import ConfigError, RunConfig, to_dict
+from mmkd.config import ConfigError, RunConfig, teacher_members, to_dict
 from mmkd.data.batches import ImageBank, TrainData, in_memory
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, zeroshot_classes
@@ -34,6 +34,7 @@ from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, check_specs
 from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, arrays_needed
+from mmkd.teacher.ensemble import EnsembleLookup, EnsembleTargets, check_agreement
 from mmkd.teacher.fingerprint import state_dict_sha256
 from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
@@ -183,9 +184,17 @@ def augment_paired(cfg: RunConfig) -> bool:
     return cfg.data.augment and cfg.data.augment_paired
 
 
-def cache_path(teacher: str) -> str | None:
-    """The folder of ``teacher: cache:DIR``, or None for a model (or no teacher)."""
-    return teacher[len("cache:"):] if teacher.startswith("cache:") else None
+def cache_path(teacher: str | list[str]) -> str | None:
+    """The folder of ``teacher: cache:DIR`` (of the first member of an ensemble), or None for a model (or no
+    teacher)."""
+    first = teacher[0] if isinstance(teacher, list) else teacher
+    return first[len("cache:"):] if first.startswith("cache:") else None
+
+
+def member_configs(cfg: RunConfig) -> list[RunConfig]:
+    """One single-teacher config per member of ``cfg``'s teacher (itself for one teacher or none)."""
+    members = teacher_members(cfg)
+    return [cfg] if len(members) < 2 else [replace(cfg, teacher=t) for t in members]
 
 
 def wants_features(objectives: WeightedSum) -> bool:
@@ -215,10 +224,10 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     folder = RunFolder(out, info.is_main)
     try:
         plan = plan_start(out, cfg, mode, overwrite) if info.is_main else "follow"
-        cached = cache_path(cfg.teacher)
         bad = BadSamples(cfg.data.on_error)
-        if cached is not None:
-            data, targets, student, objectives, prints = _cached_setup(cfg, cached, info, log, bad)
+        if cache_path(cfg.teacher) is not None:
+            folders = [str(cache_path(t)) for t in teacher_members(cfg)]
+            data, targets, student, objectives, prints = _cached_setup(cfg, folders, info, log, bad)
         else:
             data, targets, student, objectives, prints = _online_setup(cfg, info, log, cache, bad, device)
         if bad.count and info.is_main:
@@ -261,11 +270,14 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
 def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None, bad: BadSamples | None = None,
                   device: torch.device | None = None
                   ) -> tuple[TrainData, Targets | None, Any, WeightedSum, dict[str, Any]]:
-    """A loaded teacher (dual encoder or image-only) runs per batch or once up front, on ``device`` (the training
-    device); or there is no teacher."""
-    teacher = cache.teacher(cfg) if cache is not None else load_teacher(cfg)
+    """A loaded teacher (dual encoder or image-only; or each of an ensemble's) runs per batch or once up front, on
+    ``device`` (the training device); or there is no teacher. The student is built from the (first) teacher."""
+    members = member_configs(cfg)
+    teachers = [cache.teacher(m) if cache is not None else load_teacher(m) for m in members]
+    teacher = teachers[0]
     student = build_student(teacher, cfg.student, seed=cfg.train.seed)
-    objectives = build_objectives(cfg.objectives, teacher_context(student, teacher), seed=cfg.train.seed)
+    contexts = [teacher_context(student, t) for t in teachers]
+    objectives = build_objectives(cfg.objectives, contexts if len(contexts) > 1 else contexts[0], seed=cfg.train.seed)
     if objectives.needs_teacher and teacher is None:
         needy = sorted({n for n, o in zip(objectives.names, objectives.objectives) if o.uses_teacher})
         raise ConfigError(f"objectives {needy} distil from a teacher, but config key 'teacher' is empty: give a "
@@ -282,50 +294,97 @@ def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache |
                      world=info.world_size, seed=cfg.train.seed, views=views, window=cfg.data.shard_window)
     targets: Targets | None = None
     if objectives.needs_teacher:
-        teacher.to(device or "cpu")
-        tm = teacher.meta
-        t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, augment_paired(cfg), cfg.train.seed,
-                             aug)
-        t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
-                                cfg.train.seed, aug) if unpaired else None)
-        # a shared cache computes features too, so every run of a sweep can use the same table
-        online = OnlineTeacher(teacher, t_paired, t_unpaired, features=cache is not None or wants_features(objectives))
-        if cfg.data.augment or data.streaming:
-            # augmented views differ every step: the teacher must see the same view; and a table over streamed
-            # shards would be O(samples): the teacher's pixels are decoded with the student's, in the workers
-            data.teacher_banks = (t_paired, t_unpaired)
-            targets = online
-        else:
-            def compute() -> TableTeacher:
-                log("computing teacher targets once (no augmentation: every step reuses them)")
-                banks = [b for b in (t_paired, t_unpaired) if b is not None]
-                return precompute(online, banks, [c for r in paired for c in r.captions])
-
-            table = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
-            targets = table.to(device or "cpu")
-    prints = {"teacher": cache.fingerprint(cfg, teacher) if cache is not None else teacher_fingerprint(teacher)}
+        parts = [_online_targets(m, t, paired, unpaired, data, objectives, cache, device, log, aug)
+                 for m, t in zip(members, teachers)]
+        targets = parts[0][0] if len(parts) == 1 else _online_ensemble(members, parts, data)
+    fingerprints = [cache.fingerprint(m, t) if cache is not None else teacher_fingerprint(t)
+                    for m, t in zip(members, teachers)]
+    prints = {"teacher": fingerprints[0] if len(fingerprints) == 1 else fingerprints}
     return data, targets, student, objectives, prints
 
 
-def _use_synthetic(cfg: RunConfig, cache: CachedTeacher, folder: str, data: TrainData,
-                   arrays: Sequence[str]) -> None:
-    """data.synthetic_captions: draw one of each image's cached synthetic captions per step."""
-    from mmkd.teacher.cache.synthetic import SyntheticCaptions
+def _online_targets(cfg: RunConfig, teacher: Any, paired: Sequence[Record], unpaired: Sequence[Record] | None,
+                    data: TrainData, objectives: WeightedSum, cache: TargetCache | None,
+                    device: torch.device | None, log: Any, aug: dict[str, Any] | None = None
+                    ) -> tuple[Targets, tuple[ImageBank, ImageBank | None]]:
+    """One teacher's targets (run per batch, or tabled once) and its image banks; ``cfg`` names that teacher.
+    aug: the student's augmentation settings (RandAugment), so the teacher sees the same views."""
+    teacher.to(device or "cpu")
+    tm = teacher.meta
+    t_paired = ImageBank(paired, tm.image_size, tm.image_mean, tm.image_std, augment_paired(cfg), cfg.train.seed,
+                         aug)
+    t_unpaired = (ImageBank(unpaired, tm.image_size, tm.image_mean, tm.image_std, cfg.data.augment,
+                            cfg.train.seed, aug) if unpaired else None)
+    # a shared cache computes features too, so every run of a sweep can use the same table
+    online = OnlineTeacher(teacher, t_paired, t_unpaired, features=cache is not None or wants_features(objectives))
+    if cfg.data.augment or data.streaming:
+        # augmented views differ every step: the teacher must see the same view; and a table over streamed
+        # shards would be O(samples): the teacher's pixels are decoded with the student's, in the workers
+        if data.teacher_banks is None:  # the first teacher's pixels ride with the batch
+            data.teacher_banks = (t_paired, t_unpaired)
+        return online, (t_paired, t_unpaired)
+
+    def compute() -> TableTeacher:
+        log(f"computing teacher targets once for {cfg.teacher} (no augmentation: every step reuses them)")
+        banks = [b for b in (t_paired, t_unpaired) if b is not None]
+        return precompute(online, banks, [c for r in paired for c in r.captions])
+
+    table = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
+    return table.to(device or "cpu"), (t_paired, t_unpaired)
+
+
+def _online_ensemble(members: list[RunConfig], parts: list[tuple[Targets, tuple[ImageBank, ImageBank | None]]],
+                     data: TrainData) -> EnsembleTargets:
+    """The members' targets together; a member whose pixels differ from the first's (size, normalisation)
+    decodes its own, which streamed shards cannot do (their records are read once, for the batch)."""
+    first = parts[0][1][0]
+    own = [not (b.eval_tf.cfg.image_size == first.eval_tf.cfg.image_size and b.same_normalization(first))
+           for _, (b, _) in parts]
+    if data.teacher_banks is not None and data.streaming and any(own):
+        i = own.index(True)
+        raise ConfigError(f"teacher[{i}] ({members[i].teacher}) takes other pixels (image size or normalisation) "
+                          f"than teacher[0] ({members[0].teacher}), and streamed training data decodes one teacher "
+                          "resolution per batch: build a teacher cache of each (`mmkd cache`) and list the caches")
+    return EnsembleTargets([t for t, _ in parts], own if data.teacher_banks is not None else None)
+
+
+def cache_context(student: Any, cache: CachedTeacher) -> ObjectiveContext:
+    """What the objectives need to know of a cached teacher (its widths; a SigLIP teacher's scale and bias)."""
+    t_bias = cache.meta["fingerprint"]["teacher"].get("logit_bias")  # a SigLIP teacher's (None for others)
+    return ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims,
+                            teacher_logit_scale=cache.logit_scale if t_bias is not None else None,
+                            teacher_logit_bias=t_bias,
+                            student_logit_bias=getattr(student, "logit_bias", None) is not None)
+
+
+def _use_synthetic(cfg: RunConfig, caches: Sequence[CachedTeacher], data: TrainData, arrays: Sequence[str]) -> None:
+    """data.synthetic_captions: draw one of each image's cached synthetic captions per step (an ensemble's caches
+    must hold the same captions: the first cache's are drawn, each cache gives its teacher's targets of them)."""
+    from mmkd.teacher.cache.synthetic import SyntheticCaptions, check_same_captions
 
     syn = cfg.data.synthetic_captions
     try:
-        data.synthetic = SyntheticCaptions(cache, cfg.train.seed, unpaired=syn.unpaired, weight=syn.weight)
+        data.synthetic = SyntheticCaptions(caches[0], cfg.train.seed, unpaired=syn.unpaired, weight=syn.weight)
+        for other in caches[1:]:
+            SyntheticCaptions(other, cfg.train.seed)  # (each cache must hold synthetic captions)
+            check_same_captions(caches[0], other)
     except CacheError as e:
         raise ConfigError(f"data.synthetic_captions: {e}") from None
-    if "text_features" in arrays and "syncap_features" not in cache.arrays:
-        raise ConfigError(f"data.synthetic_captions: the teacher cache {folder} holds no pooled features of its "
-                          "synthetic captions, which an objective reads: rebuild it with --features")
+    for c in caches:
+        if "text_features" in arrays and "syncap_features" not in c.arrays:
+            raise ConfigError(f"data.synthetic_captions: the teacher cache {c.root} holds no pooled features of its "
+                              "synthetic captions, which an objective reads: rebuild it with --features")
 
 
-def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: BadSamples | None = None
+
+
+def _cached_setup(cfg: RunConfig, folders: list[str], info: DistInfo, log: Any, bad: BadSamples | None = None
                   ) -> tuple[TrainData, Targets | None, Any, WeightedSum, dict[str, Any]]:
-    """Train from a teacher cache: the teacher is never loaded; targets are read by key at the replayed view."""
-    cache = CachedTeacher.open(folder)
+    """Train from a teacher cache (or an ensemble's caches, which must replay the same views): no teacher is
+    loaded; targets are read by key at the replayed view. The student is built from the first cache's teacher."""
+    caches = [CachedTeacher.open(f) for f in folders]
+    check_agreement(caches)
+    cache, folder = caches[0], folders[0]
     student = build_student(cache.teacher_info(), cfg.student, seed=cfg.train.seed)
     paired, unpaired = training_records(cfg, bad)
     if cfg.data.only_cached_shards:  # a partly built cache: train on the shards it holds, and say which are left out
@@ -346,26 +405,26 @@ def _cached_setup(cfg: RunConfig, folder: str, info: DistInfo, log: Any, bad: Ba
                           augmentation=aug)
     s_unpaired = (cache.bank(unpaired, sm.image_size, sm.image_mean, sm.image_std, augment=cfg.data.augment,
                              augmentation=aug) if unpaired else None)
-    t_bias = cache.meta["fingerprint"]["teacher"].get("logit_bias")  # a SigLIP teacher's (None for others)
-    ctx = ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims,
-                           teacher_logit_scale=cache.logit_scale if t_bias is not None else None,
-                           teacher_logit_bias=t_bias,
-                           student_logit_bias=getattr(student, "logit_bias", None) is not None)
-    objectives = build_objectives(cfg.objectives, ctx, seed=cfg.train.seed)
+    contexts = [cache_context(student, c) for c in caches]
+    objectives = build_objectives(cfg.objectives, contexts if len(contexts) > 1 else contexts[0], seed=cfg.train.seed)
     views = cfg.data.views or (cache.views if cfg.data.augment else 1)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
                      world=info.world_size, seed=cfg.train.seed, views=views, window=cfg.data.shard_window)
-    prints = {"teacher": cache.meta["fingerprint"]["teacher"].get("weights_sha256"),
-              "cache": hashlib.sha256(json.dumps(cache.meta["fingerprint"], sort_keys=True).encode()).hexdigest()}
+    t_prints = [c.meta["fingerprint"]["teacher"].get("weights_sha256") for c in caches]
+    c_prints = [hashlib.sha256(json.dumps(c.meta["fingerprint"], sort_keys=True).encode()).hexdigest() for c in caches]
+    prints = ({"teacher": t_prints[0], "cache": c_prints[0]} if len(caches) == 1
+              else {"teacher": t_prints, "cache": c_prints})
     if cfg.data.synthetic_captions.enabled:
-        _use_synthetic(cfg, cache, folder, data, arrays_needed(objectives) if objectives.needs_teacher else ())
+        _use_synthetic(cfg, caches, data, arrays_needed(objectives) if objectives.needs_teacher else ())
     if not objectives.needs_teacher:
         return data, None, student, objectives, prints
     expect = CacheExpectation.for_data(data, arrays=arrays_needed(objectives),
                                        ignore_fingerprint=cfg.train.ignore_cache_fingerprint)
-    cache.check(expect)
-    data.lookup = cache  # targets looked up where batches are built: in the DataLoader workers when there are any
+    for c in caches:
+        c.check(expect)
+    # targets looked up where batches are built: in the DataLoader workers when there are any
+    data.lookup = cache if len(caches) == 1 else EnsembleLookup(caches)
     if info.is_main:
-        log(f"teacher targets from the cache {folder}: {cache.n_samples} samples × {cache.views} view(s); "
-            f"training draws views 0..{views - 1}")
-    return data, cache, student, objectives, prints
+        log(f"teacher targets from the cache{'s' if len(caches) > 1 else ''} {', '.join(folders)}: "
+            f"{cache.n_samples} samples × {cache.views} view(s); training draws views 0..{views - 1}")
+    return data, data.lookup, student, objectives, prints

@@ -32,6 +32,7 @@ reference of its own seed.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -111,6 +112,21 @@ def _parse_grid_arg(item: str) -> tuple[str, list[Any]]:
 def _slug(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "x"
+
+
+MAX_SLUG = 80  # a run folder's name stays well below file systems' 255-byte limit
+
+
+def _axis_slug(key: str, value: Any) -> str:
+    """An axis value in a run's name; a teacher ensemble's members joined by ``+``, each by its folder's name (the
+    part that tells teachers apart), cut to MAX_SLUG characters with a hash of the whole where longer."""
+    if not (key == "teacher" and isinstance(value, list)):
+        return _slug(value)
+    text = "+".join(_slug(Path(str(v).removeprefix("cache:")).name or v) for v in value)
+    if len(text) > MAX_SLUG:
+        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+        text = f"{text[:MAX_SLUG - 9]}-{digest}"
+    return text
 
 
 def _config_fields() -> set[str]:
@@ -198,7 +214,7 @@ def _make_run(base: dict[str, Any], sets: dict[str, list[Any]], variants: dict[s
         if k not in objective_axes:
             apply_overrides(data, [f"{key}={json.dumps(v)}" for key, v in variants[str(axes[k])].items()])
     apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in axes.items() if k not in named])
-    point = "__".join(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items()) or "run"
+    point = "__".join(f"{_slug(k)}-{_axis_slug(k, v)}" for k, v in axes.items()) or "run"
     name = point + _seed_suffix(seed, first)
     data["out"] = str(out / "runs" / name)
     try:
@@ -237,7 +253,7 @@ def _add_scratch_references(runs: list[Run], out: Path, first: int) -> list[Run]
                               "from-scratch reference; add one to its objectives")
         axes = dict(run.config_axes)
         point = "__".join(["reference-scratch", "+".join(o.name for o in task),
-                           *(f"{_slug(k)}-{_slug(v)}" for k, v in axes.items())])
+                           *(f"{_slug(k)}-{_axis_slug(k, v)}" for k, v in axes.items())])
         name = point + _seed_suffix(run.seed, first)
         cfg = copy.deepcopy(run.cfg)
         cfg.objectives = task
@@ -258,6 +274,9 @@ def _teacher_row(sweep: Sweep, cache: TargetCache, log: Any) -> dict[str, Any] |
     path = sweep.out / "teacher" / "metrics.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if isinstance(cfg.teacher, list):
+        log("the teacher is an ensemble: no single teacher row (evaluate a member with `mmkd eval`)")
+        return None
     if cache_path(cfg.teacher) is not None:
         log(f"the teacher is a cache ({cfg.teacher}): its weights are never loaded, so no teacher row")
         return None

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmkd.config import ConfigError
+from mmkd.objectives.ensemble import PerTeacher, member_targets
 from mmkd.registry import Registry
 from mmkd.seeding import seeded
 
@@ -46,6 +47,9 @@ class Objective(nn.Module):
     """
 
     uses_teacher: bool = True
+    # takes every teacher of an ensemble at once: forward's ``teacher`` is then a list of per-teacher target
+    # dicts (one element for a single teacher); otherwise an ensemble builds one instance per teacher (PerTeacher)
+    handles_ensembles: bool = False
     teacher_features: bool = False  # needs the teacher's pooled pre-projection features, not only embeddings
     default_towers: tuple[str, ...] = ("image", "text")  # the towers a spec that names none applies to
 
@@ -67,7 +71,7 @@ def objective_params(cls: type[Objective]) -> dict[str, Any]:
 class WeightedSum(nn.Module):
     """The weighted sum of several objectives; returns the total (``loss``) and every unweighted term for logging."""
 
-    def __init__(self, items: list[tuple[str, float, Objective]]) -> None:
+    def __init__(self, items: list[tuple[str, float, Objective | PerTeacher]]) -> None:
         super().__init__()
         self.names = [n for n, _, _ in items]
         self.weights = [w for _, w, _ in items]
@@ -78,10 +82,20 @@ class WeightedSum(nn.Module):
         return any(o.uses_teacher for o in self.objectives)
 
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """teacher: one teacher's targets, or an ensemble's (``{"members": [...]}``, `member_targets`)."""
         terms: dict[str, torch.Tensor] = {}
         total = None
+        members = member_targets(teacher)
         for name, weight, obj in zip(self.names, self.weights, self.objectives):
-            for term, value in obj(student, teacher).items():
+            if isinstance(obj, PerTeacher):
+                out, per = obj(student, members)
+                for i, own in enumerate(per):  # logged, not added: the mean below is the loss
+                    terms.update({f"{name}/teacher{i}/{term}": v.detach() for term, v in own.items()})
+            elif getattr(obj, "handles_ensembles", False):
+                out = obj(student, members)
+            else:  # task objectives (and single teachers) read the first teacher's targets, as before
+                out = obj(student, members[0])
+            for term, value in out.items():
                 key = term if term.startswith(name) else f"{name}/{term}"
                 terms[key] = value.detach()
                 total = weight * value if total is None else total + weight * value
@@ -104,24 +118,29 @@ def check_specs(specs: list[Any]) -> None:
                               f"valid: {', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
 
 
-def build_objectives(specs: list[Any], ctx: ObjectiveContext, *, seed: int | None = None) -> WeightedSum:
+def build_objectives(specs: list[Any], ctx: ObjectiveContext | list[ObjectiveContext], *, seed: int | None = None
+                     ) -> WeightedSum:
     """Build the weighted sum from config specs; bad names/params fail listing the valid ones.
 
-    seed: the learnable maps' initialisation is a function of it (None: torch's global generator as it stands).
+    ctx: the teacher's context, or one per teacher of an ensemble (a teacher-using objective without
+    ``handles_ensembles`` is then built once per teacher, see `PerTeacher`). seed: the learnable maps'
+    initialisation is a function of it (None: torch's global generator as it stands).
     """
     check_specs(specs)
     with seeded(seed, "objectives"):
-        return _build_objectives(specs, ctx)
+        return _build_objectives(specs, ctx if isinstance(ctx, list) else [ctx])
 
 
-def _build_objectives(specs: list[Any], ctx: ObjectiveContext) -> WeightedSum:
+def _build_objectives(specs: list[Any], ctxs: list[ObjectiveContext]) -> WeightedSum:
     items = []
     for i, spec in enumerate(specs):
         cls = OBJECTIVES.get(spec.name)
         valid = objective_params(cls)
         try:
             towers = list(cls.default_towers) if spec.towers is None else list(spec.towers)
-            obj = cls(ctx, towers, **spec.params)
+            obj: nn.Module = cls(ctxs[0], towers, **spec.params)
+            if len(ctxs) > 1 and obj.uses_teacher and not cls.handles_ensembles:
+                obj = PerTeacher([obj, *(cls(c, towers, **spec.params) for c in ctxs[1:])])
         except (TypeError, ValueError) as e:  # a bad value: say which objective, and what it takes
             raise ConfigError(f"objectives[{i}] ({spec.name}): {e}; parameters (defaults): "
                              f"{', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}") from None

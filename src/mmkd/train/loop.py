@@ -28,6 +28,7 @@ from mmkd.fileio import atomic_write_text
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.objectives.base import WeightedSum
 from mmkd.objectives.shared import MAX_LOGIT_SCALE
+from mmkd.teacher.ensemble import MEMBERS, targets_to
 from mmkd.teacher.targets import Targets, bf16_supported
 from mmkd.train.acceleration import compile_failure, compile_towers, enable_grad_checkpointing
 from mmkd.train.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, rng_state, set_rng_state
@@ -102,13 +103,21 @@ class DistillTask(nn.Module):
         tf = self._text_features(batch.synthetic)
         syn_out = dict(out, n_paired=len(batch.synthetic), text_features=tf,
                        text_embeds=nn.functional.normalize(s.text_projection(tf), dim=-1))
-        syn_teacher = {k: v for k, v in teacher.items() if k not in ("text_embeds", "text_features")
-                       and not k.startswith("synthetic_")}
-        syn_teacher.update({k[len("synthetic_"):]: v for k, v in teacher.items() if k.startswith("synthetic_")})
-        syn = self.objectives(syn_out, syn_teacher)
+        syn = self.objectives(syn_out, _synthetic_targets(teacher))
         merged = {**terms, **{f"synthetic/{k}": v.detach() for k, v in syn.items()}}
         merged["loss"] = terms["loss"] + self.synthetic_weight * syn["loss"]
         return merged
+
+
+def _synthetic_targets(teacher: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's targets with its synthetic captions' text targets in place of the real captions' (for each
+    member of an ensemble)."""
+    if MEMBERS in teacher:
+        return {**teacher, MEMBERS: [_synthetic_targets(m) for m in teacher[MEMBERS]]}
+    out = {k: v for k, v in teacher.items() if k not in ("text_embeds", "text_features")
+           and not k.startswith("synthetic_")}
+    out.update({k[len("synthetic_"):]: v for k, v in teacher.items() if k.startswith("synthetic_")})
+    return out
 
 
 def _synthetic_captions(data: TrainData) -> list[str]:
@@ -300,7 +309,7 @@ def train(
             # a cached teacher's targets come with the batch, looked up in the loader's workers
             targets = (batch.targets if batch.targets is not None else teacher(batch)) if teacher is not None else {}
             batch = replace(batch, pixel_values=to_device(batch.pixel_values, device))
-            targets = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in targets.items()}
+            targets = targets_to(targets, device)  # one teacher's, or each of an ensemble's
             sync = micro == cfg.accumulate - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             ctx = nullcontext() if sync else model.no_sync()  # type: ignore[operator]
             with ctx, compile_failure(cfg.compile and step == start and micro == 0):

@@ -154,3 +154,17 @@ def targets(cache: Any, keys: Sequence[str], idx: Sequence[int]) -> dict[str, to
     rows = cache.image_rows(list(keys))
     sel = np.asarray(idx, dtype=np.int64)
     return {a.replace("syncap", "text"): cache._gather(a, rows, sel) for a in cache.layouts[0].arrays_of("syncap")}
+
+
+def check_same_captions(first: Any, other: Any) -> None:
+    """An ensemble's caches must hold the same synthetic captions (training draws the first cache's and asks each
+    cache for its teacher's targets of them): the same captioner weights, sampling, seed and chunking."""
+    def key(cache: Any) -> Any:
+        fp = dict(cache.meta["fingerprint"].get("captioner") or {})
+        fp.pop("source", None)  # (names the captioner for people)
+        return fp, cache.meta["layout"]["chunk_rows"]
+
+    if key(first) != key(other):
+        raise CacheError(f"teacher caches {first.root} and {other.root} hold different synthetic captions (captioner "
+                         "weights, sampling, seed or --chunk-rows differ): an ensemble's caches must be built with the "
+                         "same --captioner settings, --seed and --chunk-rows")
