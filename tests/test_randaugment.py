@@ -331,7 +331,7 @@ def test_cache_replays_randaugmented_views_and_refuses_other_settings(ra_run: di
     cache = CachedTeacher.open(with_ra["cache"])
     assert cache.augmentation["randaugment"] == {"num_ops": 2, "magnitude": 15, "num_magnitude_bins": 31}
     assert "randaugment" not in CachedTeacher.open(without["cache"]).augmentation
-    data = _cached_setup(load_config(with_ra["config"], NEW_STUDENT), str(with_ra["cache"]), DistInfo(),
+    data = _cached_setup(load_config(with_ra["config"], NEW_STUDENT), [str(with_ra["cache"])], DistInfo(),
                          lambda *a: None)[0]
     teacher = load_dual_encoder(tiny_teacher_dir).eval()
     batch = data.batch(0)
@@ -342,7 +342,7 @@ def test_cache_replays_randaugmented_views_and_refuses_other_settings(ra_run: di
     for cfg, folder, where in ((without["config"], with_ra["cache"], "only in cache"),
                               (with_ra["config"], without["cache"], "only in training")):
         with pytest.raises(CacheFingerprintError, match=f"transform.augmentation.randaugment: {where}"):
-            _cached_setup(load_config(cfg, NEW_STUDENT), str(folder), DistInfo(), lambda *a: None)
+            _cached_setup(load_config(cfg, NEW_STUDENT), [str(folder)], DistInfo(), lambda *a: None)
     # settings that differ are named too
     other = dataclasses.replace(load_config(with_ra["config"], NEW_STUDENT).data.randaugment, magnitude=3)
     expect = CacheExpectation(augmentation=with_randaugment(cache.augmentation, other))
