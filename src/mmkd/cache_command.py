@@ -51,10 +51,12 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record],
     if args.config:
         if args.data:
             raise CacheError("give the data either with --data or through --config, not both")
-        from mmkd.config import load_config
+        from mmkd.config import config_from_dict
         from mmkd.pipeline import cache_path, training_records
+        from mmkd.sweep_config import load_sweep_config
 
-        cfg = load_config(args.config)
+        # a sweep file is a run config plus its sweep section: the caches its variants read come from its data
+        cfg = config_from_dict(load_sweep_config(args.config).run)
         args.randaugment_config = cfg.data.randaugment
         set_max_image_pixels(cfg.data.max_image_pixels)
         bad = BadSamples(cfg.data.on_error)

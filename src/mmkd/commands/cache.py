@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--data", action="append", default=[], metavar="SPEC",
                    help="data spec FORMAT:PATH (repeat for several sets, e.g. captioned + uncaptioned images)")
     c.add_argument("--config", help="take the data (train and unpaired specs, limits, world sizes) from a distill "
-                                    "config; --out defaults to its teacher: cache:DIR")
+                                    "or sweep config; --out defaults to its teacher: cache:DIR")
     c.add_argument("--out", help="cache folder (resumed if it holds a partial cache of the same build)")
     c.add_argument("--views", type=int, default=1, help="views per image: view 0 = eval transform, 1..K-1 "
                                                         "augmented (default 1)")
