@@ -240,3 +240,36 @@ def test_batches_carry_synthetic_captions_of_paired_or_all_images() -> None:
         assert a.synthetic == b.synthetic and a.synthetic_idx == b.synthetic_idx
         n = len(a.keys) if unpaired else a.n_paired
         assert a.synthetic == [f"{k}/syn{i}" for k, i in zip(a.keys[:n], draw(0, a.keys[:n], 3, 3))]
+
+
+@pytest.mark.slow
+def test_an_ensembles_caches_give_each_teachers_targets_of_the_same_synthetic_captions(
+        built: Path, tiny_teacher_dir: Path, captioner_dir: Path, tmp_path: Path) -> None:
+    """Two caches of one teacher with the same captions: the ensemble's losses equal the single cache's (each
+    member's synthetic pass reads that member's targets of the drawn captions); captions sampled otherwise are
+    refused, naming both caches."""
+    twin = tmp_path / "twin"
+    mmkd_ok("cache", "--teacher", str(tiny_teacher_dir), "--captioner", str(captioner_dir), *BUILD,
+            "--data-cache", str(built / "data"), "--out", str(twin))
+    single = _distill_config(tmp_path, built, "single", ", synthetic_captions: {enabled: true}")
+    pair = _distill_config(tmp_path, built, "pair", ", synthetic_captions: {enabled: true}")
+    for cfg in (single, pair):  # dr_clip averaging the teachers' softmaxes has no learnable maps: two identical
+        cfg.write_text(cfg.read_text().replace(  # teachers are the one teacher
+            "objectives: [{name: clip}, {name: fd_mse_cosine}]",
+            "objectives: [{name: dr_clip, params: {average_after_softmax: true}}]"))
+    pair.write_text(pair.read_text().replace(f"teacher: cache:{built / 'cache'}",
+                                             f"teacher: ['cache:{built / 'cache'}', 'cache:{twin}']"))
+    mmkd_ok("distill", str(single))
+    mmkd_ok("distill", str(pair))
+    one, two = losses(tmp_path / "single"), losses(tmp_path / "pair")
+    assert [r["synthetic/loss"] for r in two] == pytest.approx([r["synthetic/loss"] for r in one], rel=1e-5)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+
+    other = tmp_path / "other"
+    mmkd_ok("cache", "--teacher", str(tiny_teacher_dir), "--captioner", str(captioner_dir), *BUILD,
+            "--caption-top-p", "0.5", "--data-cache", str(built / "data"), "--out", str(other))
+    pair.write_text(pair.read_text().replace(f"cache:{twin}", f"cache:{other}").replace(
+        f"out: {tmp_path / 'pair'}", f"out: {tmp_path / 'refused'}"))
+    done = mmkd("distill", str(pair))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "hold different synthetic captions" in done.stderr and str(other) in done.stderr, done.stderr
