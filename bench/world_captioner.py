@@ -50,7 +50,7 @@ MAX_TOKENS = 32  # longest world caption is ~20 WordPiece tokens with [SEP]
 
 @dataclass(frozen=True)
 class CaptionerConfig:
-    """Model size and training schedule (the defaults fit ~6 minutes of 2-core CPU)."""
+    """Model size and training schedule (the defaults took ~15 minutes on a busy 2-core CPU; see README)."""
 
     image_size: int = 32
     patch_size: int = 8
