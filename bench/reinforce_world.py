@@ -7,7 +7,8 @@ when its output is already complete, so an interrupted run continues where it st
 
 1. teacher A: the demo's (``runs/demo/teacher``, from ``make demo``), or trained with ``configs/demo/teacher.yaml``;
 2. teacher B: the same recipe with ``train.seed=7`` (``mmkd distill … --resume-or-start``);
-3. the captioner: ``python bench/world_captioner.py`` (a tiny captioner of the world, trained here);
+3. the captioner: ``python bench/world_captioner.py --encoder A`` (a small captioner of the world, trained here on
+   teacher A's frozen vision tower);
 4. the caches (``mmkd cache --config configs/reinforce/world.yaml …``), one per teacher and setting;
 5. ``mmkd sweep configs/reinforce/world.yaml --seeds 3``;
 6. the bytes per sample of every cache (``mmkd.teacher.cache.cache_size``) and the teachers' own zero-shot top-1,
@@ -77,8 +78,9 @@ def main() -> None:
     teachers = {"a": teacher_model(teacher_a), "b": teacher_model(teacher_b)}
     captioner = work / "captioner"
     if not (captioner / "config.json").is_file():
-        run([sys.executable, "bench/world_captioner.py", "--out", str(captioner),
-             "--json", str(work / "captioner.json")])
+        # its encoder is teacher A's vision tower, frozen: a fresh 32-px ViT learns shapes too slowly on a CPU
+        run([sys.executable, "bench/world_captioner.py", "--encoder", str(teachers["a"]), "--steps", "2000",
+             "--out", str(captioner), "--json", str(work / "captioner.json")])
     for name, (who, views, randaugment, synthetic) in CACHES.items():
         # a finished cache is a no-op to rebuild (every segment is committed); a killed one resumes
         run(mmkd("cache", "--config", CONFIG, "--teacher", str(teachers[who]), "--out", str(work / name),
@@ -96,6 +98,8 @@ def main() -> None:
                           "synthetic_captions": N_SYNTHETIC if syn else 0, **sizes[name]}
                    for name, (who, views, ra, syn) in CACHES.items()},
         "teachers": {},
+        "captioner": json.loads((work / "captioner.json").read_text()) if (work / "captioner.json").is_file()
+        else None,
     }
     for who, model in teachers.items():  # the teachers on the students' zero-shot test, for reference
         cmd = mmkd("eval", "zeroshot", "--model", str(model), "--data", "world:test", "--class-set", "colour_shape",

@@ -65,6 +65,10 @@ class CaptionerConfig:
     weight_decay: float = 0.01
     captions_per_image: int = 2
     seed: int = 0
+    # a dual encoder folder whose vision tower becomes the (frozen) encoder; None: a fresh ViT trained with the decoder
+    encoder: str | None = None
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
 
 
 def seed_everything(seed: int) -> None:
@@ -88,8 +92,20 @@ def world_pairs(split: str, n: int, cache_dir: str | Path, seed: int = 0
     return images, [tuple(r.captions) for r in recs], [r.label for r in recs]
 
 
-def build_model(tokenizer: Any, cfg: CaptionerConfig) -> VisionEncoderDecoderModel:
-    """A ViT encoder and a BERT decoder with cross-attention, sharing one hidden size (no projection)."""
+def pretrained_encoder(folder: str) -> tuple[Any, tuple[float, ...], tuple[float, ...], int]:
+    """The vision tower of a saved dual encoder (e.g. the demo's teacher) with its normalisation and image size.
+
+    Why: a 32-px ViT trained from scratch with a small decoder learns colours quickly but shapes slowly on CPU; a
+    tower already trained contrastively on the world separates shapes, so only the decoder has to learn."""
+    from mmkd.models.hub import load_dual_encoder
+
+    dual = load_dual_encoder(folder)
+    return dual.vision_model, tuple(dual.meta.image_mean), tuple(dual.meta.image_std), int(dual.meta.image_size)
+
+
+def build_model(tokenizer: Any, cfg: CaptionerConfig, encoder: Any = None) -> VisionEncoderDecoderModel:
+    """A ViT encoder (fresh, or ``encoder``: a pretrained vision tower, frozen by the training loop) and a BERT
+    decoder with cross-attention (VisionEncoderDecoderModel adds a projection where their widths differ)."""
     enc = ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden,
                     num_hidden_layers=cfg.encoder_layers, num_attention_heads=cfg.heads,
                     intermediate_size=4 * cfg.hidden, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -98,7 +114,8 @@ def build_model(tokenizer: Any, cfg: CaptionerConfig) -> VisionEncoderDecoderMod
                      max_position_embeddings=64, is_decoder=True, add_cross_attention=True,
                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
                      pad_token_id=tokenizer.pad_token_id)
-    model = VisionEncoderDecoderModel(encoder=ViTModel(enc), decoder=BertLMHeadModel(dec))
+    model = VisionEncoderDecoderModel(encoder=encoder if encoder is not None else ViTModel(enc),
+                                      decoder=BertLMHeadModel(dec))
     # Generation starts at [CLS] and stops at [SEP], as the tokenizer frames every caption.
     for c in (model.config, model.generation_config):
         c.decoder_start_token_id = tokenizer.cls_token_id
@@ -109,10 +126,10 @@ def build_model(tokenizer: Any, cfg: CaptionerConfig) -> VisionEncoderDecoderMod
     return model
 
 
-def pixels(images: np.ndarray) -> torch.Tensor:
+def pixels(images: np.ndarray, mean_std: tuple[Sequence[float], Sequence[float]] = (MEAN, STD)) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] normalised as the saved image processor does."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(mean_std[0]).view(1, 3, 1, 1), torch.tensor(mean_std[1]).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -123,15 +140,26 @@ def labels_for(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
     return ids.masked_fill(ids == tokenizer.pad_token_id, -100)
 
 
-def caption_loss(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, labels: torch.Tensor,
-                 vocab: torch.Tensor, remap: torch.Tensor) -> torch.Tensor:
+def encode(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The encoder's states as the decoder's cross-attention reads them (projected where the widths differ)."""
+    enc = model.encoder(pixel_values=pixel_values).last_hidden_state
+    proj = getattr(model, "enc_to_dec_proj", None)
+    return proj(enc) if proj is not None else enc
+
+
+def caption_loss(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor | None, labels: torch.Tensor,
+                 vocab: torch.Tensor, remap: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over the world's own tokens only (``vocab``, ~70 of 30,522 ids).
 
     Why: the full-vocabulary softmax is most of a step's cost on CPU while every other token is never a
     target; `suppress_unused` then gives the others a bias of -1e4, so the saved full-vocabulary model never
     emits them and its tokenizer stays the standard one."""
     cfg = model.config
-    enc = model.encoder(pixel_values=pixel_values).last_hidden_state
+    if states is not None:  # a frozen encoder's states, computed once: only the projection and decoder train
+        proj = getattr(model, "enc_to_dec_proj", None)
+        enc = proj(states) if proj is not None else states
+    else:
+        enc = encode(model, pixel_values)
     start = torch.full_like(labels[:, :1], cfg.decoder_start_token_id)
     dec_in = torch.cat([start, labels[:, :-1]], dim=1)
     dec_in = dec_in.masked_fill(dec_in == -100, cfg.pad_token_id)
@@ -157,9 +185,14 @@ def train(images: np.ndarray, captions: Sequence[Sequence[str]], cfg: CaptionerC
     seed_everything(cfg.seed)
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
-    model = build_model(tokenizer, cfg)
+    encoder = pretrained_encoder(cfg.encoder)[0] if cfg.encoder else None
+    model = build_model(tokenizer, cfg, encoder)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if encoder is not None:
+        model.encoder.requires_grad_(False)
+        model.encoder.eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 5%
         if step < cfg.warmup:
@@ -169,7 +202,12 @@ def train(images: np.ndarray, captions: Sequence[Sequence[str]], cfg: CaptionerC
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng(cfg.seed)
-    x_all = pixels(images)
+    x_all = pixels(images, (cfg.mean, cfg.std))
+    states = None
+    if encoder is not None:  # frozen: its states once, in batches, instead of a forward per step
+        with torch.no_grad():
+            states = torch.cat([model.encoder(pixel_values=x_all[i:i + 512]).last_hidden_state
+                                for i in range(0, len(x_all), 512)])
     # Pre-tokenised targets [N, captions_per_image, T]; an image with fewer captions repeats its first.
     per = cfg.captions_per_image
     flat = [caps[min(j, len(caps) - 1)] for caps in captions for j in range(per)]
@@ -183,7 +221,8 @@ def train(images: np.ndarray, captions: Sequence[Sequence[str]], cfg: CaptionerC
         cols = torch.from_numpy(rng.integers(0, per, cfg.batch))
         y = y_all[rows, cols]
         y = y[:, : int((y != -100).sum(1).max())]  # drop all-padding columns
-        loss = caption_loss(model, x_all[rows], y, vocab, remap)
+        loss = caption_loss(model, x_all[rows] if states is None else None, y, vocab, remap,
+                            None if states is None else states[rows])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -204,7 +243,7 @@ def save(model: VisionEncoderDecoderModel, tokenizer: Any, cfg: CaptionerConfig,
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     image_processor = ViTImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
-                                        image_mean=list(MEAN), image_std=list(STD))
+                                        image_mean=list(cfg.mean), image_std=list(cfg.std))
     VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     (out / "captioner_training.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
@@ -300,15 +339,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--decoder-layers", type=int, default=d.decoder_layers)
     ap.add_argument("--captions-per-image", type=int, default=d.captions_per_image, choices=(1, 2))
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--encoder", default=None, metavar="FOLDER",
+                    help="a saved dual encoder whose vision tower becomes the frozen encoder (e.g. runs/demo/teacher); "
+                         "default: a fresh ViT trained with the decoder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the quality report here")
     args = ap.parse_args(argv)
     if not 1 <= args.images <= 20000:
         ap.error(f"--images must be in 1..20000, got {args.images}")
 
+    extra: dict[str, Any] = {}
+    if args.encoder:
+        _, mean, std, size = pretrained_encoder(args.encoder)
+        extra = {"encoder": args.encoder, "mean": mean, "std": std, "image_size": size}
     cfg = CaptionerConfig(steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden,
                           encoder_layers=args.encoder_layers, decoder_layers=args.decoder_layers,
-                          captions_per_image=args.captions_per_image, seed=args.seed)
+                          captions_per_image=args.captions_per_image, seed=args.seed, **extra)
     t0, c0 = time.perf_counter(), time.process_time()
     images, captions, _ = world_pairs("pool", args.images, args.cache_dir)
     train(images, captions, cfg, args.out, threads=args.threads)

@@ -197,3 +197,15 @@ sweep:
     distilled = {r.name: r.cfg.teacher for r in sweep.runs if r.role == "distilled"}
     assert distilled == {"teacher-models_a": "/models/a", "teacher-a+b": ["/models/a", "/models/b"],
                          "teacher-a": "/models/a"}
+
+
+def test_cache_from_an_ensemble_config_needs_a_teacher_and_an_out(tmp_path: Path) -> None:
+    """An ensemble config names several caches: `mmkd cache --config` builds one member's, so it needs both
+    --teacher and --out; without them it says so in one line and writes nothing."""
+    cfg = tmp_path / "ens.yaml"
+    cfg.write_text(f"teacher: ['cache:{tmp_path / 'a'}', 'cache:{tmp_path / 'b'}']\n"
+                   f"cache_dir: {tmp_path / 'data'}\ndata: {{train: 'world:train', world_size_train: 8}}\n")
+    done = mmkd("cache", "--config", str(cfg))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "teacher ensemble" in done.stderr and "--teacher MODEL --out DIR" in done.stderr, done.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

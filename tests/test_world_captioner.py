@@ -107,3 +107,27 @@ def test_bleu_and_object_check() -> None:
     assert wc.names_object("a small red circle on the left", red_circle)
     assert not wc.names_object("a small red square on the left", red_circle)
     assert not wc.names_object("a red circle and a blue circle", red_circle)
+
+
+def test_a_pretrained_vision_tower_is_the_frozen_encoder(tmp_path: Path, tiny_teacher_dir: Path) -> None:
+    """--encoder: a saved dual encoder's vision tower, kept as it was (frozen), with its own normalisation in the
+    saved image processor; the folder loads back and generates."""
+    from transformers import AutoImageProcessor, VisionEncoderDecoderModel
+
+    from mmkd.models.hub import load_dual_encoder
+
+    wc = _script()
+    images, captions, _ = wc.world_pairs("pool", 32, tmp_path / "cache")
+    tower, mean, std, size = wc.pretrained_encoder(str(tiny_teacher_dir))
+    cfg = wc.CaptionerConfig(hidden=32, decoder_layers=1, heads=2, steps=3, batch=8, warmup=1,
+                             encoder=str(tiny_teacher_dir), mean=mean, std=std, image_size=size)
+    wc.train(images, captions, cfg, tmp_path / "cap", threads=1, log_every=0)
+    model = VisionEncoderDecoderModel.from_pretrained(tmp_path / "cap").eval()
+    original = load_dual_encoder(tiny_teacher_dir).vision_model.state_dict()
+    saved = model.encoder.state_dict()
+    assert set(saved) == set(original) and all(torch.equal(saved[k], original[k]) for k in original)
+    proc = AutoImageProcessor.from_pretrained(tmp_path / "cap")
+    assert tuple(proc.image_mean) == pytest.approx(mean) and tuple(proc.image_std) == pytest.approx(std)
+    with torch.no_grad():
+        ids = model.generate(pixel_values=proc(images=list(images[:2]), return_tensors="pt").pixel_values)
+    assert ids.shape[0] == 2
