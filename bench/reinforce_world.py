@@ -57,6 +57,25 @@ def teacher_model(folder: Path) -> Path:
     return folder / "student" if (folder / "student" / "config.json").is_file() else folder
 
 
+def setting_bytes(overrides: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What a setting reads, and the embedding bytes per sample a cache built for exactly that setting stores: its
+    teachers' image embeddings for the views it draws, the real captions' and, where on, the synthetic captions'
+    text embeddings (from the measured per-array bytes of the caches it reads, which may hold more views)."""
+    teachers = overrides["teacher"] if isinstance(overrides["teacher"], list) else [overrides["teacher"]]
+    names = [Path(t.removeprefix("cache:")).name for t in teachers]
+    views = int(overrides.get("data.views") or 1)
+    synthetic = bool((overrides.get("data.synthetic_captions") or {}).get("enabled"))
+    total = 0.0
+    for name in names:
+        size = sizes[name]
+        n = size["n_samples"]
+        total += size["arrays"]["image_embeds"] / n * views / size["views"] + size["arrays"]["text_embeds"] / n
+        if synthetic:
+            total += size["arrays"]["syncap_embeds"] / n
+    return {"caches": names, "views": views, "randaugment": "data.randaugment" in overrides,
+            "synthetic_captions": synthetic, "embedding_bytes_per_sample": total}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher-a", default="runs/demo/teacher",
@@ -88,15 +107,19 @@ def main() -> None:
                  *(["--captioner", str(captioner), "--synthetic-captions", str(N_SYNTHETIC)] if synthetic else [])))
     run(mmkd("sweep", CONFIG, "--seeds", args.seeds))
 
+    from mmkd.sweep_config import load_sweep_config
     from mmkd.teacher.cache import cache_size
 
     sizes = {name: cache_size(work / name).to_json() for name in CACHES}
+    variants = load_sweep_config(CONFIG).sweep.variants
+    settings = {name: setting_bytes(overrides, sizes) for name, overrides in variants.items()}
     out: dict[str, Any] = {
         "command": shlex.join(["python", "bench/reinforce_world.py", *sys.argv[1:]]),
         "seconds": round(time.perf_counter() - t0, 1),
         "caches": {name: {"teacher": who, "views": views, "randaugment": RANDAUGMENT if ra else None,
                           "synthetic_captions": N_SYNTHETIC if syn else 0, **sizes[name]}
                    for name, (who, views, ra, syn) in CACHES.items()},
+        "settings": settings,
         "teachers": {},
         "captioner": json.loads((work / "captioner.json").read_text()) if (work / "captioner.json").is_file()
         else None,
