@@ -94,7 +94,7 @@ data: {{train: "wds:{spec}", batch_size: 4, augment: true{extra}}}
 objectives: [{{name: clip}}, {{name: fd_mse}}]
 train: {{steps: 2, ckpt_every: 0, threads: 1{train}}}
 """)
-    data_, teacher, *_ = _cached_setup(load_config(cfg), str(tmp_path / "tc"), DistInfo(), lambda _: None)
+    data_, teacher, *_ = _cached_setup(load_config(cfg), [str(tmp_path / "tc")], DistInfo(), lambda _: None)
     return data_, teacher
 
 

@@ -144,6 +144,13 @@ def bench_cache_section(root: Path) -> str:
     lines = ["| figure | B/16-shaped teacher¹ | demo teacher² | target |", "|---|---|---|---|"]
     lines += [f"| {label} | {cost[key]:.{n}f} | {cost['demo_' + key]:.{n}f} | {target} |"
               for label, key, n, target in rows]
+    ens_path = root / "bench" / "results" / "cache_cost_ensemble.json"
+    ens = read_json(ens_path, "bench-cache", how) if ens_path.is_file() else None
+    if ens is not None:  # the two-teacher, K = 10 mode, measured in its own demo-teacher run (footnote ⁴)
+        for label, key in (("(d)/(a) step time, 2 teachers' caches × K = 10", "time"), ("(d)/(a) memory", "memory")):
+            full = f"cached_ensemble_k10_over_plain_{key}"
+            demo = f"{ens['demo_' + full]:.3f}" if "demo_" + full in ens else "–"
+            lines.append(f"| {label}, `{full}`⁴ | – | {demo} | ≤ 1.05 |")
     lines.append(f"| build / bare forward, K = 1 / K = 4 (`build_over_forward_k1`, `_k4`)³ | – | "
                  f"{build['build_over_forward_k1']:.3f} / {build['build_over_forward_k4']:.3f} | ≥ 0.9 |")
 
@@ -169,6 +176,15 @@ def bench_cache_section(root: Path) -> str:
               f"{bd['k1']['forward_items_per_s']:.0f} vs {bd['k1']['build_items_per_s']:.0f} items/s at K = 1 and "
               f"{bd['k4']['forward_items_per_s']:.0f} vs {bd['k4']['build_items_per_s']:.0f} items/s at K = 4 "
               "(bare forward vs build)."]
+    if ens is not None:
+        e = ens["details"]["demo"]["modes"]
+        notes.append(
+            "⁴ `python bench/cache_cost.py --teachers demo --json bench/results/cache_cost_ensemble.json` (the same "
+            f"settings; mode (d) reads two teachers' caches of {ens['details']['samples']} images × 10 views in the "
+            "DataLoader's lookup, fd_mse_cosine once per teacher; plain, cached and (d) alternate over "
+            f"{ens['details']['repeats']} fresh processes): median step (a) {e['plain']['step_s']:.2f} s, (c) "
+            f"{e['cached']['step_s']:.2f} s, (d) {e['cached_ensemble_k10']['step_s']:.2f} s; memory above baseline "
+            f"(a) {e['plain']['above_mb']:,.0f} MB, (d) {e['cached_ensemble_k10']['above_mb']:,.0f} MB.")
     return "\n".join(lines + [""] + [textwrap.fill(n, 115) for n in notes])
 
 
