@@ -9,7 +9,9 @@ when its output is already complete, so an interrupted run continues where it st
 2. teacher B: the same recipe with ``train.seed=7`` (``mmkd distill … --resume-or-start``);
 3. the captioner: ``python bench/world_captioner.py --encoder A`` (a small captioner of the world, trained here on
    teacher A's frozen vision tower);
-4. the caches (``mmkd cache --config configs/reinforce/world.yaml …``), one per teacher and setting;
+4. the caches (``mmkd cache --config configs/reinforce/world.yaml …``), one per teacher and setting; the captioner
+   runs in one build, the others embed its captions (``--captioner cache:DIR``), as captions do not depend on the
+   teacher;
 5. ``mmkd sweep configs/reinforce/world.yaml --seeds 3``;
 6. the bytes per sample of every cache (``mmkd.teacher.cache.cache_size``) and the teachers' own zero-shot top-1,
    written with ``--json`` (default ``bench/results/reinforce_world.json``) for ``mmkd readme``.
@@ -33,11 +35,12 @@ CONFIG = "configs/reinforce/world.yaml"
 WORK = Path("runs/reinforce")  # where the config's variants read their caches and write the sweep
 N_SYNTHETIC = 5  # MobileCLIP's DataCompDR stores five synthetic captions per image
 RANDAUGMENT = "2,9"  # RandAugment(num_ops=2, magnitude=9): torchvision's and MobileCLIP's defaults
+CAPTIONED = "cache-a-k10-syn"  # the one build that runs the captioner; the others reuse its captions (cache:DIR)
 # the caches the sweep's variants read: name → (teacher, views, RandAugment, synthetic captions)
 CACHES: dict[str, tuple[str, int, bool, bool]] = {
     "cache-a-k1": ("a", 1, False, False),
     "cache-b-k1": ("b", 1, False, False),
-    "cache-a-k10-syn": ("a", 10, False, True),
+    CAPTIONED: ("a", 10, False, True),
     "cache-a-k10-ra-syn": ("a", 10, True, True),
     "cache-b-k10-ra-syn": ("b", 10, True, True),
 }
@@ -104,7 +107,8 @@ def main() -> None:
         # a finished cache is a no-op to rebuild (every segment is committed); a killed one resumes
         run(mmkd("cache", "--config", CONFIG, "--teacher", str(teachers[who]), "--out", str(work / name),
                  "--views", str(views), *(["--randaugment", RANDAUGMENT] if randaugment else []),
-                 *(["--captioner", str(captioner), "--synthetic-captions", str(N_SYNTHETIC)] if synthetic else [])))
+                 *(["--captioner", str(captioner) if name == CAPTIONED else f"cache:{work / CAPTIONED}",
+                    "--synthetic-captions", str(N_SYNTHETIC)] if synthetic else [])))
     run(mmkd("sweep", CONFIG, "--seeds", args.seeds))
 
     from mmkd.sweep_config import load_sweep_config

@@ -273,3 +273,24 @@ def test_an_ensembles_caches_give_each_teachers_targets_of_the_same_synthetic_ca
     done = mmkd("distill", str(pair))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "hold different synthetic captions" in done.stderr and str(other) in done.stderr, done.stderr
+
+
+def test_a_cache_reuses_another_caches_captions(built: Path, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """--captioner cache:DIR: the captions are read, not sampled again (the same strings, the same fingerprint, so
+    an ensemble of the two passes), and embedded by this build's teacher; other --chunk-rows are refused."""
+    from mmkd.teacher.cache.format import read_meta
+
+    reuse = tmp_path / "reuse"
+    mmkd_ok("cache", "--teacher", str(tiny_teacher_dir), "--captioner", f"cache:{built / 'cache'}", *BUILD,
+            "--data-cache", str(built / "data"), "--out", str(reuse))
+    src_files, new_files = _files(built / "cache" / "segments"), _files(reuse / "segments")
+    syn = {k: v for k, v in src_files.items() if ".syncap" in k and not k.endswith("done.json")}
+    assert syn and all(new_files[k] == v for k, v in syn.items())  # strings and (same teacher) embeddings
+    assert read_meta(reuse)["fingerprint"]["captioner"] == read_meta(built / "cache")["fingerprint"]["captioner"]
+    bad = mmkd("cache", "--teacher", str(tiny_teacher_dir), "--captioner", f"cache:{built / 'cache'}", *BUILD[:4],
+               "--chunk-rows", "4", *BUILD[6:], "--data-cache", str(built / "data"), "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "--chunk-rows 2" in bad.stderr and not (tmp_path / "bad").exists(), bad.stderr
+    plain = mmkd("cache", "--teacher", str(tiny_teacher_dir), "--captioner", f"cache:{reuse / 'nope'}", *BUILD,
+                 "--data-cache", str(built / "data"), "--out", str(tmp_path / "none"))
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr, plain.stderr

@@ -133,6 +133,11 @@ def _captioner(args: argparse.Namespace) -> tuple[Any, Any]:
         raise CacheError("--captioner MODEL and --synthetic-captions N go together (N captions per image from MODEL)")
     from mmkd.teacher.captioner import Sampling, load_captioner
 
+    if name.startswith("cache:"):  # reuse the captions another cache's build wrote (e.g. another teacher's)
+        from mmkd.teacher.cache.synthetic import CachedCaptions
+
+        cached = CachedCaptions(name[len("cache:"):])
+        return cached, cached.sampling(n, args.batch_size, args.seed, args.chunk_rows)
     sampling = Sampling(n, top_p=args.caption_top_p, temperature=args.caption_temperature,
                         max_tokens=args.caption_max_tokens, batch_size=args.batch_size)
     return load_captioner(_source_name(name)), sampling

@@ -45,7 +45,9 @@ def add_parser(sub: Any) -> None:
                                                      "exists, else cpu; the default), cpu, cuda, cuda:N")
     g = c.add_argument_group("synthetic captions (MobileCLIP's dataset reinforcement; see README)")
     g.add_argument("--captioner", metavar="MODEL", help="image-to-text model folder or hub id: store N sampled "
-                                                         "captions per image and the teacher's embeddings of them")
+                                                         "captions per image and the teacher's embeddings of them; "
+                                                         "or cache:DIR: reuse the captions that cache's build wrote "
+                                                         "(same data, --seed, --chunk-rows, N), embedding them only")
     g.add_argument("--synthetic-captions", type=positive_int, metavar="N", help="captions per image (MobileCLIP: 5)")
     g.add_argument("--caption-top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9, MobileCLIP's)")
     g.add_argument("--caption-temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")

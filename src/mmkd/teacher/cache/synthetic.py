@@ -6,7 +6,9 @@ training's side: each step draws one of a sample's N captions, a pure function o
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,7 +48,7 @@ def raw_image(record: Record) -> Image.Image | np.ndarray:
     return img if isinstance(img, np.ndarray) else img.decode()[0]
 
 
-def compute(teacher: DualEncoder, captioner: Captioner, sampling: Sampling, records: Sequence[Record],
+def compute(teacher: DualEncoder, captioner: Captioner | CachedCaptions, sampling: Sampling, records: Sequence[Record],
             layout: Layout, todo: Sequence[Chunk], *, seed: int, features: bool, bf16: bool, batch_size: int,
             bar: Any) -> None:
     """Caption and embed every synthetic-caption chunk in ``todo``, committing each (strings, arrays, then its
@@ -56,8 +58,11 @@ def compute(teacher: DualEncoder, captioner: Captioner, sampling: Sampling, reco
     segment = layout.root.name
     for chunk in todo:
         recs = records[chunk.lo:chunk.hi]
-        captions = captioner.caption([raw_image(r) for r in recs], sampling,
-                                     chunk_seed(seed, segment, chunk.index))
+        if isinstance(captioner, CachedCaptions):  # written once by another cache's build: only embedded here
+            captions = captioner.captions_for(segment, chunk, [r.key for r in recs], sampling.n)
+        else:
+            captions = captioner.caption([raw_image(r) for r in recs], sampling,
+                                         chunk_seed(seed, segment, chunk.index))
         flat = [c for caps in captions for c in caps]
         arrays = {a: np.empty((len(flat), *layout.arrays[a][1:]), DTYPES[layout.dtype])
                   for a in layout.arrays_of("syncap")}
@@ -168,3 +173,55 @@ def check_same_captions(first: Any, other: Any) -> None:
         raise CacheError(f"teacher caches {first.root} and {other.root} hold different synthetic captions (captioner "
                          "weights, sampling, seed or --chunk-rows differ): an ensemble's caches must be built with the "
                          "same --captioner settings, --seed and --chunk-rows")
+
+
+class CachedCaptions:
+    """Another cache's synthetic captions, reused (``mmkd cache --captioner cache:DIR``): captioning is the costly
+    part of a build and does not depend on the teacher, so each teacher of an ensemble embeds the captions written
+    once. The new cache's fingerprint is the source's (same captioner, sampling and seed), so an ensemble of the two
+    passes ``check_same_captions``; the source must have the same chunk rows and hold every chunk it is asked for."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        from mmkd.teacher.cache.format import read_meta
+
+        self.root = Path(root)
+        self.meta = read_meta(self.root)
+        fp = self.meta["fingerprint"].get("captioner")
+        if not fp:
+            raise CacheError(f"--captioner cache:{self.root}: that cache holds no synthetic captions to reuse; give a "
+                             "cache built with --captioner MODEL --synthetic-captions N (or the model itself)")
+        self.fingerprint = fp
+        self.source = f"cache:{self.root}"
+
+    def sampling(self, n: int, batch_size: int, seed: int, chunk_rows: int) -> Sampling:
+        """The source's sampling settings, checked against this build's (the captions depend on all of them)."""
+        fp, rows = self.fingerprint, self.meta["layout"]["chunk_rows"]
+        source = Sampling(**fp["sampling"])
+        for flag, mine, theirs in (("--synthetic-captions", n, source.n), ("--seed", seed, fp["seed"]),
+                                   ("--chunk-rows", chunk_rows, rows)):
+            if mine != theirs:
+                raise CacheError(f"--captioner cache:{self.root}: its captions were written with {flag} {theirs}, "
+                                 f"this build has {mine}; give {flag} {theirs} to reuse them")
+        del batch_size  # (the captions are read, not sampled: the build's own batch size does not matter)
+        return source
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.fingerprint.items() if k not in ("sampling", "seed")}
+
+    def to(self, device: Any) -> CachedCaptions:
+        return self
+
+    def captions_for(self, segment: str, chunk: Chunk, keys: Sequence[str], n: int) -> list[list[str]]:
+        """The source's captions of one chunk, after checking it holds that chunk for the same sample keys."""
+        folder = self.root / "segments" / segment
+        if not (folder / f"{chunk.name}.done.json").is_file():
+            raise CacheError(f"--captioner cache:{self.root}: it has no finished synthetic captions for segment "
+                             f"{segment} chunk {chunk.index} (build it over the same data first, or caption here "
+                             "with --captioner MODEL)")
+        theirs = StringTable(folder, "keys").all()[chunk.lo:chunk.hi]
+        if theirs != list(keys):
+            raise CacheError(f"--captioner cache:{self.root}: segment {segment} holds other samples than this build "
+                             f"(first differing key {next(a for a, b in zip(theirs + [''], keys) if a != b)!r}); "
+                             "reuse captions only from a cache of the same data")
+        flat = StringTable(folder, strings_name(chunk)).all()
+        return [flat[i * n:(i + 1) * n] for i in range(len(keys))]
