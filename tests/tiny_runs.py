@@ -144,3 +144,27 @@ def losses(run: Path) -> list[dict[str, float]]:
     """Every logged step's loss terms (times left out: they are the only thing allowed to differ)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{k: v for k, v in r.items() if k not in ("time_s",)} for r in rows if "loss" in r]
+
+
+# a fresh tiny student (a 1-layer ViT and BERT, 16-d projections), as a config's YAML `student:` section
+NEW_STUDENT_YAML = """
+student:
+  vision: {source: new, arch: clip_vision, config: {image_size: 32, patch_size: 8, hidden_size: 32,
+           num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}
+  text: {source: new, arch: bert, config: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2,
+         intermediate_size: 64, max_position_embeddings: 64}}
+  projection_dim: 16
+"""
+
+
+def bench_script(name: str) -> Any:
+    """A script of bench/ as a module (registered first: its dataclasses look their module up while building)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
