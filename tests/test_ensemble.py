@@ -140,12 +140,14 @@ def test_averaging_is_the_mean_of_per_teacher_losses() -> None:
     student = {"image_embeds": unit(4, 8), "text_embeds": unit(4, 8), "logit_scale": torch.tensor(10.0)}
     teachers = [{"image_embeds": unit(4, 8), "text_embeds": unit(4, 8), "logit_scale": torch.tensor(20.0)},
                 {"image_embeds": unit(4, 6), "text_embeds": unit(4, 6), "logit_scale": torch.tensor(30.0)}]
-    terms = objectives(student, {"members": teachers})
-    per = [fd.members[i](student, teachers[i])["mse_image"] for i in (0, 1)]
+    with torch.no_grad():  # (values only)
+        terms = objectives(student, {"members": teachers})
+        per = [fd.members[i](student, teachers[i])["mse_image"] for i in (0, 1)]
     assert float(terms["fd_mse/mse_image"]) == pytest.approx(float(per[0] + per[1]) / 2, rel=1e-6)
     assert float(terms["fd_mse/teacher1/mse_image"]) == pytest.approx(float(per[1]), rel=1e-6)
-    expected = (float(clip(student, teachers[0])["clip"]) + float(terms["fd_mse/mse_image"])
-                + sum(float(v) for v in dr(student, teachers).values()))
+    with torch.no_grad():
+        expected = (float(clip(student, teachers[0])["clip"]) + float(terms["fd_mse/mse_image"])
+                    + sum(float(v) for v in dr(student, teachers).values()))
     assert float(terms["loss"]) == pytest.approx(expected, rel=1e-6)  # per-teacher terms logged, not added
 
 
