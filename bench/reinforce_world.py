@@ -133,7 +133,7 @@ def main() -> None:
                    "--limit", "2000")
         print("$ " + shlex.join(cmd), flush=True)
         text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        out["teachers"][who] = {"model": str(model), "zeroshot": json.loads(text[text.index("{"):])}
+        out["teachers"][who] = {"model": str(model), "zeroshot": json.loads(text[text.index("{"):])["zeroshot"]}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     board = WORK / "sweep" / "leaderboard.md"

@@ -85,6 +85,10 @@ def test_cli_regenerates_and_names_what_is_missing(tmp_path: Path, capsys: pytes
     (tmp_path / "runs" / "demo" / "metrics.json").write_text("{not json")  # a broken file is never skipped
     with pytest.raises(ReadmeError, match="metrics.json is not valid JSON"):
         update_readme(readme, tmp_path, kept=print)
+    (tmp_path / "runs" / "demo" / "metrics.json").write_text("{}")  # valid JSON of another shape: one line too
+    assert main(["readme", "--readme", str(readme), "--root", str(tmp_path), "--section", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert "results:demo: its JSON lacks or mistypes" in err and "internal error" not in err, err
 
     readme.write_text("<!-- results:nosuch -->\nx\n<!-- /results:nosuch -->\n")
     with pytest.raises(ReadmeError, match=r"no renderer for section\(s\) \['nosuch'\]"):
@@ -132,13 +136,14 @@ def test_data_scale_and_cache_lookup_sections_come_from_the_committed_results(tm
 
 
 def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> None:
+    import mmkd.report.reinforce  # noqa: F401  (registers its section, as `mmkd readme` does)
     import mmkd.studies.matching.report  # noqa: F401  (registers the study's sections, as `mmkd readme` does)
     from mmkd.report.readme import _BLOCK, SECTIONS
 
     text = (REPO / "README.md").read_text()
     names = [m.group("name") for m in _BLOCK.finditer(text)]
     assert {"demo", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1", "bench-loader",
-            "bench-data-scale", "bench-cache-lookup"} <= set(names)
+            "bench-data-scale", "bench-cache-lookup", "reinforce-world"} <= set(names)
     assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))
     # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
     opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)

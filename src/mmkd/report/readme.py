@@ -75,6 +75,9 @@ def update_readme(readme: str | Path, root: str | Path = ".", only: list[str] | 
                 raise
             kept(f"{e}; its block is kept as it is")
             return m.group(0)
+        except (KeyError, IndexError, TypeError) as e:  # JSON of an older or other shape than the renderer's
+            raise ReadmeError(f"results:{name}: its JSON lacks or mistypes {e}; rerun what writes it (see the "
+                              "section's command in the README), then `mmkd readme` again") from None
         done.append(name)
         return f"{m.group(1)}{body}\n{m.group(4)}"
 
