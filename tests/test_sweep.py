@@ -314,7 +314,9 @@ def test_variants_bundle_overrides_and_get_their_own_scratch_reference(tmp_path:
                                "views": {"data.augment": True, "data.views": 4, "train.lr": 2.0e-3}},
                   "grid": {"task": ["clip"], "kd": ["mse"], "setting": ["plain", "views"],
                            "train.weight_decay": [0.1]}}}, sort_keys=False))
-    runs = {r.name: r for r in load_sweep(path).runs}
+    sweep = load_sweep(path)
+    assert sweep.command == f"mmkd sweep {path}"  # the command that made the board: no variant key leaks into it
+    runs = {r.name: r for r in sweep.runs}
     views = runs["task-clip__kd-mse__setting-views__train.weight_decay-0.1"]
     assert (views.cfg.data.augment, views.cfg.data.views, views.cfg.train.lr, views.cfg.train.weight_decay) == \
         (True, 4, 2e-3, 0.1)

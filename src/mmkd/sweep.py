@@ -155,8 +155,8 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
         key, values = _parse_grid_arg(item)
         axes[key] = values  # added, or replacing the file's axis
     config_keys = _config_fields()
-    for name, overrides in section.variants.items():
-        bad = next((k for k in overrides if str(k).split(".")[0] not in config_keys), None)
+    for name, bundle in section.variants.items():
+        bad = next((k for k in bundle if str(k).split(".")[0] not in config_keys), None)
         if bad is not None:
             raise ConfigError(f"sweep.variants.{name}: {bad!r} is not a config key; config keys: "
                               f"{', '.join(sorted(config_keys))}")

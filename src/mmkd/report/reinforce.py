@@ -42,7 +42,7 @@ def reinforce_world_section(root: Path) -> str:
     train_s = sum((r.get("train_s") or 0) * (r.get("seeds") or 1) for r in students)
     out = [textwrap.fill(f"From `runs/reinforce/sweep/leaderboard.json`, written by `{board['command']}` inside "
                          f"`{bench['command']}` ({len(students)} settings × {seeds} seeds, {train_s / 60:.0f} minutes "
-                         f"of student training; the whole script {bench['seconds'] / 60:.0f} minutes here). "
+                         "of student training). "
                          f"{board['notes']}", 115), "", markdown(rows, versus=versus).strip(), ""]
     teachers = bench.get("teachers") or {}
     if teachers:
