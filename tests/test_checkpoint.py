@@ -256,8 +256,21 @@ def test_kill_during_checkpoint_write_in_training(tokenizer: Any, data: TrainDat
     assert_same_weights(objectives, straight[1])
 
 
+@pytest.fixture
+def terminal_ctrl_c():
+    """Python's own SIGINT handler for the test's duration. A background job (`cmd &` in a non-interactive shell,
+    as some CI runners start the suite) begins with SIGINT ignored, and then there is no Ctrl-C to hold."""
+    import signal
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
 def test_a_ctrl_c_during_a_checkpoint_write_is_raised_once_the_checkpoint_is_whole(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal_ctrl_c: None) -> None:
     """SIGINT inside torch.save would leave its zip writer half-done and replace the KeyboardInterrupt with the
     writer's own error; the save holds it until the checkpoint and `latest` are written, then raises it."""
     import os
