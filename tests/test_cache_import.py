@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import tiny_dual_encoder, write_clip_retrieval
 from PIL import Image
+from tiny_runs import NEW_STUDENT_YAML
 
 from mmkd.cli import main
 from mmkd.data.batches import ImageBank
@@ -62,15 +63,7 @@ def _source(world: dict[str, Any], folder: Path, partitions: int = 2, **change: 
     return write_clip_retrieval(folder, img, text, columns, partitions)
 
 
-STUDENT = """
-student:
-  vision: {source: new, arch: clip_vision, config: {image_size: 32, patch_size: 8, hidden_size: 32,
-           num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}}
-  text: {source: new, arch: bert, config: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2,
-         intermediate_size: 64, max_position_embeddings: 64}}
-  tokenizer: TOKENIZER
-  projection_dim: 16
-"""
+STUDENT = NEW_STUDENT_YAML.replace("  projection_dim: 16", "  tokenizer: TOKENIZER\n  projection_dim: 16")
 
 
 def _config(tmp_path: Path, world: dict[str, Any], cache: Path, objectives: str, augment: bool = False) -> Path:

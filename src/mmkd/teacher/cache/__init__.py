@@ -9,7 +9,8 @@ the student replays exactly the augmented image whose teacher embedding it reads
 
 One module per job: ``format`` (the folder's layout, storage dtypes, metadata, errors), ``folder`` (claiming a
 folder for a build, starting segments, publishing the manifest), ``index`` (row lookup by key through a
-memory-mapped hash index), ``expect`` (what a consumer needs of a cache), ``build`` (running the teacher, one
+memory-mapped hash index), ``expect`` (what a consumer needs of a cache), ``meta`` (a cache's ``meta.json``:
+fingerprint and layout), ``build`` (running the teacher, one
 segment per data shard, committing chunks), ``read`` (``CachedTeacher``), ``size`` (bytes per sample),
 ``synthetic`` (synthetic captions: ``--captioner``) and ``verify`` (``mmkd cache --verify``). The names below are
 what the rest of mmkd imports.

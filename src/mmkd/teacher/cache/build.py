@@ -22,9 +22,8 @@ import torch
 
 from mmkd import dist as mdist
 from mmkd.data.batches import ImageBank
-from mmkd.data.decode import jpeg_decoder
 from mmkd.data.records import DataError, Record
-from mmkd.data.transforms import AUGMENTATION_FIELDS, TRANSFORM_VERSION, augmentation_settings
+from mmkd.data.transforms import AUGMENTATION_FIELDS
 from mmkd.locking import FolderLock
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher import fingerprint as fp
@@ -33,8 +32,6 @@ from mmkd.teacher.cache.folder import check_same_build, prepare_folder, prepare_
 from mmkd.teacher.cache.format import (
     DONE_FILE,
     DTYPES,
-    FORMAT,
-    FORMAT_VERSION,
     PRECISIONS,
     SEGMENT_FILE,
     SEGMENTS,
@@ -52,6 +49,7 @@ from mmkd.teacher.cache.format import (
     write_npy,
 )
 from mmkd.teacher.cache.index import KeyIndex
+from mmkd.teacher.cache.meta import cache_meta
 from mmkd.teacher.captioner import Captioner, Sampling
 from mmkd.teacher.targets import bf16_supported, teacher_outputs
 
@@ -90,43 +88,6 @@ def _check_keys(records: Sequence[Record]) -> list[str]:
                             "samples by key, so keys must be unique across all data given to `mmkd cache`")
         seen.add(r.key)
     return keys
-
-
-def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, seed: int,
-               augmentation: Mapping[str, Any] | None, precision: str, chunk_rows: int, source: str = "",
-               captioner: Captioner | None = None, sampling: Sampling | None = None) -> dict[str, Any]:
-    """meta.json of the cache these arguments build: the fingerprint of everything but the data (each segment
-    fingerprints its own shard's data) and the layout."""
-    bank = ImageBank([], teacher.meta.image_size, teacher.meta.image_mean, teacher.meta.image_std, True, seed,
-                     augmentation)
-    identity = fp.teacher_identity(teacher, source)
-    dim, fdims = identity["projection_dim"], identity["feature_dims"]
-    arrays: dict[str, list[int]] = {"image_embeds": [views, dim], "text_embeds": [dim]}
-    if features:
-        arrays.update(image_features=[views, fdims["image"]], text_features=[fdims["text"]])
-    extra: dict[str, Any] = {}
-    if captioner is not None and sampling is not None:  # N synthetic captions per sample and their text targets
-        extra["captioner"] = synthetic.fingerprint(captioner, sampling, seed)
-        arrays["syncap_embeds"] = [sampling.n, dim]
-        if features:
-            arrays["syncap_features"] = [sampling.n, fdims["text"]]
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "fingerprint": {
-            "teacher": identity,
-            "transform": {"image_size": teacher.meta.image_size, "image_mean": list(teacher.meta.image_mean),
-                          "image_std": list(teacher.meta.image_std),
-                          "augmentation": augmentation_settings(bank.train_tf.cfg), "view_seed": int(seed),
-                          "version": TRANSFORM_VERSION,
-                          # simplejpeg and PIL's draft() decode a JPEG to slightly different pixels
-                          "decoder": jpeg_decoder().name},
-            "views": int(views),
-            "storage": {"dtype": dtype, "features": bool(features), "precision": precision},
-            **extra,
-        },
-        "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str},
-    }
 
 
 def by_shard(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:

@@ -1,0 +1,54 @@
+"""A cache's ``meta.json``: the fingerprint of everything its targets depend on but the data (teacher, transform,
+views, storage, captioner) and the layout every segment follows. Kept apart from the build loop so that what a
+cache *is* reads in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mmkd.data.batches import ImageBank
+from mmkd.data.decode import jpeg_decoder
+from mmkd.data.transforms import TRANSFORM_VERSION, augmentation_settings
+from mmkd.models.dual_encoder import DualEncoder
+from mmkd.teacher import fingerprint as fp
+from mmkd.teacher.cache import synthetic
+from mmkd.teacher.cache.format import DTYPES, FORMAT, FORMAT_VERSION
+from mmkd.teacher.captioner import Captioner, Sampling
+
+
+def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, seed: int,
+               augmentation: Mapping[str, Any] | None, precision: str, chunk_rows: int, source: str = "",
+               captioner: Captioner | None = None, sampling: Sampling | None = None) -> dict[str, Any]:
+    """meta.json of the cache these arguments build: the fingerprint of everything but the data (each segment
+    fingerprints its own shard's data) and the layout."""
+    bank = ImageBank([], teacher.meta.image_size, teacher.meta.image_mean, teacher.meta.image_std, True, seed,
+                     augmentation)
+    identity = fp.teacher_identity(teacher, source)
+    dim, fdims = identity["projection_dim"], identity["feature_dims"]
+    arrays: dict[str, list[int]] = {"image_embeds": [views, dim], "text_embeds": [dim]}
+    if features:
+        arrays.update(image_features=[views, fdims["image"]], text_features=[fdims["text"]])
+    extra: dict[str, Any] = {}
+    if captioner is not None and sampling is not None:  # N synthetic captions per sample and their text targets
+        extra["captioner"] = synthetic.fingerprint(captioner, sampling, seed)
+        arrays["syncap_embeds"] = [sampling.n, dim]
+        if features:
+            arrays["syncap_features"] = [sampling.n, fdims["text"]]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": {
+            "teacher": identity,
+            "transform": {"image_size": teacher.meta.image_size, "image_mean": list(teacher.meta.image_mean),
+                          "image_std": list(teacher.meta.image_std),
+                          "augmentation": augmentation_settings(bank.train_tf.cfg), "view_seed": int(seed),
+                          "version": TRANSFORM_VERSION,
+                          # simplejpeg and PIL's draft() decode a JPEG to slightly different pixels
+                          "decoder": jpeg_decoder().name},
+            "views": int(views),
+            "storage": {"dtype": dtype, "features": bool(features), "precision": precision},
+            **extra,
+        },
+        "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str},
+    }
