@@ -122,7 +122,8 @@ def build_model(tokenizer: Any, cfg: CaptionerConfig, encoder: Any = None) -> Vi
         c.pad_token_id = tokenizer.pad_token_id
         c.eos_token_id = tokenizer.sep_token_id
         c.bos_token_id = tokenizer.cls_token_id
-    model.generation_config.max_length = MAX_TOKENS
+    # max_new_tokens, not max_length: a caller that sets max_new_tokens (mmkd cache) then gets no clash warning
+    model.generation_config.max_new_tokens = MAX_TOKENS
     return model
 
 
