@@ -207,11 +207,11 @@ def test_cache_built_by_the_previous_transform_version_is_refused(minilm_path: s
 
     from mmkd.data import transforms
     from mmkd.teacher.cache import CachedTeacher, CacheExpectation, CacheFingerprintError, build_cache
-    from mmkd.teacher.cache import build as cache_build
+    from mmkd.teacher.cache import meta as cache_meta
 
     assert transforms.TRANSFORM_VERSION == 2  # 2: JPEGs decoded with DCT scaling (mmkd.data.decode)
     recs = [Record(f"s{i}", SYNTHETIC["jpeg"](), (f"a photo {i}",)) for i in range(4)]
-    monkeypatch.setattr(cache_build, "TRANSFORM_VERSION", 1)  # as the mmkd before DCT-scaled decoding wrote it
+    monkeypatch.setattr(cache_meta, "TRANSFORM_VERSION", 1)  # as the mmkd before DCT-scaled decoding wrote it
     build_cache(tiny_dual_encoder(minilm_path), recs, tmp_path / "c", views=2, dtype="float32", chunk_rows=4,
                 batch_size=4, precision="fp32")
     with pytest.raises(CacheFingerprintError, match="transform.version: the cache's views come from transform "
