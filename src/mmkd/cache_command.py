@@ -137,7 +137,7 @@ def _captioner(args: argparse.Namespace) -> tuple[Any, Any]:
         from mmkd.teacher.cache.synthetic import CachedCaptions
 
         cached = CachedCaptions(name[len("cache:"):])
-        return cached, cached.sampling(n, args.batch_size, args.seed, args.chunk_rows)
+        return cached, cached.sampling(n, args.seed, args.chunk_rows)
     sampling = Sampling(n, top_p=args.caption_top_p, temperature=args.caption_temperature,
                         max_tokens=args.caption_max_tokens, batch_size=args.batch_size)
     return load_captioner(_source_name(name)), sampling

@@ -193,7 +193,7 @@ class CachedCaptions:
         self.fingerprint = fp
         self.source = f"cache:{self.root}"
 
-    def sampling(self, n: int, batch_size: int, seed: int, chunk_rows: int) -> Sampling:
+    def sampling(self, n: int, seed: int, chunk_rows: int) -> Sampling:
         """The source's sampling settings, checked against this build's (the captions depend on all of them)."""
         fp, rows = self.fingerprint, self.meta["layout"]["chunk_rows"]
         source = Sampling(**fp["sampling"])
@@ -202,7 +202,6 @@ class CachedCaptions:
             if mine != theirs:
                 raise CacheError(f"--captioner cache:{self.root}: its captions were written with {flag} {theirs}, "
                                  f"this build has {mine}; give {flag} {theirs} to reuse them")
-        del batch_size  # (the captions are read, not sampled: the build's own batch size does not matter)
         return source
 
     def identity(self) -> dict[str, Any]:
