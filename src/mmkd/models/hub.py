@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionMode
 
 from mmkd.errors import MmkdError
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
+from mmkd.models.onnx_export import EXPORT_FILE
 from mmkd.models.towers import config_from_dict, model_from_config
 
 MIN_VOCAB = 1000
@@ -306,6 +307,10 @@ def load_dual_encoder(path_or_id: str | os.PathLike, tokenizer_path: str | None 
         check_finite(model, folder)
         return model.eval()
     folder = resolve(path_or_id)
+    if (folder / EXPORT_FILE).is_file():
+        raise ModelLoadError(f"{folder} is an ONNX export (mmkd export): `mmkd eval zeroshot|retrieval --model` "
+                             "score it; anything else (training, distilling from it, bias, efficiency, eval all, "
+                             "exporting again) needs the student folder it was exported from")
     cfg = read_config(folder)
     model_type = cfg.get("model_type")
     if model_type not in LOADERS:
