@@ -158,7 +158,8 @@ def test_a_tower_that_does_not_export_is_named_and_nothing_is_lost(tmp_path: Pat
                                                                    capfd: pytest.CaptureFixture[str]) -> None:
     tok = load_tokenizer(minilm_path)
     earlier = tmp_path / "onnx"
-    export_student(str(save_dual_encoder(tiny_dual_encoder(tok), tmp_path / "s")), _opts(tmp_path), log=lambda _: None)
+    good = str(save_dual_encoder(tiny_dual_encoder(tok), tmp_path / "s"))
+    export_student(good, _opts(tmp_path), log=lambda _: None)
     before = {p.name: p.read_bytes() for p in earlier.iterdir()}
     capfd.readouterr()
     # an op with no ONNX conversion: refused naming the tower; the exporter's graph dump is not shown
@@ -172,6 +173,10 @@ def test_a_tower_that_does_not_export_is_named_and_nothing_is_lost(tmp_path: Pat
                        log=lambda _: None)
     assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before  # the earlier export is intact
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    (earlier / "image.onnx").write_bytes(b"damaged")  # a good export replaces an earlier one whole
+    export_student(good, _opts(tmp_path), log=lambda _: None)
+    assert (earlier / "image.onnx").read_bytes() == before["image.onnx"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.endswith(".old")] == []
 
 
 def test_refusals_are_one_line(tmp_path: Path, tiny_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -188,6 +193,11 @@ def test_refusals_are_one_line(tmp_path: Path, tiny_teacher_dir: Path, monkeypat
     (not_a_model / "readme.txt").write_text("not a model")
     assert "has no config.json; it is not a model folder" in refused("export", str(not_a_model), "--out",
                                                                      str(tmp_path / "o"))
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "student" / "config.json").write_text("{}")
+    assert f"it is a run folder: its model is {run / 'student'}" in refused("export", str(run), "--out",
+                                                                           str(tmp_path / "o"))
     # --out holding something else is never overwritten
     assert "is not an earlier mmkd export" in refused("export", str(tiny_teacher_dir), "--out", str(not_a_model))
     assert (not_a_model / "readme.txt").read_text() == "not a model"

@@ -110,7 +110,9 @@ def load_tokenizer(path: str | os.PathLike, where: str | None = None) -> Any:
 def read_config(folder: Path) -> dict[str, Any]:
     f = folder / "config.json"
     if not f.is_file():
-        raise ModelLoadError(f"{folder} has no config.json; it is not a model folder")
+        run = (folder / "student" / "config.json").is_file()  # a run folder: its model is one level down
+        raise ModelLoadError(f"{folder} has no config.json; it is not a model folder"
+                             + (f" (it is a run folder: its model is {folder / 'student'})" if run else ""))
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
