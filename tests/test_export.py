@@ -214,3 +214,15 @@ def test_refusals_are_one_line(tmp_path: Path, tiny_teacher_dir: Path, monkeypat
                                                    "--data", "world:test", "--limit", "4",
                                                    "--cache", str(tmp_path / "cache"))
     assert not (tmp_path / "o").exists()
+
+
+def test_parity_on_real_photos_and_captions_without_labels(tmp_path: Path, minilm_path: str, shared_data: Path,
+                                                           one_thread: None) -> None:
+    """COCO photos and their human captions: parity is checked on them; zero-shot needs labels, so it says why not."""
+    student = save_dual_encoder(tiny_dual_encoder(minilm_path, dropout=False).eval(), tmp_path / "student")
+    spec = f"jsonl:{shared_data / 'coco-mini' / 'captions.jsonl'}"
+    opts = ExportOptions(tmp_path / "onnx", data=spec, limit=N, cache_dir=str(tmp_path / "cache"))
+    manifest = export_student(str(student), opts, log=lambda _: None)
+    assert manifest["parity"]["images"] == N and manifest["parity"]["texts"] == N
+    assert min(manifest["parity"]["fp32"].values()) >= PARITY_MIN
+    assert manifest["zeroshot"]["top1"] is None and manifest["zeroshot"]["not_measured"]
