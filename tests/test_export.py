@@ -204,7 +204,11 @@ def test_refusals_are_one_line(tmp_path: Path, tiny_teacher_dir: Path, monkeypat
     assert "add --int8" in refused("export", str(tiny_teacher_dir), "--out", str(tmp_path / "o"),
                                    "--calibration", "world:val")
     # an exported folder is not a student: export, train or distil from it is refused naming what it is
-    export_student(str(tiny_teacher_dir), _opts(tmp_path, "done"), log=lambda _: None)
+    capsys.readouterr()
+    assert main(["export", str(tiny_teacher_dir), "--out", str(tmp_path / "done"), "--limit", str(N),
+                 "--cache", str(tmp_path / "cache")]) == 0
+    summary = json.loads(capsys.readouterr().out)  # the command prints the checks it made
+    assert summary["precision"] == "fp32" and summary["parity"]["fp32"]["image_cosine"] >= PARITY_MIN
     assert "is an ONNX export (mmkd export)" in refused("export", str(tmp_path / "done"), "--out",
                                                         str(tmp_path / "o"))
     assert "is an ONNX export (mmkd export)" in refused("eval", "efficiency", "--model", str(tmp_path / "done"))
