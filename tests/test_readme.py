@@ -282,3 +282,16 @@ def test_bad_input_table_names_tests_that_exist() -> None:
     assert len(cited) > 40
     missing = [f"{f}::{name}" for f, name in cited if f"def {name}(" not in (REPO / f).read_text()]
     assert not missing, missing
+
+
+def test_export_bench_section_comes_from_the_committed_results(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "bench" / "results", tmp_path / "bench" / "results")
+    r = json.loads((tmp_path / "bench" / "results" / "export.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:bench-export -->\n<!-- /results:bench-export -->\n")
+    assert update_readme(readme, tmp_path, only=["bench-export"]) == ["bench-export"]
+    text = readme.read_text()
+    lat, top1 = r["latency_ms_per_image"]["onnx_int8"], r["zeroshot_top1"]["onnx_int8"]
+    assert f"| ONNX int8 | {lat['1']:.3f} | {lat['64']:.3f} | {r['size_mb_total']['onnx_int8']:.1f} MB" in text
+    assert f"| {100 * top1:.1f} |" in text
+    assert f"**{r['int8_speedup_over_pytorch_b1']:.2f}×** faster at batch 1" in text

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "mmkd.commands.objectives",
     "mmkd.commands.cache",
     "mmkd.commands.eval",
+    "mmkd.commands.export",
     "mmkd.commands.report",
     "mmkd.commands.readme",
     "mmkd.studies.matching.cli",

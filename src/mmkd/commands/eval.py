@@ -11,7 +11,8 @@ from typing import Any
 
 from mmkd.commands.common import DATA_SPECS, add_device_option, load_models, model_paths, positive_int, write_json
 
-MODEL_HELP = "model folder or hub id; NAME=PATH names it; repeat to compare several"
+MODEL_HELP = ("model folder or hub id (zeroshot and retrieval: also a folder of mmkd export, run by onnxruntime); "
+              "NAME=PATH names it; repeat to compare several")
 
 
 def add_parser(sub: Any) -> None:
@@ -87,10 +88,10 @@ def run_single(args: argparse.Namespace) -> int:
     from mmkd.config import EvalSpec
     from mmkd.devices import resolve_device
     from mmkd.eval.tasks import run_spec
-    from mmkd.models.hub import load_dual_encoder
+    from mmkd.models.onnx_model import load_scorable
 
     device = resolve_device(args.device, "--device")
-    ctx = _context(args, {"model": load_dual_encoder(args.model).to(device)})
+    ctx = _context(args, {"model": load_scorable(args.model).to(device)})
     spec = EvalSpec(args.task, args.data, class_set=getattr(args, "class_set", None), split=args.split,
                     limit=args.limit, templates=getattr(args, "templates", None),
                     sigmoid=getattr(args, "sigmoid", False))

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionMode
 
 from mmkd.errors import MmkdError
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
+from mmkd.models.onnx_export import EXPORT_FILE
 from mmkd.models.towers import config_from_dict, model_from_config
 
 MIN_VOCAB = 1000
@@ -109,7 +110,9 @@ def load_tokenizer(path: str | os.PathLike, where: str | None = None) -> Any:
 def read_config(folder: Path) -> dict[str, Any]:
     f = folder / "config.json"
     if not f.is_file():
-        raise ModelLoadError(f"{folder} has no config.json; it is not a model folder")
+        run = (folder / "student" / "config.json").is_file()  # a run folder: its model is one level down
+        raise ModelLoadError(f"{folder} has no config.json; it is not a model folder"
+                             + (f" (it is a run folder: its model is {folder / 'student'})" if run else ""))
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
@@ -306,6 +309,10 @@ def load_dual_encoder(path_or_id: str | os.PathLike, tokenizer_path: str | None 
         check_finite(model, folder)
         return model.eval()
     folder = resolve(path_or_id)
+    if (folder / EXPORT_FILE).is_file():
+        raise ModelLoadError(f"{folder} is an ONNX export (mmkd export): `mmkd eval zeroshot|retrieval --model` "
+                             "score it; anything else (training, distilling from it, bias, efficiency, eval all, "
+                             "exporting again) needs the student folder it was exported from")
     cfg = read_config(folder)
     model_type = cfg.get("model_type")
     if model_type not in LOADERS:

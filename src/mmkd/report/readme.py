@@ -321,3 +321,41 @@ def bench_cache_lookup_section(root: Path) -> str:
         "every process that maps the index) |",
         f"| lookups/s (batches of {r['batch']}) | {d['lookups_per_s']:,.0f} | {i['lookups_per_s']:,.0f} |", "",
         f"Writing the index took {r['index_build_s']:.1f} s at build time."])
+
+
+@SECTIONS.register("bench-export")
+def bench_export_section(root: Path) -> str:
+    """ONNX export and int8 on CPU: ms/image, size on disk and zero-shot top-1 beside PyTorch's
+    (``bench/export.py``)."""
+    r = read_json(root / "bench" / "results" / "export.json", "bench-export",
+                  "run `python bench/export.py --json bench/results/export.json`")
+    lat, size, top1, q = r["latency_ms_per_image"], r["size_mb"], r["zeroshot_top1"], r["quantization"]
+    names = {"pytorch": "PyTorch (fp32)", "onnx_fp32": "ONNX fp32", "onnx_int8": "ONNX int8"}
+    lines = ["| model | ms/image, batch 1 | ms/image, batch 64 | size on disk (image + text) | zero-shot top-1 |",
+             "|---|---|---|---|---|"]
+    for k, label in names.items():
+        parts = " + ".join(f"{v:.1f}" for v in size[k].values())
+        lines.append(f"| {label} | {lat[k]['1']:.3f} | {lat[k]['64']:.3f} | {r['size_mb_total'][k]:.1f} MB"
+                     f"{'' if k == 'pytorch' else f' ({parts})'} | {_pct(top1[k])} |")
+    par = r["parity"]
+    m = r["machine"]
+    notes = [f"From `bench/results/export.json` (`python bench/export.py --json bench/results/export.json`): the "
+             f"image encoder's ms/image, median of {r['rounds']} alternating rounds, {r['threads']} thread(s) for "
+             f"torch and onnxruntime alike, on {m['cpu_count']} cores (load average {m['loadavg_before_after'][0]:.1f} "
+             f"before, {m['loadavg_before_after'][1]:.1f} after); zero-shot top-1 on the world's "
+             f"{r['test_images']:,} test images (64 classes). Student: {r['student']}.",
+             f"int8 vs PyTorch: **{r['int8_speedup_over_pytorch_b1']:.2f}×** faster at batch 1 (target ≥ 2; "
+             f"{r['int8_speedup_over_pytorch_b64']:.2f}× at batch 64; fp32 ONNX "
+             f"{r['fp32_speedup_over_pytorch_b1']:.2f}× at batch 1), **{100 * r['int8_over_fp32_size']:.0f}%** of "
+             f"fp32's size (target ≤ 30%), top-1 **{r['int8_minus_pytorch_top1_points']:+.2f}** points (target "
+             f"within 1). Image graph: {q['image']['mode']} int8"
+             + (f" on {r['calibration']}" if q["image"]["mode"] == "static" else "")
+             + f"; text graph: {q['text']['mode']}. Least cosine to PyTorch's embeddings over {par['checked_on']}: "
+             f"fp32 image {par['fp32']['image_cosine']:.6f}, text {par['fp32']['text_cosine']:.6f}; int8 image "
+             f"{par['int8']['image_cosine']:.4f}, text {par['int8']['text_cosine']:.4f}.",
+             f"int8 over ONNX fp32 alone: {lat['onnx_fp32']['1'] / lat['onnx_int8']['1']:.2f}× at batch 1, "
+             f"{lat['onnx_fp32']['64'] / lat['onnx_int8']['64']:.2f}× at batch 64: at batch 1 most of the gain "
+             "over PyTorch is onnxruntime's (no Python, fused kernels), not int8's. The text graph "
+             f"({size['onnx_fp32']['text.onnx']:.1f} MB → {size['onnx_int8']['text.onnx']:.1f} MB) is mostly the "
+             "MiniLM token-embedding table."]
+    return "\n".join(lines + [""] + [textwrap.fill(n, 115) + "\n" for n in notes]).rstrip("\n")
