@@ -11,7 +11,8 @@ level objectives (contrastive negatives, KL rows, relations) span all k·b sampl
 3. each micro-batch's forward again, with a graph, and the cached leaf gradients pushed back through it.
 
 Memory stays that of one micro-batch's graph plus the k·b outputs; the price is one extra student forward per
-micro-batch. Under torchrun the objectives gather the k·b outputs across ranks as they do for one batch.
+micro-batch (a frozen text tower's is not repeated). Under torchrun the objectives gather the k·b outputs across
+ranks as they do for one batch.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def accumulated_backward(task: Any, micros: list[Micro], precision: str, amp_dev
     for i, (batch, _) in enumerate(micros):
         _set_rng_state(states[i], amp_device)
         with autocast(amp_device, precision):
-            out = task.outputs(batch)
+            out = task.outputs(batch, replay=True)
         pairs = [(out[k], split(leaves[k].grad, lengths[k], n_paired, i)) for k in out
                  if out[k].requires_grad and leaves[k].grad is not None]
         if pairs:

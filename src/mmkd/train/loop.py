@@ -93,14 +93,20 @@ class DistillTask(nn.Module):
         tok = {k: v.to(s.logit_scale.device, non_blocking=True) for k, v in s.tokenize(captions).items()}
         return s.text_features(tok["input_ids"], tok["attention_mask"])
 
-    def outputs(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """The student's per-sample outputs: pooled image, caption and synthetic-caption features."""
+    def outputs(self, batch: TrainBatch, replay: bool = False) -> dict[str, torch.Tensor]:
+        """The student's per-sample outputs: pooled image, caption and synthetic-caption features.
+
+        replay: only those a gradient flows back through (accumulation's second forward skips a frozen text tower)
+        """
         s = self.student
         if self.image_mask_ratio is not None and self.training:
             feats = masked_image_features(s, batch.pixel_values, self.image_mask_ratio)
         else:
             feats = s.image_features(batch.pixel_values)
-        out = {"image_features": feats, "text_features": self._text_features(batch.captions)}
+        out = {"image_features": feats}
+        if replay and (self.frozen_text is not None or text_is_frozen(s)):
+            return out
+        out["text_features"] = self._text_features(batch.captions)
         if batch.synthetic is not None:
             out["synthetic_text_features"] = self._text_features(batch.synthetic)
         return out
