@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -253,3 +254,46 @@ def test_accumulate_under_autocast_and_the_grad_scaler(minilm_path: str, precisi
     got = flat(mixed) / (scaler.get_scale() if scaler is not None else 1.0)
     assert torch.isfinite(got).all()
     assert float((got - flat(ref)).norm() / flat(ref).norm()) < 0.05
+
+
+class _Vectors(torch.nn.Module):
+    """A "student" whose outputs are free unit vectors (the issue's example): image i is row i of ``image``, caption
+    "i" row i of ``text``; the pixels carry the row index."""
+
+    def __init__(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        super().__init__()
+        self.image = torch.nn.Parameter(image)
+        self.text_model = torch.nn.Module()
+        self.text_model.rows = torch.nn.Parameter(text)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), dtype=torch.float64))  # CLIP init
+        self.visual_projection = self.text_projection = torch.nn.Identity()
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image[pixels[:, 0, 0, 0].long()]
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([[int(c)] for c in captions])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text_model.rows[ids[:, 0]]
+
+
+def test_the_issues_example_clip_on_unit_vectors_batch_8_vs_2_by_4() -> None:
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+    task = DistillTask(_Vectors(image, text), build_objectives([ObjectiveSpec(name="clip")], ObjectiveContext(16)))
+
+    def batch(rows: range) -> TrainBatch:
+        pix = torch.tensor(list(rows), dtype=torch.float64)[:, None, None, None].expand(-1, 3, 1, 1)
+        return TrainBatch(pix, [str(i) for i in rows], [0] * len(rows), [str(i) for i in rows], len(rows),
+                          np.arange(len(rows)), np.arange(0))
+
+    one = _grads(task, [(batch(range(8)), {})])
+    acc = _grads(task, [(batch(range(4)), {}), (batch(range(4, 8)), {})])
+    _assert_same(acc, one, "clip on unit vectors")
+    per_micro = [float(DistillTask(task.student, task.objectives)(batch(r), {})["clip"])
+                 for r in (range(4), range(4, 8))]
+    # 7b79a9b logged (and differentiated) the mean of the two 4-sample losses: 3.768 here against 5.041
+    assert abs(sum(per_micro) / 2 - one[1]["clip"]) > 0.3
