@@ -27,6 +27,7 @@ from mmkd import dist as mdist  # noqa: E402
 from mmkd.config import ObjectiveSpec, TrainConfig  # noqa: E402
 from mmkd.data.batches import ImageBank, TrainBatch, TrainData  # noqa: E402
 from mmkd.data.records import Record  # noqa: E402
+from mmkd.models.dual_encoder import SiglipDualEncoder  # noqa: E402
 from mmkd.models.student import feature_widths  # noqa: E402
 from mmkd.objectives import OBJECTIVES  # noqa: E402
 from mmkd.objectives.base import ObjectiveContext, build_objectives  # noqa: E402
@@ -72,14 +73,19 @@ class Teacher:
                 "logit_scale": torch.tensor(30.0, dtype=self.dtype)}
 
 
+SIGLIP_STUDENT = "siglip_student."  # a freeze entry that asks for a SigLIP-shaped student (its own scale and bias)
+
+
 def setup(tok: str, specs: list[ObjectiveSpec], world: int, batch: int, unpaired: int,
           freeze: tuple[str, ...] = (), double: bool = False) -> tuple[Any, Any, TrainData]:
     student = tiny_dual_encoder(tok, dim=S_DIM, dropout=False)
+    if SIGLIP_STUDENT in freeze:
+        student = SiglipDualEncoder(student.vision_model, student.text_model, student.meta, student.tokenizer)
     for name, p in student.named_parameters():
         if name.startswith(freeze):
             p.requires_grad_(False)
-    ctx = ObjectiveContext(S_DIM, T_DIM, feature_widths(student), {"image": T_FEAT, "text": T_FEAT},
-                           teacher_logit_scale=30.0)
+    ctx = ObjectiveContext(student.projection_dim, T_DIM, feature_widths(student), {"image": T_FEAT, "text": T_FEAT},
+                           teacher_logit_scale=30.0, student_logit_bias=SIGLIP_STUDENT in freeze)
     objectives = build_objectives(specs, ctx, seed=0)
     if double:
         student, objectives = student.double(), objectives.double()
@@ -101,6 +107,9 @@ def variants() -> list[tuple[str, list[ObjectiveSpec], tuple[str, ...]]]:
          ("vision_model.",)),
         ("icl temperature fixed, logit_scale frozen", [ObjectiveSpec(name="icl", params={"temperature": 0.07})],
          ("logit_scale",)),
+        ("SigLIP student without siglip", [ObjectiveSpec(name="clip"), ObjectiveSpec(name="fd_mse")],
+         (SIGLIP_STUDENT,)),
+        ("SigLIP student with siglip", [ObjectiveSpec(name="siglip")], (SIGLIP_STUDENT,)),
     ]
     return out
 
