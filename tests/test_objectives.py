@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -580,7 +581,7 @@ def test_icl_and_gd_map_student_embeddings_to_the_teachers_width() -> None:
 def test_objective_parameters_are_keyword_only_and_validated() -> None:
     assert objective_params(OBJECTIVES.get("triplet")) == {"margin": 0.2, "negatives": "hardest"}
     assert objective_params(OBJECTIVES.get("kl"))["temperature"] == 2.0
-    assert objective_params(OBJECTIVES.get("mfd"))["mask_ratio"] == 0.5
+    assert objective_params(OBJECTIVES.get("mfd"))["mask_ratio"] == 0.75  # CLIP-KD's
     ctx = ObjectiveContext(DIM, DIM)
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['temp'\].*valid: temperature=2.0"):
         build_objectives([ObjectiveSpec(name="kl", params={"temp": 2})], ctx)
@@ -603,7 +604,7 @@ def test_cli_lists_every_objective_with_its_parameters() -> None:
     by_name = {line.split()[0]: line for line in lines}
     assert "margin=0.2" in by_name["triplet"] and "negatives='hardest'" in by_name["triplet"]
     assert "temperature=2.0" in by_name["kl"]
-    assert "mask_ratio=0.5" in by_name["mfd"]
+    assert "mask_ratio=0.75" in by_name["mfd"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -636,35 +637,83 @@ def test_mfd_drops_the_masked_patches_and_matches_a_hand_written_forward(monkeyp
     full = model.image_features(pixels)
     assert full.shape == ref_feats.shape and not torch.allclose(full, ref_feats)
 
-    # the objective: squared L2 between the normalised projected masked features and the teacher's embedding
+
+
+def _count_image_forwards(model: Any) -> list[int]:
+    calls = [0]
+    model.vision_model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_mfd_is_clip_kd_one_masked_forward_that_every_objective_reads(monkeypatch: pytest.MonkeyPatch,
+                                                                     minilm_path: str) -> None:
+    """CLIP-KD (winycg/CLIP-KD src/training/train.py, train_kd_one_epoch): ``image_features, text_features,
+    logit_scale = model(images, texts, distill=True, mask_ratio=args.mask_ratio)`` — the student runs ONCE, on
+    masked images, and every loss (task, FD, ICL…) reads that output; mask 0.75 in its scripts. 7b79a9b ran a
+    second, masked forward for the FD term alone (mask 0.5) and fed the other objectives the unmasked one."""
+    from mmkd.data.batches import TrainBatch
+    from mmkd.objectives import feature
+    from mmkd.objectives.contrastive import clip_loss
+    from mmkd.train.loop import DistillTask
+
+    model = tiny_dual_encoder(minilm_path, width=8, patch_size=4, image_size=16, dim=DIM, dropout=False).double()
+    pixels = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    keep = [[0, 5, 9, 15], [1, 2, 3, 4], [6, 7, 12, 14]]  # 4 of the 16 patches: mask_ratio 0.75
+    monkeypatch.setattr(feature, "keep_indices", lambda b, p, r, device, generator=None: torch.tensor(keep))
+    ref_feats = _manual_masked_pooled(model, pixels, keep)
+    ctx = ObjectiveContext(DIM, DIM, {"image": 8, "text": 8}, {"image": 8, "text": 8})
+    objectives = build_objectives([ObjectiveSpec("mfd"), ObjectiveSpec("clip")], ctx).double()
+    assert objectives.objectives[0].image_mask_ratio == 0.75
+    task = DistillTask(model, objectives).train()
+    calls = _count_image_forwards(model)
     teacher = {"image_embeds": F.normalize(torch.randn(3, DIM, dtype=torch.float64), dim=-1)}
-    student = {"model": model, "pixel_values": pixels, "n_paired": 3}
-    obj = _build("mfd", mask_ratio=0.75)
-    terms = obj(student, teacher)
-    assert list(terms) == ["mse_image"]
+    batch = TrainBatch(pixels, ["a", "b", "c"], [0, 0, 0], ["red", "green", "blue"], 3, np.arange(3), np.arange(0))
+    terms = task(batch, teacher)
+    assert calls[0] == 1  # one image forward for both objectives
     emb = _unit(list(model.visual_projection(ref_feats)))
     tgt = list(teacher["image_embeds"])
     ref = sum(_sq(a, b) for a, b in zip(emb, tgt)) / 3
-    assert float(terms["mse_image"].detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
+    assert float(terms["mfd/mse_image"]) == pytest.approx(float(ref.detach()), rel=1e-10)
+    # the task loss reads the same masked forward
+    tok = model.tokenize(batch.captions)
+    text = F.normalize(model.text_projection(model.text_features(tok["input_ids"], tok["attention_mask"])), dim=-1)
+    clip_ref = clip_loss(torch.stack(emb), text, model.logit_scale.exp().clamp(max=100))
+    assert float(terms["clip"]) == pytest.approx(float(clip_ref.detach()), rel=1e-10)
     params = [p for p in model.parameters() if p.requires_grad]
-    g_obj = torch.autograd.grad(terms["mse_image"], params, allow_unused=True)
-    g_ref = torch.autograd.grad(ref, params, allow_unused=True)
+    g_obj = torch.autograd.grad(terms["loss"], params, allow_unused=True)
+    g_ref = torch.autograd.grad(ref + clip_ref, params, allow_unused=True)
     for a, b in zip(g_obj, g_ref):
         if b is None:
             assert a is None or float(a.abs().max()) == 0.0
         else:
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    task.eval()  # evaluation sees whole images
+    calls[0] = 0
+    torch.testing.assert_close(task.outputs(batch)["image_features"], model.image_features(pixels))
 
 
-def test_mfd_is_zero_without_masking_when_the_student_is_the_teacher_and_positive_with_it() -> None:
-    model = _tiny_dual_encoder()
+def test_mfd_is_zero_without_masking_when_the_student_is_the_teacher_and_positive_with_it(minilm_path: str) -> None:
+    from mmkd.data.batches import TrainBatch
+    from mmkd.train.loop import DistillTask
+
+    model = tiny_dual_encoder(minilm_path, width=8, patch_size=4, image_size=16, dim=DIM, dropout=False).double()
     pixels = torch.randn(4, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():
         teacher = {"image_embeds": F.normalize(model.encode_image(pixels), dim=-1)}
-    student = {"model": model, "pixel_values": pixels, "n_paired": 4}
-    assert float(_build("mfd", mask_ratio=0.0)(student, teacher)["mse_image"].detach()) < 1e-20
+    batch = TrainBatch(pixels, list("abcd"), [0] * 4, list("wxyz"), 4, np.arange(4), np.arange(0))
+    ctx = ObjectiveContext(DIM, DIM)
+
+    def mfd(ratio: float) -> float:
+        task = DistillTask(model, build_objectives([ObjectiveSpec("mfd", params={"mask_ratio": ratio})], ctx)
+                           .double()).train()
+        return float(task(batch, teacher)["mfd/mse_image"])
+
+    assert mfd(0.0) < 1e-20
     torch.manual_seed(1)
-    assert float(_build("mfd", mask_ratio=0.5)(student, teacher)["mse_image"].detach()) > 1e-4
+    assert mfd(0.5) > 1e-4
+    two = build_objectives([ObjectiveSpec("mfd"), ObjectiveSpec("mfd", params={"mask_ratio": 0.5})], ctx)
+    with pytest.raises(ConfigError, match="several image mask ratios"):  # one forward, one mask
+        DistillTask(model, two)
 
 
 def test_keep_indices_and_mfd_errors() -> None:

@@ -8,6 +8,8 @@ optimizer, in DDP and in the checkpoint with the student, a thing CLIP-KD's code
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +43,9 @@ class Objective(nn.Module):
 
     student holds ``image_embeds`` (normalised, paired images first, then unpaired ones), ``text_embeds``
     (one per paired image), ``image_features``/``text_features`` (pre-projection), ``logit_scale``,
-    ``n_paired``, and ``model``/``pixel_values`` (for objectives that run the student again, e.g. on masked
-    images); teacher holds the same embedding/feature keys for the teacher (empty when training without
+    and ``n_paired`` (no model: a loss that is a function of these outputs is exact under accumulation and
+    tolerates any freeze under torchrun; one that must run the student declares ``exact_accumulation = False``);
+    teacher holds the same embedding/feature keys for the teacher (empty when training without
     one), plus its ``logit_scale`` where it has one. Parameters are keyword-only ``__init__`` arguments.
     """
 
@@ -52,6 +55,17 @@ class Objective(nn.Module):
     handles_ensembles: bool = False
     teacher_features: bool = False  # needs the teacher's pooled pre-projection features, not only embeddings
     default_towers: tuple[str, ...] = ("image", "text")  # the towers a spec that names none applies to
+    # which terms read the captions, for the synthetic-caption pass (MobileCLIP repeats only what reads them):
+    # "all" for batch-relational objectives (every term compares images with captions), "text" for per-tower ones
+    # (only the text tower's terms)
+    caption_terms: str = "all"
+    # exact under train.accumulate: the loss is a function of the student's per-sample outputs (features) and the
+    # targets only, so it can be computed once on the whole k·b batch; an objective that runs the student itself
+    # (or keeps state across calls) declares False and is refused with accumulation
+    exact_accumulation: bool = True
+    # the fraction of image patches the student's (one) image forward drops while training (CLIP-KD's MFD): every
+    # objective then reads that masked forward; None: unmasked
+    image_mask_ratio: float | None = None
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], **params: Any) -> None:
         super().__init__()
@@ -59,6 +73,26 @@ class Objective(nn.Module):
 
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def caption_towers(obj: nn.Module) -> list[str]:
+    """The towers whose terms read captions (see ``Objective.caption_terms``)."""
+    towers = list(getattr(obj, "towers", []))
+    return towers if getattr(obj, "caption_terms", "all") == "all" else [t for t in towers if t == "text"]
+
+
+@contextmanager
+def only_towers(obj: nn.Module, towers: list[str]) -> Iterator[None]:
+    """``obj`` (or every teacher's instance of it) computes the terms of ``towers`` only, for the duration."""
+    objs = list(obj.members) if isinstance(obj, PerTeacher) else [obj]
+    saved = [o.towers for o in objs]
+    for o in objs:
+        o.towers = list(towers)
+    try:
+        yield
+    finally:
+        for o, t in zip(objs, saved):
+            o.towers = t
 
 
 def objective_params(cls: type[Objective]) -> dict[str, Any]:
@@ -81,27 +115,57 @@ class WeightedSum(nn.Module):
     def needs_teacher(self) -> bool:
         return any(o.uses_teacher for o in self.objectives)
 
-    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """teacher: one teacher's targets, or an ensemble's (``{"members": [...]}``, `member_targets`)."""
+    def image_mask_ratio(self) -> float | None:
+        """The mask ratio the objectives declare for the student's image forward (one at most, else refused)."""
+        ratios = {float(r) for o in self.objectives if (r := getattr(o, "image_mask_ratio", None)) is not None}
+        if len(ratios) > 1:
+            raise ConfigError(f"objectives: several image mask ratios {sorted(ratios)} declared, but the student "
+                              "runs one (masked) image forward that every objective reads; give them one mask_ratio")
+        return ratios.pop() if ratios else None
+
+    def inexact_under_accumulation(self) -> list[str]:
+        """The names of the objectives that cannot be computed exactly on an accumulated batch."""
+        return [n for n, o in zip(self.names, self.objectives) if not getattr(o, "exact_accumulation", True)]
+
+    def forward(self, student: dict[str, Any], teacher: dict[str, Any], captions_only: bool = False
+                ) -> dict[str, torch.Tensor]:
+        """teacher: one teacher's targets, or an ensemble's (``{"members": [...]}``, `member_targets`).
+
+        captions_only: only the terms that read captions (`caption_towers`), for the synthetic-caption pass; an
+        objective without any is skipped, so image-only terms count once.
+        """
         terms: dict[str, torch.Tensor] = {}
         total = None
         members = member_targets(teacher)
         for name, weight, obj in zip(self.names, self.weights, self.objectives):
-            if isinstance(obj, PerTeacher):
-                out, per = obj(student, members)
-                for i, own in enumerate(per):  # logged, not added: the mean below is the loss
-                    terms.update({f"{name}/teacher{i}/{term}": v.detach() for term, v in own.items()})
-            elif getattr(obj, "handles_ensembles", False):
-                out = obj(student, members)
-            else:  # task objectives (and single teachers) read the first teacher's targets, as before
-                out = obj(student, members[0])
+            if captions_only:
+                towers = caption_towers(obj)
+                if not towers:
+                    continue
+                with only_towers(obj, towers):
+                    out = self._one(name, obj, student, members, terms)
+            else:
+                out = self._one(name, obj, student, members, terms)
             for term, value in out.items():
                 key = term if term.startswith(name) else f"{name}/{term}"
                 terms[key] = value.detach()
                 total = weight * value if total is None else total + weight * value
-        assert total is not None
+        if total is None:  # a synthetic pass where nothing reads captions
+            total = torch.zeros((), device=student["image_features"].device)
         terms["loss"] = total
         return terms
+
+    @staticmethod
+    def _one(name: str, obj: nn.Module, student: dict[str, Any], members: list[dict[str, Any]],
+             terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if isinstance(obj, PerTeacher):
+            out, per = obj(student, members)
+            for i, own in enumerate(per):  # logged, not added: the mean is the loss
+                terms.update({f"{name}/teacher{i}/{term}": v.detach() for term, v in own.items()})
+            return out
+        if getattr(obj, "handles_ensembles", False):
+            return obj(student, members)
+        return obj(student, members[0])  # task objectives (and single teachers) read the first teacher's targets
 
 
 def check_specs(specs: list[Any]) -> None:

@@ -43,6 +43,18 @@ class PerTeacher(nn.Module):
         return list(self.members[0].towers)
 
     @property
+    def caption_terms(self) -> str:
+        return str(getattr(self.members[0], "caption_terms", "all"))
+
+    @property
+    def exact_accumulation(self) -> bool:
+        return all(getattr(m, "exact_accumulation", True) for m in self.members)
+
+    @property
+    def image_mask_ratio(self) -> float | None:
+        return getattr(self.members[0], "image_mask_ratio", None)
+
+    @property
     def level(self) -> str:
         return str(getattr(self.members[0], "level", "embeds"))
 

@@ -20,6 +20,8 @@ from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 class FeatureObjective(Objective):
     """Shared plumbing: pick the tower's vectors, map widths, normalise, then a per-sample distance."""
 
+    caption_terms = "text"  # per tower: only the text tower's terms read captions
+
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, level: str = "embeds",
                  normalize: bool = True) -> None:
         super().__init__(ctx, towers)
@@ -139,14 +141,17 @@ def masked_image_features(model: Any, pixel_values: torch.Tensor, mask_ratio: fl
 
 @OBJECTIVES.register("mfd")
 class MaskedFeatureDistillation(FeatureObjective):
-    """CLIP-KD's masked feature distillation: the student sees each image with ``mask_ratio`` of its patches
-    masked and regresses the teacher's embedding of the whole image (squared L2 of normalised vectors, as
-    fd_mse). Image tower only; every image of the batch, unpaired ones included. Needs a ViT-style student.
+    """CLIP-KD's masked feature distillation: while training, the student runs ONCE on images with ``mask_ratio``
+    of their patches masked (CLIP-KD's ``model(images, texts, distill=True, mask_ratio=args.mask_ratio)``, 0.75 in
+    its scripts), every objective reads that forward, and this term regresses the teacher's embedding of the whole
+    image on it (squared L2 of normalised vectors, as fd_mse). It only declares the mask (``image_mask_ratio``);
+    the task masks the forward (`masked_image_features`). Image tower only; every image of the batch, unpaired
+    ones included. Needs a ViT-style student.
     """
 
     default_towers = ("image",)
 
-    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, mask_ratio: float = 0.5,
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, mask_ratio: float = 0.75,
                  level: str = "embeds", normalize: bool = True) -> None:
         if list(towers) != ["image"]:  # the text tower has no patches to mask: refuse rather than ignore
             raise ValueError(f"mfd masks image patches, so it applies to towers [image] only; got towers {towers}: "
@@ -155,17 +160,10 @@ class MaskedFeatureDistillation(FeatureObjective):
         if not 0.0 <= mask_ratio < 1.0:
             raise ConfigError(f"mfd: mask_ratio must be in [0, 1), got {mask_ratio}")
         self.mask_ratio = float(mask_ratio)
+        self.image_mask_ratio = self.mask_ratio or None  # 0: the plain forward
 
-    def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if "model" not in student or "pixel_values" not in student:
-            raise KeyError("mfd needs the student model and the pixel batch in its inputs (DistillTask gives them)")
-        model = student["model"]
-        feats = masked_image_features(model, student["pixel_values"], self.mask_ratio)
-        masked = {"image_features": feats}
-        if self.level == "embeds":
-            masked["image_embeds"] = F.normalize(model.visual_projection(feats), dim=-1)
-        s, t = self.pair("image", masked, teacher)
-        return {"mse_image": mse(s, t)}
+    def distance(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mse": mse(s, t)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,6 +182,7 @@ class ClsRegression(Objective):
     """
 
     teacher_features = True
+    caption_terms = "text"  # the ``caption`` term reads captions, the ``image`` term does not
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, distance: str = "mse",
                  normalize: bool = True) -> None:

@@ -173,6 +173,8 @@ class RkdObjective(Objective):
     tower uses every image of the batch, unpaired ones included. Cost grows as n³ in the global batch.
     """
 
+    caption_terms = "text"  # within each tower: only the text tower's relations read captions
+
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, distance_weight: float = 1.0,
                  angle_weight: float = 2.0) -> None:
         super().__init__(ctx, towers)

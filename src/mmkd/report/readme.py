@@ -359,3 +359,29 @@ def bench_export_section(root: Path) -> str:
              f"({size['onnx_fp32']['text.onnx']:.1f} MB → {size['onnx_int8']['text.onnx']:.1f} MB) is mostly the "
              "MiniLM token-embedding table."]
     return "\n".join(lines + [""] + [textwrap.fill(n, 115) + "\n" for n in notes]).rstrip("\n")
+
+
+@SECTIONS.register("bench-accumulate")
+def bench_accumulate_section(root: Path) -> str:
+    """Exact accumulation 8 × 32 against one batch of 256: peak RSS and step time (``bench/accumulate_memory.py``)."""
+    r = read_json(root / "bench" / "results" / "accumulate_memory.json", "bench-accumulate",
+                  "run `python bench/accumulate_memory.py --json bench/results/accumulate_memory.json`")
+    st, a, b = r["settings"], r["best"]["accumulate"], r["best"]["batch"]
+    rows = [f"| {name} | {x['micro_batches']} × {x['micro_batch']} | {x['peak_mb']:.0f} MB | "
+            f"{x['above_baseline_mb']:.0f} MB | {x['step_s']:.2f} ({x['step_cpu_s']:.2f}) | {x['first_loss']:.6f} |"
+            for name, x in (("one batch", b), ("`train.accumulate: 8`", a))]
+    return "\n".join([
+        textwrap.fill(f"`bench/accumulate_memory.py` (the demo student, `{st['student']}`; {st['objectives']} on a "
+                      f"batch of {st['global_batch']}; {st['device']}, {st['precision']}, {st['threads']} threads; "
+                      f"each mode in fresh processes, alternating, best of {st['repeats']} rounds; "
+                      "`bench/results/accumulate_memory.json`):", 115), "",
+        "| mode | micro-batches | peak RSS | above baseline | s/step (CPU s) | first loss |",
+        "|---|---|---|---|---|---|",
+        *rows, "",
+        textwrap.fill(f"Peak RSS ratio, accumulate / batch (`peak_ratio`): **{r['peak_ratio']:.2f}** "
+                      f"({r['above_baseline_ratio']:.2f} of the step's own memory above the baseline of weights, "
+                      f"data and libraries); CPU time per step ratio (`step_cpu_ratio`) {r['step_cpu_ratio']:.2f}: "
+                      "the extra forward per micro-batch and smaller matrix products (wall-clock ratio "
+                      f"{r['step_time_ratio']:.2f}, from a machine shared with other jobs: CPU seconds are the "
+                      "figure to read); the same loss (relative difference "
+                      f"{r['first_loss_rel_diff']:.0e}).", 115)])

@@ -1,6 +1,6 @@
 """The training loop: one small task (student + objectives) driven by AdamW, warm-up + cosine, clipping,
-accumulation, mixed precision (bf16, or fp16 with a grad scaler) on the task's device, JSONL metrics and atomic
-checkpoints; DDP when run under torchrun.
+exact accumulation (`mmkd.train.accumulate`), mixed precision (bf16, or fp16 with a grad scaler) on the task's
+device, JSONL metrics and atomic checkpoints; data parallel under torchrun (`mmkd.train.sync`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,24 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mmkd.config import TrainConfig
+from mmkd.config import ConfigError, TrainConfig
 from mmkd.data.batches import TrainBatch, TrainData
 from mmkd.data.loader import default_workers
-from mmkd.devices import autocast, device_of, grad_scaler, resolve_device, to_device
+from mmkd.devices import device_of, grad_scaler, resolve_device, to_device
 from mmkd.dist import DistInfo, all_reduce_mean, any_rank, broadcast_int, gather_objects
 from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write_text
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.objectives.base import WeightedSum
+from mmkd.objectives.feature import masked_image_features
 from mmkd.objectives.shared import MAX_LOGIT_SCALE
 from mmkd.teacher.ensemble import MEMBERS, targets_to
 from mmkd.teacher.targets import Targets, bf16_supported
 from mmkd.train.acceleration import compile_failure, compile_towers, enable_grad_checkpointing
+from mmkd.train.accumulate import accumulated_backward
 from mmkd.train.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, rng_state, set_rng_state
 from mmkd.train.runfolder import RunFolderError, RunIdentity
+from mmkd.train.sync import average_gradients, broadcast_state
 
 
 class FrozenText:
@@ -67,7 +69,12 @@ def text_is_frozen(student: DualEncoder) -> bool:
 
 
 class DistillTask(nn.Module):
-    """Student plus objectives in one module, so DDP, the optimizer and checkpoints see all trainable parts."""
+    """Student plus objectives in one module, so the optimizer and checkpoints see all trainable parts.
+
+    Split in two so accumulation can be exact (`mmkd.train.accumulate`): `outputs` is the student's per-sample
+    forward (pooled features of images, captions and synthetic captions), `loss` everything after it (the
+    projections, normalisation and objectives) on a whole batch of such outputs.
+    """
 
     def __init__(self, student: DualEncoder, objectives: WeightedSum, frozen_text: FrozenText | None = None,
                  synthetic_weight: float = 1.0):
@@ -76,6 +83,8 @@ class DistillTask(nn.Module):
         self.objectives = objectives
         self.frozen_text = frozen_text
         self.synthetic_weight = synthetic_weight  # data.synthetic_captions.weight
+        # CLIP-KD's MFD: the one image forward every objective reads is masked (while training)
+        self.image_mask_ratio = objectives.image_mask_ratio()
 
     def _text_features(self, captions: list[str]) -> torch.Tensor:
         if self.frozen_text is not None:
@@ -84,29 +93,51 @@ class DistillTask(nn.Module):
         tok = {k: v.to(s.logit_scale.device, non_blocking=True) for k, v in s.tokenize(captions).items()}
         return s.text_features(tok["input_ids"], tok["attention_mask"])
 
-    def forward(self, batch: TrainBatch, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def outputs(self, batch: TrainBatch, replay: bool = False) -> dict[str, torch.Tensor]:
+        """The student's per-sample outputs: pooled image, caption and synthetic-caption features.
+
+        replay: only those a gradient flows back through (accumulation's second forward skips a frozen text tower)
+        """
         s = self.student
-        out: dict[str, Any] = {"logit_scale": s.logit_scale.exp(), "n_paired": batch.n_paired,
-                               "pixel_values": batch.pixel_values, "model": s}  # model: for masked forwards
+        if self.image_mask_ratio is not None and self.training:
+            feats = masked_image_features(s, batch.pixel_values, self.image_mask_ratio)
+        else:
+            feats = s.image_features(batch.pixel_values)
+        out = {"image_features": feats}
+        if replay and (self.frozen_text is not None or text_is_frozen(s)):
+            return out
+        out["text_features"] = self._text_features(batch.captions)
+        if batch.synthetic is not None:
+            out["synthetic_text_features"] = self._text_features(batch.synthetic)
+        return out
+
+    def loss(self, outputs: dict[str, torch.Tensor], teacher: dict[str, Any], n_paired: int
+             ) -> dict[str, torch.Tensor]:
+        """The weighted objectives on a batch of `outputs` (paired samples first); ``loss`` is the total."""
+        s = self.student
+        out: dict[str, Any] = {"logit_scale": s.logit_scale.exp(), "n_paired": n_paired}
         if getattr(s, "logit_bias", None) is not None:  # a SigLIP student's learnt bias
             out["logit_bias"] = s.logit_bias
-        feats = s.image_features(batch.pixel_values)
+        feats, tf = outputs["image_features"], outputs["text_features"]
         out["image_features"] = feats
         out["image_embeds"] = nn.functional.normalize(s.visual_projection(feats), dim=-1)
-        tf = self._text_features(batch.captions)
         out["text_features"] = tf
         out["text_embeds"] = nn.functional.normalize(s.text_projection(tf), dim=-1)
         terms = self.objectives(out, teacher)
-        if batch.synthetic is None:
+        if "synthetic_text_features" not in outputs:
             return terms
-        # MobileCLIP's DRClipLoss: the same objectives again on (image, synthetic caption), added with a weight
-        tf = self._text_features(batch.synthetic)
-        syn_out = dict(out, n_paired=len(batch.synthetic), text_features=tf,
+        # MobileCLIP's DRClipLoss: again on (image, synthetic caption), with a weight; only the terms that read
+        # captions (each objective declares them), so image-only terms count once
+        tf = outputs["synthetic_text_features"]
+        syn_out = dict(out, n_paired=tf.shape[0], text_features=tf,
                        text_embeds=nn.functional.normalize(s.text_projection(tf), dim=-1))
-        syn = self.objectives(syn_out, _synthetic_targets(teacher))
+        syn = self.objectives(syn_out, _synthetic_targets(teacher), captions_only=True)
         merged = {**terms, **{f"synthetic/{k}": v.detach() for k, v in syn.items()}}
         merged["loss"] = terms["loss"] + self.synthetic_weight * syn["loss"]
         return merged
+
+    def forward(self, batch: TrainBatch, teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.loss(self.outputs(batch), teacher, batch.n_paired)
 
 
 def _synthetic_targets(teacher: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +277,10 @@ def train(
     torch.manual_seed(cfg.seed + dist_info.rank)
     if objectives.needs_teacher and teacher is None:
         raise ValueError("an objective needs a teacher, but none was given")
+    inexact = objectives.inexact_under_accumulation()
+    if cfg.accumulate > 1 and inexact:
+        raise ConfigError(f"train.accumulate: {cfg.accumulate} cannot be exact with objective(s) {', '.join(inexact)} "
+                          "(they run the student themselves); set train.accumulate: 1 and a larger data.batch_size")
     device = device or resolve_device(cfg.device, "train.device", dist_info.local_rank)
     student.to(device)
     objectives.to(device)
@@ -259,16 +294,14 @@ def train(
     if cfg.compile:
         compile_towers(student)
     task = DistillTask(student, objectives, frozen_text, getattr(data.synthetic, "weight", 1.0))
-    model: nn.Module = task
-    if dist_info.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(task, find_unused_parameters=False,
-                                                    device_ids=[device.index] if device.type == "cuda" else None)
+    trainable = [p for p in task.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(task, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     ckpts = CheckpointManager(out / "checkpoints", keep=cfg.keep_checkpoints,
                               run_id=identity.run_id if identity is not None else None)
     scaler = grad_scaler(device, cfg.precision or "fp32")
     start = _restore(ckpts, resume, identity, dist_info, cfg, task, opt, sched, scaler)
+    broadcast_state(task)  # rank 0's weights everywhere (what DDP did when it wrapped the task)
     if on_start is not None:
         on_start(start)
     log = MetricsLog(out / "metrics.jsonl", dist_info.is_main)
@@ -303,22 +336,19 @@ def train(
     batches = data.batches(start * cfg.accumulate, cfg.steps * cfg.accumulate, dist_info.rank, n_workers,
                            device=device)  # pixels arrive uint8, are normalised on the device
     for step in range(start, cfg.steps):
-        step_terms: dict[str, float] = {}
-        for micro in range(cfg.accumulate):
+        micros = []
+        for _ in range(cfg.accumulate):
             batch = next(batches)  # batch step * accumulate + micro, decoded ahead by the loader's workers
             # a cached teacher's targets come with the batch, looked up in the loader's workers
             targets = (batch.targets if batch.targets is not None else teacher(batch)) if teacher is not None else {}
             batch = replace(batch, pixel_values=to_device(batch.pixel_values, device))
-            targets = targets_to(targets, device)  # one teacher's, or each of an ensemble's
-            sync = micro == cfg.accumulate - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-            ctx = nullcontext() if sync else model.no_sync()  # type: ignore[operator]
-            with ctx, compile_failure(cfg.compile and step == start and micro == 0):
-                with autocast(amp_device, cfg.precision or "fp32"):
-                    terms = model(batch, targets)
-                loss = terms["loss"] / cfg.accumulate
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            for k, v in terms.items():
-                step_terms[k] = step_terms.get(k, 0.0) + float(v.detach()) / cfg.accumulate
+            micros.append((batch, targets_to(targets, device)))  # one teacher's, or each of an ensemble's
+        with compile_failure(cfg.compile and step == start):
+            terms = accumulated_backward(task, micros, cfg.precision or "fp32", amp_device,
+                                         scaler.scale if scaler is not None else lambda x: x)
+        del micros
+        average_gradients(trainable)  # the mean over ranks, once per step (see mmkd.train.sync)
+        step_terms = {k: float(v) for k, v in terms.items()}
         if scaler is not None:
             scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
         grad_norm = (float(torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)) if cfg.grad_clip
