@@ -265,8 +265,13 @@ def sweep_s1_section(root: Path) -> str:
             continue
         best = max(group, key=lambda r: r["d_top1"])
         lo, hi = min(r["d_top1"] for r in group), best["d_top1"]
+        judged = [r for r in group if r.get("beyond_noise") is not None]  # the noise rule of `--seeds` (if run)
+        winners = [f"`{r['run']}`" for r in judged if r["beyond_noise"]]
+        noise = (f" {len(winners)} of {len(judged)} beyond noise ({', '.join(winners) or 'none'})." if judged
+                 else "")
         out.append(f"- Against `{ref['run']}` ({_pct(ref['zs_top1'])}% top-1): the {len(group)} distilled runs "
-                   f"gain {100 * lo:+.1f} to {100 * hi:+.1f} points; best `{best['run']}`, {_pct(best['zs_top1'])}%.")
+                   f"gain {100 * lo:+.1f} to {100 * hi:+.1f} points; best `{best['run']}`, "
+                   f"{_pct(best['zs_top1'])}%.{noise}")
     teacher = next((r for r in rows if r["role"] == "teacher"), None)
     ranked = [r for r in students if r["zs_top1"] is not None]
     if teacher is not None and teacher["zs_top1"] is not None and ranked:
