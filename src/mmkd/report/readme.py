@@ -256,8 +256,9 @@ def sweep_s1_section(root: Path) -> str:
     board = read_json(root / "runs" / "s1_compare" / "leaderboard.json", "sweep-s1", how)
     rows = board["rows"]
     students = [r for r in rows if r["role"] != "teacher"]
-    train_s = sum(r.get("train_s") or 0 for r in students)
-    out = [f"From `runs/s1_compare/leaderboard.json`, written by `{board['command']}` ({len(students)} runs, "
+    runs = sum(int(r.get("seeds") or 1) for r in students)  # a row with N seeds is N runs (train_s: their mean)
+    train_s = sum((r.get("train_s") or 0) * int(r.get("seeds") or 1) for r in students)
+    out = [f"From `runs/s1_compare/leaderboard.json`, written by `{board['command']}` ({runs} runs, "
            f"{train_s / 60:.0f} minutes of student training). {board['notes']}", "", markdown(rows).strip(), ""]
     for ref in (r for r in students if r["role"] == "scratch"):
         group = [r for r in students if r.get("vs_scratch") == ref["run"] and r.get("d_top1") is not None]
