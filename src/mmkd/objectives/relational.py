@@ -142,9 +142,9 @@ class GdObjective(Objective):
     and the text→image loss (tower ``text``), the closed-form gradients w.r.t. the anchors and the keys,
     student vs teacher, each by ``F.mse_loss`` (the mean over samples and dimensions): terms ``i2t_anchor``,
     ``i2t_keys``, ``t2i_anchor``, ``t2i_keys``, which add up to CLIP-KD's ``gd_loss``. Each model's own logit
-    scale (``scale`` fixes one for both), used as 1/τ as in the paper (CLIP-KD's code passes the exp'd scale
-    where its ``get_grad`` divides by τ). Global batch; student embeddings mapped to the teacher's width where
-    they differ.
+    scale (``scale`` fixes one for both) is 1/τ, so these are the gradients of the contrastive loss each model
+    trains with (CLIP-KD's code passes the exp'd scale where its ``get_grad`` divides by τ, i.e. divides by
+    ~100). Global batch; student embeddings mapped to the teacher's width where they differ.
     """
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, scale: float | None = None) -> None:
