@@ -137,8 +137,8 @@ def test_on_unit_embeddings_the_three_feature_losses_are_one_loss_rescaled() -> 
     both = _fd("fd_mse_cosine")(student, teacher)
     for tower in ("image", "text"):
         c = cos[f"cosine_{tower}"].detach()
-        assert float(mse[f"mse_{tower}"]) == pytest.approx(2 / DIM * float(c), rel=1e-12)
-        assert float(both[f"mse_{tower}"]) == pytest.approx(2 * float(c), rel=1e-12)
+        assert float(mse[f"mse_{tower}"].detach()) == pytest.approx(2 / DIM * float(c), rel=1e-12)
+        assert float(both[f"mse_{tower}"].detach()) == pytest.approx(2 * float(c), rel=1e-12)
     leaves = [student["image_embeds"], student["text_embeds"]]
     g_cos = torch.autograd.grad(sum(cos.values()), leaves, retain_graph=True)
     g_mse = torch.autograd.grad(sum(mse.values()), leaves, retain_graph=True)
