@@ -190,7 +190,8 @@ def test_bad_objective_parameter_lists_valid_parameters() -> None:
 def test_good_objective_parameters_reach_the_objective() -> None:
     ctx = ObjectiveContext(student_embed_dim=8, teacher_embed_dim=8)
     total = build_objectives([ObjectiveSpec(name="clip", weight=0.5, params={"temperature": 0.1}),
-                              ObjectiveSpec(name="fd_cosine", towers=["text"], params={"normalize": False})], ctx)
+                              ObjectiveSpec(name="fd_cosine", towers=["text"],
+                                            params={"normalize": False, "level": "features"})], ctx)
     clip, fd = total.objectives
     assert clip.temperature == 0.1 and total.weights == [0.5, 1.0]
-    assert fd.towers == ["text"] and fd.normalize is False
+    assert fd.towers == ["text"] and fd.normalize is False and fd.level == "features"

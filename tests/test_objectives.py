@@ -179,7 +179,10 @@ def _sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sum((a[k] - b[k]) ** 2 for k in range(a.shape[0]))
 
 
-def ref_fd(inp: Inputs, kinds: tuple[str, ...], level: str = "embeds") -> dict[str, torch.Tensor]:
+def ref_fd(inp: Inputs, kinds: tuple[str, ...], level: str = "embeds", mse_over_dims: str = "sum"
+           ) -> dict[str, torch.Tensor]:
+    """mse_over_dims: ``sum`` (squared L2 per sample) or ``mean`` (also divided by the width, torch's
+    ``F.mse_loss`` as CLIP-KD's ``fd_loss`` uses it: winycg/CLIP-KD, src/open_clip/loss.py, KDClipLoss.forward)."""
     out = {}
     for tower, s_name, t_name in (("image", "si", "ti"), ("text", "st", "tt")):
         if level == "embeds":
@@ -189,7 +192,8 @@ def ref_fd(inp: Inputs, kinds: tuple[str, ...], level: str = "embeds") -> dict[s
             raw_t = inp.tif if tower == "image" else inp.ttf
             s, t = _unit(list(raw_s)), _unit(list(raw_t))
         if "mse" in kinds:
-            out[f"mse_{tower}"] = sum(_sq(a, b) for a, b in zip(s, t)) / len(s)
+            width = s[0].shape[0] if mse_over_dims == "mean" else 1
+            out[f"mse_{tower}"] = sum(_sq(a, b) for a, b in zip(s, t)) / len(s) / width
         if "cosine" in kinds:
             out[f"cosine_{tower}"] = sum(1 - _dot(a, b) for a, b in zip(s, t)) / len(s)
     return out
@@ -218,31 +222,45 @@ def ref_afd(inp: Inputs, tau: float | None) -> dict[str, torch.Tensor]:
     return {"i2t": _kl_rows(zs, zt), "t2i": _kl_rows(_transpose(zs), _transpose(zt))}
 
 
-def ref_icl(inp: Inputs, scale: float) -> dict[str, torch.Tensor]:
+def ref_icl(inp: Inputs, scale: Any) -> dict[str, torch.Tensor]:
+    """CLIP-KD's icl_loss = (CE(s·I_s·T_tᵀ) + CE(s·T_s·I_tᵀ)) / 2 (winycg/CLIP-KD, src/open_clip/loss.py,
+    KDClipLoss.forward), one half per term."""
     i2t = _sim(inp.rows("si")[: inp.n], inp.rows("tt"), scale)
     t2i = _sim(inp.rows("st"), inp.rows("ti")[: inp.n], scale)
-    return {"i2t": _ce_rows(i2t), "t2i": _ce_rows(t2i)}
+    return {"i2t": _ce_rows(i2t) / 2, "t2i": _ce_rows(t2i) / 2}
 
 
-def _clip_grads_by_autograd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, create_graph: bool):
-    """n · ∂clip/∂(image, text), by autograd through a loop-written clip loss (no closed form used)."""
-    n = image.shape[0]
-    rows_i, rows_t = [image[i] for i in range(n)], [text[i] for i in range(n)]
-    z = _sim(rows_i, rows_t, scale)
-    loss = 0.5 * (_ce_rows(z) + _ce_rows(_transpose(z)))
-    gi, gt = torch.autograd.grad(loss, (image, text), create_graph=create_graph)
-    return n * gi, n * gt
+def _one_way_grads_by_autograd(anchor: torch.Tensor, keys: torch.Tensor, scale: Any, create_graph: bool):
+    """∂CE/∂(anchor, keys) of the one-way InfoNCE CE(scale·anchor·keysᵀ), mean over anchors, by autograd through
+    a loop-written loss (no closed form): CLIP-KD's ``get_grad(p, k, tau, targets)`` with tau = 1/scale."""
+    a, k = anchor.detach().clone().requires_grad_(True), keys.detach().clone().requires_grad_(True)
+    if create_graph:  # keep the path from the student's raw inputs through these gradients
+        a, k = anchor, keys
+    rows_a, rows_k = [a[i] for i in range(a.shape[0])], [k[i] for i in range(k.shape[0])]
+    loss = _ce_rows(_sim(rows_a, rows_k, scale))
+    return torch.autograd.grad(loss, (a, k), create_graph=create_graph)
+
+
+def _mse_elements(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """F.mse_loss's default: the mean over every element."""
+    return sum(_sq(a[i], b[i]) for i in range(a.shape[0])) / (a.shape[0] * a.shape[1])
 
 
 def ref_gd(inp: Inputs) -> dict[str, torch.Tensor]:
+    """CLIP-KD's gd_loss (winycg/CLIP-KD, src/open_clip/loss.py, KDClipLoss.forward and get_grad): the gradients
+    of the image→text loss w.r.t. its image anchors and caption keys and of the text→image loss w.r.t. its
+    caption anchors and image keys, student vs teacher, each by F.mse_loss; each model at its own scale."""
     si = torch.stack(inp.rows("si")[: inp.n])
     st = torch.stack(inp.rows("st"))
-    gsi, gst = _clip_grads_by_autograd(si, st, inp.log_scale.exp(), create_graph=True)
-    ti = torch.stack(inp.rows("ti")[: inp.n]).requires_grad_(True)
-    tt = torch.stack(inp.rows("tt")).requires_grad_(True)
-    gti, gtt = _clip_grads_by_autograd(ti, tt, inp.t_scale, create_graph=False)
-    return {"image": sum(_sq(gsi[i], gti[i]) for i in range(inp.n)) / inp.n,
-            "text": sum(_sq(gst[i], gtt[i]) for i in range(inp.n)) / inp.n}
+    ti = torch.stack(inp.rows("ti")[: inp.n])
+    tt = torch.stack(inp.rows("tt"))
+    out = {}
+    for direction, (sa, sk, ta, tk) in (("i2t", (si, st, ti, tt)), ("t2i", (st, si, tt, ti))):
+        gs = _one_way_grads_by_autograd(sa, sk, inp.log_scale.exp(), create_graph=True)
+        gt = _one_way_grads_by_autograd(ta, tk, inp.t_scale, create_graph=False)
+        out[f"{direction}_anchor"] = _mse_elements(gs[0], gt[0])
+        out[f"{direction}_keys"] = _mse_elements(gs[1], gt[1])
+    return out
 
 
 def _huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -394,12 +412,47 @@ def test_siglip_teacher_targets_need_a_siglip_teacher() -> None:
         _build("siglip", targets="soft")
 
 
-@pytest.mark.parametrize("name,kinds", [("fd_mse", ("mse",)), ("fd_cosine", ("cosine",)),
-                                        ("fd_mse_cosine", ("mse", "cosine"))])
+@pytest.mark.parametrize("name,kinds,over_dims", [("fd_mse", ("mse",), "mean"), ("fd_cosine", ("cosine",), ""),
+                                                  ("fd_mse_cosine", ("mse", "cosine"), "sum")])
 @pytest.mark.parametrize("level", ["embeds", "features"])
-def test_feature_distillation_matches_reference(name: str, kinds: tuple[str, ...], level: str) -> None:
+def test_feature_distillation_matches_reference(name: str, kinds: tuple[str, ...], over_dims: str, level: str
+                                                ) -> None:
     inp = Inputs(4)
-    _check(_build(name, level=level), inp, ref_fd(inp, kinds, level))
+    _check(_build(name, level=level), inp, ref_fd(inp, kinds, level, over_dims))
+
+
+@pytest.mark.parametrize("name,reduction", [("fd_mse", "sum"), ("fd_mse_cosine", "mean")])
+def test_feature_mse_reduction_is_a_parameter(name: str, reduction: str) -> None:
+    inp = Inputs(4)
+    kinds = ("mse",) if name == "fd_mse" else ("mse", "cosine")
+    _check(_build(name, reduction=reduction), inp, ref_fd(inp, kinds, "embeds", reduction))
+    with pytest.raises(ValueError, match="reduction must be one of mean, sum, got 'max'"):
+        _build(name, reduction="max")
+
+
+def ref_clip_kd_fd(inp: Inputs) -> torch.Tensor:
+    """CLIP-KD's ``fd_loss`` as its code writes it (winycg/CLIP-KD, src/open_clip/loss.py, KDClipLoss.forward):
+    ``F.mse_loss(normalized student image, teacher image) + F.mse_loss(normalized student text, teacher text)``,
+    F.mse_loss averaging over every element; spelt out with loops."""
+    total = 0.0
+    for s_name, t_name in (("si", "ti"), ("st", "tt")):
+        s, t = inp.rows(s_name)[: inp.n], inp.rows(t_name)[: inp.n]
+        d = s[0].shape[0]
+        total = total + sum((a[k] - b[k]) ** 2 for a, b in zip(s, t) for k in range(d)) / (len(s) * d)
+    return total
+
+
+def test_fd_mse_is_clip_kds_feature_loss_so_its_weights_transfer() -> None:
+    """fd_mse's two terms add up to CLIP-KD's fd_loss (a mean over samples and dimensions, not a sum over
+    dimensions), so CLIP-KD's alpha_fd_loss 2000 means here what it means there."""
+    inp = Inputs(4, u=0, dim=6)
+    terms = _build("fd_mse", s_dim=6, t_dim=6)(inp.student(), inp.teacher())
+    ref = ref_clip_kd_fd(inp)
+    assert float(sum(terms.values()).detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
+    got = torch.autograd.grad(2000 * sum(terms.values()), [inp.si, inp.st])
+    want = torch.autograd.grad(2000 * ref, [inp.si, inp.st])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
@@ -424,9 +477,22 @@ def test_icl_matches_reference() -> None:
     _check(_build("icl", temperature=0.25), inp, ref_icl(inp, 4.0))
 
 
-def test_gd_matches_reference_built_on_autograd_gradients() -> None:
+def test_icl_with_its_learnt_scale_matches_clip_kds_average() -> None:
+    inp = Inputs(8)
+    obj = _build("icl")
+    assert float(obj.log_scale.detach().exp()) == pytest.approx(1 / 0.07, rel=1e-6)  # CLIP-KD's init
+    _check(obj, inp, ref_icl(inp, obj.log_scale.exp()))
+    terms = obj(inp.student(), inp.teacher())
+    (g,) = torch.autograd.grad(sum(terms.values()), [obj.log_scale])
+    (g_ref,) = torch.autograd.grad(sum(ref_icl(inp, obj.log_scale.exp()).values()), [obj.log_scale])
+    assert float(g) == pytest.approx(float(g_ref), rel=1e-8) and float(g) != 0.0
+
+
+def test_gd_matches_clip_kds_four_gradients_built_on_autograd() -> None:
     inp = Inputs(9)
     _check(_build("gd"), inp, ref_gd(inp))
+    image_only = _build("gd", towers=["image"])(inp.student(), inp.teacher())
+    assert sorted(image_only) == ["i2t_anchor", "i2t_keys"]
 
 
 def test_rkd_matches_reference() -> None:
@@ -552,16 +618,17 @@ def test_crd_hand_checked_3x3() -> None:
 
 
 def test_gd_hand_checked_3x3() -> None:
-    # Gradient of ½(CE_rows + CE_cols) of S = s·I·Tᵀ, per sample: G_I = s·½(P + Q − 2E)·T, with T = E here.
-    # Teacher (s = ln2): P = Q = rows (1/2, 1/4, 1/4) → ½(P+Q−2E) has −1/2 on the diagonal, 1/4 off it;
-    #   G_I = ln2·that: diagonal −ln2/2, off-diagonal ln2/4.
-    # Student (s = ln4 = 2·ln2): P = Q = rows (2/3, 1/6, 1/6) → diagonal −1/3, off 1/6; G_I: −2ln2/3, ln2/3.
-    # Difference per row: diagonal −ln2/6, two off-diagonal ln2/12 → ‖·‖² = (1/36 + 2/144)·ln²2 = ln²2/24.
-    # Mean over the 3 rows: ln²2/24 ≈ 0.0200189; the text side is the same by symmetry.
+    # One-way loss CE(s·A·Kᵀ) over n = 3 anchors; with A = K = E: dL/dA = s·(P − E)·K/n = s·(P − E)/3, dL/dK the
+    # same (P symmetric here). Teacher (s = ln2): P rows (1/2, 1/4, 1/4) → diagonal −ln2/6, off-diagonal ln2/12.
+    # Student (s = ln4 = 2·ln2): P rows (2/3, 1/6, 1/6) → diagonal −2ln2/9, off ln2/9.
+    # Difference: diagonal −ln2/18 (3 entries), off ln2/36 (6 entries); F.mse_loss, the mean of the 9 squares:
+    # (3/324 + 6/1296)·ln²2 / 9 = ln²2/648 ≈ 0.00074144, for each of the four terms.
     student, teacher = _identity_case(math.log(4), math.log(2))
     terms = _build("gd", s_dim=3, t_dim=3)(student, teacher)
-    assert float(terms["image"]) == pytest.approx(math.log(2) ** 2 / 24, rel=1e-12)
-    assert float(terms["text"]) == pytest.approx(0.0200189, abs=1e-7)
+    assert sorted(terms) == ["i2t_anchor", "i2t_keys", "t2i_anchor", "t2i_keys"]
+    for k, v in terms.items():
+        assert float(v) == pytest.approx(math.log(2) ** 2 / 648, rel=1e-12), k
+    assert float(terms["t2i_keys"]) == pytest.approx(0.00074144, abs=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -841,35 +908,41 @@ def fd_inputs(n_img: int = 6, n_txt: int = 4, s_dim: int = LDIM, t_dim: int = LD
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fd_matches_reference_with_and_without_normalisation(cls: type, terms: list[str], normalize: bool) -> None:
     student, teacher = fd_inputs()
-    for key in ("image_embeds", "text_embeds"):
+    level = "embeds" if normalize else "features"  # unnormalised: the raw pooled features (embeddings are unit)
+    keys = [f"image_{level}", f"text_{level}"]
+    for key in keys:
         student[key].requires_grad_()
-    obj = cls(_ctx(), ["image", "text"], normalize=normalize)
+    obj = cls(_ctx(), ["image", "text"], normalize=normalize, level=level)
     assert len(obj.proj) == 0  # equal widths: nothing to learn
     out = obj(student, teacher)
     assert set(out) == {f"{t}_{tower}" for t in terms for tower in ("image", "text")}
     for tower in ("image", "text"):
-        ref = ref_fd_lists(student[f"{tower}_embeds"].tolist(), teacher[f"{tower}_embeds"].tolist(), normalize)
+        key = f"{tower}_{level}"
+        ref = ref_fd_lists(student[key].tolist(), teacher[key].tolist(), normalize)
+        width = student[key].shape[1] if cls is FdMse else 1  # fd_mse: the mean over dimensions (CLIP-KD's)
+        ref["mse"] /= width
         for t in terms:
             assert out[f"{t}_{tower}"].item() == pytest.approx(ref[t], rel=1e-10, abs=1e-12)
     # gradients against autograd through a plain per-element reference
     total = sum(out.values())
-    got = torch.autograd.grad(total, [student["image_embeds"], student["text_embeds"]])
+    got = torch.autograd.grad(total, [student[k] for k in keys])
     ref_total = 0.0
-    for tower in ("image", "text"):
-        s, t = student[f"{tower}_embeds"][: teacher[f"{tower}_embeds"].shape[0]], teacher[f"{tower}_embeds"]
+    for key in keys:
+        s, t = student[key][: teacher[key].shape[0]], teacher[key]
+        width = s.shape[1] if cls is FdMse else 1
         if normalize:
             s = s / s.pow(2).sum(-1, keepdim=True).sqrt()
             t = t / t.pow(2).sum(-1, keepdim=True).sqrt()
         for i in range(t.shape[0]):
             if "mse" in terms:
-                ref_total = ref_total + sum((s[i, k] - t[i, k]) ** 2 for k in range(s.shape[1])) / t.shape[0]
+                ref_total = ref_total + sum((s[i, k] - t[i, k]) ** 2 for k in range(s.shape[1])) / t.shape[0] / width
             if "cosine" in terms:
                 dot = sum(s[i, k] * t[i, k] for k in range(s.shape[1]))
                 ref_total = ref_total + (1 - dot / (s[i].norm() * t[i].norm())) / t.shape[0]
-    want = torch.autograd.grad(ref_total, [student["image_embeds"], student["text_embeds"]])
+    want = torch.autograd.grad(ref_total, [student[k] for k in keys])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert torch.all(got[0][teacher["text_embeds"].shape[0]:] != 0)  # unpaired images do get image targets
+    assert torch.all(got[0][teacher[keys[1]].shape[0]:] != 0)  # unpaired images do get image targets
 
 
 def test_fd_learnable_projection_when_widths_differ() -> None:
@@ -890,8 +963,8 @@ def test_fd_learnable_projection_when_widths_differ() -> None:
     # the term uses the mapped student vectors
     out = fd(student, teacher)
     mapped = (student["image_embeds"] @ proj.weight.detach().t()).tolist()
-    assert out["mse_image"].item() == pytest.approx(ref_fd_lists(mapped, teacher["image_embeds"].tolist(), True)["mse"],
-                                                    rel=1e-5)
+    ref_mse = ref_fd_lists(mapped, teacher["image_embeds"].tolist(), True)["mse"] / t_dim  # mean over dimensions
+    assert out["mse_image"].item() == pytest.approx(ref_mse, rel=1e-5)
     # and it is trained: a backward pass gives it a gradient, an optimizer step moves it
     student["logit_scale"] = torch.tensor(10.0)
     loss = total(student, teacher)["loss"]

@@ -186,6 +186,26 @@ def test_sweep_s1_section_is_the_sweeps_leaderboard_and_its_command(tmp_path: Pa
     assert "- The best student, `task-clip__kd-mse`, is 2.6 points of top-1 below the teacher (41.6%)." in text
 
 
+def test_sweep_s1_section_counts_seeded_runs_and_says_which_gains_are_beyond_noise(tmp_path: Path) -> None:
+    """With --seeds the board judges every distilled row by the noise rule; the section counts and names them."""
+    rows = [_board_row("task-clip__kd-mse", "distilled", 0.39, "task-clip__kd-scratch", 0.09),
+            _board_row("task-clip__kd-kl", "distilled", 0.31, "task-clip__kd-scratch", 0.01),
+            _board_row("task-clip__kd-scratch", "scratch", 0.30)]
+    rows[0]["beyond_noise"], rows[1]["beyond_noise"] = True, False
+    for r in rows:
+        r["seeds"] = 3  # each row the mean of 3 runs of 30 s
+    folder = tmp_path / "runs" / "s1_compare"
+    folder.mkdir(parents=True)
+    (folder / "leaderboard.json").write_text(json.dumps({"command": "mmkd sweep x --seeds 3", "notes": "",
+                                                         "rows": rows}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:sweep-s1 -->\n<!-- /results:sweep-s1 -->\n")
+    update_readme(readme, tmp_path)
+    assert "written by `mmkd sweep x --seeds 3` (9 runs, 4 minutes of student training)." in readme.read_text()
+    assert ("the 2 distilled runs gain +1.0 to +9.0 points; best `task-clip__kd-mse`, 39.0%. 1 of 2 beyond noise "
+            "(`task-clip__kd-mse`).") in readme.read_text()
+
+
 def _r(f1: float) -> dict:
     return {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": f1, "roc_auc": 0.5}
 

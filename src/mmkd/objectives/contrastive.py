@@ -123,7 +123,10 @@ class SiglipObjective(Objective):
     The temperature t and bias b: a SigLIP student's own (its ``logit_scale``/``logit_bias``, inherited from a
     SigLIP teacher, trained and saved with it); for any other student the objective learns its own (unless
     ``learnable: false``), initialised at a SigLIP teacher's values where the teacher is one, else at SigLIP's
-    10 and -10 (or ``init_scale``/``init_bias``).
+    10 and -10 (or ``init_scale``/``init_bias``). The objective's own t is not capped, as SigLIP's is not (its
+    paper and reference code use exp(t') as learnt; a SigLIP teacher's is ~117): capping it at CLIP's 100 in the
+    forward would leave a scale started from such a teacher with no gradient, at another value than the
+    teacher's targets use.
 
     targets: ``labels`` (the task loss above) or ``teacher``: the binary targets are the SigLIP teacher's own
     sigmoid probabilities of each pair, ``sigmoid(t_T x^T_i.y^T_j + b_T)`` with its learnt bias b_T (distillation;
@@ -162,7 +165,7 @@ class SiglipObjective(Objective):
         image, text = paired(student)
         image, text = gather_with_grad(image), gather_with_grad(text)
         if self.own:
-            scale, bias = self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE), self.bias
+            scale, bias = self.log_scale.exp(), self.bias
         else:
             scale, bias = student["logit_scale"], student["logit_bias"]
         logits = scale * image @ text.t() + bias

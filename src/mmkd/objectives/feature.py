@@ -1,8 +1,12 @@
 """Feature distillation: the student's embeddings regress the teacher's (the half-depth-CLIP recipe, CLIP-KD's FD).
 
-``level: embeds`` compares the normalised projected embeddings; ``level: features`` compares the pooled
-pre-projection representations (the CLS vector). Where widths differ, a learnable linear map takes the
-student's vector to the teacher's width; it is trained with the student and saved in its checkpoint.
+Two spaces. ``level: embeds`` compares the projected embeddings, which both models give as unit vectors; there
+``‖s − t‖² = 2·(1 − cos(s, t))``, so ``fd_mse``, ``fd_cosine`` and ``fd_mse_cosine`` are one loss at three
+scales (``fd_mse`` = 2/d × ``fd_cosine`` with its mean reduction, d the width). ``level: features`` compares
+the pooled pre-projection representations (the CLS vector), unit-normalised (``normalize: true``) or raw
+(``normalize: false``): only in the raw space does MSE see lengths, and so differ from the cosine distance.
+Where widths differ, a learnable linear map takes the student's vector to the teacher's width; it is trained
+with the student and saved in its checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ class FeatureObjective(Objective):
         super().__init__(ctx, towers)
         if level not in ("embeds", "features"):
             raise ConfigError(f"level must be 'embeds' or 'features', got {level!r}")
+        if level == "embeds" and not normalize:  # the models' embeddings are unit vectors: nothing to leave raw
+            raise ConfigError("normalize: false needs level: features: the models' embeddings (level: embeds) "
+                              "are unit vectors, so there is no unnormalised space at that level; set level: "
+                              "features to compare the raw pooled pre-projection vectors")
         self.level = level
         self.teacher_features = level == "features"
         self.normalize = normalize
@@ -69,14 +77,37 @@ def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (s - t).pow(2).sum(-1).mean()
 
 
+def mse_mean(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Squared difference averaged over samples *and* dimensions: torch's ``F.mse_loss``, CLIP-KD's FD."""
+    return (s - t).pow(2).mean()
+
+
+MSE_REDUCTIONS = {"mean": mse_mean, "sum": mse}  # "sum": over dimensions (then the mean over samples)
+
+
 def cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
+class _MseObjective(FeatureObjective):
+    """A feature objective with an MSE term whose reduction over dimensions is a parameter."""
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, level: str = "embeds", normalize: bool = True,
+                 reduction: str = "mean") -> None:
+        super().__init__(ctx, towers, level=level, normalize=normalize)
+        if reduction not in MSE_REDUCTIONS:
+            raise ConfigError(f"reduction must be one of {', '.join(MSE_REDUCTIONS)}, got {reduction!r}")
+        self.mse = MSE_REDUCTIONS[reduction]
+
+
 @OBJECTIVES.register("fd_mse")
-class FdMse(FeatureObjective):
+class FdMse(_MseObjective):
+    """CLIP-KD's feature distillation: ``F.mse_loss`` (the mean over samples and dimensions) per tower, so
+    CLIP-KD's weights transfer as they are (its 2000). ``reduction: sum`` sums over dimensions instead (d times
+    the mean: divide a weight by d to keep a run's meaning across the two)."""
+
     def distance(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"mse": mse(s, t)}
+        return {"mse": self.mse(s, t)}
 
 
 @OBJECTIVES.register("fd_cosine")
@@ -86,11 +117,16 @@ class FdCosine(FeatureObjective):
 
 
 @OBJECTIVES.register("fd_mse_cosine")
-class FdMseCosine(FeatureObjective):
-    """The half-depth-CLIP study's best: MSE plus cosine distance, each logged separately."""
+class FdMseCosine(_MseObjective):
+    """The half-depth-CLIP study's best: MSE plus cosine distance, each logged separately. Its MSE sums over
+    dimensions by default (mmkd's weights for it, which S1 published none of, were set that way)."""
+
+    def __init__(self, ctx: ObjectiveContext, towers: list[str], *, level: str = "embeds", normalize: bool = True,
+                 reduction: str = "sum") -> None:
+        super().__init__(ctx, towers, level=level, normalize=normalize, reduction=reduction)
 
     def distance(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"mse": mse(s, t), "cosine": cosine(s, t)}
+        return {"mse": self.mse(s, t), "cosine": cosine(s, t)}
 
 
 # ----------------------------------------------------------------------------------------------------------

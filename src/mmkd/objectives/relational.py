@@ -8,9 +8,10 @@ rank with gradients): two processes compute exactly what one process computes on
 - ``afd``  TinyCLIP's affinity mimicking: the same two affinity distributions, but computed with one shared
            temperature for both models (the teacher's logit scale unless ``temperature`` is given).
 - ``icl``  CLIP-KD's interactive contrastive learning: InfoNCE of student images against teacher captions and
-           of student captions against teacher images.
-- ``gd``   CLIP-KD's gradient distillation: the gradient of the contrastive loss with respect to the
-           embeddings, in closed form, matched between teacher and student.
+           of student captions against teacher images, averaged.
+- ``gd``   CLIP-KD's gradient distillation: the gradients of each one-way contrastive loss (image→text and
+           text→image) with respect to its anchors and its keys, in closed form, matched between teacher and
+           student (four terms).
 - ``rkd``  Park et al.'s relational KD: pairwise distances and triplet angles within each modality.
 """
 
@@ -79,11 +80,15 @@ class AffinityObjective(Objective):
 
 @OBJECTIVES.register("icl")
 class IclObjective(Objective):
-    """InfoNCE with the teacher's embeddings as the other side: student image i must pick teacher caption i
-    among the global batch's teacher captions (term ``i2t``, tower ``image``), student caption i teacher image i
-    (term ``t2i``, tower ``text``). The student's embeddings are mapped to the teacher's width where they
-    differ (a learnable map); the logit scale is the objective's own, learnt (CLIP-KD's cross scale), unless
-    ``temperature`` fixes it.
+    """CLIP-KD's interactive contrastive learning: ``½ CE(s·I_s·T_tᵀ) + ½ CE(s·T_s·I_tᵀ)``, student image i
+    picking teacher caption i among the global batch's (term ``i2t``, tower ``image``) and student caption i
+    teacher image i (term ``t2i``, tower ``text``); each term carries its ½, so the two add up to CLIP-KD's
+    ``icl_loss`` and its weights transfer. The student's embeddings are mapped to the teacher's width where they
+    differ (a learnable map). The scale s is the objective's own, learnt from 1/0.07 (CLIP-KD's
+    ``cross_logit_scale``; its code multiplies by that parameter un-exponentiated, we use exp as for every CLIP
+    scale), unless ``temperature`` fixes it. It is held at CLIP's cap of 100 as CLIP holds its own: the
+    parameter is clamped (before each use, i.e. after every step), never the value in the forward, so the
+    gradient reaches it at the cap too.
     """
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, temperature: float | None = None) -> None:
@@ -92,44 +97,54 @@ class IclObjective(Objective):
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)), requires_grad=temperature is None)
         self.width = WidthMap(["image", "text"], ctx.student_embed_dim, ctx.teacher_embed_dim)
 
+    def scale(self, like: torch.Tensor) -> torch.Tensor:
+        if self.temperature is not None:
+            return torch.tensor(1.0 / self.temperature, dtype=like.dtype, device=like.device)
+        cap = math.log(MAX_LOGIT_SCALE)
+        if float(self.log_scale.detach()) > cap:  # CLIP's clamp of the parameter, not of the forward's value
+            with torch.no_grad():
+                self.log_scale.clamp_(max=cap)
+        return self.log_scale.exp()
+
     def forward(self, student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, torch.Tensor]:
         t_image, t_text = paired(teacher, need(teacher, "text_embeds", "icl").shape[0])
         s_image, s_text = paired(student)
         s_image, s_text = self.width("image", s_image), self.width("text", s_text)
         s_image, s_text, t_image, t_text = gathered(s_image, s_text, t_image.to(s_image.dtype),
                                                     t_text.to(s_image.dtype))
-        scale = (torch.tensor(1.0 / self.temperature, dtype=s_image.dtype, device=s_image.device)
-                 if self.temperature is not None else self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE))
+        scale = self.scale(s_image)
         target = torch.arange(s_image.shape[0], device=s_image.device)
         out = {}
         if "image" in self.towers:
-            out["i2t"] = F.cross_entropy(scale * s_image @ t_text.t(), target)
+            out["i2t"] = 0.5 * F.cross_entropy(scale * s_image @ t_text.t(), target)
         if "text" in self.towers:
-            out["t2i"] = F.cross_entropy(scale * s_text @ t_image.t(), target)
+            out["t2i"] = 0.5 * F.cross_entropy(scale * s_text @ t_image.t(), target)
         return out
 
 
-def contrastive_gradients(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample gradients of the symmetric InfoNCE loss (``clip_loss``) w.r.t. image and text embeddings.
+def one_way_gradients(anchor: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the one-way InfoNCE ``CE(s·A·Kᵀ)`` (mean over the n anchors) w.r.t. the anchors and the keys.
 
-    With S = s·I·Tᵀ, P its row softmax, Q its column softmax and L = ½(CE_rows + CE_cols) averaged over n:
-    dL/dS = (P + Q − 2E) / 2n, so dL/dI = s·dL/dS·T and dL/dT = s·(dL/dS)ᵀ·I. Returned times n (per sample),
-    so the size of the batch does not shrink them.
+    With P the row softmax of s·A·Kᵀ and E the identity: dL/dA = s·(P − E)·K / n, dL/dK = s·(P − E)ᵀ·A / n
+    (CLIP-KD's ``get_grad``, with s = 1/τ).
     """
-    logits = scale * image @ text.t()
+    logits = scale * anchor @ keys.t()
     n = logits.shape[0]
     eye = torch.eye(n, device=logits.device, dtype=logits.dtype)
-    d_logits = 0.5 * (logits.softmax(dim=1) + logits.softmax(dim=0) - 2 * eye)
-    return scale * d_logits @ text, scale * d_logits.t() @ image
+    d_logits = (logits.softmax(dim=1) - eye) * (scale / n)
+    return d_logits @ keys, d_logits.t() @ anchor
 
 
 @OBJECTIVES.register("gd")
 class GdObjective(Objective):
-    """Gradient distillation: ``mean_i ‖g_s(i) − g_t(i)‖²`` where g is the closed-form gradient of the
-    contrastive loss with respect to sample i's image embedding (term ``image``) or caption embedding (term
-    ``text``) on the global batch, each model with its own logit scale. Student embeddings are mapped to the
-    teacher's width where they differ.
+    """CLIP-KD's gradient distillation: for the image→text loss (image anchors, caption keys; tower ``image``)
+    and the text→image loss (tower ``text``), the closed-form gradients w.r.t. the anchors and the keys,
+    student vs teacher, each by ``F.mse_loss`` (the mean over samples and dimensions): terms ``i2t_anchor``,
+    ``i2t_keys``, ``t2i_anchor``, ``t2i_keys``, which add up to CLIP-KD's ``gd_loss``. Each model's own logit
+    scale (``scale`` fixes one for both) is 1/τ, so these are the gradients of the contrastive loss each model
+    trains with (CLIP-KD's code passes the exp'd scale where its ``get_grad`` divides by τ, i.e. divides by
+    ~100). Global batch; student embeddings mapped to the teacher's width where they differ.
     """
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, scale: float | None = None) -> None:
@@ -143,11 +158,19 @@ class GdObjective(Objective):
         s_image, s_text = self.width("image", s_image), self.width("text", s_text)
         s_image, s_text, t_image, t_text = gathered(s_image, s_text, t_image.to(s_image.dtype),
                                                     t_text.to(s_image.dtype))
-        gs = contrastive_gradients(s_image, s_text, student_scale(student, self.scale))
-        with torch.no_grad():
-            gt = contrastive_gradients(t_image, t_text, teacher_scale(teacher, student, self.scale))
-        index = {"image": 0, "text": 1}
-        return {t: (gs[index[t]] - gt[index[t]]).pow(2).sum(-1).mean() for t in self.towers}
+        s_scale, t_scale = student_scale(student, self.scale), teacher_scale(teacher, student, self.scale)
+        out = {}
+        for tower, direction in DIRECTIONS.items():
+            if tower not in self.towers:
+                continue
+            (sa, sk), (ta, tk) = ((s_image, s_text), (t_image, t_text)) if tower == "image" else \
+                ((s_text, s_image), (t_text, t_image))
+            gs = one_way_gradients(sa, sk, s_scale)
+            with torch.no_grad():
+                gt = one_way_gradients(ta, tk, t_scale)
+            out[f"{direction}_anchor"] = F.mse_loss(gs[0], gt[0])
+            out[f"{direction}_keys"] = F.mse_loss(gs[1], gt[1])
+        return out
 
 
 def _gram_geometry(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:

@@ -256,8 +256,9 @@ def sweep_s1_section(root: Path) -> str:
     board = read_json(root / "runs" / "s1_compare" / "leaderboard.json", "sweep-s1", how)
     rows = board["rows"]
     students = [r for r in rows if r["role"] != "teacher"]
-    train_s = sum(r.get("train_s") or 0 for r in students)
-    out = [f"From `runs/s1_compare/leaderboard.json`, written by `{board['command']}` ({len(students)} runs, "
+    runs = sum(int(r.get("seeds") or 1) for r in students)  # a row with N seeds is N runs (train_s: their mean)
+    train_s = sum((r.get("train_s") or 0) * int(r.get("seeds") or 1) for r in students)
+    out = [f"From `runs/s1_compare/leaderboard.json`, written by `{board['command']}` ({runs} runs, "
            f"{train_s / 60:.0f} minutes of student training). {board['notes']}", "", markdown(rows).strip(), ""]
     for ref in (r for r in students if r["role"] == "scratch"):
         group = [r for r in students if r.get("vs_scratch") == ref["run"] and r.get("d_top1") is not None]
@@ -265,8 +266,13 @@ def sweep_s1_section(root: Path) -> str:
             continue
         best = max(group, key=lambda r: r["d_top1"])
         lo, hi = min(r["d_top1"] for r in group), best["d_top1"]
+        judged = [r for r in group if r.get("beyond_noise") is not None]  # the noise rule of `--seeds` (if run)
+        winners = [f"`{r['run']}`" for r in judged if r["beyond_noise"]]
+        noise = (f" {len(winners)} of {len(judged)} beyond noise ({', '.join(winners) or 'none'})." if judged
+                 else "")
         out.append(f"- Against `{ref['run']}` ({_pct(ref['zs_top1'])}% top-1): the {len(group)} distilled runs "
-                   f"gain {100 * lo:+.1f} to {100 * hi:+.1f} points; best `{best['run']}`, {_pct(best['zs_top1'])}%.")
+                   f"gain {100 * lo:+.1f} to {100 * hi:+.1f} points; best `{best['run']}`, "
+                   f"{_pct(best['zs_top1'])}%.{noise}")
     teacher = next((r for r in rows if r["role"] == "teacher"), None)
     ranked = [r for r in students if r["zs_top1"] is not None]
     if teacher is not None and teacher["zs_top1"] is not None and ranked:
