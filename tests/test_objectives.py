@@ -739,7 +739,8 @@ def test_mfd_is_clip_kd_one_masked_forward_that_every_objective_reads(monkeypatc
     assert calls[0] == 1  # one image forward for both objectives
     emb = _unit(list(model.visual_projection(ref_feats)))
     tgt = list(teacher["image_embeds"])
-    ref = sum(_sq(a, b) for a, b in zip(emb, tgt)) / 3
+    # CLIP-KD's FD on the masked forward is F.mse_loss: the mean over samples *and* dimensions
+    ref = sum(_sq(a, b) for a, b in zip(emb, tgt)) / (3 * DIM)
     assert float(terms["mfd/mse_image"]) == pytest.approx(float(ref.detach()), rel=1e-10)
     # the task loss reads the same masked forward
     tok = model.tokenize(batch.captions)

@@ -176,30 +176,31 @@ def masked_image_features(model: Any, pixel_values: torch.Tensor, mask_ratio: fl
 
 
 @OBJECTIVES.register("mfd")
-class MaskedFeatureDistillation(FeatureObjective):
+class MaskedFeatureDistillation(_MseObjective):
     """CLIP-KD's masked feature distillation: while training, the student runs ONCE on images with ``mask_ratio``
     of their patches masked (CLIP-KD's ``model(images, texts, distill=True, mask_ratio=args.mask_ratio)``, 0.75 in
     its scripts), every objective reads that forward, and this term regresses the teacher's embedding of the whole
-    image on it (squared L2 of normalised vectors, as fd_mse). It only declares the mask (``image_mask_ratio``);
-    the task masks the forward (`masked_image_features`). Image tower only; every image of the batch, unpaired
-    ones included. Needs a ViT-style student.
+    image on it (``F.mse_loss`` of normalised vectors, as CLIP-KD's FD and fd_mse: the mean over samples and
+    dimensions, so its weights transfer; ``reduction: sum`` for the sum over dimensions). It only declares the
+    mask (``image_mask_ratio``); the task masks the forward (`masked_image_features`). Image tower only; every
+    image of the batch, unpaired ones included. Needs a ViT-style student.
     """
 
     default_towers = ("image",)
 
     def __init__(self, ctx: ObjectiveContext, towers: list[str], *, mask_ratio: float = 0.75,
-                 level: str = "embeds", normalize: bool = True) -> None:
+                 level: str = "embeds", normalize: bool = True, reduction: str = "mean") -> None:
         if list(towers) != ["image"]:  # the text tower has no patches to mask: refuse rather than ignore
             raise ValueError(f"mfd masks image patches, so it applies to towers [image] only; got towers {towers}: "
                              "leave 'towers' out or set it to [image], and add fd_* for the text tower")
-        super().__init__(ctx, towers, level=level, normalize=normalize)
+        super().__init__(ctx, towers, level=level, normalize=normalize, reduction=reduction)
         if not 0.0 <= mask_ratio < 1.0:
             raise ConfigError(f"mfd: mask_ratio must be in [0, 1), got {mask_ratio}")
         self.mask_ratio = float(mask_ratio)
         self.image_mask_ratio = self.mask_ratio or None  # 0: the plain forward
 
     def distance(self, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"mse": mse(s, t)}
+        return {"mse": self.mse(s, t)}
 
 
 # ----------------------------------------------------------------------------------------------------------
