@@ -33,6 +33,7 @@ from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, check_specs
+from mmkd.preflight import check_run_paths
 from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, arrays_needed
 from mmkd.teacher.ensemble import EnsembleLookup, EnsembleTargets, check_agreement
 from mmkd.teacher.fingerprint import state_dict_sha256
@@ -215,6 +216,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     """
     check_specs(cfg.objectives)  # unknown objectives fail before any model is loaded
     check_eval_specs(cfg.eval)  # and unknown evaluation kinds before training, not after
+    check_run_paths(cfg)  # and every path the run will read (evaluation data included), naming its key
     device = resolve_device(cfg.train.device, "train.device", info.local_rank if info else None)
     info = info or init_distributed(device)
     mode = ("yes" if resume else "no") if isinstance(resume, bool) else str(resume)

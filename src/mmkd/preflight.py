@@ -1,0 +1,62 @@
+"""Every path a run will read, checked before its first step: a wrong evaluation path must not surface after
+minutes of training, and each error names the config key that holds the path.
+
+Checked here: the teacher (model folder, ``open_clip:FOLDER`` or ``cache:DIR``, each member of an ensemble),
+pretrained student towers and tokenizer, ``data.train``, ``data.unpaired`` and every ``eval:`` entry's data,
+template file and bias word file. Hub ids and remote shards are checked when they are fetched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmkd.config import ConfigError, RunConfig, teacher_members
+from mmkd.data.paths import check_spec_paths
+from mmkd.data.templates import load_templates
+from mmkd.errors import MmkdError
+from mmkd.eval.bias import load_bias_words
+from mmkd.models.hub import check_model_path
+
+CACHE_META = "meta.json"
+TOWER_SOURCES = ("teacher", "new")  # every other tower source names a pretrained model
+
+
+def check_cache_folder(folder: str, key: str) -> None:
+    """A ``cache:DIR`` teacher must be a folder ``mmkd cache`` wrote (its meta.json present)."""
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"{key}: teacher cache {p} not found; build it with `mmkd cache --teacher MODEL --data "
+                          f"SPEC --out {p}` or fix the path")
+    if not (p / CACHE_META).is_file():
+        raise ConfigError(f"{key}: {p} is not a teacher cache (no {CACHE_META}); give the folder `mmkd cache --out` "
+                          "wrote")
+
+
+def check_run_paths(cfg: RunConfig) -> None:
+    """Raise ConfigError naming the key of the first path in ``cfg`` that does not exist."""
+    members = teacher_members(cfg)
+    for i, t in enumerate(members):
+        key = "teacher" if len(members) == 1 else f"teacher[{i}]"
+        if t.startswith("cache:"):
+            check_cache_folder(t[len("cache:"):], key)
+        else:
+            check_model_path(t, key)
+    for tower in ("vision", "text"):
+        source = getattr(cfg.student, tower).source
+        if source not in TOWER_SOURCES:
+            check_model_path(source, f"student.{tower}.source")
+    if cfg.student.tokenizer:
+        check_model_path(cfg.student.tokenizer, "student.tokenizer")
+    check_spec_paths(cfg.data.train, "data.train")
+    if cfg.data.unpaired:
+        check_spec_paths(cfg.data.unpaired, "data.unpaired")
+    for i, spec in enumerate(cfg.eval):
+        if spec.data:
+            check_spec_paths(spec.data, f"eval[{i}].data")
+        try:
+            if spec.templates:
+                load_templates(spec.templates)
+            if spec.words:
+                load_bias_words(spec.words)
+        except MmkdError as e:
+            raise ConfigError(f"eval[{i}]: {e}") from None
