@@ -8,6 +8,7 @@ killed writer left with the glob ``.*.tmp-*`` (the teacher cache and checkpoints
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import tempfile
@@ -100,8 +101,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None: JSON has no NaN, and other readers refuse it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=indent, ensure_ascii=False), mode="w")
+    """Valid JSON only (``allow_nan=False``): a non-finite number is written as null (see `json_safe`)."""
+    safe = json_safe(obj)
+    atomic_write(path, lambda f: json.dump(safe, f, indent=indent, ensure_ascii=False, allow_nan=False), mode="w")
 
 
 class JsonLineError(MmkdError, ValueError):

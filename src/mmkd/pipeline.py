@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
@@ -250,8 +251,14 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
         result = train(student, objectives, data, targets, cfg.train, out, info, resume=plan == "resume",
                        desc="distill", progress=progress, identity=identity, on_start=on_start, device=device,
                        workers=cfg.data.workers)
+        kept = finished_record(out, identity, result.steps) if result.resumed_from >= result.steps else None
+        if kept is not None:  # a finished run resumed: nothing trained, so its record stays as it was
+            if info.is_main:
+                log(f"the run in {out} had already finished its {result.steps} steps; its metrics.json is kept")
+            return kept
+        loss = result.final_loss if math.isfinite(result.final_loss) else None  # None: no step ran here
         metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
-                                             "final_loss": result.final_loss, "resumed_from": result.resumed_from},
+                                             "final_loss": loss, "resumed_from": result.resumed_from},
                                    "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
         if info.is_main:
             save_dual_encoder(student, out / "student")
@@ -267,6 +274,17 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
         folder.close()
     barrier()
     return metrics
+
+
+def finished_record(out: Path, identity: RunIdentity, steps: int) -> dict[str, Any] | None:
+    """The metrics.json of this very run (same run id) when it finished ``steps`` steps, else None."""
+    try:
+        record = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(record, dict) and (record.get("run") or {}).get("run_id") == identity.run_id
+            and (record.get("train") or {}).get("steps") == steps)
+    return record if same else None
 
 
 def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None, bad: BadSamples | None = None,
