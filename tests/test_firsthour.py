@@ -47,3 +47,65 @@ def test_json_files_never_hold_nan(tmp_path: Path) -> None:
 
     atomic_write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
     assert _strict((tmp_path / "m.json").read_text()) == {"a": None, "b": [1.5, None], "c": {"d": None}}
+
+
+def test_sigterm_stops_distill_like_ctrl_c_and_the_run_resumes(teacher_dir: Path, tmp_path: Path) -> None:
+    """What a scheduler sends (SIGTERM) to a real `mmkd distill`: one line, exit 143, a whole checkpoint, and
+    `--resume` continues from it (before, the process died silently with 143 in the middle of whatever it did)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mmkd.train.checkpoint import CheckpointManager
+
+    cfg = write_run_config(tmp_path, teacher_dir, train="steps: 100000, ckpt_every: 2, log_every: 1, warmup_steps: 1")
+    env = {k: v for k, v in os.environ.items() if k != "MMKD_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-m", "mmkd.cli", "distill", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    folder = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 300
+    try:
+        while not (folder / "latest").is_file():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    match = re.search(r"^mmkd: terminated \(SIGTERM\) at step (\d+); resume with --resume$", err, re.M)
+    assert match and "Traceback" not in err, err
+    # stderr is not a terminal here: no progress bar in it (a log of carriage returns), so the line stands alone
+    assert err.splitlines() == [match.group(0)] and "\r" not in err, err
+    state = CheckpointManager(folder).load_latest()
+    assert state is not None and 2 <= int(state["step"]) <= int(match.group(1))
+    steps = int(state["step"]) + 1
+    assert main(["distill", str(cfg), "--resume", f"train.steps={steps}"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]["resumed_from"] == steps - 1
+
+
+def test_an_error_line_is_never_glued_to_a_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import re
+    import sys
+
+    from tqdm import tqdm
+
+    from mmkd.commands.errors import run_command
+    from mmkd.errors import MmkdError
+
+    def fails(_: argparse.Namespace) -> int:
+        bar = tqdm(total=10, desc="distill", file=sys.stderr, disable=False, leave=False)
+        bar.update(3)
+        raise MmkdError("boom")
+
+    assert run_command(argparse.Namespace(func=fails, command="distill")) == 2
+    err = capsys.readouterr().err
+    assert re.split(r"[\r\n]+", err.strip())[-1] == "mmkd: error: boom", err
+

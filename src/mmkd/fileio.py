@@ -38,22 +38,29 @@ def _umask() -> int:
 
 @contextmanager
 def ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done, then raise it.
+    """Hold a Ctrl-C (SIGINT, or a SIGTERM that ``mmkd`` handles as one) arriving inside the block until the block
+    is done, then raise it.
 
     A KeyboardInterrupt raised inside ``torch.save`` leaves its zip writer half-finished, and the writer's own
     error ("unexpected pos") then replaces the interrupt: the user would see a crash instead of "interrupted,
     resume with --resume", with the last checkpoint not written. Only the main thread receives signals, so
     elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield  # no signals here, or Ctrl-C ignored (a background job): nothing to hold
+    if threading.current_thread() is not threading.main_thread():
+        yield  # no signals here: nothing to hold
         return
+    # signals with a Python handler: Ctrl-C unless ignored (a background job), SIGTERM where `mmkd` raises on it
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))]
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if caught:
+        handler = previous[caught[0]]
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(caught[0], None)  # e.g. SIGTERM's handler raising its own interrupt
         raise KeyboardInterrupt
 
 
