@@ -109,3 +109,23 @@ def test_an_error_line_is_never_glued_to_a_progress_bar(capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert re.split(r"[\r\n]+", err.strip())[-1] == "mmkd: error: boom", err
 
+
+def test_a_pickled_weights_file_is_refused_in_one_line_of_ours(teacher_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's own refusal is ~700 characters with an ANSI escape, advises weights_only=False (the opposite of
+    what to do) and follows a UserWarning about the pickle protocol; ours is one line naming the file."""
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "model"
+    shutil.copytree(teacher_dir, folder)
+    state = {"weights": torch.zeros(2), "code": print}  # unpickling it would import and call code
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin", pickle_protocol=4)
+    capsys.readouterr()
+    assert main(["eval", "retrieval", "--model", str(folder), "--data", "world:test", "--limit", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmkd: error: {folder / 'pytorch_model.bin'}: holds pickled objects"), err
+    assert len(err.splitlines()) == 1 and "\x1b" not in err and "weights_only" not in err and "Warning" not in err
+

@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,14 +161,27 @@ def weights_file(folder: Path) -> Path:
                          "only the config was copied: copy the weights file too")
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    f = weights_file(folder)
+def load_weights_file(f: Path) -> Any:
+    """A safetensors file, or a torch file of tensors and plain data only (``weights_only``); a file needing code
+    to load is refused in one line of ours (torch's own text advises ``weights_only=False``: the opposite)."""
     try:
         if f.suffix == ".safetensors":
             return load_file(str(f))
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"cannot read weights {f}: {e}") from None
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"{f}: holds pickled objects, not only tensors; refused without loading it (loading "
+                             "could run code). Save the weights as model.safetensors (safetensors.torch.save_file) "
+                             "and pass that folder") from None
+    except Exception as e:  # a damaged or truncated file
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+        raise ModelLoadError(f"cannot read weights {f}: {first[0] if first else type(e).__name__}; the file is "
+                             "damaged or incomplete: copy it again") from None
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    return load_weights_file(weights_file(folder))
 
 
 def _image_settings(folder: Path, image_size: int, mean: tuple[float, ...] = CLIP_MEAN,
