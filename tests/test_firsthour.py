@@ -129,3 +129,36 @@ def test_a_pickled_weights_file_is_refused_in_one_line_of_ours(teacher_dir: Path
     assert err.startswith(f"mmkd: error: {folder / 'pytorch_model.bin'}: holds pickled objects"), err
     assert len(err.splitlines()) == 1 and "\x1b" not in err and "weights_only" not in err and "Warning" not in err
 
+
+def test_warmup_as_long_as_the_run_is_named(teacher_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_run_config(tmp_path, teacher_dir)
+    assert main(["distill", str(cfg), "train.steps=1", "train.warmup_steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "mmkd: warning: train.warmup_steps (1) ≥ train.steps (1): the learning rate never reaches" in err
+
+
+@pytest.mark.slow
+def test_a_sweep_says_when_it_has_no_zero_shot_entry_and_keeps_only_what_is_asked(
+        teacher_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    def sweep(name: str, keep: bool | None) -> Path:
+        section: dict = {"out": str(tmp_path / name), "sets": {"clip": [{"name": "clip"}]}, "grid": {"task": ["clip"]}}
+        if keep is not None:
+            section["keep_checkpoints"] = keep
+        cfg = {"teacher": str(teacher_dir), "cache_dir": str(tmp_path / "cache"),
+               "student": {"vision": {"source": "teacher", "keep_layers": [1]}, "text": {"source": "teacher"}},
+               "data": {"train": "world:train", "world_size_train": 16, "batch_size": 8},
+               "train": {"steps": 2, "warmup_steps": 0, "ckpt_every": 1},
+               "eval": [{"kind": "retrieval", "data": "world:test", "limit": 16}], "sweep": section}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        assert main(["sweep", str(path)]) == 0
+        return tmp_path / name / "runs" / "task-clip"
+
+    run = sweep("default", None)
+    assert "mmkd: warning: the sweep's runs have no zeroshot entry in eval:" in capsys.readouterr().err
+    assert (run / "metrics.json").is_file() and (run / "student" / "model.safetensors").is_file()
+    assert not (run / "checkpoints").exists()  # a finished run's checkpoints go unless asked for
+    assert any((sweep("kept", True) / "checkpoints").glob("step-*.pt"))

@@ -34,7 +34,7 @@ from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, check_specs
-from mmkd.preflight import check_run_paths
+from mmkd.preflight import check_run_paths, run_warnings, warn
 from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, arrays_needed
 from mmkd.teacher.ensemble import EnsembleLookup, EnsembleTargets, check_agreement
 from mmkd.teacher.fingerprint import state_dict_sha256
@@ -220,6 +220,8 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     check_run_paths(cfg)  # and every path the run will read (evaluation data included), naming its key
     device = resolve_device(cfg.train.device, "train.device", info.local_rank if info else None)
     info = info or init_distributed(device)
+    for message in run_warnings(cfg) if info.is_main else []:
+        warn(message)
     mode = ("yes" if resume else "no") if isinstance(resume, bool) else str(resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)  # before the teacher targets and the evaluation, not only training

@@ -8,6 +8,7 @@ template file and bias word file. Hub ids and remote shards are checked when the
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from mmkd.config import ConfigError, RunConfig, teacher_members
@@ -60,3 +61,18 @@ def check_run_paths(cfg: RunConfig) -> None:
                 load_bias_words(spec.words)
         except MmkdError as e:
             raise ConfigError(f"eval[{i}]: {e}") from None
+
+
+def warn(message: str) -> None:
+    """A quiet misconfiguration, said once on stderr (the run goes on)."""
+    print(f"mmkd: warning: {message}", file=sys.stderr)
+
+
+def run_warnings(cfg: RunConfig) -> list[str]:
+    """Settings that are valid but almost surely not meant: each one a line saying what happens and what to do."""
+    out = []
+    t = cfg.train
+    if t.warmup_steps >= t.steps:
+        out.append(f"train.warmup_steps ({t.warmup_steps}) ≥ train.steps ({t.steps}): the learning rate never "
+                   f"reaches train.lr ({t.lr:g}) and never decays; lower train.warmup_steps (e.g. {t.steps // 10})")
+    return out
