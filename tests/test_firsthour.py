@@ -162,3 +162,34 @@ def test_a_sweep_says_when_it_has_no_zero_shot_entry_and_keeps_only_what_is_aske
     assert (run / "metrics.json").is_file() and (run / "student" / "model.safetensors").is_file()
     assert not (run / "checkpoints").exists()  # a finished run's checkpoints go unless asked for
     assert any((sweep("kept", True) / "checkpoints").glob("step-*.pt"))
+
+
+def test_an_unreadable_or_empty_image_is_named_without_an_object_repr(tmp_path: Path) -> None:
+    from mmkd.data.records import DataError, open_image
+    from mmkd.data.sources import read_records
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_bytes(b"not an image at all")
+    (tmp_path / "pairs.jsonl").write_text('{"image": "empty.jpg", "caption": "a"}\n'
+                                          '{"image": "text.jpg", "caption": "b"}\n')
+    empty, text = read_records(f"jsonl:{tmp_path / 'pairs.jsonl'}")
+    for record, reason in ((empty, "the file is empty (0 bytes)"), (text, "cannot identify image file;")):
+        with pytest.raises(DataError, match="cannot read image") as e:
+            open_image(record)
+        assert reason in str(e.value) and "object at 0x" not in str(e.value), str(e.value)
+
+
+def test_an_http_shard_error_gives_no_object_store_advice(tmp_path: Path) -> None:
+    import socket
+
+    from mmkd.data.records import DataError
+    from mmkd.data.sharded import open_shards
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DataError, match=rf"shard http://127.0.0.1:{port}/x.tar: cannot fetch it") as e:
+        open_shards(f"http://127.0.0.1:{port}/x.tar", tmp_path / "cache")
+    assert "s3fs" not in str(e.value) and "credentials" not in str(e.value)
+    assert "check the URL and that the server serves it" in str(e.value)
+
