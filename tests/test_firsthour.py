@@ -193,3 +193,24 @@ def test_an_http_shard_error_gives_no_object_store_advice(tmp_path: Path) -> Non
     assert "s3fs" not in str(e.value) and "credentials" not in str(e.value)
     assert "check the URL and that the server serves it" in str(e.value)
 
+
+def test_indexing_shards_says_so_and_how_long_it_took(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from conftest import write_tar
+    from PIL import Image
+
+    from mmkd.data.sharded import open_shards
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    for s in range(2):
+        write_tar(tmp_path / f"s-{s}.tar", {f"k{s}{i}.{ext}": data for i in range(3)
+                                            for ext, data in (("png", buf.getvalue()), ("txt", b"a red square"))})
+    capsys.readouterr()
+    assert len(open_shards(f"{tmp_path}/s-{{0..1}}.tar", tmp_path / "cache")) == 6
+    err = capsys.readouterr().err
+    assert "mmkd: indexing 2 shard(s)" in err and "mmkd: indexed 6 samples in 2 shard(s) in " in err, err
+    open_shards(f"{tmp_path}/s-{{0..1}}.tar", tmp_path / "cache")  # the kept index: nothing to say
+    assert "indexing" not in capsys.readouterr().err
+
