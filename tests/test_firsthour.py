@@ -214,3 +214,27 @@ def test_indexing_shards_says_so_and_how_long_it_took(tmp_path: Path, capsys: py
     open_shards(f"{tmp_path}/s-{{0..1}}.tar", tmp_path / "cache")  # the kept index: nothing to say
     assert "indexing" not in capsys.readouterr().err
 
+
+def test_evaluation_data_that_is_training_data_is_counted_and_recorded(teacher_dir: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's run: trained on COCO-mini's JSONL, evaluated on its COCO JSON (the same photos under other
+    keys): the student's retrieval score beat the teacher's 20-fold, unannounced."""
+    from PIL import Image
+
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 10, 200 - 30 * i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "train.jsonl").write_text("".join(f'{{"image": "{i}.png", "captions": ["photo number {i}"]}}\n'
+                                                  for i in range(5)))
+    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in (3, 4, 5)],
+            "annotations": [{"id": i, "image_id": i, "caption": f"another caption {i}"} for i in (3, 4, 5)]}
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    cfg = write_run_config(tmp_path, teacher_dir, data=f"jsonl:{tmp_path / 'train.jsonl'}", batch_size=4,
+                           train="steps: 1, warmup_steps: 0",
+                           extra=f"eval: [{{kind: retrieval, data: 'coco:{tmp_path / 'val.json'}'}}]")
+    assert main(["distill", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert f"mmkd: warning: eval[0] (coco:{tmp_path / 'val.json'}): 2 of 3 images and 0 of 3 captions are also " \
+           "training data" in err, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_overlap"] == {f"retrieval:coco:{tmp_path / 'val.json'}": {
+        "images": 2, "of_images": 3, "captions": 0, "of_captions": 3}}

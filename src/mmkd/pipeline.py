@@ -34,7 +34,7 @@ from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, check_specs
-from mmkd.preflight import check_run_paths, run_warnings, warn
+from mmkd.preflight import check_run_paths, eval_overlaps, run_warnings, warn
 from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, arrays_needed
 from mmkd.teacher.ensemble import EnsembleLookup, EnsembleTargets, check_agreement
 from mmkd.teacher.fingerprint import state_dict_sha256
@@ -239,6 +239,8 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
             log(f"data.on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
         prints["data"] = data_print(data.paired.records, data.unpaired.records if data.unpaired else None)
         identity = RunIdentity(run_config(cfg), prints)
+        overlaps = (eval_overlaps(cfg, [data.paired.records, data.unpaired.records if data.unpaired else None])
+                    if info.is_main else {})
 
         def on_start(step: int) -> None:
             if not info.is_main:
@@ -268,6 +270,8 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
                 per_image: dict[str, Any] = {}
                 metrics["eval"] = run_eval_specs(student, cfg, per_image)
                 write_per_image(out, per_image)  # before metrics.json, which marks the run finished
+                if overlaps:
+                    metrics["eval_overlap"] = overlaps  # these scores are not held out (the report marks them)
             run = identity.to_plain()
             metrics["run"] = {k: run[k] for k in ("run_id", "config_sha256", "fingerprints")}
             atomic_write_json(out / "metrics.json", metrics)  # metrics.json marks a finished run

@@ -9,13 +9,19 @@ template file and bias word file. Hub ids and remote shards are checked when the
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mmkd.config import ConfigError, RunConfig, teacher_members
+from mmkd.data.batches import in_memory
+from mmkd.data.overlap import overlap, training_identities
 from mmkd.data.paths import check_spec_paths
+from mmkd.data.records import Record
 from mmkd.data.templates import load_templates
 from mmkd.errors import MmkdError
 from mmkd.eval.bias import load_bias_words
+from mmkd.eval.tasks import DEFAULT_SPLIT, data_format, eval_records, run_eval_name
 from mmkd.models.hub import check_model_path
 
 CACHE_META = "meta.json"
@@ -75,4 +81,28 @@ def run_warnings(cfg: RunConfig) -> list[str]:
     if t.warmup_steps >= t.steps:
         out.append(f"train.warmup_steps ({t.warmup_steps}) ≥ train.steps ({t.steps}): the learning rate never "
                    f"reaches train.lr ({t.lr:g}) and never decays; lower train.warmup_steps (e.g. {t.steps // 10})")
+    return out
+
+
+CAPTION_SHARE = 0.05  # shared captions alone matter past this share (short generic captions recur in any set)
+
+
+def eval_overlaps(cfg: RunConfig, train_sets: Sequence[Sequence[Record] | None]) -> dict[str, dict[str, int]]:
+    """Warn, with counts, about each ``eval:`` entry whose images (or many captions) are also training data, and
+    return ``{eval name: counts}`` for metrics.json (the report marks those scores). Training data streamed from
+    shards is not compared (it would be read whole); the built-in world's splits are disjoint by construction."""
+    held = [recs for recs in train_sets if recs is not None and in_memory(recs)]
+    specs = [(i, s) for i, s in enumerate(cfg.eval) if s.data and data_format(s.data) != "world"]
+    if not held or not specs:
+        return {}
+    train = training_identities([r for recs in held for r in recs])
+    out: dict[str, dict[str, Any]] = {}
+    for i, spec in specs:
+        found = overlap(train, eval_records(spec.data or "", cfg.cache_dir, split=spec.split or DEFAULT_SPLIT,
+                                            limit=spec.limit))
+        if found.images or found.captions > CAPTION_SHARE * found.of_captions:
+            out[run_eval_name(spec)] = found.to_json()
+            warn(f"eval[{i}] ({spec.data}): {found.images} of {found.of_images} images and {found.captions} of "
+                 f"{found.of_captions} captions are also training data (data.train / data.unpaired), so its scores "
+                 "are not held out; evaluate on data the run did not train on")
     return out
