@@ -238,3 +238,43 @@ def test_evaluation_data_that_is_training_data_is_counted_and_recorded(teacher_d
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["eval_overlap"] == {f"retrieval:coco:{tmp_path / 'val.json'}": {
         "images": 2, "of_images": 3, "captions": 0, "of_captions": 3}}
+
+
+def test_remote_labelled_shards_take_classes_txt_from_their_url_before_any_shard_is_fetched(
+        tmp_path: Path, teacher_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import functools
+    import http.server
+    import io
+    import threading
+
+    from conftest import write_tar
+    from PIL import Image
+
+    from mmkd.data.resolve import zeroshot_classes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(buf, format="PNG")
+    for s in range(2):
+        write_tar(tmp_path / f"s-{s}.tar", {f"k{s}{i}.{ext}": data for i in range(2)
+                                            for ext, data in (("png", buf.getvalue()), ("cls", str(i).encode()))})
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # (once per request, twice for an error)
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    spec = f"wds:http://127.0.0.1:{server.server_port}/s-{{0..1}}.tar"
+    try:
+        cfg = write_run_config(tmp_path, teacher_dir, data=spec, batch_size=2, train="steps: 1, warmup_steps: 0",
+                               data_extra=", label_captions: 'a photo of a {}.'")
+        assert main(["distill", str(cfg)]) == 2
+        assert "data.label_captions: data spec" in capsys.readouterr().err and set(asked) == {"/classes.txt"}
+        (tmp_path / "classes.txt").write_text("zero\none\n")
+        asked.clear()
+        assert zeroshot_classes(spec)[0] == ["zero", "one"] and set(asked) == {"/classes.txt"}  # no shard fetched
+    finally:
+        server.shutdown()
+        server.server_close()
+

@@ -69,6 +69,12 @@ def rewrite(records: Sequence[Record], fn: Callable[[Record], Record]) -> Sequen
 
 def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int, bad: BadSamples | None = None
              ) -> Sequence[Record]:
+    if cfg.data.label_captions:  # class names known (a classes.txt beside remote shards too) before any shard is read
+        try:
+            zeroshot_classes(spec)
+        except DataError as e:
+            raise ConfigError(f"data.label_captions: {e}; for shards behind a URL, classes.txt at the same URL "
+                              "folder is read") from None
     recs = records_from_spec(spec, cfg.cache_dir, world_n=n_world, bad=bad, stream=True)
     store = getattr(recs, "store", None)
     if store is not None:  # fetched shards kept on disk: the current window and the next, whatever its size
