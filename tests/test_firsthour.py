@@ -278,3 +278,17 @@ def test_remote_labelled_shards_take_classes_txt_from_their_url_before_any_shard
         server.shutdown()
         server.server_close()
 
+
+def test_a_teacher_near_chance_on_an_eval_set_is_noted(teacher_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """An untrained (random) teacher scores near chance on the world's 64 classes: `eval all` says so."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"cache_dir: {tmp_path / 'cache'}\nworld_n: 128\n"
+                     "tasks:\n  - {kind: zeroshot, data: 'world:test', class_set: colour_shape}\n")
+    assert main(["eval", "all", "--teacher", str(teacher_dir), "--model", str(teacher_dir), "--suite", str(suite),
+                 "--out", str(tmp_path / "ev")]) == 0
+    err = capsys.readouterr().err
+    top1 = json.loads((tmp_path / "ev" / "metrics.json").read_text())["models"]["teacher"]["zeroshot"]
+    assert top1["colour_shape"]["top1"] < 2 / 64
+    assert "note: the teacher is near chance on colour_shape: top-1" in err and "(chance 1.6%)" in err, err
+    assert err.count("near chance") == 1  # the teacher only, not the student beside it
