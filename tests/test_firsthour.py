@@ -37,8 +37,8 @@ def test_a_finished_run_resumed_keeps_its_record(teacher_dir: Path, tmp_path: Pa
     before = record.read_text()
     capsys.readouterr()
     assert main(["distill", str(cfg), "--resume"]) == 0
-    assert "had already finished its 4 steps; its metrics.json is kept" in capsys.readouterr().out
     assert record.read_text() == before  # not "final_loss": NaN, not the resume's own seconds
+    assert "had already finished its 4 steps; its metrics.json is kept" in capsys.readouterr().out
     assert math.isfinite(_strict(before)["train"]["final_loss"])  # type: ignore[index]
 
 
