@@ -105,6 +105,8 @@ def test_a_missing_path_fails_before_training_naming_the_key(tiny_teacher_dir: P
     capsys.readouterr()
     assert main(["distill", str(my), *base, "teacher=cache:nope/cache"]) == 2
     assert "teacher: teacher cache nope/cache not found" in capsys.readouterr().err
+    assert main(["distill", str(my), *base, f"teacher=open_clip:{tiny_teacher_dir}?tokenizer=./nope/tok"]) == 2
+    assert "teacher (?tokenizer=): model folder nope/tok not found" in capsys.readouterr().err
 
 
 def test_a_missing_local_model_folder_is_not_called_a_hub_download(tmp_path: Path,

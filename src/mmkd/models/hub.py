@@ -108,6 +108,9 @@ def check_model_path(value: str, key: str) -> None:
     names ``key``. Hub ids and ``package:`` models are resolved when loaded."""
     prefix = converted_source(value)
     text = value[len(prefix) + 1:].split("?")[0] if prefix is not None else value
+    tokenizer = value.partition("?tokenizer=")[2] if prefix is not None else ""
+    if tokenizer:  # open_clip:FOLDER?tokenizer=T: the tokenizer is read too
+        check_model_path(tokenizer, f"{key} (?tokenizer=)")
     if text.startswith(PACKAGE_PREFIX):
         return
     p = Path(text).expanduser()
