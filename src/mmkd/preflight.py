@@ -1,9 +1,11 @@
-"""Every path a run will read, checked before its first step: a wrong evaluation path must not surface after
-minutes of training, and each error names the config key that holds the path.
+"""What a run checks before its first step, so that nothing it could have known fails or misleads after the
+compute: every path it will read (a wrong evaluation path must not surface after minutes of training; each
+error names the config key that holds the path), settings that are valid but almost surely not meant
+(warnings), and evaluation data that is also training data (a warning with counts).
 
-Checked here: the teacher (model folder, ``open_clip:FOLDER`` or ``cache:DIR``, each member of an ensemble),
-pretrained student towers and tokenizer, ``data.train``, ``data.unpaired`` and every ``eval:`` entry's data,
-template file and bias word file. Hub ids and remote shards are checked when they are fetched.
+Paths checked: the teacher (model folder, ``open_clip:FOLDER[?tokenizer=T]`` or ``cache:DIR``, each member of an
+ensemble), pretrained student towers and tokenizer, ``data.train``, ``data.unpaired`` and every ``eval:`` entry's
+data, template file and bias word file. Hub ids and remote shards are checked when they are fetched.
 """
 
 from __future__ import annotations
