@@ -40,6 +40,10 @@ def test_a_finished_run_resumed_keeps_its_record(teacher_dir: Path, tmp_path: Pa
     assert record.read_text() == before  # not "final_loss": NaN, not the resume's own seconds
     assert "had already finished its 4 steps; its metrics.json is kept" in capsys.readouterr().out
     assert math.isfinite(_strict(before)["train"]["final_loss"])  # type: ignore[index]
+    # resumed with a new eval: list (a resumable key): evaluated anew, the training record still the real one
+    assert main(["distill", str(cfg), "--resume", "eval=[{kind: retrieval, data: 'world:test', limit: 8}]"]) == 0
+    again = _strict(record.read_text())
+    assert again["train"] == _strict(before)["train"] and set(again["eval"]) == {"retrieval:world:test"}  # type: ignore
 
 
 def test_json_files_never_hold_nan(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from mmkd.devices import resolve_device
 from mmkd.dist import DistInfo, barrier, init_distributed
 from mmkd.eval.perimage import write_per_image
 from mmkd.eval.tasks import check_specs as check_eval_specs
-from mmkd.eval.tasks import evaluate
+from mmkd.eval.tasks import evaluate, run_eval_name
 from mmkd.fileio import atomic_write_json, atomic_write_text
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
@@ -262,13 +262,15 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
                        desc="distill", progress=progress, identity=identity, on_start=on_start, device=device,
                        workers=cfg.data.workers)
         kept = finished_record(out, identity, result.steps) if result.resumed_from >= result.steps else None
-        if kept is not None:  # a finished run resumed: nothing trained, so its record stays as it was
+        if kept is not None and sorted(kept.get("eval") or {}) == sorted(map(run_eval_name, cfg.eval)):
+            # a finished run resumed: nothing trained, nothing new to evaluate, so its record stays as it was
             if info.is_main:
                 log(f"the run in {out} had already finished its {result.steps} steps; its metrics.json is kept")
             return kept
         loss = result.final_loss if math.isfinite(result.final_loss) else None  # None: no step ran here
-        metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
-                                             "final_loss": loss, "resumed_from": result.resumed_from},
+        train_record = {"steps": result.steps, "seconds": round(result.seconds, 1), "final_loss": loss,
+                        "resumed_from": result.resumed_from}
+        metrics: dict[str, Any] = {"train": kept["train"] if kept is not None else train_record,  # (eval: changed)
                                    "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
         if info.is_main:
             save_dual_encoder(student, out / "student")
