@@ -296,3 +296,19 @@ def test_a_teacher_near_chance_on_an_eval_set_is_noted(teacher_dir: Path, tmp_pa
     assert top1["colour_shape"]["top1"] < 2 / 64
     assert "note: the teacher is near chance on colour_shape: top-1" in err and "(chance 1.6%)" in err, err
     assert err.count("near chance") == 1  # the teacher only, not the student beside it
+
+
+def test_a_sigterm_during_a_checkpoint_write_waits_for_the_write(tmp_path: Path) -> None:
+    """The write is finished whole, then the SIGTERM ends the command as Ctrl-C does."""
+    import os
+    import signal
+
+    from mmkd.commands.errors import Terminated, sigterm_as_interrupt
+    from mmkd.fileio import atomic_write_text, ctrl_c_deferred
+
+    with sigterm_as_interrupt(), pytest.raises(Terminated):
+        with ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, held until the block ends
+            atomic_write_text(tmp_path / "ckpt", "whole")
+    assert (tmp_path / "ckpt").read_text() == "whole"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone again

@@ -59,9 +59,9 @@ def ctrl_c_deferred() -> Iterator[None]:
             signal.signal(s, handler)
     if caught:
         handler = previous[caught[0]]
-        if callable(handler) and handler is not signal.default_int_handler:
-            handler(caught[0], None)  # e.g. SIGTERM's handler raising its own interrupt
-        raise KeyboardInterrupt
+        if handler is signal.default_int_handler or not callable(handler):
+            raise KeyboardInterrupt
+        handler(caught[0], None)  # the handler the signal would have met (mmkd's SIGTERM one raises an interrupt)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
