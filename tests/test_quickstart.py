@@ -144,3 +144,8 @@ def test_suite_paths_are_relative_to_the_suite_file_and_checked_before_any_bench
                  str(tmp_path / "ev")]) == 2
     err = capsys.readouterr().err
     assert "tasks[1].data" in err and "nope/caps.json not found" in err and not benchmarked
+
+
+def test_the_first_screen_says_how_to_get_mmkd_on_the_path() -> None:
+    first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:30])
+    assert ".venv/bin/mmkd" in first_screen and "source .venv/bin/activate" in first_screen
