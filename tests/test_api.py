@@ -30,7 +30,7 @@ def readme_example() -> str:
 @pytest.mark.slow
 def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model,
                              capsys: pytest.CaptureFixture[str]) -> None:
-    save_dual_encoder(tiny_model(), tmp_path / "runs" / "demo_teacher" / "student")
+    save_dual_encoder(tiny_model(), tmp_path / "runs" / "demo" / "teacher")  # where `make demo` puts it
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(readme_example(), "README.md:api-example", "exec"), namespace)  # noqa: S102 - our own README

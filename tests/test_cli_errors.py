@@ -103,7 +103,7 @@ def test_a_bug_raising_keyerror_is_not_mistaken_for_bad_input(monkeypatch: pytes
 # ------------------------------------------------------------------------------------------------ OS errors
 
 
-def test_permission_denied_on_the_output_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_permission_denied_on_the_output_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, teacher: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -119,7 +119,7 @@ def test_permission_denied_on_the_output_folder(tmp_path: Path, monkeypatch: pyt
             real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(Path, "mkdir", mkdir)
-    cfg = run_config(tmp_path, tmp_path / "no-teacher-needed-yet")
+    cfg = run_config(tmp_path, teacher)  # (every input path is checked first: the teacher must exist)
     try:
         assert main(["distill", str(cfg), f"out={out}"]) == 2
     finally:

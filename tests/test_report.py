@@ -214,3 +214,30 @@ def test_efficiency_table_warns_about_a_busy_cpu(tmp_path: Path) -> None:
     (run / "metrics.json").write_text(json.dumps(metrics))
     busy = efficiency_table(load_runs([run]), set())
     assert busy is not None and "oversubscribed" in busy.note and "load up to 9.5 on 2 cores" in busy.note
+
+
+def test_one_model_in_two_runs_is_one_row_with_readable_titles(tmp_path: Path) -> None:
+    """`mmkd report runs/eval runs/clip_half_depth` (eval all of that run's student): the student once, columns
+    titled by the data set rather than its whole spec, one "Comparison" heading, and scores on data the run
+    trained on marked."""
+    coco = "coco:/data/coco/annotations/captions_val2017.json"
+    distill = tmp_path / "clip_half_depth"
+    distill.mkdir()
+    (distill / "metrics.json").write_text(json.dumps({
+        "train": {"steps": 20, "seconds": 3.0, "final_loss": 1.0},
+        "eval": {f"retrieval:{coco}": {"i2t_r1": 0.368, "t2i_r1": 0.3}},
+        "eval_overlap": {f"retrieval:{coco}": {"images": 239, "of_images": 239, "captions": 0, "of_captions": 5}}}))
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "metrics.json").write_text(json.dumps({
+        "models": {"teacher": _model(0.8, 2.0, 22_000_000, False), "student": _model(0.6, 0.5, 6_000_000, False)},
+        "eval": {"suite": "s", "models": {"teacher": str(tmp_path / "teacher"), "student": str(distill / "student")}}}))
+    write_report([evals, distill], tmp_path / "r.html", tmp_path / "r.md")
+    page = (tmp_path / "r.html").read_text()
+    rows = _table(page, "table-comparison")
+    assert [r[0] for r in rows[1:]] == ["teacher", "student"]
+    assert "coco captions_val2017 I→T R@1" in rows[0] and not any("/data/" in h for h in rows[0])
+    student = dict(zip(rows[0], rows[2]))
+    assert student["coco captions_val2017 I→T R@1"] == "36.8" and student["world I→T R@1"] not in ("", "–")
+    assert page.count(">Comparison</h") == 1 and (tmp_path / "r.md").read_text().count("Comparison\n") == 1
+    assert "Not held out (the run trained on these images): student on coco captions_val2017 (239 of 239" in page

@@ -8,6 +8,7 @@ killed writer left with the glob ``.*.tmp-*`` (the teacher cache and checkpoints
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import tempfile
@@ -37,23 +38,30 @@ def _umask() -> int:
 
 @contextmanager
 def ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done, then raise it.
+    """Hold a Ctrl-C (SIGINT, or a SIGTERM that ``mmkd`` handles as one) arriving inside the block until the block
+    is done, then raise it.
 
     A KeyboardInterrupt raised inside ``torch.save`` leaves its zip writer half-finished, and the writer's own
     error ("unexpected pos") then replaces the interrupt: the user would see a crash instead of "interrupted,
     resume with --resume", with the last checkpoint not written. Only the main thread receives signals, so
     elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield  # no signals here, or Ctrl-C ignored (a background job): nothing to hold
+    if threading.current_thread() is not threading.main_thread():
+        yield  # no signals here: nothing to hold
         return
+    # signals with a Python handler: Ctrl-C unless ignored (a background job), SIGTERM where `mmkd` raises on it
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(s))]
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if caught:
-        raise KeyboardInterrupt
+        handler = previous[caught[0]]
+        if handler is signal.default_int_handler or not callable(handler):
+            raise KeyboardInterrupt
+        handler(caught[0], None)  # the handler the signal would have met (mmkd's SIGTERM one raises an interrupt)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -100,8 +108,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None: JSON has no NaN, and other readers refuse it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=indent, ensure_ascii=False), mode="w")
+    """Valid JSON only (``allow_nan=False``): a non-finite number is written as null (see `json_safe`)."""
+    safe = json_safe(obj)
+    atomic_write(path, lambda f: json.dump(safe, f, indent=indent, ensure_ascii=False, allow_nan=False), mode="w")
 
 
 class JsonLineError(MmkdError, ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
@@ -27,12 +28,13 @@ from mmkd.devices import resolve_device
 from mmkd.dist import DistInfo, barrier, init_distributed
 from mmkd.eval.perimage import write_per_image
 from mmkd.eval.tasks import check_specs as check_eval_specs
-from mmkd.eval.tasks import evaluate
+from mmkd.eval.tasks import evaluate, run_eval_name
 from mmkd.fileio import atomic_write_json, atomic_write_text
 from mmkd.models.hub import load_dual_encoder, save_dual_encoder
 from mmkd.models.student import build_student, feature_widths
 from mmkd.models.towers import tower_width
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives, check_specs
+from mmkd.preflight import check_run_paths, eval_overlaps, run_warnings, warn
 from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, arrays_needed
 from mmkd.teacher.ensemble import EnsembleLookup, EnsembleTargets, check_agreement
 from mmkd.teacher.fingerprint import state_dict_sha256
@@ -67,6 +69,12 @@ def rewrite(records: Sequence[Record], fn: Callable[[Record], Record]) -> Sequen
 
 def _records(cfg: RunConfig, spec: str, limit: int | None, n_world: int, bad: BadSamples | None = None
              ) -> Sequence[Record]:
+    if cfg.data.label_captions:  # class names known (a classes.txt beside remote shards too) before any shard is read
+        try:
+            zeroshot_classes(spec)
+        except DataError as e:
+            raise ConfigError(f"data.label_captions: {e}; for shards behind a URL, classes.txt at the same URL "
+                              "folder is read") from None
     recs = records_from_spec(spec, cfg.cache_dir, world_n=n_world, bad=bad, stream=True)
     store = getattr(recs, "store", None)
     if store is not None:  # fetched shards kept on disk: the current window and the next, whatever its size
@@ -215,8 +223,11 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     """
     check_specs(cfg.objectives)  # unknown objectives fail before any model is loaded
     check_eval_specs(cfg.eval)  # and unknown evaluation kinds before training, not after
+    check_run_paths(cfg)  # and every path the run will read (evaluation data included), naming its key
     device = resolve_device(cfg.train.device, "train.device", info.local_rank if info else None)
     info = info or init_distributed(device)
+    for message in run_warnings(cfg) if info.is_main else []:
+        warn(message)
     mode = ("yes" if resume else "no") if isinstance(resume, bool) else str(resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)  # before the teacher targets and the evaluation, not only training
@@ -234,6 +245,8 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
             log(f"data.on_error: skip: left out {bad.count} bad sample(s); first: {bad.skipped[0]}")
         prints["data"] = data_print(data.paired.records, data.unpaired.records if data.unpaired else None)
         identity = RunIdentity(run_config(cfg), prints)
+        overlaps = (eval_overlaps(cfg, [data.paired.records, data.unpaired.records if data.unpaired else None])
+                    if info.is_main else {})
 
         def on_start(step: int) -> None:
             if not info.is_main:
@@ -248,8 +261,16 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
         result = train(student, objectives, data, targets, cfg.train, out, info, resume=plan == "resume",
                        desc="distill", progress=progress, identity=identity, on_start=on_start, device=device,
                        workers=cfg.data.workers)
-        metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
-                                             "final_loss": result.final_loss, "resumed_from": result.resumed_from},
+        kept = finished_record(out, identity, result.steps) if result.resumed_from >= result.steps else None
+        if kept is not None and sorted(kept.get("eval") or {}) == sorted(map(run_eval_name, cfg.eval)):
+            # a finished run resumed: nothing trained, nothing new to evaluate, so its record stays as it was
+            if info.is_main:
+                log(f"the run in {out} had already finished its {result.steps} steps; its metrics.json is kept")
+            return kept
+        loss = result.final_loss if math.isfinite(result.final_loss) else None  # None: no step ran here
+        train_record = {"steps": result.steps, "seconds": round(result.seconds, 1), "final_loss": loss,
+                        "resumed_from": result.resumed_from}
+        metrics: dict[str, Any] = {"train": kept["train"] if kept is not None else train_record,  # (eval: changed)
                                    "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
         if info.is_main:
             save_dual_encoder(student, out / "student")
@@ -257,6 +278,8 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
                 per_image: dict[str, Any] = {}
                 metrics["eval"] = run_eval_specs(student, cfg, per_image)
                 write_per_image(out, per_image)  # before metrics.json, which marks the run finished
+                if overlaps:
+                    metrics["eval_overlap"] = overlaps  # these scores are not held out (the report marks them)
             run = identity.to_plain()
             metrics["run"] = {k: run[k] for k in ("run_id", "config_sha256", "fingerprints")}
             atomic_write_json(out / "metrics.json", metrics)  # metrics.json marks a finished run
@@ -265,6 +288,17 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
         folder.close()
     barrier()
     return metrics
+
+
+def finished_record(out: Path, identity: RunIdentity, steps: int) -> dict[str, Any] | None:
+    """The metrics.json of this very run (same run id) when it finished ``steps`` steps, else None."""
+    try:
+        record = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(record, dict) and (record.get("run") or {}).get("run_id") == identity.run_id
+            and (record.get("train") or {}).get("steps") == steps)
+    return record if same else None
 
 
 def _online_setup(cfg: RunConfig, info: DistInfo, log: Any, cache: TargetCache | None, bad: BadSamples | None = None,

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
@@ -62,6 +63,7 @@ from mmkd.locking import FolderLock
 from mmkd.objectives import OBJECTIVES
 from mmkd.objectives.base import check_specs
 from mmkd.pipeline import TargetCache, cache_path, run_distill, run_eval_specs
+from mmkd.preflight import warn
 from mmkd.sweep_config import load_sweep_config, parse_seeds_arg
 from mmkd.teacher.unimodal import ImageTeacher
 from mmkd.train.checkpoint import CheckpointError
@@ -94,6 +96,7 @@ class Sweep:
     seeds: list[int] = field(default_factory=lambda: [0])
     command: str = ""  # the `mmkd sweep` command line that gives this sweep (recorded with the leaderboard)
     baseline: str | None = None  # the grid point Δ top-1 is measured against (None: each run's scratch reference)
+    keep_checkpoints: bool = False  # sweep.keep_checkpoints: keep finished runs' checkpoints/ (default: delete)
 
 
 def _parse_grid_arg(item: str) -> tuple[str, list[Any]]:
@@ -192,7 +195,7 @@ def load_sweep(path: str | Path, grid: list[str] | None = None, overrides: list[
                           *(["--out", str(out_arg)] if out_arg else []), *(["--seeds", seeds] if seeds else [])])
     if section.baseline is None:
         runs = _add_scratch_references(runs, out, first)
-    return Sweep(out, runs, axes, sets, seed_list, command, section.baseline)
+    return Sweep(out, runs, axes, sets, seed_list, command, section.baseline, section.keep_checkpoints)
 
 
 def _seed_suffix(seed: int, first: int) -> str:
@@ -306,6 +309,13 @@ def run_sweep(sweep: Sweep, log: Any = print, progress: bool = True, poll_s: flo
         return _run_sweep(sweep, rank, world, log, progress, poll_s)
 
 
+def _drop_checkpoints(sweep: Sweep, run: Run) -> None:
+    """A finished run's checkpoints are deleted unless ``sweep.keep_checkpoints``: its student and metrics stay."""
+    folder = Path(run.cfg.out) / "checkpoints"
+    if not sweep.keep_checkpoints and _run_done(run) and folder.is_dir():
+        shutil.rmtree(folder)
+
+
 def _run_sweep(sweep: Sweep, rank: int, world: int, log: Any, progress: bool, poll_s: float) -> Path:
     from mmkd.report.leaderboard import write_leaderboard
 
@@ -316,11 +326,15 @@ def _run_sweep(sweep: Sweep, rank: int, world: int, log: Any, progress: bool, po
              "out": r.cfg.out,
              "objectives": [{"name": o.name, "weight": o.weight, "towers": o.towers, "params": o.params}
                             for o in r.cfg.objectives]} for r in sweep.runs]})
+        if not any(e.kind == "zeroshot" for r in sweep.runs for e in r.cfg.eval):
+            warn("the sweep's runs have no zeroshot entry in eval:, so the leaderboard's top-1 and Δ columns stay "
+                 "empty; add one, e.g. {kind: zeroshot, data: \"cifar10:DIR\", split: test}")
     cache = TargetCache()
     mine = [r for i, r in enumerate(sweep.runs) if i % world == rank]
     for i, run in enumerate(mine, 1):
         if _run_done(run):
             log(f"[{i}/{len(mine)}] {run.name}: finished before (metrics.json exists), skipped")
+            _drop_checkpoints(sweep, run)
             continue
         log(f"[{i}/{len(mine)}] {run.name}: {', '.join(o.name for o in run.cfg.objectives)}")
         t0 = time.perf_counter()
@@ -332,6 +346,7 @@ def _run_sweep(sweep: Sweep, rank: int, world: int, log: Any, progress: bool, po
             raise RunFolderError(f"sweep run {run.name}: {found}; this sweep cannot continue that run: move "
                                  f"{run.cfg.out} away (or delete it), or give the sweep another sweep.out") from None
         log(f"[{i}/{len(mine)}] {run.name}: done in {time.perf_counter() - t0:.0f} s")
+        _drop_checkpoints(sweep, run)
     if rank != 0:
         return sweep.out
     while not all(_run_done(r) for r in sweep.runs):  # the other processes' runs (torchrun kills us on failure)

@@ -20,6 +20,8 @@ class SweepSection:
     objectives. variants: named bundles of ``key: value`` overrides (several keys that only make sense together,
     e.g. a teacher ensemble with its caches, or views with RandAugment). baseline: a grid point every other row's
     Δ top-1 is measured against (paired by seed), instead of a from-scratch reference (then none is added).
+    keep_checkpoints: keep each finished run's ``checkpoints/`` (hundreds of MB per run for a real model); by default
+    they are deleted once the run has its student folder and metrics.json.
     """
 
     out: str | None = None  # default: the run config's out
@@ -29,6 +31,8 @@ class SweepSection:
     baseline: str | None = None  # a grid point's name (e.g. "setting-k1"): Δ vs it instead of vs scratch
     # N: every grid point with seeds train.seed, train.seed+1, …, +N-1; a list: those seeds; None: train.seed only
     seeds: Any = None
+    # false: a finished run's checkpoints are deleted (its student folder and metrics stay); true: kept
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         for key, values in self.grid.items():

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 from types import TracebackType
 
 from mmkd.errors import MmkdError
@@ -57,6 +61,36 @@ def interrupted_step(tb: TracebackType | None) -> int | None:
     return step
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``kill`` send), raised where Ctrl-C would be, so it ends a run the same way:
+    the checkpoint being written is finished first (``ctrl_c_deferred``), then one line, and ``--resume`` works."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises `Terminated` (main thread only: only it receives signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def end_progress_bars() -> None:
+    """Close every open tqdm bar, so that the one-line message starts a line of its own (an interrupted bar
+    leaves the cursor at its end)."""
+    module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(module, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -64,8 +98,8 @@ def _one_line(text: str) -> str:
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed command, turning every failure into one line on stderr and an exit status.
 
-    2: a problem the user can fix (an ``MmkdError`` or an ``OSError``); 130: Ctrl-C; 1: anything else (a bug),
-    with its traceback when ``MMKD_DEBUG=1``.
+    2: a problem the user can fix (an ``MmkdError`` or an ``OSError``); 130: Ctrl-C; 143: SIGTERM; 1: anything
+    else (a bug), with its traceback when ``MMKD_DEBUG=1``.
     """
     import warnings
 
@@ -79,19 +113,24 @@ def run_command(args: argparse.Namespace) -> int:
             from mmkd.data.records import max_image_pixels_from_env, set_max_image_pixels
 
             set_max_image_pixels(max_image_pixels_from_env())
-            return int(args.func(args) or 0)
+            with sigterm_as_interrupt():
+                return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
+        end_progress_bars()
         step = interrupted_step(e.__traceback__) if getattr(args, "command", None) == "distill" else None
-        print("mmkd: interrupted" + (f" at step {step}; resume with --resume" if step is not None else ""),
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"mmkd: {what}" + (f" at step {step}; resume with --resume" if step is not None else ""),
               file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     except (MmkdError, OSError) as e:
+        end_progress_bars()
         if debug:
             traceback.print_exc()
         msg = str(e) if isinstance(e, MmkdError) else os_error_message(e)
         print(f"mmkd: error: {_one_line(msg)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a bug: say so in one line, the traceback on request
+        end_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"mmkd: internal error: {type(e).__name__}: {_one_line(str(e))} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,9 @@ class EncodedImage:
 
 
 def _unreadable(where: str, name: str, e: Exception) -> DataError:
-    return DataError(f"{where}: cannot read image {name}: {e}; remove the sample or replace the file")
+    # PIL names its input by repr ("cannot identify image file <_io.BytesIO object at 0x…>"): the name says it better
+    reason = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__
+    return DataError(f"{where}: cannot read image {name}: {reason}; remove the sample or replace the file")
 
 
 def open_encoded(record: Record, decoder: str | None = None) -> EncodedImage | np.ndarray:
@@ -138,6 +141,8 @@ def open_encoded(record: Record, decoder: str | None = None) -> EncodedImage | n
         return ref
     try:
         data = ref if isinstance(ref, bytes) else Path(ref).read_bytes()
+        if not data:
+            raise _unreadable(where, name, ValueError("the file is empty (0 bytes)"))
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size  # read from the header: refuse before decoding
         if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:

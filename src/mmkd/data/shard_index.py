@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.shards import ShardRef, ShardStore
@@ -169,7 +171,8 @@ def build_index(refs: list[ShardRef], store: ShardStore, validate: Validate, bad
     lacking: dict[str, list[tuple[int, int, str]]] = {"caption": [], "label": []}
     example: dict[str, str | None] = {"caption": None, "label": None}
     hashes: list[np.ndarray] = []  # 64-bit key hashes, 8 bytes a sample: duplicates are found at the end
-    for s, ref in enumerate(refs):
+    # a bar on a terminal (tqdm: none in a redirected log), and the time once done (see load_or_build)
+    for s, ref in enumerate(tqdm(refs, desc="indexing shards", unit="shard", disable=None, leave=False)):
         path = store.local_path(s)
         sizes.append(path.stat().st_size)
         rows: list[tuple[int, int]] = []
@@ -271,7 +274,11 @@ def load_or_build(refs: list[ShardRef], store: ShardStore, folder: Path | None, 
                     bad.report(DataError(msg))
                 return index
         fresh = BadSamples(bad.policy)
+        print(f"mmkd: indexing {len(refs)} shard(s) ({refs[0].name}{', …' if len(refs) > 1 else ''}): each is read "
+              "once", file=sys.stderr)
         index = build_index(refs, store, validate, fresh, needs)
+        print(f"mmkd: indexed {index.n:,} samples in {len(refs)} shard(s) in {index.build_s:.1f} s (once: the index "
+              f"is kept in {folder})", file=sys.stderr)
         tmp = folder / f"spans.npy.part-{os.getpid()}"
         with open(tmp, "wb") as f:
             np.save(f, index.spans, allow_pickle=False)

@@ -142,8 +142,10 @@ def _copy_remote(name: str, dst: IO[bytes]) -> None:
         raise
     except (OSError, ValueError, ImportError) as e:  # FileNotFoundError, HTTPError (an OSError), unknown protocol
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"shard {name}: cannot fetch it ({type(e).__name__}: {first}); check the URL, your "
-                        "credentials and that the fsspec backend for its scheme is installed (s3fs, gcsfs)") from None
+        web = name.split("://", 1)[0].lower() in ("http", "https")  # no fsspec backend or credentials involved
+        hint = ("check the URL and that the server serves it" if web else "check the URL, your credentials and that "
+                "the fsspec backend for its scheme is installed (s3fs, gcsfs)")
+        raise DataError(f"shard {name}: cannot fetch it ({type(e).__name__}: {first}); {hint}") from None
 
 
 def _copy(src: IO[bytes], dst: IO[bytes], name: str) -> None:

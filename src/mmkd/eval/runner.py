@@ -16,6 +16,7 @@ from typing import Any
 
 from mmkd.config import ConfigError, EvalSpec, from_dict, read_yaml
 from mmkd.data import sources
+from mmkd.data.paths import check_spec_paths, rebase_path, rebase_spec
 from mmkd.errors import UsageError
 from mmkd.eval.tasks import EVALS, WORLD_N, EvalContext, check_kind, data_format, run_spec
 from mmkd.fileio import atomic_write_json
@@ -87,7 +88,15 @@ def load_suite(path: str | Path, limit: int | None = None) -> SuiteConfig:
     if limit:
         for task in suite.tasks:
             task.limit = min(task.limit or limit, limit)
-    return validate_suite(suite, str(p))
+    validate_suite(suite, str(p))
+    for i, task in enumerate(suite.tasks):  # paths relative to the suite file, checked before any benchmark
+        task.data = rebase_spec(task.data, p.parent) if task.data else None
+        task.words = rebase_path(task.words, p.parent) if task.words else None
+        if task.templates and (p.parent / task.templates).is_file():
+            task.templates = rebase_path(task.templates, p.parent)
+        if task.data:
+            check_spec_paths(task.data, f"{p}: tasks[{i}].data")
+    return suite
 
 
 def run_suite(suite: SuiteConfig, models: Mapping[str, Any], reference: str | None = "teacher",

@@ -93,6 +93,9 @@ def world_class_labels(records: Sequence[Record], spec: EvalSpec) -> list[int] |
         else None
 
 
+NEAR_CHANCE = 2.0  # a teacher's top-1 below this many times chance is noted: it has little to teach on that set
+
+
 def _zeroshot(spec: EvalSpec, ctx: EvalContext) -> dict[str, Any]:
     from mmkd.data.resolve import zeroshot_classes
     from mmkd.eval.suite import zeroshot_and_hits
@@ -106,6 +109,11 @@ def _zeroshot(spec: EvalSpec, ctx: EvalContext) -> dict[str, Any]:
         ctx.log(f"zero-shot {spec.name} ({len(records)} images, {len(names)} classes, {len(templates)} "
                 f"templates): {name}")
         out[name], hits = zeroshot_and_hits(model, records, names, templates, labels, sigmoid=spec.sigmoid)
+        chance = 1 / len(names)
+        if name == ctx.reference and out[name]["top1"] < NEAR_CHANCE * chance:
+            ctx.log(f"note: the teacher is near chance on {spec.name}: top-1 {out[name]['top1']:.1%} over "
+                    f"{len(names)} classes (chance {chance:.1%}); a student distilled from it learns little of "
+                    "this task, and \"kept of teacher\" on it means nothing")
         if ctx.per_image is not None:
             ctx.per_image.setdefault(spec.name or spec.kind, {})[name] = hits
     return out

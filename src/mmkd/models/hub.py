@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
+import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModel, VisionTextDualEncoderModel
 
+from mmkd.config import ConfigError
 from mmkd.errors import MmkdError
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
 from mmkd.models.onnx_export import EXPORT_FILE
@@ -71,6 +75,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         if not p.is_dir():
             raise ModelLoadError(f"{p} is a file; a model is a folder with config.json and weights")
         return p
+    if looks_local(text):
+        raise ModelLoadError(f"model folder {p} not found{_relative_note(p)}; check the path (a hub id is ORG/NAME)")
     packaged = next((PACKAGE_PREFIX + k for k, (_, hub_id) in PACKAGED_MODELS.items() if hub_id == text), None)
     try:
         from huggingface_hub import snapshot_download
@@ -81,6 +87,40 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
             f"model {str(path_or_id)!r} is neither a local folder nor a downloadable hub id ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); download it on a machine with access and pass "
             "the folder" + (f", or use {packaged} (the same weights, installed)" if packaged else "")) from None
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_local(text: str) -> bool:
+    """Whether a model name that does not exist here is meant as a local folder, not a hub id (``ORG/NAME``):
+    it starts with ``/``, ``.`` or ``~``, has more than one ``/``, or its first part is a folder here."""
+    if text.startswith(("/", ".", "~")) or "\\" in text or not HUB_ID.match(text) or ".." in text:
+        return True
+    return "/" in text and Path(text.split("/")[0]).is_dir()
+
+
+def _relative_note(p: Path) -> str:
+    return "" if p.is_absolute() else f" (relative to {os.getcwd()})"
+
+
+def check_model_path(value: str, key: str) -> None:
+    """Before any compute: a model named as a local folder (or ``open_clip:FOLDER``) must exist; a ConfigError
+    names ``key``. Hub ids and ``package:`` models are resolved when loaded."""
+    prefix = converted_source(value)
+    text = value[len(prefix) + 1:].split("?")[0] if prefix is not None else value
+    tokenizer = value.partition("?tokenizer=")[2] if prefix is not None else ""
+    if tokenizer:  # open_clip:FOLDER?tokenizer=T: the tokenizer is read too
+        check_model_path(tokenizer, f"{key} (?tokenizer=)")
+    if text.startswith(PACKAGE_PREFIX):
+        return
+    p = Path(text).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{key}: {p} is a file; a model is a folder with config.json and weights")
+    elif prefix is not None or looks_local(text):
+        raise ConfigError(f"{key}: model folder {p} not found{_relative_note(p)}; fix the path (nothing was "
+                          "computed)")
 
 
 def check_tokenizer(tokenizer: Any, where: str, min_vocab: int = MIN_VOCAB) -> Any:
@@ -127,14 +167,27 @@ def weights_file(folder: Path) -> Path:
                          "only the config was copied: copy the weights file too")
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    f = weights_file(folder)
+def load_weights_file(f: Path) -> Any:
+    """A safetensors file, or a torch file of tensors and plain data only (``weights_only``); a file needing code
+    to load is refused in one line of ours (torch's own text advises ``weights_only=False``: the opposite)."""
     try:
         if f.suffix == ".safetensors":
             return load_file(str(f))
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"cannot read weights {f}: {e}") from None
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"{f}: holds pickled objects, not only tensors; refused without loading it (loading "
+                             "could run code). Save the weights as model.safetensors (safetensors.torch.save_file) "
+                             "and pass that folder") from None
+    except Exception as e:  # a damaged or truncated file
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+        raise ModelLoadError(f"cannot read weights {f}: {first[0] if first else type(e).__name__}; the file is "
+                             "damaged or incomplete: copy it again") from None
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    return load_weights_file(weights_file(folder))
 
 
 def _image_settings(folder: Path, image_size: int, mean: tuple[float, ...] = CLIP_MEAN,
@@ -345,7 +398,7 @@ def save_dual_encoder(model: DualEncoder, out: str | os.PathLike) -> Path:
     tmp.mkdir()
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.saved_state().items()}  # a GPU student too
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model.hf_config(), indent=2))
+    (tmp / "config.json").write_text(json.dumps(model.hf_config(), indent=2, allow_nan=False))
     model.save_extras(str(tmp))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(tmp))

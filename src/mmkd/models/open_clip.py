@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD
-from mmkd.models.hub import ModelLoadError, check_tokenizer, load_tokenizer
+from mmkd.models.hub import ModelLoadError, check_tokenizer, load_tokenizer, load_weights_file
 
 PREFIX = "open_clip:"
 CONFIG_FILE = "open_clip_config.json"
@@ -168,12 +167,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if f is None:
         raise ModelLoadError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}); copy the weights file of the "
                              "open_clip checkpoint too")
-    try:
-        state = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu",
-                                                                                weights_only=True)
-    except Exception as e:  # a damaged file, or a pickle holding more than tensors: both unreadable to us
-        raise ModelLoadError(f"cannot read weights {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                             ) from None
+    state = load_weights_file(f)  # a damaged file, or a pickle holding more than tensors: one line naming it
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a training checkpoint
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

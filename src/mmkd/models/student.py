@@ -13,7 +13,15 @@ from transformers import AutoModel, CLIPModel, SiglipModel, SiglipTextModel, Sig
 
 from mmkd.config import ConfigError, StudentConfig, TowerSpec
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta, SiglipDualEncoder
-from mmkd.models.hub import converted_source, drop_unused_pooler, load_dual_encoder, load_tokenizer, resolve
+from mmkd.models.hub import (
+    LOADERS,
+    converted_source,
+    drop_unused_pooler,
+    load_dual_encoder,
+    load_tokenizer,
+    read_config,
+    resolve,
+)
 from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
 from mmkd.seeding import seeded
 
@@ -23,6 +31,9 @@ def _pretrained_tower(source: str, modality: str) -> nn.Module:
         de = load_dual_encoder(source)
         return de.vision_model if modality == "image" else de.text_model
     folder = resolve(source)
+    if (folder / "config.json").is_file() and read_config(folder).get("model_type") in LOADERS:
+        de = load_dual_encoder(folder)  # a whole dual encoder (mmkd's, CLIP, SigLIP): the matching half
+        return de.vision_model if modality == "image" else de.text_model
     try:
         model = AutoModel.from_pretrained(str(folder))
     except Exception as e:

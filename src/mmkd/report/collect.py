@@ -36,6 +36,7 @@ class ModelEntry:
     run: str
     name: str  # the name inside its run's metrics.json
     metrics: dict[str, Any]
+    source: Path | None = None  # the model folder, where the run records it (one model in two runs is shown once)
 
 
 @dataclass
@@ -98,7 +99,29 @@ def _from_distill(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
             block["retrieval"][key] = value
     if "train" in raw:
         block["train_seconds"] = raw["train"].get("seconds")
+    overlap = raw.get("eval_overlap")
+    if isinstance(overlap, dict):  # eval entries whose data the run trained on (see mmkd.preflight.eval_overlaps)
+        block["eval_overlap"] = {k.partition(":")[2] or k: v for k, v in overlap.items()}
     return {"student": block}
+
+
+def _sources(raw: dict[str, Any], run_dir: Path, distill: bool) -> dict[str, Path]:
+    """Model name → its folder, resolved: ``eval all`` records the folders it was given, a distill run's
+    student is ``OUT/student``."""
+    if distill:
+        return {"student": (run_dir / "student").resolve()}
+    given = (raw.get("eval") or {}).get("models") if isinstance(raw.get("eval"), dict) else None
+    return {n: Path(p).expanduser().resolve() for n, p in (given or {}).items() if isinstance(p, str)}
+
+
+def short_title(name: str) -> str:
+    """A column title for a data spec: ``coco:/data/x/captions_val2017.json`` → ``coco captions_val2017``;
+    names without a path (``world:test:shape``, a suite's ``cifar10``) stay as they are."""
+    fmt, sep, rest = name.partition(":")
+    if not sep or ("/" not in rest and "\\" not in rest):
+        return name
+    stem = Path(rest.rstrip("/")).name.split(".")[0] or rest
+    return fmt if stem == fmt else f"{fmt} {stem}"
 
 
 def _curve(label: str, path: Path) -> Curve | None:
@@ -159,7 +182,8 @@ def load_run(path: str | Path) -> RunData:
     name = run_dir.resolve().name
     labels = DEMO_LABELS if "demo" in raw else {}
     order = sorted(blocks, key=lambda n: n != "teacher")  # teacher first, the rest as written
-    models = [ModelEntry(labels.get(n, n), name, n, _normalise_model(blocks[n])) for n in order
+    sources = _sources(raw, run_dir, distill)
+    models = [ModelEntry(labels.get(n, n), name, n, _normalise_model(blocks[n]), sources.get(n)) for n in order
               if isinstance(blocks[n], dict)]
     curves = [c for label, f in find_curves(run_dir, distill) if (c := _curve(labels.get(label, label), f))]
     bias = raw.get("bias") if isinstance(raw.get("bias"), dict) else None
@@ -171,6 +195,8 @@ def load_runs(paths: list[str | Path]) -> ReportData:
     if not paths:
         raise UsageError("give at least one run folder")
     runs = [load_run(p) for p in paths]
+    _merge_same_models(runs)
+    _short_titles(runs)
     names = [r.name for r in runs]
     for i, r in enumerate(runs):  # same folder name twice (runs/a/x, runs/b/x): number them
         if names.count(r.name) > 1:
@@ -185,3 +211,38 @@ def load_runs(paths: list[str | Path]) -> ReportData:
                 if counts[x.label] > 1:
                     x.label = f"{r.name}/{x.label}"
     return ReportData(runs)
+
+
+def _merge_same_models(runs: list[RunData]) -> None:
+    """A model folder that several runs scored (``mmkd eval all`` of a distill run's student) is one model: its
+    first entry gets the others' benchmarks, and the others are dropped."""
+    first: dict[Path, ModelEntry] = {}
+    for r in runs:
+        keep = []
+        for m in r.models:
+            if m.source is None or m.source not in first:
+                if m.source is not None:
+                    first[m.source] = m
+                keep.append(m)
+                continue
+            into = first[m.source].metrics
+            for key, value in m.metrics.items():
+                if isinstance(value, dict) and isinstance(into.get(key), dict):
+                    into[key] = {**value, **into[key]}
+                else:
+                    into.setdefault(key, value)
+        r.models = keep
+
+
+def _short_titles(runs: list[RunData]) -> None:
+    """Benchmark names that are whole data specs become short titles, where no two sets would share one."""
+    names = {n for r in runs for m in r.models for kind in ("zeroshot", "retrieval", "eval_overlap")
+             for n in m.metrics.get(kind) or {}}
+    short = {n: short_title(n) for n in names}
+    clash = {t for t in short.values() if list(short.values()).count(t) > 1}
+    rename = {n: t for n, t in short.items() if t not in clash or t == n}
+    for r in runs:
+        for m in r.models:
+            for kind in ("zeroshot", "retrieval", "eval_overlap"):
+                if isinstance(m.metrics.get(kind), dict):
+                    m.metrics[kind] = {rename.get(n, n): v for n, v in m.metrics[kind].items()}

@@ -142,6 +142,10 @@ def comparison_table(data: ReportData) -> Table:
     note = ("Accuracies in %" + ("; top-5 of each set in its chart below" if len(zs) > 2 else "") +
             ". \"kept of teacher\": zero-shot top-1 relative to the teacher's, averaged over the zero-shot sets. "
             "Best value per column in bold.")
+    trained_on = [f"{m.label} on {n} ({c.get('images')} of {c.get('of_images')} images)" for m in models
+                  for n, c in (_get(m, "eval_overlap") or {}).items() if isinstance(c, dict)]
+    if trained_on:
+        note += " Not held out (the run trained on these images): " + "; ".join(trained_on) + "."
     return Table("table-comparison", "Comparison", [m.label for m in models], cols, note)
 
 
@@ -333,7 +337,7 @@ def _cell(table: Table, col: Column, i: int, best: set[int], markdown: bool) -> 
     return text if markdown else f"<td>{html.escape(text)}</td>"
 
 
-def table_html(t: Table) -> str:
+def table_html(t: Table, heading: bool = True) -> str:
     best = {id(c): t.best(c) for c in t.columns}
     head = "".join(f"<th>{html.escape(c.header)}</th>" for c in t.columns)
     rows = []
@@ -341,14 +345,16 @@ def table_html(t: Table) -> str:
         cells = "".join(_cell(t, c, i, best[id(c)], False) for c in t.columns)
         rows.append(f"<tr><td>{html.escape(label)}</td>{cells}</tr>")
     note = f'<p class="note">{html.escape(t.note)}</p>' if t.note else ""
-    return (f'<h3>{html.escape(t.title)}</h3><table id="{t.id}"><thead><tr><th>model</th>{head}</tr></thead>'
+    title = f"<h3>{html.escape(t.title)}</h3>" if heading else ""
+    return (f'{title}<table id="{t.id}"><thead><tr><th>model</th>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>{note}")
 
 
-def table_markdown(t: Table) -> str:
+def table_markdown(t: Table, heading: bool = True) -> str:
     best = {id(c): t.best(c) for c in t.columns}
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-    lines = [f"### {t.title}", "", "| model | " + " | ".join(esc(c.header) for c in t.columns) + " |",
+    lines = [f"### {t.title}", ""] if heading else []
+    lines += ["| model | " + " | ".join(esc(c.header) for c in t.columns) + " |",
              "|---|" + "---:|" * len(t.columns)]
     for i, label in enumerate(t.rows):
         lines.append(f"| {esc(label)} | " + " | ".join(esc(_cell(t, c, i, best[id(c)], True)) for c in t.columns)
@@ -366,8 +372,8 @@ def render_html(report: Report) -> str:
         if s.intro:
             body.append(f'<p class="note">{html.escape(s.intro)}</p>')
         for item in s.items:
-            if isinstance(item, Table):
-                body.append(table_html(item))
+            if isinstance(item, Table):  # (a table titled as its section needs no heading of its own)
+                body.append(table_html(item, heading=item.title != s.title))
             else:
                 data = base64.b64encode(item.png).decode("ascii")
                 cap = f"<figcaption>{html.escape(item.caption)}</figcaption>" if item.caption else ""
@@ -388,7 +394,7 @@ def render_markdown(report: Report, figure_dir: str) -> str:
             lines += [s.intro, ""]
         for item in s.items:
             if isinstance(item, Table):
-                lines += [table_markdown(item), ""]
+                lines += [table_markdown(item, heading=item.title != s.title), ""]
             else:
                 lines += [f"![{item.title}]({figure_dir}/{item.id}.png)", ""]
                 if item.caption:

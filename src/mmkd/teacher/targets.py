@@ -161,7 +161,7 @@ def precompute(teacher: OnlineTeacher, banks: Sequence[ImageBank], captions: Ite
     image: dict[str, list[torch.Tensor]] = {}
     keys: dict[str, int] = {}
     total = sum(len(b) for b in banks)
-    bar = tqdm(total=total, desc="teacher targets (images)", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="teacher targets (images)", disable=None if progress else True, leave=False)
     for bank in banks:
         for chunk in _batched(range(len(bank)), batch_size):
             out = teacher.encode(bank.pixels(list(chunk)), None)

@@ -310,7 +310,7 @@ def train(
     text_frozen = text_is_frozen(student)
     _train_mode(task, text_frozen)
     amp_device = device_of(task)  # autocast follows the parameters, not whether the machine has a GPU
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not (progress and dist_info.is_main),
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=None if progress and dist_info.is_main else True,
                dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
     last_loss = float("nan")

@@ -3,11 +3,12 @@ errors naming shard and key. Shard specs, fetching and indexing live in `mmkd.da
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 
 from mmkd.data.records import BadSamples, DataError, Record
-from mmkd.data.shards import expand_braces, shard_paths
+from mmkd.data.shards import URL_RE, _copy_remote, expand_braces, shard_paths, shard_refs
 from mmkd.data.sources.checks import clean_caption
 from mmkd.data.sources.registry import register_format
 
@@ -40,12 +41,25 @@ def _wds_captions(data: bytes, ext: str, origin: str) -> tuple[str, ...]:
 
 
 def wds_class_names(path: str) -> list[str] | None:
-    """``classes.txt`` beside the first local shard (one name per line), if present."""
+    """``classes.txt`` beside the first shard (one name per line), if present: a local file, or for shards behind
+    a URL the URL's ``classes.txt`` (fetched alone, before any shard is)."""
+    first = shard_refs(path)[0].name
+    if URL_RE.match(first):
+        buf = io.BytesIO()
+        try:
+            _copy_remote(first.split("?")[0].rsplit("/", 1)[0] + "/classes.txt", buf)
+        except DataError:
+            return None
+        return _names(buf.getvalue().decode("utf-8", errors="replace"))
     local = shard_paths(path)
     file = local[0].parent / "classes.txt" if local else None
     if file is None or not file.is_file():
         return None
-    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _names(file.read_text(encoding="utf-8"))
+
+
+def _names(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @register_format("wds", class_names=wds_class_names)

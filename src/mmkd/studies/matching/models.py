@@ -127,7 +127,7 @@ def save_teacher_matcher(model: TeacherMatcher, folder: str | Path, info: dict[s
     save_dual_encoder(model.encoder, tmp)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.head.state_dict().items()},
               str(tmp / "head.safetensors"))
-    (tmp / "matching.json").write_text(json.dumps({"head": model.head_name, **info}, indent=2))
+    (tmp / "matching.json").write_text(json.dumps({"head": model.head_name, **info}, indent=2, allow_nan=False))
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

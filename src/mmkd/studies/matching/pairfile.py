@@ -28,9 +28,9 @@ def meta_path(path: str | Path) -> Path:
 def write_pairs(path: str | Path, pairs: Sequence[MatchPair], meta: dict[str, Any]) -> Path:
     """Write the pairs JSONL and its sidecar atomically (the pairs first: a sidecar always has its pairs)."""
     path = Path(path)
-    atomic_write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in pairs))
+    atomic_write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False, allow_nan=False) + "\n" for p in pairs))
     full = {"format": FORMAT_VERSION, **meta, "counts": summarize(pairs)}
-    atomic_write_text(meta_path(path), json.dumps(full, indent=2))
+    atomic_write_text(meta_path(path), json.dumps(full, indent=2, allow_nan=False))
     return path
 
 

@@ -373,7 +373,7 @@ def _progress_bar(mine: Sequence[ShardGroup], views: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     total = sum(g.n * views for g in mine)
-    return tqdm(total=total, desc="teacher cache", disable=not enabled, leave=False, unit="item")
+    return tqdm(total=total, desc="teacher cache", disable=None if enabled else True, leave=False, unit="item")
 
 
 def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], group: ShardGroup,
