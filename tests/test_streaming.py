@@ -346,7 +346,7 @@ def test_a_refetched_shard_must_be_the_one_indexed(tmp_path: Path) -> None:
     records = open_shards(spec, tmp_path / "c", max_cached=1)  # shard 0 is evicted by shard 1's fetch
     write_shards(src, shards=1, per=3, prefix="t")  # shard 0 replaced remotely (other keys, other bytes)
     (src / "t-0000.tar").replace(src / "s-0000.tar")
-    with pytest.raises(DataError, match=rf"s-0000\.tar: the fetched copy's SHA-256 .* is not the .* its index "
+    with pytest.raises(DataError, match=r"s-0000\.tar: the fetched copy's SHA-256 .* is not the .* its index "
                                         r"recorded; fetched 3 times") as e:
         records[0]
     assert "\n" not in str(e.value)
