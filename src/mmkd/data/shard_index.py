@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import numpy as np
 
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.shards import ShardRef, ShardStore
-from mmkd.fileio import atomic_write_json
+from mmkd.fileio import atomic_write, atomic_write_json
 
 INDEX_VERSION = 2  # 2: per-shard SHA-256 digests
 Validate = Callable[..., Record]  # (shard name, key, parts, captioned=, labelled=) -> Record
@@ -287,10 +286,7 @@ def load_or_build(refs: list[ShardRef], store: ShardStore, folder: Path | None, 
                 return index
         fresh = BadSamples(bad.policy)
         index = build_index(refs, store, validate, fresh, needs)
-        tmp = folder / f"spans.npy.part-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, index.spans, allow_pickle=False)
-        tmp.replace(folder / "spans.npy")
+        atomic_write(folder / "spans.npy", lambda f: np.save(f, index.spans, allow_pickle=False))
         atomic_write_json(folder / "index.json", {
             "version": INDEX_VERSION, "identity": identity, "stamps": stamps, "counts": index.counts.tolist(),
             "sizes": index.sizes, "digests": index.digests, "skipped": index.skipped,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from mmkd.data.records import DataError
+from mmkd.fileio import disk_full_error, is_disk_full
 
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 COMPRESSED = (".tar.gz", ".tgz", ".gz")
@@ -182,6 +183,9 @@ def _copy_remote(name: str, dst: IO[bytes]) -> None:
     except http.client.IncompleteRead as e:  # the body ended early, as the server closed the connection
         raise FetchError(f"shard {name}: the download was cut short ({len(e.partial)} bytes received)") from None
     except (OSError, ValueError, ImportError) as e:  # FileNotFoundError, HTTPError (an OSError), unknown protocol
+        where = str(getattr(dst, "name", ""))
+        if where and is_disk_full(e, Path(where).parent):
+            raise disk_full_error(where, "the shard's partial copy is deleted") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise DataError(f"shard {name}: cannot fetch it ({type(e).__name__}: {first}); check the URL, your "
                         "credentials and that the fsspec backend for its scheme is installed (s3fs, gcsfs)") from None
