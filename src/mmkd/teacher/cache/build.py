@@ -347,7 +347,7 @@ def build_cache(
             bar.close()
         mdist.barrier()
         if rank == 0:
-            manifest = publish(root, order)
+            manifest = publish(root, order, final=True)
             listed = {s["name"] for s in manifest["segments"]}
             missing = [g.shard or "in memory" for g in shards if segment_name(g.shard) not in listed]
             if missing:
