@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmkd.fileio import disk_full_error, fsync_dir, is_disk_full
 from mmkd.teacher.cache import format as fmt
 from mmkd.teacher.cache.format import CacheError, load_npy
 
@@ -118,7 +119,10 @@ class _NpyOut:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:  # its buffer could not be flushed (a full disk): the file goes anyway
+            pass
         Path(self.tmp).unlink(missing_ok=True)
 
 
@@ -177,9 +181,13 @@ def write_index(root: Path, generation: str, what: str, folders: Sequence[Path],
                if unique else None)
         for out in outputs:
             out.commit()
-    except BaseException:
+        fsync_dir(index_dir)
+    except BaseException as e:
+        full = not isinstance(e, KeyboardInterrupt) and is_disk_full(e, index_dir)
         for out in (*scratch, *outputs):
             out.abort()
+        if full:
+            raise disk_full_error(index_dir / f"{generation}.{what}.*.npy", "the previous index is untouched") from None
         raise
     finally:
         for r in readers:
