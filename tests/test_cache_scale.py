@@ -218,3 +218,72 @@ train: {{steps: 2, log_every: 1, ckpt_every: 0, warmup_steps: 1, threads: 1}}
     assert "1 shard(s) were cached before" in capsys.readouterr().out
     assert main(["distill", str(cfg), f"out={tmp_path / 'run2'}"]) == 0
     assert main(["cache", "--verify", str(tmp_path / "tc")]) == 0
+
+
+def test_the_streamed_index_equals_a_stable_sort_of_every_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_index merges the segments block by block (issue 19 item 8: a build's memory must not grow with the
+    cache): its four files equal those of one stable argsort over every segment's hashes, ties (forced: 5 hash
+    values) in row order, with rounds and gather steps made tiny so that every boundary is crossed."""
+    from mmkd.teacher.cache import index as cache_index
+
+    monkeypatch.setattr(cache_index, "MERGE_BLOCK", 7)
+    monkeypatch.setattr(cache_index, "GATHER_BYTES", 5)
+    rng = np.random.default_rng(0)
+    folders, all_strings, all_hashes = [], [], []
+    for j, n in enumerate([13, 0, 1, 40, 9]):
+        folder = tmp_path / f"seg{j}"
+        folder.mkdir()
+        strings = [f"s{j}-{i}-" + "x" * int(rng.integers(0, 6)) for i in range(n)]
+        hashes = (cache_format.key_hashes(strings) % np.uint64(5)).astype("<u8")
+        cache_format.write_strings(folder, "captions", strings)
+        cache_format.write_npy(folder / "captions.hash.npy", hashes)
+        folders.append(folder)
+        all_strings += strings
+        all_hashes.append(hashes)
+    cache_index.write_index(tmp_path, "g", "captions", folders, [""] * len(folders), unique=True)
+    flat = np.concatenate(all_hashes)
+    order = np.argsort(flat, kind="stable")
+    paths = cache_index.index_paths(tmp_path, "g", "captions")
+    got = {part: np.load(p, allow_pickle=False) for part, p in paths.items()}
+    assert got["hash"].dtype == np.dtype("<u8") and (got["hash"] == flat[order]).all()
+    assert got["row"].dtype == np.dtype("<i8") and (got["row"] == order).all()
+    strings = [got["bytes"][int(a):int(b)].tobytes().decode() for a, b in zip(got["offsets"][:-1], got["offsets"][1:])]
+    assert strings == [all_strings[i] for i in order]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(p.name for p in paths.values())
+    # a key in two segments is refused naming both, as before (real hashes: a duplicate's copies are adjacent)
+    for j, strings in enumerate([["a", "b", "c"], ["d", "b"]]):
+        cache_format.write_strings(folders[j], "keys", strings)
+        cache_format.write_npy(folders[j] / "keys.hash.npy", cache_format.key_hashes(strings))
+    with pytest.raises(CacheError, match=r"sample key 'b' is in two segments of .*: seg0 \(shard in memory\) and "
+                                         r"seg1 \(shard in memory\)"):
+        cache_index.write_index(tmp_path, "h", "keys", folders[:2], ["", ""], unique=True)
+    assert not any("tmp-" in p.name for p in (tmp_path / "index").iterdir())
+
+
+def test_writing_the_index_takes_memory_independent_of_the_cache_size(tmp_path: Path) -> None:
+    """Issue 19 item 8: growing a 300k-sample cache by one shard jumped ~140 MB while its index was written (7b79a9b
+    concatenated every segment's strings and built 8-byte index arrays per byte of them). Peak traced allocation
+    (numpy reports to tracemalloc) while indexing 10 vs 50 segments of 2,000 strings each."""
+    import tracemalloc
+
+    from mmkd.teacher.cache import index as cache_index
+
+    def peak(segments: int) -> int:
+        root = tmp_path / f"c{segments}"
+        folders = []
+        for j in range(segments):
+            folder = root / "segments" / f"s{j}"
+            folder.mkdir(parents=True)
+            strings = [f"a caption of sample {j}-{i}, long enough to look like one" for i in range(2000)]
+            cache_format.write_strings(folder, "captions", strings)
+            cache_format.write_npy(folder / "captions.hash.npy", cache_format.key_hashes(strings))
+            folders.append(folder)
+        tracemalloc.start()
+        try:
+            cache_index.write_index(root, "g", "captions", folders, [""] * segments, unique=False)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(10), peak(50)
+    assert large < 1.3 * small + (1 << 20), f"peak {large / 2**20:.1f} MiB at 50 segments, {small / 2**20:.1f} at 10"

@@ -131,6 +131,57 @@ def test_cached_distill_checks_shards_without_reading_samples_and_refuses_a_chan
     _cached_run(tmp_path, spec, train=", ignore_cache_fingerprint: true")  # overridable, as the other parts are
 
 
+def test_a_shard_rewritten_at_the_same_size_is_refused_by_name_until_its_segment_is_rebuilt(
+        teacher: DualEncoder, tmp_path: Path) -> None:
+    """Issue 19 item 7: tar pads to 10,240-byte records, so new images of the same shape keep the shard's size; the
+    shard's SHA-256 (recorded by the indexing pass and the cache) tells the change."""
+    import json
+    import shutil
+
+    from mmkd.teacher.cache import CacheFingerprintError
+
+    spec = _shards(tmp_path / "data")
+    _build(teacher, open_shards(spec, tmp_path / "dc", BadSamples()), tmp_path / "tc")
+    shard = tmp_path / "data" / "part-1.tar"
+    size = shard.stat().st_size
+    rng = np.random.default_rng(7)  # the same keys, captions and image shapes; other pixels
+    _tar(shard, {f"p1s{i}": (rng.integers(0, 256, (20, 24, 3), dtype=np.uint8), f"thing 1 {i % 3}")
+                 for i in range(PER_SHARD)})
+    assert shard.stat().st_size == size  # the stamp of 7b79a9b (name, size, count) cannot tell
+    with pytest.raises(CacheFingerprintError, match=r"1 shard\(s\) changed since the cache was built: '[^']*part-1"
+                                                    r"\.tar' \(same size, content SHA-256.*delete each one's folder "
+                                                    r"\(e\.g\. (\S+)\) and rerun the same `mmkd cache`") as e:
+        _cached_run(tmp_path, spec)
+    assert "\n" not in str(e.value)
+    segment = Path(str(e.value).split("(e.g. ", 1)[1].split(")", 1)[0])
+    assert json.loads((segment / "shard.json").read_text())["name"].endswith("part-1.tar")
+    shutil.rmtree(segment)  # what the message says to do
+    _build(teacher, open_shards(spec, tmp_path / "dc", BadSamples()), tmp_path / "tc")
+    _cached_run(tmp_path, spec)  # the rebuilt segment serves the new images
+
+
+def test_a_cache_without_shard_digests_is_refused_until_mmkd_cache_records_them(
+        teacher: DualEncoder, tmp_path: Path) -> None:
+    """A cache built before shard digests existed: refused (a same-size rewrite would go unnoticed) until a rerun
+    of the same build, which computes nothing for complete segments, checks them and records the digests."""
+    import json
+
+    from mmkd.teacher.cache import CacheFingerprintError
+
+    spec = _shards(tmp_path / "data")
+    _build(teacher, open_shards(spec, tmp_path / "dc", BadSamples()), tmp_path / "tc")
+    stamps = sorted((tmp_path / "tc" / "segments").glob("*/shard.json"))
+    for p in stamps:  # as an older mmkd wrote them
+        p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "sha256"}))
+    with pytest.raises(CacheFingerprintError, match=r"no content digest for 3 shard\(s\).*rerun the same `mmkd "
+                                                    r"cache` command once"):
+        _cached_run(tmp_path, spec)
+    result = _build(teacher, open_shards(spec, tmp_path / "dc", BadSamples()), tmp_path / "tc")
+    assert result.chunks_built == 0
+    assert all("sha256" in json.loads(p.read_text()) for p in stamps)
+    _cached_run(tmp_path, spec)
+
+
 def test_cached_targets_are_looked_up_in_the_workers_and_equal_in_process(
         teacher: DualEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os

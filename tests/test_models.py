@@ -424,6 +424,38 @@ def test_student_trains_what_its_own_freeze_says_not_what_the_teacher_froze(mini
     assert not any(p.requires_grad for p in teacher.text_model.parameters())  # the teacher is left as it was
 
 
+CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 max_position_embeddings=64)
+
+
+def test_a_new_clip_text_tower_pools_the_end_its_tokenizer_writes(minilm_teacher: DualEncoder) -> None:
+    """Issue 19 item 8: a new clip_text tower kept CLIPTextConfig's eos_token_id 49407 (CLIP's vocabulary) under a
+    BERT tokenizer, so its pooler read position 0 ([CLS], which the causal mask shows nothing else): one embedding
+    for every text. It takes the tokenizer's end id ([SEP] = 102) now."""
+    cfg = StudentConfig(vision=TowerSpec(source="new", arch="clip_vision", config=dict(VISION)),
+                        text=TowerSpec(source="new", arch="clip_text", config=dict(CLIP_TEXT)), projection_dim=8)
+    student = build_student(minilm_teacher, cfg, seed=0)
+    sep = minilm_teacher.tokenizer.sep_token_id
+    assert student.meta.text_pooling == "pooler" and student.text_model.config.eos_token_id == sep == 102
+    student.eval()
+    with torch.no_grad():
+        batch = student.tokenize(["a red square", "two small dogs running on the beach"])
+        emb = student.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert not torch.allclose(emb[0], emb[1], atol=1e-4)  # on 7b79a9b both were the [CLS] position's
+
+
+def test_a_clip_text_tower_whose_eos_id_its_tokenizer_never_writes_is_refused(minilm_teacher: DualEncoder) -> None:
+    text = TowerSpec(source="new", arch="clip_text", config={**CLIP_TEXT, "eos_token_id": 49407})
+    cfg = StudentConfig(vision=TowerSpec(source="new", arch="clip_vision", config=dict(VISION)), text=text,
+                        projection_dim=8)
+    with pytest.raises(ValueError, match=r"student\.text: the clip_text tower's pooler reads the position of token "
+                                         r"id 49407 .*ends every text with id 102 \('\[SEP\]'\).*set "
+                                         r"student\.text\.config\.eos_token_id: 102.*student\.text\.pooling: eos"):
+        build_student(minilm_teacher, cfg, seed=0)
+    text.pooling = "eos"  # the last real token: no eos id needed
+    assert build_student(minilm_teacher, cfg, seed=0).meta.text_pooling == "eos"
+
+
 def test_student_projections_not_copied_when_shapes_differ(minilm_teacher: DualEncoder) -> None:
     student = build_student(minilm_teacher, StudentConfig(projection_dim=8))
     assert student.projection_dim == 8 and student.text_projection.weight.shape == (8, 384)

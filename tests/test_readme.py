@@ -135,6 +135,18 @@ def test_data_scale_and_cache_lookup_sections_come_from_the_committed_results(tm
     assert f"| {lookup['variants']['dict']['rss_mb']:.0f} MB | {lookup['variants']['index']['rss_mb']:.1f} MB" in text
 
 
+def test_cache_build_memory_section_comes_from_the_committed_results(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "bench" / "results", tmp_path / "bench" / "results")
+    r = json.loads((tmp_path / "bench" / "results" / "cache_build_memory.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:bench-cache-build-memory -->\n<!-- /results:bench-cache-build-memory -->\n")
+    assert update_readme(readme, tmp_path, only=["bench-cache-build-memory"]) == ["bench-cache-build-memory"]
+    text = readme.read_text()
+    big = r["300000"]["build"]
+    assert f"| 300,000 (300) | {big['index_s'] + big['build_s']:.0f} s | {big['peak_rss_mb']:.0f} MB" in text
+    assert f"**{r['rss_300k_over_30k']:.2f}**" in text and "target ≤ 1.15" in text
+
+
 def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> None:
     import mmkd.report.reinforce  # noqa: F401  (registers its section, as `mmkd readme` does)
     import mmkd.studies.matching.report  # noqa: F401  (registers the study's sections, as `mmkd readme` does)
@@ -143,7 +155,7 @@ def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> N
     text = (REPO / "README.md").read_text()
     names = [m.group("name") for m in _BLOCK.finditer(text)]
     assert {"demo", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1", "bench-loader",
-            "bench-data-scale", "bench-cache-lookup", "reinforce-world"} <= set(names)
+            "bench-data-scale", "bench-cache-lookup", "reinforce-world", "bench-cache-build-memory"} <= set(names)
     assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))
     # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
     opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -266,6 +267,88 @@ def test_http_url_shards(http_server: tuple[Path, str], tmp_path: Path) -> None:
     assert [(r.key, r.image, r.captions) for r in got] == want
     with pytest.raises(DataError, match=r"shard http://127.0.0.1:\d+/missing.tar: cannot fetch it") as e:
         open_shards(f"{base}/missing.tar", tmp_path / "c2")
+    assert "\n" not in str(e.value)
+
+
+class _LyingServer:
+    """A loopback HTTP server that declares each file's whole length but sends only half of the body for the first
+    ``cut`` requests of each path, then closes the connection (a download cut off mid-way)."""
+
+    def __init__(self, root: Path, cut: int) -> None:
+        import http.server
+        import threading
+
+        served: dict[str, int] = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                path = root / self.path.lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                served[self.path] = served.get(self.path, 0) + 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data if served[self.path] > cut else data[:len(data) // 2])
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        try:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        except OSError as e:
+            pytest.skip(f"cannot bind a local port for an HTTP server ({e})")
+        self.served = served
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_download_cut_off_mid_way_is_fetched_again_and_never_kept_as_whole(tmp_path: Path) -> None:
+    """Issue 19 item 8: the body is checked against Content-Length before the copy is renamed into place."""
+    root = tmp_path / "www"
+    write_shards(root, shards=2, per=3)
+    want = _expected(f"{root}/s-{{0000..0001}}.tar", tmp_path / "c0")
+    server = _LyingServer(root, cut=1)  # each shard's first download is cut off, the second is whole
+    try:
+        got = open_shards(f"{server.base}/s-{{0000..0001}}.tar", tmp_path / "c1")
+        assert [(r.key, r.image, r.captions) for r in got] == want
+        assert server.served == {"/s-0000.tar": 2, "/s-0001.tar": 2}
+        fetched = tmp_path / "c1" / "shards" / "fetched"
+        assert sorted(p.stat().st_size for p in fetched.glob("*.tar")) == sorted(
+            p.stat().st_size for p in root.glob("*.tar"))
+    finally:
+        server.close()
+    server = _LyingServer(root, cut=99)  # always cut off: one line, bounded tries, nothing kept
+    try:
+        with pytest.raises(DataError, match=r"shard http://127\.0\.0\.1:\d+/s-0000\.tar: the download was cut short "
+                                            r"\(\d+ of \d+ bytes received\); fetched 3 times") as e:
+            open_shards(f"{server.base}/s-0000.tar", tmp_path / "c2")
+        assert "\n" not in str(e.value) and server.served == {"/s-0000.tar": 3}
+        assert [p.name for p in (tmp_path / "c2" / "shards" / "fetched").iterdir() if not p.name.endswith(".lock")] \
+            == []
+    finally:
+        server.close()
+
+
+def test_a_refetched_shard_must_be_the_one_indexed(tmp_path: Path) -> None:
+    """Once indexed, a shard fetched again (evicted, or in a new process) is checked against the indexed SHA-256:
+    a copy with other bytes (the remote file replaced, or damaged in transit) is never read as the indexed one."""
+    src = tmp_path / "remote"
+    write_shards(src, shards=2, per=3)
+    spec = f"file://{src}/s-{{0000..0001}}.tar"
+    records = open_shards(spec, tmp_path / "c", max_cached=1)  # shard 0 is evicted by shard 1's fetch
+    write_shards(src, shards=1, per=3, prefix="t")  # shard 0 replaced remotely (other keys, other bytes)
+    (src / "t-0000.tar").replace(src / "s-0000.tar")
+    with pytest.raises(DataError, match=r"s-0000\.tar: the fetched copy's SHA-256 .* is not the .* its index "
+                                        r"recorded; fetched 3 times") as e:
+        records[0]
     assert "\n" not in str(e.value)
 
 

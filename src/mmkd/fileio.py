@@ -7,6 +7,7 @@ killed writer left with the glob ``.*.tmp-*`` (the teacher cache and checkpoints
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -64,6 +65,47 @@ def ctrl_c_deferred() -> Iterator[None]:
         handler(caught[0], None)  # the handler the signal would have met (mmkd's SIGTERM one raises an interrupt)
 
 
+class DiskFullError(MmkdError, OSError):
+    """No space left on the device while writing a file; the message names the file (exit 2, not a crash)."""
+
+
+_NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded")
+# writers that report a failed write without its errno: torch's zip writer ("[enforce fail at
+# inline_container.cc] . unexpected pos"), numpy's tofile ("393216 requested and 159680 written")
+_SHORT_WRITE_WORDS = ("unexpected pos", "requested and", "PytorchStreamWriter failed")
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes this process may still write under ``folder`` (None where the file system cannot say)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_frsize * (st.f_bfree if os.geteuid() == 0 else st.f_bavail)
+
+
+def is_disk_full(e: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether ``e``, raised while writing under ``folder``, means the disk (or quota) is full. Call it before the
+    partial file is removed: for writers that lose the errno, a folder with (nearly) no free space decides."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    if any(w in text for w in _NO_SPACE_WORDS):
+        return True
+    if any(w in text for w in _SHORT_WRITE_WORDS):
+        free = free_bytes(folder)
+        return free is not None and free < (1 << 20)
+    return False
+
+
+def disk_full_error(path: str | os.PathLike, kept: str = "nothing was replaced") -> DiskFullError:
+    """The one-line error for a write of ``path`` that ran out of space (its partial file already removed)."""
+    e = DiskFullError(f"{path}: no space left on device while writing it ({kept}); free space on that disk (or "
+                      "write to a folder on another disk) and rerun")
+    e.errno = errno.ENOSPC
+    return e
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make a rename or a new file in ``folder`` durable: a rename is only on disk once its directory is."""
     try:
@@ -94,8 +136,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = not isinstance(e, KeyboardInterrupt) and is_disk_full(e, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(path, "the previous file, if any, is untouched") from None
         raise
     fsync_dir(path.parent)
 

@@ -5,7 +5,9 @@ Built once (one pass over every shard, fetched one at a time and evicted as the 
 ``spans.npy`` (two int64 per sample, memory-mapped, so a process touches only the pages of the samples it reads).
 The pass validates every sample the way the eager reader did (an image member, the caption and label members
 the set needs, parseable captions), so bad samples are reported or skipped once, here, naming shard and key.
-A local shard whose size or modification time changed makes the index stale and it is rebuilt.
+A local shard whose size or modification time changed makes the index stale and it is rebuilt. The pass also
+hashes each shard's bytes (SHA-256, ``digests``): a teacher cache records it, so a shard whose content changed
+while its size stayed (tar pads to 10,240-byte records) is noticed, and a re-fetched remote shard is checked.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import sys
 import tarfile
 import time
@@ -27,9 +28,9 @@ from tqdm import tqdm
 
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.shards import ShardRef, ShardStore
-from mmkd.fileio import atomic_write_json
+from mmkd.fileio import atomic_write, atomic_write_json
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: per-shard SHA-256 digests
 Validate = Callable[..., Record]  # (shard name, key, parts, captioned=, labelled=) -> Record
 
 
@@ -43,6 +44,7 @@ class ShardIndex:
     sizes: list[int]
     skipped: list[str] = field(default_factory=list)
     build_s: float = 0.0
+    digests: list[str] = field(default_factory=list)  # SHA-256 of each shard's bytes, as indexed
     offsets: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +134,15 @@ def _has_end_marker(tf: tarfile.TarFile, last: tarfile.TarInfo) -> bool:
     return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (the shard was just scanned: its pages are cached)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_span(data: bytes, name: str) -> tuple[str, dict[str, bytes]]:
     """The (key, parts) of one sample from the bytes of its span (``ShardStore.read``), parsed by ``tarfile``."""
     import io
@@ -168,6 +179,7 @@ def build_index(refs: list[ShardRef], store: ShardStore, validate: Validate, bad
     spans: list[np.ndarray] = []
     counts: list[int] = []
     sizes: list[int] = []
+    digests: list[str] = []
     lacking: dict[str, list[tuple[int, int, str]]] = {"caption": [], "label": []}
     example: dict[str, str | None] = {"caption": None, "label": None}
     hashes: list[np.ndarray] = []  # 64-bit key hashes, 8 bytes a sample: duplicates are found at the end
@@ -192,6 +204,7 @@ def build_index(refs: list[ShardRef], store: ShardStore, validate: Validate, bad
                     lacking[what].append((s, len(rows), key))
             rows.append((start, end))
             keys.append(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"))
+        digests.append(file_sha256(path))
         spans.append(np.asarray(rows, dtype=np.int64).reshape(-1, 2))
         hashes.append(np.asarray(keys, dtype=np.uint64))
         counts.append(len(rows))
@@ -214,7 +227,7 @@ def build_index(refs: list[ShardRef], store: ShardStore, validate: Validate, bad
         counts[s] = len(spans[s])
     all_spans = np.concatenate(spans) if spans else np.zeros((0, 2), np.int64)
     return ShardIndex(refs, np.asarray(counts, np.int64), all_spans, sizes, list(bad.skipped),
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, digests)
 
 
 def _duplicates(refs: list[ShardRef], store: ShardStore, spans: list[np.ndarray], hashes: list[np.ndarray],
@@ -265,10 +278,11 @@ def load_or_build(refs: list[ShardRef], store: ShardStore, folder: Path | None, 
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = _read_meta(folder / "index.json")
         if (meta is not None and meta.get("version") == INDEX_VERSION and meta.get("identity") == identity
-                and meta.get("stamps") == stamps and (folder / "spans.npy").is_file()):
+                and meta.get("stamps") == stamps and isinstance(meta.get("digests"), list)
+                and (folder / "spans.npy").is_file()):
             spans = np.load(folder / "spans.npy", mmap_mode="r", allow_pickle=False)
             index = ShardIndex(refs, np.asarray(meta["counts"], np.int64), spans, list(meta["sizes"]),
-                               list(meta["skipped"]), float(meta["build_s"]))
+                               list(meta["skipped"]), float(meta["build_s"]), list(meta["digests"]))
             if index.n == len(spans):
                 for msg in index.skipped:
                     bad.report(DataError(msg))
@@ -279,13 +293,11 @@ def load_or_build(refs: list[ShardRef], store: ShardStore, folder: Path | None, 
         index = build_index(refs, store, validate, fresh, needs)
         print(f"mmkd: indexed {index.n:,} samples in {len(refs)} shard(s) in {index.build_s:.1f} s (once: the index "
               f"is kept in {folder})", file=sys.stderr)
-        tmp = folder / f"spans.npy.part-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, index.spans, allow_pickle=False)
-        tmp.replace(folder / "spans.npy")
+        atomic_write(folder / "spans.npy", lambda f: np.save(f, index.spans, allow_pickle=False))
         atomic_write_json(folder / "index.json", {
             "version": INDEX_VERSION, "identity": identity, "stamps": stamps, "counts": index.counts.tolist(),
-            "sizes": index.sizes, "skipped": index.skipped, "build_s": round(index.build_s, 3),
+            "sizes": index.sizes, "digests": index.digests, "skipped": index.skipped,
+            "build_s": round(index.build_s, 3),
             "shards": [r.name for r in refs]})
         bad.skipped.extend(fresh.skipped)
         index.spans = np.load(folder / "spans.npy", mmap_mode="r", allow_pickle=False)

@@ -120,6 +120,7 @@ def open_shards(spec_path: str, cache_dir: str | Path | None, bad: BadSamples | 
     needs = (None if cap_ext else "txt,json", lab_ext if labelled_set else None)
     index = load_or_build(refs, store, root / f"index-{digest}" if root is not None else None, to_record, bad,
                           needs, identity)
+    store.digests = dict(enumerate(index.digests))  # a shard fetched again must be the one indexed
     if index.n == 0:
         raise DataError(f"shard spec {spec_path!r} holds no usable samples "
                         f"({len(bad.skipped)} left out as bad{': ' + bad.skipped[0] if bad.skipped else ''})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import hashlib
+import http.client
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from mmkd.data.records import DataError
+from mmkd.fileio import disk_full_error, is_disk_full
 
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 COMPRESSED = (".tar.gz", ".tgz", ".gz")
@@ -117,6 +119,44 @@ def shard_paths(spec_path: str) -> list[Path]:
     return [Path(r.name) for r in shard_refs(spec_path) if not r.name.startswith("pipe:") and not URL_RE.match(r.name)]
 
 
+FETCH_TRIES = 3  # a fetched copy that is short or differs from the indexed one is fetched again this many times
+
+
+class FetchError(DataError):
+    """A fetched copy that is not the shard (cut short, or other bytes than indexed): deleted and fetched again."""
+
+
+class _Counted:
+    """A readable that counts the bytes read through it (a body's length, checked against Content-Length)."""
+
+    def __init__(self, src: IO[bytes]) -> None:
+        self.src, self.n = src, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.src.read(size)
+        self.n += len(data)
+        return data
+
+
+def _declared_length(src: object) -> int | None:
+    """The body length the server declared (HTTP Content-Length; fsspec's size), None where unknown."""
+    headers = getattr(src, "headers", None)
+    if headers is not None and headers.get("Content-Length", "").isdigit():
+        return int(headers["Content-Length"])
+    size = getattr(src, "size", None)
+    return size if isinstance(size, int) and size >= 0 else None
+
+
+def _copy_checked(src: IO[bytes], dst: IO[bytes], name: str) -> None:
+    """Copy, then refuse a body shorter (or longer) than declared: a connection cut mid-download ends the stream
+    like a whole file would."""
+    counted = _Counted(src)
+    _copy(counted, dst, name)  # type: ignore[arg-type]
+    want = _declared_length(src)
+    if want is not None and counted.n != want:
+        raise FetchError(f"shard {name}: the download was cut short ({counted.n} of {want} bytes received)")
+
+
 def _copy_remote(name: str, dst: IO[bytes]) -> None:
     """Write shard ``name`` (``pipe:`` command or fsspec URL, maybe gzipped) into ``dst``, or DataError naming it."""
     if name.startswith("pipe:"):
@@ -132,15 +172,20 @@ def _copy_remote(name: str, dst: IO[bytes]) -> None:
         if name.split("://", 1)[0].lower() in ("http", "https"):
             # the standard library streams HTTP(S) without fsspec's aiohttp backend (one dependency fewer)
             with urllib.request.urlopen(name, timeout=60) as src:  # noqa: S310 (the user's own shard URL)
-                _copy(src, dst, name)
+                _copy_checked(src, dst, name)
             return
         import fsspec
 
         with fsspec.open(name, "rb") as src:
-            _copy(src, dst, name)
+            _copy_checked(src, dst, name)
     except DataError:
         raise
+    except http.client.IncompleteRead as e:  # the body ended early, as the server closed the connection
+        raise FetchError(f"shard {name}: the download was cut short ({len(e.partial)} bytes received)") from None
     except (OSError, ValueError, ImportError) as e:  # FileNotFoundError, HTTPError (an OSError), unknown protocol
+        where = str(getattr(dst, "name", ""))
+        if where and is_disk_full(e, Path(where).parent):
+            raise disk_full_error(where, "the shard's partial copy is deleted") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         web = name.split("://", 1)[0].lower() in ("http", "https")  # no fsspec backend or credentials involved
         hint = ("check the URL and that the server serves it" if web else "check the URL, your credentials and that "
@@ -172,6 +217,7 @@ class ShardStore:
     def __init__(self, refs: list[ShardRef], folder: Path | None, max_cached: int = 16, max_open: int = 8) -> None:
         self.refs, self.folder = refs, folder
         self.max_cached, self.max_open = max(1, max_cached), max(1, max_open)
+        self.digests: dict[int, str] = {}  # SHA-256 of the shards as indexed: fetched copies are checked against it
         self._open: OrderedDict[int, IO[bytes]] = OrderedDict()
         self._pid = os.getpid()
 
@@ -197,17 +243,40 @@ class ShardStore:
         with open(dst.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the holder dies
             if not dst.is_file():
-                tmp = dst.with_suffix(f".part-{os.getpid()}")
-                try:
-                    with open(tmp, "wb") as f:
-                        _copy_remote(ref.name, f)
-                    os.replace(tmp, dst)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                self._fetch(i, dst)
             else:
                 os.utime(dst)  # most recently used
         self._evict(keep=dst)
         return dst
+
+    def _fetch(self, i: int, dst: Path) -> None:
+        """Fetch shard ``i`` into ``dst`` whole: a copy cut short, or (once the shard is indexed) whose SHA-256
+        is not the indexed one, is deleted and fetched again, at most ``FETCH_TRIES`` times; only a verified copy
+        is renamed into place, so no later run reads a partial shard as whole."""
+        from mmkd.data.shard_index import file_sha256
+
+        name, want = self.refs[i].name, self.digests.get(i)
+        tmp = dst.with_suffix(f".part-{os.getpid()}")
+        problem = ""
+        try:
+            for _ in range(FETCH_TRIES):
+                try:
+                    with open(tmp, "wb") as f:
+                        _copy_remote(name, f)
+                    if want is not None and (got := file_sha256(tmp)) != want:
+                        raise FetchError(f"shard {name}: the fetched copy's SHA-256 {got[:12]}… is not the "
+                                         f"{want[:12]}… its index recorded")
+                except FetchError as e:
+                    problem = str(e)
+                    tmp.unlink(missing_ok=True)
+                    continue
+                os.replace(tmp, dst)
+                return
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise DataError(f"{problem}; fetched {FETCH_TRIES} times, never whole, and nothing was kept: check the "
+                        "connection and the server and rerun (if the shard was replaced on purpose, delete the shard "
+                        "index under cache_dir/shards so that it is indexed again)")
 
     def _evict(self, keep: Path) -> None:
         assert self.folder is not None

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionMode
 
 from mmkd.config import ConfigError
 from mmkd.errors import MmkdError
+from mmkd.fileio import disk_full_error, is_disk_full
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
 from mmkd.models.onnx_export import EXPORT_FILE
 from mmkd.models.towers import config_from_dict, model_from_config
@@ -396,12 +397,19 @@ def save_dual_encoder(model: DualEncoder, out: str | os.PathLike) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.saved_state().items()}  # a GPU student too
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model.hf_config(), indent=2, allow_nan=False))
-    model.save_extras(str(tmp))
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(tmp))
+    try:
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.saved_state().items()}  # a GPU student
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model.hf_config(), indent=2, allow_nan=False))
+        model.save_extras(str(tmp))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp))
+    except BaseException as e:  # nothing half-written stays: the temp folder goes, an earlier save is untouched
+        full = not isinstance(e, KeyboardInterrupt) and is_disk_full(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full_error(out, "an earlier save there is untouched") from None
+        raise
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)

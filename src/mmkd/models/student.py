@@ -22,7 +22,15 @@ from mmkd.models.hub import (
     read_config,
     resolve,
 )
-from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
+from mmkd.models.towers import (
+    ARCHS,
+    build_tower,
+    check_text_pooling,
+    clip_text_ids,
+    default_pooling,
+    shrink_tower,
+    tower_width,
+)
 from mmkd.seeding import seeded
 
 
@@ -56,10 +64,11 @@ class TeacherInfo:
 
 
 def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, vocab_size: int | None,
-               missing: str = "the teacher has no such tower") -> tuple[nn.Module, str | None]:
+               missing: str = "the teacher has no such tower", tokenizer: Any = None) -> tuple[nn.Module, str | None]:
     """The tower and, for pretrained text towers, the folder its tokenizer comes from.
 
-    missing: why there is no teacher tower to shrink (for the error), e.g. "there is no teacher".
+    missing: why there is no teacher tower to shrink (for the error), e.g. "there is no teacher". tokenizer: a new
+    text tower's; a new ``clip_text`` tower takes its special ids from it where its config does not set them.
     """
     if spec.source == "teacher":
         if teacher_tower is None:
@@ -82,6 +91,8 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, 
         kwargs = dict(spec.config)
         if modality == "text" and vocab_size is not None:
             kwargs.setdefault("vocab_size", vocab_size)
+        if spec.arch == "clip_text" and tokenizer is not None:
+            kwargs = {**clip_text_ids(tokenizer), **kwargs}
         return build_tower(spec.arch, kwargs), None
     tower = _pretrained_tower(spec.source, modality)
     if spec.keep_layers is not None:  # a pretrained tower, shrunk: what source: teacher does without a teacher
@@ -129,7 +140,7 @@ def _build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
     tok = _tokenizer(cfg, teacher, None) if cfg.tokenizer or cfg.text.source in ("teacher", "new") else None
     vocab = len(tok) if tok is not None else None
     vision, _ = make_tower(cfg.vision, t_vision, "image", None, _missing(teacher, "image"))
-    text, tok_source = make_tower(cfg.text, t_text, "text", vocab, _missing(teacher, "text"))
+    text, tok_source = make_tower(cfg.text, t_text, "text", vocab, _missing(teacher, "text"), tok)
     if tok is None:
         tok = _tokenizer(cfg, teacher, tok_source)
     meta = copy.deepcopy(teacher.meta) if teacher is not None else EncoderMeta()
@@ -143,6 +154,7 @@ def _build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
         meta.image_size = int(vision.config.image_size)
     if not isinstance(text, SiglipTextModel):  # only SigLIP's text head needs every caption at the full length
         meta.text_padding = "longest"
+    check_text_pooling(text, tok, meta.text_pooling, "student.text")
     drop_unused_pooler(vision, meta.vision_pooling)
     drop_unused_pooler(text, meta.text_pooling)
     t_dim = getattr(teacher, "projection_dim", None)

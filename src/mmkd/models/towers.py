@@ -115,6 +115,51 @@ def pool_image(outputs: Any, pooling: str) -> torch.Tensor:
     raise ConfigError(f"unknown image pooling {pooling!r}; valid: {', '.join(VISION_POOLING)}")
 
 
+def text_end_id(tokenizer: Any) -> int | None:
+    """The special token id the tokenizer ends every text with (CLIP's ``<|endoftext|>``, BERT's ``[SEP]``), None
+    when it ends texts with no special token."""
+    ids = list(tokenizer("a photo")["input_ids"])
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return int(ids[-1]) if ids and ids[-1] in special else None
+
+
+def clip_text_ids(tokenizer: Any) -> dict[str, int]:
+    """A new ``clip_text`` tower's special ids from its tokenizer: its pooler reads the first position holding
+    ``eos_token_id``, and CLIPTextConfig's default (49407, CLIP's own vocabulary) is outside any other tokenizer's."""
+    out = {}
+    end = text_end_id(tokenizer)
+    if end is not None:
+        out["eos_token_id"] = end
+    first = list(tokenizer("a photo")["input_ids"])[:1]
+    if first and first[0] in set(getattr(tokenizer, "all_special_ids", []) or []):
+        out["bos_token_id"] = int(first[0])
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        out["pad_token_id"] = int(tokenizer.pad_token_id)
+    return out
+
+
+def check_text_pooling(tower: nn.Module, tokenizer: Any, pooling: str, where: str) -> None:
+    """Refuse a CLIP text tower whose pooler would read another position than the text's end with this tokenizer.
+
+    CLIPTextModel pools the first position holding ``config.eos_token_id`` (or, with the legacy id 2, the largest
+    token id): with a token the tokenizer never writes it silently pools position 0, which under CLIP's causal
+    mask sees only the first token: one embedding for every text."""
+    if not isinstance(tower, CLIPTextModel) or pooling != "pooler" or tokenizer is None:
+        return
+    eos, end = tower.config.eos_token_id, text_end_id(tokenizer)
+    legacy = eos == 2  # transformers' pre-#24773 configs: the argmax of the ids
+    if end is not None and (end == len(tokenizer) - 1 if legacy else eos == end):
+        return
+    reads = "the largest token id (its legacy eos_token_id 2)" if legacy else f"token id {eos} (its eos_token_id)"
+    ends = (f"ends every text with id {end} ({tokenizer.convert_ids_to_tokens(end)!r})" if end is not None
+            else "ends texts with no special token")
+    fix = (f"set {where}.config.eos_token_id: {end} (a new clip_text tower takes it from its tokenizer when unset), "
+           if end is not None else "")
+    raise ConfigError(f"{where}: the clip_text tower's pooler reads the position of {reads}, but the tokenizer "
+                      f"{ends}, so it would pool the wrong position (position 0 for every text); {fix}or set "
+                      f"{where}.pooling: eos (the last real token)")
+
+
 def pool_text(outputs: Any, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     hidden = outputs.last_hidden_state
     if pooling == "pooler":

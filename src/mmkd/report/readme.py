@@ -391,3 +391,26 @@ def bench_accumulate_section(root: Path) -> str:
                       f"{r['step_time_ratio']:.2f}, from a machine shared with other jobs: CPU seconds are the "
                       "figure to read); the same loss (relative difference "
                       f"{r['first_loss_rel_diff']:.0e}).", 115)])
+
+
+@SECTIONS.register("bench-cache-build-memory")
+def bench_cache_build_memory_section(root: Path) -> str:
+    """A teacher cache build's peak memory at 30k and 300k samples, and growing by one shard
+    (``bench/cache_build_memory.py``)."""
+    r = read_json(root / "bench" / "results" / "cache_build_memory.json", "bench-cache-build-memory",
+                  "run `python bench/cache_build_memory.py --json bench/results/cache_build_memory.json`")
+    st = r["settings"]
+    lines = [f"`bench/cache_build_memory.py` (`mmkd cache` over synthetic shards of small JPEGs, {st['per_shard']:,} a "
+             f"shard; teacher: {st['teacher']}, {st['views']} view, {st['dtype']}; each build and each growth by one "
+             "shard in a fresh process that also indexes the shards; `bench/results/cache_build_memory.json`):", "",
+             "| N samples (shards) | index + build | peak RSS of the build (above baseline) | grown by one shard: "
+             "peak RSS |", "|---|---|---|---|"]
+    for n in st["sizes"]:
+        b, g = r[str(n)]["build"], r[str(n)]["grow"]
+        lines.append(f"| {n:,} ({n // st['per_shard']}) | {b['index_s'] + b['build_s']:.0f} s | "
+                     f"{b['peak_rss_mb']:.0f} MB ({b['peak_above_baseline_mb']:.0f} MB) | {g['peak_rss_mb']:.0f} MB |")
+    lines += ["", f"Peak RSS at 300,000 over 30,000 samples (`rss_300k_over_30k`): **{r['rss_300k_over_30k']:.2f}** "
+              f"(target ≤ 1.15; {r['rss_delta_300k_over_30k']:.2f} above the post-import baseline); growing the "
+              f"300,000-sample cache by one shard over building it (`grow_rss_over_build_300k`): "
+              f"{r['grow_rss_over_build_300k']:.2f}."]
+    return "\n".join([textwrap.fill(lines[0], 115)] + lines[1:-1] + [textwrap.fill(lines[-1], 115)])

@@ -102,8 +102,9 @@ def by_shard(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
 class ShardGroup:
     """One data shard's records, read when the build reaches it (``load``), so a build holds one shard at a time.
 
-    n: its sample count, known without reading it; stamp: what the shard index knows of its tar (name, size, count),
-    written beside the segment so that training checks the cache against the data without reading sample bytes."""
+    n: its sample count, known without reading it; stamp: what the shard index knows of its tar (name, size, count,
+    SHA-256 of its bytes), written beside the segment so that training checks the cache against the data without
+    reading sample bytes."""
 
     shard: str
     n: int
@@ -142,7 +143,8 @@ def shard_groups(sources: Sequence[Sequence[Record]]) -> list[ShardGroup]:
                 raise CacheError(f"data shard {shard} is given twice; give each shard once")
             seen.add(shard)
             lo = int(index.offsets[s])
-            stamp = {"name": index.refs[s].name, "size": int(index.sizes[s]), "count": int(index.counts[s])}
+            stamp = {"name": index.refs[s].name, "size": int(index.sizes[s]), "count": int(index.counts[s]),
+                     "sha256": index.digests[s]}
             out.append(ShardGroup(shard, int(count), lambda lo=lo, n=int(count), src=src: [src[i] for i in
                                                                                       range(lo, lo + n)],
                                   stamp if count == int(index.counts[s]) else None))
@@ -345,7 +347,7 @@ def build_cache(
             bar.close()
         mdist.barrier()
         if rank == 0:
-            manifest = publish(root, order)
+            manifest = publish(root, order, final=True)
             listed = {s["name"] for s in manifest["segments"]}
             missing = [g.shard or "in memory" for g in shards if segment_name(g.shard) not in listed]
             if missing:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmkd.fileio import disk_full_error, is_disk_full
 from mmkd.teacher import fingerprint as fp
 from mmkd.teacher.cache import format as fmt
 from mmkd.teacher.cache.format import (
@@ -83,7 +84,13 @@ def prepare_folder(root: Path, meta: dict[str, Any], tokenizer: Any, log: Callab
     _clear_unfinished(root)  # an earlier build killed before its meta.json: nothing of it was committed
     (root / SEGMENTS).mkdir(parents=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(root / "tokenizer"))
+        try:
+            tokenizer.save_pretrained(str(root / "tokenizer"))
+        except Exception as e:  # the Rust tokenizer reports a full disk as a bare Exception
+            if not is_disk_full(e, root):
+                raise
+            shutil.rmtree(root / "tokenizer", ignore_errors=True)
+            raise disk_full_error(root / "tokenizer", "nothing of the cache was written yet") from None
     write_json(root / "meta.json", meta)  # last, atomically: a folder with meta.json has its complete settings
 
 
@@ -150,11 +157,15 @@ def finished_segments(root: Path) -> set[str]:
     return {p.parent.name for p in (root / SEGMENTS).glob(f"*/{DONE_FILE}")}
 
 
-def publish(root: Path, data_order: Sequence[str]) -> dict[str, Any]:
+def publish(root: Path, data_order: Sequence[str], final: bool = False) -> dict[str, Any]:
     """Write the manifest listing every finished segment: those already listed keep their rows, new ones follow
     in data order (then any other finished segment, by name). The key index of the new list is written first,
-    under a new generation, so a reader of the old manifest keeps reading the old generation; generations older
-    than the previous one are removed."""
+    under a new generation, so a reader of the old manifest keeps reading the old generation.
+
+    Which generations stay: a publish during a build (``final`` false: at its start, or now and then) keeps the
+    previous one too; the build's last publish (``final``) keeps only its own and that of the last build that
+    ended (``last_final``, what readers of the finished cache hold). So the generations a killed build published
+    are gone once its rerun ends, and the folder is what an uninterrupted build leaves."""
     old = read_manifest(root)
     listed = [s["name"] for s in old["segments"]] if old else []
     finished = finished_segments(root)
@@ -168,17 +179,22 @@ def publish(root: Path, data_order: Sequence[str]) -> dict[str, Any]:
                          "n_captions": seg["data"]["n_captions"], "data_sha256": seg["data"]["sha256"],
                          "captions_sha256": seg["data"]["captions_sha256"]})
     generation = hashlib.sha256(json.dumps(segments, sort_keys=True).encode()).hexdigest()[:16]
+    # a manifest without "final" predates the key: it was a build's last (the only one short builds wrote)
+    last_final = (old["index"] if old.get("final", True) else old.get("last_final")) if old else None
     manifest = {"format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION,
                 "n_samples": sum(s["n_samples"] for s in segments),
-                "n_captions": sum(s["n_captions"] for s in segments), "index": generation, "segments": segments}
-    if old == manifest and all(p.is_file() for p in index_files(root, generation)):
-        return manifest  # nothing new: leave the folder as it is
-    folders = [root / SEGMENTS / s["name"] for s in segments]
-    shards = [s["shard"] for s in segments]
-    for what in ("keys", "captions"):
-        write_index(root, generation, what, folders, shards, unique=what == "keys")
+                "n_captions": sum(s["n_captions"] for s in segments), "index": generation, "segments": segments,
+                "final": final, "last_final": None if last_final == generation else last_final}
+    written = all(p.is_file() for p in index_files(root, generation))
+    if old is not None and old["segments"] == segments and written and (old.get("final", True) or not final):
+        return old  # nothing new: leave the folder as it is
+    if not written:
+        folders = [root / SEGMENTS / s["name"] for s in segments]
+        shards = [s["shard"] for s in segments]
+        for what in ("keys", "captions"):
+            write_index(root, generation, what, folders, shards, unique=what == "keys")
     write_json(root / MANIFEST, manifest)
-    keep = {generation, old["index"] if old else generation}
+    keep = {generation, last_final} | ({old["index"]} if old and not final else set())
     for p in (root / fmt.INDEX).glob("*.npy"):
         if p.name.split(".", 1)[0] not in keep:
             p.unlink(missing_ok=True)

@@ -337,7 +337,7 @@ def import_embeddings(src: str | os.PathLike, records: Sequence[Record], out: st
                 commit_chunk(layout, c, arrays)
             if not (folder / DONE_FILE).is_file():
                 write_json(folder / DONE_FILE, {"shard": shard, "chunks": len(layout.chunks())})
-        manifest = publish(root, [segment_name(s) for s, _ in groups])
+        manifest = publish(root, [segment_name(s) for s, _ in groups], final=True)
     if log:
         log(f"imported {src}: {len(records)} images, {manifest['n_captions']} captions, "
             f"{meta['fingerprint']['teacher']['projection_dim']}-wide, {dtype}, rows matched by {used}"

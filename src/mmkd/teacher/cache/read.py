@@ -233,15 +233,19 @@ class CachedTeacher:
     def _check_shards(self, expect: CacheExpectation, text: bool, hard: list[str], soft: list[str]
                       ) -> CacheExpectation:
         """Sharded training data against the segments, by the shard index alone: each shard the cache lacks is
-        named, each whose name, size or sample count differs from the stamp its segment recorded is a fingerprint
-        difference. Shards whose segment has no stamp (built from records in a list) or whose stamp differs are read
-        and checked sample by sample as in-memory data is (keys present, content digests): the expectation
-        returned holds those records."""
+        named, each whose size, sample count or content digest (SHA-256 of its bytes: the size alone misses a shard
+        rewritten at the same size, tar padding to 10,240-byte records) differs from the stamp its segment recorded
+        is a fingerprint difference naming the shard. A stamp without a digest (a cache built before digests were
+        recorded) is one too: checking such shards sample by sample would read the whole data at every start,
+        while rerunning `mmkd cache` checks them once and records their digests. Shards whose segment has no stamp
+        (built from records in a list) or whose stamp differs are read and checked sample by sample as in-memory
+        data is (keys present, content digests): the expectation returned holds those records."""
         segments = {s["shard"]: s for s in self.manifest["segments"]}
         fallback: list[Record] = []
         fallback_captioned: list[Record] = []
         lacking: list[str] = []
-        changed: list[str] = []
+        changed: list[tuple[str, str, str]] = []  # (shard, its segment, what differs)
+        undigested: list[str] = []
         n_shards = 0
         for records, captioned in expect.sharded:
             index, counts = records.index, records.shard_counts  # type: ignore[attr-defined]
@@ -254,13 +258,20 @@ class CachedTeacher:
                 if seg is None:
                     lacking.append(name)
                     continue
-                now = {"name": name, "size": int(index.sizes[s]), "count": int(index.counts[s])}
+                now = {"size": int(index.sizes[s]), "count": int(index.counts[s]), "sha256": index.digests[s]}
                 then = read_json_or_none(self.root / SEGMENTS / seg["name"] / SHARD_STAMP)
                 if isinstance(then, dict) and {"size", "count"} <= set(then):
-                    if (then["size"], then["count"]) == (now["size"], now["count"]):
+                    if (then["size"], then["count"]) != (now["size"], now["count"]):
+                        changed.append((name, seg["name"], f"{then['size']} bytes, {then['count']} samples then; "
+                                                           f"{now['size']} bytes, {now['count']} samples now"))
+                    elif "sha256" not in then:
+                        undigested.append(name)
                         continue
-                    changed.append(f"{name}: {then['size']} bytes, {then['count']} samples then; "
-                                   f"{now['size']} bytes, {now['count']} samples now")
+                    elif then["sha256"] != now["sha256"]:
+                        changed.append((name, seg["name"], f"same size, content SHA-256 {str(then['sha256'])[:12]}… "
+                                                           f"then, {now['sha256'][:12]}… now"))
+                    else:
+                        continue
                 # no stamp (built from records in a list), or a changed shard: its samples are checked one by one
                 lo = int(index.offsets[s])
                 recs = [records[i] for i in range(lo, lo + count)]
@@ -273,8 +284,16 @@ class CachedTeacher:
                         "cache them with the same `mmkd cache` command over the whole data (it computes only the "
                         "missing shards), or train on the cached shards only with data.only_cached_shards: true")
         if changed:
-            soft.append(f"data: {len(changed)} shard(s) differ from when the cache was built (a shard's size or "
-                        f"sample count changed), e.g. {changed[0]}")
+            soft.append(f"data: {len(changed)} shard(s) changed since the cache was built: "
+                        + ", ".join(f"{name!r} ({what})" for name, _, what in changed[:3])
+                        + (" …" if len(changed) > 3 else "") + "; rebuild their segments: delete each one's folder "
+                        f"(e.g. {self.root / SEGMENTS / changed[0][1]}) and rerun the same `mmkd cache` command (it "
+                        "computes only those shards, and names any other changed shard)")
+        if undigested:
+            soft.append(f"data: the cache records no content digest for {len(undigested)} shard(s) (built by an "
+                        f"older mmkd), e.g. {undigested[0]!r}, so a shard rewritten at the same size would go "
+                        "unnoticed: rerun the same `mmkd cache` command once (it computes nothing for complete "
+                        "shards, checks their samples and records their digests)")
         if not fallback:
             return expect
         from dataclasses import replace
