@@ -424,7 +424,7 @@ def test_student_trains_what_its_own_freeze_says_not_what_the_teacher_froze(mini
     assert not any(p.requires_grad for p in teacher.text_model.parameters())  # the teacher is left as it was
 
 
-CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+NEW_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  max_position_embeddings=64)
 
 
@@ -433,7 +433,7 @@ def test_a_new_clip_text_tower_pools_the_end_its_tokenizer_writes(minilm_teacher
     BERT tokenizer, so its pooler read position 0 ([CLS], which the causal mask shows nothing else): one embedding
     for every text. It takes the tokenizer's end id ([SEP] = 102) now."""
     cfg = StudentConfig(vision=TowerSpec(source="new", arch="clip_vision", config=dict(VISION)),
-                        text=TowerSpec(source="new", arch="clip_text", config=dict(CLIP_TEXT)), projection_dim=8)
+                        text=TowerSpec(source="new", arch="clip_text", config=dict(NEW_CLIP_TEXT)), projection_dim=8)
     student = build_student(minilm_teacher, cfg, seed=0)
     sep = minilm_teacher.tokenizer.sep_token_id
     assert student.meta.text_pooling == "pooler" and student.text_model.config.eos_token_id == sep == 102
@@ -445,7 +445,7 @@ def test_a_new_clip_text_tower_pools_the_end_its_tokenizer_writes(minilm_teacher
 
 
 def test_a_clip_text_tower_whose_eos_id_its_tokenizer_never_writes_is_refused(minilm_teacher: DualEncoder) -> None:
-    text = TowerSpec(source="new", arch="clip_text", config={**CLIP_TEXT, "eos_token_id": 49407})
+    text = TowerSpec(source="new", arch="clip_text", config={**NEW_CLIP_TEXT, "eos_token_id": 49407})
     cfg = StudentConfig(vision=TowerSpec(source="new", arch="clip_vision", config=dict(VISION)), text=text,
                         projection_dim=8)
     with pytest.raises(ValueError, match=r"student\.text: the clip_text tower's pooler reads the position of token "
