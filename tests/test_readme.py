@@ -47,8 +47,8 @@ def test_demo_section_is_replaced_and_the_rest_untouched(tmp_path: Path) -> None
     assert text.startswith(BEFORE) and text.endswith(AFTER)
     body = text[len(BEFORE):-len(AFTER)]
     assert "hand-pasted" not in body and "99.9" not in body
-    assert "| teacher | 27.6 | 50.0 |" in body and "| distilled student | 18.1 | 45.0 |" in body
-    assert "beats the same student trained from scratch for the same steps by 10.0 points" in body
+    assert "| teacher | – | 27.6 | 50.0 |" in body and "| distilled student | – | 18.1 | 45.0 |" in body
+    assert "beats the same-shape student trained from scratch for the same steps by 10.0 points" in body
     assert "killed with SIGKILL as soon as its step-300 checkpoint" in body
     assert "teacher 4.0, evaluation 1.0" in body  # minutes per phase
 
@@ -60,7 +60,28 @@ def test_demo_section_is_replaced_and_the_rest_untouched(tmp_path: Path) -> None
     # new figures in the JSON show up in the section on the next run
     fake_demo(tmp_path, student_top1=0.47)
     update_readme(readme, tmp_path)
-    assert "| distilled student | 18.1 | 47.0 |" in readme.read_text()
+    assert "| distilled student | – | 18.1 | 47.0 |" in readme.read_text()
+
+
+def test_demo_section_says_what_each_student_got_and_its_robust_speed_up(tmp_path: Path) -> None:
+    fake_demo(tmp_path)
+    path = tmp_path / "runs" / "demo" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    models = metrics["models"]
+    models["teacher"]["flops"] = {"image_gflops": 0.03}
+    models["student"].update(flops={"image_gflops": 0.01}, from_teacher="targets + inherited ViT layers",
+                             speedup_b1={"median": 2.5, "rounds": [2.4, 2.5, 2.7], "batch_size": 1})
+    models["scratch"]["from_teacher"] = "nothing (captions only)"
+    path.write_text(json.dumps(metrics))
+    readme = tmp_path / "README.md"
+    readme.write_text(BEFORE + AFTER)
+    update_readme(readme, tmp_path)
+    text = readme.read_text()
+    # the paired median (2.5), not the ratio of single latencies (4.0 / 1.0); the FLOPs ratio beside it
+    assert "| distilled student | targets + inherited ViT layers | 18.1 | 45.0 |" in text
+    assert "| 2.5 / 4.0 | 3.0 | 90.0% |" in text
+    assert "| scratch student | nothing (captions only) | 18.1 | 35.0 |" in text
+    assert "is 2.5× faster per image at batch 1 (4.0× at batch 64, 3.0× fewer FLOPs per image)" in text
 
 
 def test_cli_regenerates_and_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

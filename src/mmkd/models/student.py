@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,8 +13,16 @@ from torch import nn
 from transformers import AutoModel, CLIPModel, SiglipModel, SiglipTextModel, SiglipVisionModel
 
 from mmkd.config import ConfigError, StudentConfig, TowerSpec
+from mmkd.errors import MmkdError
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta, SiglipDualEncoder
-from mmkd.models.hub import converted_source, drop_unused_pooler, load_dual_encoder, load_tokenizer, resolve
+from mmkd.models.hub import (
+    converted_source,
+    drop_unused_pooler,
+    load_dual_encoder,
+    load_tokenizer,
+    read_config,
+    resolve,
+)
 from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
 from mmkd.seeding import seeded
 
@@ -23,6 +32,9 @@ def _pretrained_tower(source: str, modality: str) -> nn.Module:
         de = load_dual_encoder(source)
         return de.vision_model if modality == "image" else de.text_model
     folder = resolve(source)
+    if _dual_encoder_folder(folder):  # e.g. a teacher mmkd trained: its tower, as a loaded teacher would give it
+        de = load_dual_encoder(folder)
+        return de.vision_model if modality == "image" else de.text_model
     try:
         model = AutoModel.from_pretrained(str(folder))
     except Exception as e:
@@ -31,6 +43,15 @@ def _pretrained_tower(source: str, modality: str) -> nn.Module:
         de = load_dual_encoder(folder)
         return de.vision_model if modality == "image" else de.text_model
     return model
+
+
+def _dual_encoder_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an mmkd dual encoder (AutoModel would build a VisionTextDualEncoderModel of it,
+    whose towers are named differently and whose weights would not all load)."""
+    try:
+        return read_config(folder).get("model_type") == "vision-text-dual-encoder"
+    except MmkdError:
+        return False
 
 
 @dataclass
