@@ -156,6 +156,21 @@ def test_data_scale_and_cache_lookup_sections_come_from_the_committed_results(tm
     assert f"| {lookup['variants']['dict']['rss_mb']:.0f} MB | {lookup['variants']['index']['rss_mb']:.1f} MB" in text
 
 
+def test_demo_seeds_section_is_mean_and_sd_with_its_command(tmp_path: Path) -> None:
+    folder = tmp_path / "runs" / "demo-seeds"
+    folder.mkdir(parents=True)
+    summary = {"teacher_top1": {"mean": 0.512, "sd": 0.011}, "kd_minus_scratch": {"mean": 0.093, "sd": 0.008},
+               "kept": {"mean": 0.931, "sd": 0.02}}
+    (folder / "seeds.json").write_text(json.dumps({"command": "mmkd demo --seeds 3", "seeds": 3, "per_seed": [],
+                                                   "summary": summary}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:demo-seeds -->\nnot run yet\n<!-- /results:demo-seeds -->\n")
+    assert update_readme(readme, tmp_path) == ["demo-seeds"]
+    text = readme.read_text()
+    assert "| teacher colour+shape top-1 | 51.2 ± 1.1% |" in text and "| KD − scratch | 9.3 ± 0.8 points |" in text
+    assert "| kept of teacher | 93.1 ± 2.0% |" in text and "`mmkd demo --seeds 3`" in text and "not run" not in text
+
+
 def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> None:
     import mmkd.report.reinforce  # noqa: F401  (registers its section, as `mmkd readme` does)
     import mmkd.studies.matching.report  # noqa: F401  (registers the study's sections, as `mmkd readme` does)
@@ -163,8 +178,8 @@ def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> N
 
     text = (REPO / "README.md").read_text()
     names = [m.group("name") for m in _BLOCK.finditer(text)]
-    assert {"demo", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1", "bench-loader",
-            "bench-data-scale", "bench-cache-lookup", "reinforce-world"} <= set(names)
+    assert {"demo", "demo-seeds", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1",
+            "bench-loader", "bench-data-scale", "bench-cache-lookup", "reinforce-world"} <= set(names)
     assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))
     # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
     opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)

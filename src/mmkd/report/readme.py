@@ -133,6 +133,17 @@ def demo_section(root: Path) -> str:
     return "\n".join(out)
 
 
+@SECTIONS.register("demo-seeds")
+def demo_seeds_section(root: Path) -> str:
+    """``mmkd demo --seeds N``'s headline figures as mean ± sd over the seeds, from runs/demo-seeds/seeds.json."""
+    from mmkd.report.demo_report import seeds_table
+
+    result = read_json(root / "runs" / "demo-seeds" / "seeds.json", "demo-seeds", "run `mmkd demo --seeds 3` first")
+    return (f"From `runs/demo-seeds/seeds.json` ({result['seeds']} whole demos, every run's `train.seed` offset by "
+            f"0 … {result['seeds'] - 1}; sample standard deviation). Regenerate with `{result['command']}` then "
+            "`make readme`.\n\n" + seeds_table(result))
+
+
 @SECTIONS.register("bench-cache")
 def bench_cache_section(root: Path) -> str:
     """The teacher-cache benchmark table from ``bench/results/cache_cost.json`` and ``cache_build.json``."""
