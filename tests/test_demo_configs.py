@@ -59,3 +59,100 @@ def test_augment_paired_false_augments_only_the_uncaptioned_images(tmp_path: Pat
     assert not data.paired.augment and data.unpaired.augment
     batch = data.batch(3)
     assert batch.views[:batch.n_paired] == [0] * batch.n_paired  # captioned images keep the plain view
+
+
+def test_students_differ_only_in_what_the_teacher_gives(tmp_path: Path) -> None:
+    """Fairness (issue 21): the distilled students inherit the teacher's ViT layers and read its targets; the
+    scratch student has the same shape, freshly drawn, and no targets; the table says which got what."""
+    from mmkd.demo import teacher_gave
+
+    cfgs = demo_configs(CONFIGS, tmp_path / "out", tmp_path / "cache", False)
+    teacher_model = str(Path(cfgs["teacher"].out) / "student")
+    student, cached, scratch = cfgs["student"], cfgs["student_cached"], cfgs["scratch"]
+    assert student.student.vision.source == "teacher" and cached.student.vision.source == teacher_model
+    assert student.student.vision.keep_layers == cached.student.vision.keep_layers
+    # the same MiniLM layers for all three (the cached one reads MiniLM's own folder: no teacher weights)
+    assert student.student.text.keep_layers == cached.student.text.keep_layers == scratch.student.text.keep_layers
+    keep = student.student.vision.keep_layers
+    t_vision = cfgs["teacher"].student.vision.config
+    assert scratch.student.vision.source == "new" and scratch.student.vision.config == {
+        **t_vision, "num_hidden_layers": len(keep)}
+    assert teacher_gave(student, teacher_model) == "targets + inherited ViT layers"
+    assert teacher_gave(cached, teacher_model) == "cached targets + inherited ViT layers"
+    assert teacher_gave(scratch, teacher_model) == "nothing (captions only)"
+    for key in ("train", "world_size_train", "batch_size"):  # the same captioned images; only targets differ
+        assert getattr(student.data, key) == getattr(scratch.data, key) == getattr(cached.data, key)
+    assert student.train == scratch.train == cached.train
+
+
+def test_a_finished_run_must_have_as_many_steps(tmp_path: Path) -> None:
+    """train.steps is a resumable key, left out of the config hash: a 600-step teacher on disk must not pass for
+    the 800-step one the configs now ask for (it did: the demo reused it)."""
+    import json
+    from dataclasses import replace
+
+    from mmkd.demo import finished
+    from mmkd.train import runfolder
+
+    cfg = demo_configs(CONFIGS, tmp_path / "out", tmp_path / "cache", False)["teacher"]
+    shorter = replace(cfg, train=replace(cfg.train, steps=cfg.train.steps - 200))
+    assert config_key(shorter) != config_key(cfg)  # its own folder: training one never wipes the other
+    Path(cfg.out).mkdir(parents=True)
+    sha = runfolder.config_sha256(runfolder.run_config(shorter))
+    (Path(cfg.out) / "metrics.json").write_text(json.dumps({"run": {"config_sha256": sha},
+                                                            "train": {"steps": shorter.train.steps}}))
+    assert finished(shorter) and not finished(cfg)
+
+
+def test_a_tower_inherited_from_a_saved_dual_encoder_folder(tiny_teacher_dir: Path) -> None:
+    """The cached student has no teacher in memory: its ViT layers come from the teacher's saved folder, and
+    they are the teacher's own weights (as ``source: teacher`` gives the online student)."""
+    from mmkd.models.hub import load_dual_encoder
+
+    teacher = load_dual_encoder(tiny_teacher_dir)
+    text = TowerSpec(source="new", arch="bert", config=dict(hidden_size=16, num_hidden_layers=1,
+                                                               num_attention_heads=2, intermediate_size=32))
+    spec = StudentConfig(vision=TowerSpec(source=str(tiny_teacher_dir), keep_layers=[0]), text=text,
+                         projection_dim=8, tokenizer=str(tiny_teacher_dir))
+    from_folder = build_student(None, spec)
+    online = build_student(teacher, StudentConfig(vision=TowerSpec(source="teacher", keep_layers=[0]), text=text,
+                                                  projection_dim=8))
+    a, b = from_folder.vision_model.state_dict(), online.vision_model.state_dict()
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_demo_seeds_reseed_every_run_and_report_mean_and_sd(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`mmkd demo --seeds N`: N whole demos, every run's train.seed offset by 0..N-1 (the teacher too, so each seed
+    trains its own), and the headline figures as mean ± sd over them in OUT/seeds.json."""
+    import json
+
+    from mmkd import demo
+    from mmkd.cli import main
+
+    base = demo_configs(CONFIGS, tmp_path, tmp_path, False)
+    shifted = demo_configs(CONFIGS, tmp_path, tmp_path, False, seed_offset=2)
+    for name in RUNS:
+        assert shifted[name].train.seed == base[name].train.seed + 2
+    assert config_key(shifted["teacher"]) != config_key(base["teacher"])
+
+    figures = {0: (0.50, 0.46, 0.45, 0.36), 1: (0.52, 0.47, 0.47, 0.38)}  # teacher, student, cached, scratch
+    seen = []
+
+    def fake_run_demo(out, quick, cache_dir, config_dir, log, seed_offset):  # noqa: ANN001, ANN202
+        seen.append((Path(out).name, seed_offset))
+        top1 = dict(zip(("teacher", "student", "student_cached", "scratch"), figures[seed_offset]))
+        models = {k: {"zeroshot": {"colour_shape": {"top1": v}}} for k, v in top1.items()}
+        models["student"]["speedup_b1"] = {"median": 3.0 + seed_offset}
+        return {"models": models}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--seeds", "2", "--out", str(tmp_path / "seeds"), "--configs", str(CONFIGS)]) == 0
+    assert seen == [("seed-0", 0), ("seed-1", 1)]
+    result = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
+    s = result["summary"]
+    assert abs(s["teacher_top1"]["mean"] - 0.51) < 1e-9 and abs(s["kd_minus_scratch"]["mean"] - 0.095) < 1e-9
+    assert abs(s["kept"]["mean"] - (0.46 / 0.50 + 0.47 / 0.52) / 2) < 1e-9
+    assert abs(s["cached_minus_online"]["sd"] - (0.01 ** 2 / 2) ** 0.5) < 1e-9  # sample sd of -0.01 and 0.0
+    printed = capsys.readouterr().out
+    assert "| KD − scratch | 9.5 ± 0.7 points |" in printed and "`mmkd demo --seeds 2`" in printed
+    assert main(["demo", "--seeds", "1", "--out", str(tmp_path / "one")]) == 2  # one seed has no spread

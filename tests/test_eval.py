@@ -298,6 +298,28 @@ def test_latency_keys_positive(model: FakeDualEncoder) -> None:
     assert all(v > 0 for v in out.values())
 
 
+def test_paired_speedup_is_the_median_of_per_round_ratios(model: FakeDualEncoder, monkeypatch) -> None:
+    """Each round times the reference then the model; the figure is the median of the rounds' ratios, so one
+    round caught by a load spike (here the third: the model timed 4x slower) does not move it."""
+    from mmkd.errors import UsageError
+    from mmkd.eval import efficiency
+
+    seconds = iter([3.0, 1.0, 3.3, 1.1, 3.0, 4.0, 2.8, 1.0, 3.1, 1.0])  # reference, model, reference, model, …
+    calls: list[object] = []
+
+    def fake_time_call(fn, repeats, warmup, budget_s, sync):  # noqa: ANN001, ANN202
+        calls.append(fn())
+        return next(seconds)
+
+    monkeypatch.setattr(efficiency, "_time_call", fake_time_call)
+    out = efficiency.paired_speedup(model, model, rounds=5, budget_s=1.0)
+    assert len(calls) == 10 and out["batch_size"] == 1
+    assert out["rounds"] == pytest.approx([3.0, 3.0, 0.75, 2.8, 3.1])
+    assert out["median"] == pytest.approx(3.0)
+    with pytest.raises(UsageError, match="rounds must be >= 1"):
+        efficiency.paired_speedup(model, model, rounds=0)
+
+
 def test_peak_memory_sees_a_transient_allocation() -> None:
     def allocate() -> None:
         # 64 MiB of fresh pages, touched: an mmap, because a tensor may reuse pages the allocator freed earlier

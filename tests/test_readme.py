@@ -47,8 +47,8 @@ def test_demo_section_is_replaced_and_the_rest_untouched(tmp_path: Path) -> None
     assert text.startswith(BEFORE) and text.endswith(AFTER)
     body = text[len(BEFORE):-len(AFTER)]
     assert "hand-pasted" not in body and "99.9" not in body
-    assert "| teacher | 27.6 | 50.0 |" in body and "| distilled student | 18.1 | 45.0 |" in body
-    assert "beats the same student trained from scratch for the same steps by 10.0 points" in body
+    assert "| teacher | – | 27.6 | 50.0 |" in body and "| distilled student | – | 18.1 | 45.0 |" in body
+    assert "beats the same-shape student trained from scratch for the same steps by 10.0 points" in body
     assert "killed with SIGKILL as soon as its step-300 checkpoint" in body
     assert "teacher 4.0, evaluation 1.0" in body  # minutes per phase
 
@@ -60,7 +60,28 @@ def test_demo_section_is_replaced_and_the_rest_untouched(tmp_path: Path) -> None
     # new figures in the JSON show up in the section on the next run
     fake_demo(tmp_path, student_top1=0.47)
     update_readme(readme, tmp_path)
-    assert "| distilled student | 18.1 | 47.0 |" in readme.read_text()
+    assert "| distilled student | – | 18.1 | 47.0 |" in readme.read_text()
+
+
+def test_demo_section_says_what_each_student_got_and_its_robust_speed_up(tmp_path: Path) -> None:
+    fake_demo(tmp_path)
+    path = tmp_path / "runs" / "demo" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    models = metrics["models"]
+    models["teacher"]["flops"] = {"image_gflops": 0.03}
+    models["student"].update(flops={"image_gflops": 0.01}, from_teacher="targets + inherited ViT layers",
+                             speedup_b1={"median": 2.5, "rounds": [2.4, 2.5, 2.7], "batch_size": 1})
+    models["scratch"]["from_teacher"] = "nothing (captions only)"
+    path.write_text(json.dumps(metrics))
+    readme = tmp_path / "README.md"
+    readme.write_text(BEFORE + AFTER)
+    update_readme(readme, tmp_path)
+    text = readme.read_text()
+    # the paired median (2.5), not the ratio of single latencies (4.0 / 1.0); the FLOPs ratio beside it
+    assert "| distilled student | targets + inherited ViT layers | 18.1 | 45.0 |" in text
+    assert "| 2.5 / 4.0 | 3.0 | 90.0% |" in text
+    assert "| scratch student | nothing (captions only) | 18.1 | 35.0 |" in text
+    assert "is 2.5× faster per image at batch 1 (4.0× at batch 64, 3.0× fewer FLOPs per image)" in text
 
 
 def test_cli_regenerates_and_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -147,6 +168,21 @@ def test_cache_build_memory_section_comes_from_the_committed_results(tmp_path: P
     assert f"**{r['rss_300k_over_30k']:.2f}**" in text and "target ≤ 1.15" in text
 
 
+def test_demo_seeds_section_is_mean_and_sd_with_its_command(tmp_path: Path) -> None:
+    folder = tmp_path / "runs" / "demo-seeds"
+    folder.mkdir(parents=True)
+    summary = {"teacher_top1": {"mean": 0.512, "sd": 0.011}, "kd_minus_scratch": {"mean": 0.093, "sd": 0.008},
+               "kept": {"mean": 0.931, "sd": 0.02}}
+    (folder / "seeds.json").write_text(json.dumps({"command": "mmkd demo --seeds 3", "seeds": 3, "per_seed": [],
+                                                   "summary": summary}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:demo-seeds -->\nnot run yet\n<!-- /results:demo-seeds -->\n")
+    assert update_readme(readme, tmp_path) == ["demo-seeds"]
+    text = readme.read_text()
+    assert "| teacher colour+shape top-1 | 51.2 ± 1.1% |" in text and "| KD − scratch | 9.3 ± 0.8 points |" in text
+    assert "| kept of teacher | 93.1 ± 2.0% |" in text and "`mmkd demo --seeds 3`" in text and "not run" not in text
+
+
 def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> None:
     import mmkd.report.reinforce  # noqa: F401  (registers its section, as `mmkd readme` does)
     import mmkd.studies.matching.report  # noqa: F401  (registers the study's sections, as `mmkd readme` does)
@@ -154,8 +190,9 @@ def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> N
 
     text = (REPO / "README.md").read_text()
     names = [m.group("name") for m in _BLOCK.finditer(text)]
-    assert {"demo", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1", "bench-loader",
-            "bench-data-scale", "bench-cache-lookup", "reinforce-world", "bench-cache-build-memory"} <= set(names)
+    assert {"demo", "demo-seeds", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1",
+            "bench-loader", "bench-data-scale", "bench-cache-lookup", "reinforce-world",
+            "bench-cache-build-memory"} <= set(names)
     assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))
     # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
     opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)

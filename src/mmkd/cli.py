@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "mmkd.commands.distill",
     "mmkd.commands.sweep",
     "mmkd.commands.objectives",
+    "mmkd.commands.recipes",
     "mmkd.commands.cache",
     "mmkd.commands.eval",
     "mmkd.commands.export",

@@ -18,6 +18,7 @@ import yaml
 
 from mmkd.devices import DeviceError, check_device_spec, check_precision
 from mmkd.errors import MmkdError
+from mmkd.recipes import expand_recipe
 
 
 class ConfigError(MmkdError, ValueError):
@@ -441,10 +442,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     """A run config from plain data (a parsed YAML file, or a dict written in a notebook), validated."""
-    data = copy.deepcopy(data)
+    data = expand_recipe(copy.deepcopy(data))  # the file's own keys win over its recipe's; overrides refine both
     expand_preset(data)  # before overrides, so that student.freeze=... refines the preset
     apply_overrides(data, overrides or [])
-    expand_preset(data)  # an override may name a preset itself (student=preset:NAME)
+    data = expand_recipe(data)  # an override may name a recipe (recipe=NAME) or a preset (student=preset:NAME)
+    expand_preset(data)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg

@@ -30,6 +30,8 @@ import yaml
 
 from mmkd.config import RunConfig, load_config, to_dict
 from mmkd.data import world
+from mmkd.errors import UsageError
+from mmkd.eval.efficiency import paired_speedup
 from mmkd.eval.suite import world_metrics
 from mmkd.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from mmkd.models.dual_encoder import DualEncoder
@@ -77,12 +79,15 @@ class Phases:
 
 
 def config_key(cfg: RunConfig) -> str:
-    """A run's identity, as its checkpoints and metrics.json record it (``out`` and other resumable keys left out)."""
-    return runfolder.config_sha256(runfolder.run_config(cfg))[:10]
+    """A finished run's identity: its config as checkpoints record it (``out`` and other resumable keys left out)
+    and its length, ``train.steps``, which a resume may change but which a finished run must match."""
+    blob = json.dumps([runfolder.config_sha256(runfolder.run_config(cfg)), cfg.train.steps])
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def demo_configs(config_dir: Path, out: Path, cache: Path, quick: bool) -> dict[str, RunConfig]:
-    """The four run configs, pointed at this demo's folders (``--quick``: plus the overrides of quick.yaml)."""
+def demo_configs(config_dir: Path, out: Path, cache: Path, quick: bool, seed_offset: int = 0) -> dict[str, RunConfig]:
+    """The four run configs, pointed at this demo's folders (``--quick``: plus the overrides of quick.yaml);
+    ``seed_offset`` is added to every run's ``train.seed`` (``mmkd demo --seeds N``: offsets 0 … N-1)."""
     missing = [n for n in RUNS if not (config_dir / f"{n}.yaml").is_file()]
     if missing:
         raise FileNotFoundError(f"{config_dir}: no {', '.join(f'{n}.yaml' for n in missing)}; run mmkd demo from "
@@ -91,15 +96,45 @@ def demo_configs(config_dir: Path, out: Path, cache: Path, quick: bool) -> dict[
     if quick:
         quick_overrides = yaml.safe_load((config_dir / "quick.yaml").read_text()) or {}
     base = [f"cache_dir={cache}"]
-    teacher = load_config(config_dir / "teacher.yaml", base + quick_overrides.get("teacher", []))
+
+    def reseeded(cfg: RunConfig) -> RunConfig:
+        return replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + seed_offset)) if seed_offset else cfg
+
+    teacher = reseeded(load_config(config_dir / "teacher.yaml", base + quick_overrides.get("teacher", [])))
     teacher = replace(teacher, out=str(cache / f"teacher-{config_key(teacher)}"))
     teacher_model = str(Path(teacher.out) / "student")
     cfgs = {"teacher": teacher}
     for name in RUNS[1:]:
-        cfg = load_config(config_dir / f"{name}.yaml", base + [f"out={out / 'train' / name}"]
-                          + quick_overrides.get(name, []))
-        cfgs[name] = replace(cfg, teacher=teacher_model) if not cfg.teacher.startswith("cache:") else cfg
+        cfg = reseeded(load_config(config_dir / f"{name}.yaml", base + [f"out={out / 'train' / name}"]
+                                   + quick_overrides.get(name, [])))
+        cfgs[name] = replace(cfg, teacher=teacher_model) if not cfg.teacher.startswith("cache:") else \
+            inherit_from_folder(cfg, teacher_model)
     return cfgs
+
+
+def inherit_from_folder(cfg: RunConfig, teacher_model: str) -> RunConfig:
+    """A cached-teacher run's ``source: teacher`` towers read the teacher's saved folder instead: a cache holds
+    embeddings, not weights, and the cached student must inherit what the online one does."""
+    s = cfg.student
+    towers = {k: replace(t, source=teacher_model) for k, t in (("vision", s.vision), ("text", s.text))
+              if t.source == "teacher"}
+    return replace(cfg, student=replace(s, **towers)) if towers else cfg
+
+
+def teacher_gave(cfg: RunConfig, teacher_model: str) -> str:
+    """What a run took from the demo's teacher, for the table: its targets (online or cached), its weights (towers
+    whose source is the teacher, e.g. inherited ViT layers), or nothing. MiniLM's own weights are not the
+    teacher's gift: the teacher never trained them, and the scratch student has them too."""
+    from mmkd.objectives import OBJECTIVES
+
+    if not cfg.teacher.strip():
+        return "–"
+    got = []
+    if any(getattr(OBJECTIVES.get(o.name), "uses_teacher", True) for o in cfg.objectives):
+        got.append("cached targets" if cfg.teacher.startswith("cache:") else "targets")
+    if cfg.student.vision.source in ("teacher", teacher_model):  # the demo's teacher trains its ViT, not MiniLM
+        got.append("inherited ViT layers")
+    return " + ".join(got) or "nothing (captions only)"
 
 
 def cache_folder(cfgs: dict[str, RunConfig], cache: Path, settings: DemoSettings) -> Path:
@@ -111,13 +146,17 @@ def cache_folder(cfgs: dict[str, RunConfig], cache: Path, settings: DemoSettings
 
 
 def finished(cfg: RunConfig) -> bool:
-    """Whether ``cfg.out`` holds a finished run of exactly this config: its metrics.json records the same hash."""
+    """Whether ``cfg.out`` holds a finished run of exactly this config: its metrics.json records the same hash
+    and as many steps (the hash leaves ``train.steps`` out, so a 600-step teacher is not an 800-step one)."""
     try:
         done = json.loads((Path(cfg.out) / "metrics.json").read_text())
     except (OSError, ValueError):
         return False
-    saved = done.get("run", {}).get("config_sha256") if isinstance(done, dict) else None
-    return saved == runfolder.config_sha256(runfolder.run_config(cfg))
+    if not isinstance(done, dict):
+        return False
+    saved = done.get("run", {}).get("config_sha256")
+    steps = done.get("train", {}).get("steps")
+    return saved == runfolder.config_sha256(runfolder.run_config(cfg)) and steps == cfg.train.steps
 
 
 def fresh_folder(cfg: RunConfig) -> None:
@@ -218,7 +257,7 @@ def link(name: Path, target: Path) -> None:
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str | Path | None = None,
              config_dir: str | Path = "configs/demo", settings: DemoSettings | None = None,
-             log: Any = print) -> dict[str, Any]:
+             log: Any = print, seed_offset: int = 0) -> dict[str, Any]:
     """Teacher → students (configs through run_distill) → one evaluation per model → metrics.json, reports."""
     from mmkd.pipeline import TargetCache
 
@@ -228,7 +267,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     phases = Phases()
     t_start = time.perf_counter()
-    cfgs = demo_configs(Path(config_dir), out, cache, quick)
+    cfgs = demo_configs(Path(config_dir), out, cache, quick, seed_offset)
     shared = TargetCache()  # the teacher is loaded once for every in-process run
     runs: dict[str, dict[str, Any]] = {}
 
@@ -279,6 +318,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
                               retrieval_images=settings.retrieval_images)
             run_metrics = json.loads((Path(cfgs[name].out) / "metrics.json").read_text())
             m["train_seconds"] = run_metrics["train"]["seconds"]
+            m["from_teacher"] = "–" if name == "teacher" else teacher_gave(cfgs[name], str(teacher_dir))
+            if name != "teacher":  # batch 1, timed in rounds against the teacher: the figure load drift moves least
+                m["speedup_b1"] = paired_speedup(models["teacher"], model, budget_s=settings.latency_budget_s)
             if runs.get(name, {}).get("kill"):
                 m["killed_and_resumed"] = runs[name]["kill"]
             metrics["models"][name] = m
@@ -300,6 +342,37 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     metrics["demo"]["seconds"] = round(time.perf_counter() - t_start, 1)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def run_demo_seeds(seeds: int, out: str | Path = "runs/demo-seeds", quick: bool = False,
+                   cache_dir: str | Path | None = None, config_dir: str | Path = "configs/demo",
+                   log: Any = print) -> dict[str, Any]:
+    """The whole demo ``seeds`` times (every run's ``train.seed`` offset by 0 … seeds-1, teacher included; world
+    data shared), then the headline figures as mean ± sample standard deviation over the seeds → OUT/seeds.json."""
+    import statistics
+
+    if seeds < 2:
+        raise UsageError(f"--seeds {seeds}: give at least 2 seeds for a spread (one seed is `mmkd demo`)")
+    out = Path(out)
+    cache = Path(cache_dir) if cache_dir else out / "cache"
+    per_seed = []
+    for i in range(seeds):
+        log(f"seed offset {i} of {seeds}")
+        m = run_demo(out / f"seed-{i}", quick=quick, cache_dir=cache, config_dir=config_dir, log=log, seed_offset=i)
+        top1 = {k: v["zeroshot"]["colour_shape"]["top1"] for k, v in m["models"].items()}
+        fig = {f"{k}_top1": v for k, v in top1.items()}
+        fig["kept"] = top1["student"] / top1["teacher"]
+        fig["kd_minus_scratch"] = top1["student"] - top1["scratch"]
+        if "student_cached" in top1:
+            fig["cached_minus_online"] = top1["student_cached"] - top1["student"]
+        fig["speedup_b1"] = m["models"]["student"]["speedup_b1"]["median"]
+        per_seed.append(fig)
+    summary = {k: {"mean": statistics.mean(f[k] for f in per_seed), "sd": statistics.stdev(f[k] for f in per_seed)}
+               for k in per_seed[0]}
+    result = {"command": f"mmkd demo --seeds {seeds}" + (" --quick" if quick else ""), "seeds": seeds,
+              "per_seed": per_seed, "summary": summary}
+    atomic_write_json(out / "seeds.json", result)
+    return result
 
 
 def machine() -> dict[str, Any]:

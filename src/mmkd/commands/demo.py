@@ -14,12 +14,23 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--cache", default=None, help="cache folder for world data and the teacher (default OUT/cache)")
     d.add_argument("--configs", default="configs/demo",
                    help="folder of the demo's run configs (default configs/demo, from the repository root)")
+    d.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="the whole demo N times (train.seed offset 0..N-1, teacher included) and the figures as "
+                        "mean ± sd in OUT/seeds.json (default OUT: runs/demo-seeds)")
     d.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmkd.demo import run_demo
-    from mmkd.report.demo_report import markdown_table, table_rows
+    from mmkd.demo import run_demo, run_demo_seeds
+    from mmkd.report.demo_report import markdown_table, seeds_table, table_rows
+
+    if args.seeds is not None:
+        out = args.out if args.out != "runs/demo" else "runs/demo-seeds"
+        result = run_demo_seeds(args.seeds, out, quick=args.quick, cache_dir=args.cache, config_dir=args.configs)
+        print()
+        print(seeds_table(result))
+        print(f"\nper-seed figures and the summary: {os.path.join(out, 'seeds.json')}")
+        return 0
 
     metrics = run_demo(args.out, quick=args.quick, cache_dir=args.cache, config_dir=args.configs)
     print()

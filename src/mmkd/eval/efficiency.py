@@ -141,6 +141,28 @@ def latency(
     return out
 
 
+def paired_speedup(reference: nn.Module, model: nn.Module, rounds: int = 5, batch_size: int = 1,
+                   budget_s: float = 3.0) -> dict[str, object]:
+    """How many times faster ``model`` encodes an image than ``reference``: the median over ``rounds`` of the
+    ratio of their median latencies, the two timed back to back in each round.
+
+    Why paired rounds: on a shared machine the load drifts between two measurements taken seconds apart; timing
+    both models within each round and taking the median ratio cancels what a single pair of timings picks up.
+    """
+    if rounds < 1:
+        raise UsageError(f"rounds must be >= 1, got {rounds}")
+    share = budget_s / (2 * rounds)
+    inputs = [(m, _random_pixels(m, batch_size)) for m in (reference, model)]
+    fns = [lambda m=m, p=p: m.encode_image(p) for m, p in inputs]
+    sync = model_device_dtype(model)[0].type == "cuda"
+    ratios = []
+    with eval_mode(reference), eval_mode(model), torch.inference_mode():
+        for _ in range(rounds):
+            ref_s, model_s = (_time_call(fn, 10, 2, share, sync) for fn in fns)
+            ratios.append(ref_s / max(model_s, 1e-12))
+    return {"median": statistics.median(ratios), "rounds": [round(r, 3) for r in ratios], "batch_size": batch_size}
+
+
 def _rss_bytes() -> int | None:
     """Current resident set size from /proc/self/statm (field 2, in pages); None where /proc is absent."""
     try:

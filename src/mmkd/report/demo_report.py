@@ -24,6 +24,7 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     teacher_top1 = models["teacher"]["zeroshot"]["colour_shape"]["top1"]
     t_lat = models["teacher"]["latency_ms_per_image"]
     t_lat64 = models["teacher"]["latency"]["latency_ms_per_image_b64"]
+    t_flops = models["teacher"].get("flops", {}).get("image_gflops")
     rows = []
     for key, label in ROWS:
         if key not in models:
@@ -42,25 +43,51 @@ def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             "ms_per_image": m["latency_ms_per_image"],
             "ms_per_image_b64": m["latency"]["latency_ms_per_image_b64"],
             "kept": zs["colour_shape"]["top1"] / teacher_top1 if teacher_top1 else float("nan"),
-            "speedup": t_lat / m["latency_ms_per_image"],
+            # the paired median of rounds when the demo measured it (older metrics.json: one pair of medians)
+            "speedup": m.get("speedup_b1", {}).get("median", t_lat / m["latency_ms_per_image"]),
+            "flops_ratio": t_flops / m["flops"]["image_gflops"] if m.get("flops", {}).get("image_gflops") else None,
+            "from_teacher": m.get("from_teacher", "–"),
             "speedup_b64": t_lat64 / m["latency"]["latency_ms_per_image_b64"],
         })
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | params (M) | colour+shape top-1 | top-5 | shape top-1 | colour top-1 | I→T R@1 | T→I R@1 "
-            "| ms/image b1 | ms/image b64 | × faster b1 / b64 | kept of teacher |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| model | from the teacher | params (M) | colour+shape top-1 | top-5 | shape top-1 | colour top-1 "
+            "| I→T R@1 | T→I R@1 | ms/image b1 | ms/image b64 | × faster b1 / b64 | × fewer FLOPs/image "
+            "| kept of teacher |")
+    lines = [head, "|" + "---|" * 14]
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {pct(r['colour_shape_top1'])} | "
+        flops = "–" if r["flops_ratio"] is None else f"{r['flops_ratio']:.1f}"
+        lines.append(f"| {r['model']} | {r['from_teacher']} | {r['params_m']:.1f} | {pct(r['colour_shape_top1'])} | "
                      f"{pct(r['colour_shape_top5'])} | {pct(r['shape_top1'])} | {pct(r['colour_top1'])} | "
                      f"{pct(r['i2t_r1'])} | {pct(r['t2i_r1'])} | {r['ms_per_image']:.3f} | "
                      f"{r['ms_per_image_b64']:.3f} | "
-                     f"{r['speedup']:.1f} / {r['speedup_b64']:.1f} | "
+                     f"{r['speedup']:.1f} / {r['speedup_b64']:.1f} | {flops} | "
                      f"{pct(r['kept'])}% |")
+    lines.append("")
+    lines.append("kept of teacher: colour+shape top-1 relative to the teacher's. × faster b1: the median over rounds "
+                 "of the teacher's and the student's batch-1 image latency timed back to back; FLOPs: image tower.")
     return "\n".join(lines)
+
+
+SEED_ROWS = (("teacher_top1", "teacher colour+shape top-1", 100, "%"),
+             ("student_top1", "distilled student", 100, "%"),
+             ("student_cached_top1", "distilled from the cache", 100, "%"),
+             ("scratch_top1", "scratch student", 100, "%"), ("kept", "kept of teacher", 100, "%"),
+             ("kd_minus_scratch", "KD − scratch", 100, " points"),
+             ("cached_minus_online", "cached − online", 100, " points"), ("speedup_b1", "× faster at batch 1", 1, "×"))
+
+
+def seeds_table(result: dict[str, Any]) -> str:
+    """``mmkd demo --seeds N``'s summary: each headline figure as mean ± sd over the seeds."""
+    s = result["summary"]
+    lines = [f"| figure ({result['seeds']} seeds) | mean ± sd |", "|---|---|"]
+    for key, label, scale, unit in SEED_ROWS:
+        if key in s:
+            lines.append(f"| {label} | {scale * s[key]['mean']:.1f} ± {scale * s[key]['sd']:.1f}{unit} |")
+    return "\n".join(lines + ["", f"`{result['command']}`"])
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
@@ -127,8 +154,11 @@ def _vit(cfg: dict[str, Any]) -> str:
 def describe(configs: dict[str, dict[str, Any]]) -> str:
     """One paragraph on what the demo trained, from its run configs (so it never disagrees with them)."""
     t, s = configs["teacher"], configs["student"]
+    keep = s["student"]["vision"].get("keep_layers")
+    student_vit = (f"the teacher's ViT with layers {', '.join(map(str, keep))} (inherited by the distilled students; "
+                   "the scratch student has the same shape, freshly initialised)" if keep is not None else _vit(s))
     return (f"Built-in world. Teacher: {_vit(t)}, aligned to the frozen all-MiniLM-L6-v2 for {t['train']['steps']}"
-            f" steps on {t['data']['world_size_train']} pool images. Students: {_vit(s)} + MiniLM with half its "
-            f"layers (inherited, frozen), {s['train']['steps']} steps on {s['data']['world_size_train']} captioned "
+            f" steps on {t['data']['world_size_train']} pool images. Students: {student_vit} + MiniLM with half its "
+            f"layers (frozen), {s['train']['steps']} steps on {s['data']['world_size_train']} captioned "
             f"images; the distilled ones also see {s['data']['world_size_unpaired']} uncaptioned images through "
             "the teacher's image embeddings. Configs: configs/demo/*.yaml.")

@@ -132,16 +132,17 @@ def comparison_table(data: ReportData) -> Table:
         r_lat = _get(ref, "latency_ms_per_image")
         if r_lat:
             cols.append(Column("× faster than teacher", [r_lat / v if v else None for v in lat], _num(1), None))
-        kept = []
-        for m in models:
-            ratios = [_get(m, "zeroshot", n, "top1") / _get(ref, "zeroshot", n, "top1") for n in zs
-                      if _get(m, "zeroshot", n, "top1") is not None and _get(ref, "zeroshot", n, "top1")]
-            kept.append(_mean(ratios))
+        # one definition everywhere (the demo's table and the README too): the headline set's top-1 ratio, never
+        # an average that easy sets (the world's colour, solved by every model) would lift
+        ref_top1 = _get(ref, "zeroshot", zs[0], "top1") if zs else None
+        kept = [_get(m, "zeroshot", zs[0], "top1") / ref_top1 if ref_top1 and
+                _get(m, "zeroshot", zs[0], "top1") is not None else None for m in models]
         if any(k is not None for k in kept):
-            cols.append(Column("kept of teacher", kept, lambda v: "–" if v is None else f"{100 * v:.0f}%", None))
+            cols.append(Column(f"kept of teacher ({zs[0]} top-1)", kept,
+                               lambda v: "–" if v is None else f"{100 * v:.1f}%", None))
     note = ("Accuracies in %" + ("; top-5 of each set in its chart below" if len(zs) > 2 else "") +
-            ". \"kept of teacher\": zero-shot top-1 relative to the teacher's, averaged over the zero-shot sets. "
-            "Best value per column in bold.")
+            (f". \"kept of teacher\": {zs[0]} zero-shot top-1 relative to the teacher's" if zs else "") +
+            ". Best value per column in bold.")
     trained_on = [f"{m.label} on {n} ({c.get('images')} of {c.get('of_images')} images)" for m in models
                   for n, c in (_get(m, "eval_overlap") or {}).items() if isinstance(c, dict)]
     if trained_on:

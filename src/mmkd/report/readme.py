@@ -111,10 +111,12 @@ def demo_section(root: Path) -> str:
            "Regenerate this section with `make readme`.", "", markdown_table(list(rows.values())), ""]
     if "student" in top1 and "teacher" in top1:
         s = rows["distilled student"]
-        line = (f"The distilled student keeps {_pct(s['kept'])}% of the teacher's 64-class zero-shot top-1 and is "
-                f"{s['speedup']:.1f}× faster per image at batch 1 ({s['speedup_b64']:.1f}× at batch 64)")
+        flops = "" if s.get("flops_ratio") is None else f", {s['flops_ratio']:.1f}× fewer FLOPs per image"
+        line = (f"The distilled student ({s.get('from_teacher', '–')}) keeps {_pct(s['kept'])}% of the teacher's "
+                f"64-class colour+shape zero-shot top-1 and is {s['speedup']:.1f}× faster per image at batch 1 "
+                f"({s['speedup_b64']:.1f}× at batch 64{flops})")
         if "scratch" in top1:
-            line += (f"; it beats the same student trained from scratch for the same steps by "
+            line += (f"; it beats the same-shape student trained from scratch for the same steps by "
                      f"{100 * (top1['student'] - top1['scratch']):.1f} points")
         out.append(line + ".")
     kill = models.get("student_cached", {}).get("killed_and_resumed")
@@ -126,8 +128,20 @@ def demo_section(root: Path) -> str:
                    f"{kill['killed_with']} as soon as its step-{kill['checkpoint_step']} checkpoint was on disk "
                    f"(its log had reached step {kill['last_logged_step_before_kill']}), and finished in a new "
                    f"process with `--resume`.")
-    out.append("Latency is a median over a few seconds of timing and moves by ±20% between runs on a busy machine.")
+    out.append("Speed at batch 1 is the median, over rounds, of the teacher's and the student's latency timed back "
+               "to back (a busy machine moves single latencies by ±20%); the FLOPs ratio does not depend on load.")
     return "\n".join(out)
+
+
+@SECTIONS.register("demo-seeds")
+def demo_seeds_section(root: Path) -> str:
+    """``mmkd demo --seeds N``'s headline figures as mean ± sd over the seeds, from runs/demo-seeds/seeds.json."""
+    from mmkd.report.demo_report import seeds_table
+
+    result = read_json(root / "runs" / "demo-seeds" / "seeds.json", "demo-seeds", "run `mmkd demo --seeds 3` first")
+    return (f"From `runs/demo-seeds/seeds.json` ({result['seeds']} whole demos, every run's `train.seed` offset by "
+            f"0 … {result['seeds'] - 1}; sample standard deviation). Regenerate with `{result['command']}` then "
+            "`make readme`.\n\n" + seeds_table(result))
 
 
 @SECTIONS.register("bench-cache")

@@ -1,0 +1,92 @@
+"""The demo's choices, checked on the built-in world's *validation* split (never the test images the demo reports).
+
+Trains the demo's teacher (configs/demo/teacher.yaml) for ``--teacher-steps`` and, from it, variants of the demo's
+students for ``--student-steps`` each: a variant is ``NAME:RUN[:KEY=VALUE;KEY=VALUE…]`` with RUN one of the demo's
+configs (student, scratch) and the overrides applied on top. Each model is scored by colour+shape / shape / colour
+zero-shot top-1 on ``--val`` held-out single-object images of the ``val`` split (its own seed, distinct from
+``test``). Shortened budgets make it fit a busy machine; the full demo's budgets are the configs' own.
+
+Usage: python bench/demo_val.py [--teacher-steps 300] [--student-steps 150] [--val 1000] [--threads 1]
+           [--cache runs/demo/cache] [--out runs/demo-val] [--json PATH] VARIANT …
+e.g.   python bench/demo_val.py student:student scratch:scratch \\
+           "noinherit:student:student.vision.source=new;student.vision.arch=clip_vision;student.vision.config={…}"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmkd.config import load_config
+from mmkd.data import world
+from mmkd.demo import config_key, finished, train_run
+from mmkd.eval.suite import embed_images, pixel_batches, world_labels, zeroshot_classifier, zeroshot_scores
+from mmkd.models.hub import load_dual_encoder
+from mmkd.pipeline import TargetCache
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+SETS = ("colour_shape", "shape", "colour")
+
+
+def log(*a: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def score(model: Any, val: list) -> dict[str, float]:
+    emb, _ = embed_images(model, pixel_batches(model, val))
+    return {cs: zeroshot_scores(emb, zeroshot_classifier(model, world.class_sets()[cs], world.templates(cs)),
+                                torch.tensor(world_labels(val, cs)))["top1"] for cs in SETS}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("variants", nargs="+")
+    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--student-steps", type=int, default=150)
+    p.add_argument("--val", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default="runs/demo/cache")
+    p.add_argument("--out", default="runs/demo-val")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    cache, common = Path(a.cache), [f"cache_dir={a.cache}", f"train.threads={a.threads}"]
+    teacher = load_config(CONFIGS / "teacher.yaml", common + [f"train.steps={a.teacher_steps}",
+                                                              f"train.ckpt_every={a.teacher_steps}"])
+    teacher = replace(teacher, out=str(cache / f"teacher-{config_key(teacher)}"))
+    if not finished(teacher):
+        train_run("teacher", teacher, log, None)
+    teacher_dir = str(Path(teacher.out) / "student")
+    val = world.to_records(world.load_split("val", a.val, cache / "world"))
+    results: dict[str, Any] = {"teacher": {"steps": a.teacher_steps, "val": score(load_dual_encoder(teacher_dir), val)}}
+    log("teacher", results["teacher"])
+    shared = TargetCache()
+    for spec in a.variants:
+        name, run, *rest = spec.split(":", 2)
+        overrides = [o for o in (rest[0] if rest else "").split(";") if o]
+        cfg = load_config(CONFIGS / f"{run}.yaml", common + [
+            f"out={Path(a.out) / f'{name}-{a.teacher_steps}-{a.student_steps}'}", f"train.steps={a.student_steps}",
+            f"train.ckpt_every={a.student_steps}", *overrides])
+        cfg = replace(cfg, teacher=teacher_dir)
+        if not finished(cfg):
+            train_run(name, cfg, log, shared)
+        results[name] = {"run": run, "overrides": overrides, "steps": a.student_steps,
+                         "val": score(load_dual_encoder(Path(cfg.out) / "student"), val)}
+        log(name, results[name]["val"])
+    out = {"command": "python bench/demo_val.py " + " ".join(f"'{v}'" for v in a.variants)
+           + f" --teacher-steps {a.teacher_steps} --student-steps {a.student_steps} --val {a.val}",
+           "split": "val", "results": results, "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(out, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
