@@ -14,7 +14,7 @@ from transformers import AutoModel, CLIPModel, SiglipModel, SiglipTextModel, Sig
 from mmkd.config import ConfigError, StudentConfig, TowerSpec
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta, SiglipDualEncoder
 from mmkd.models.hub import converted_source, drop_unused_pooler, load_dual_encoder, load_tokenizer, resolve
-from mmkd.models.towers import ARCHS, build_tower, default_pooling, shrink_tower, tower_width
+from mmkd.models.towers import ARCHS, arch_modality, build_tower, default_pooling, shrink_tower, tower_width
 from mmkd.seeding import seeded
 
 
@@ -64,10 +64,11 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, 
     if spec.source == "new":
         if spec.arch is None:
             raise ConfigError(f"student.{'vision' if modality == 'image' else 'text'}.arch is required with "
-                             f"source: new; valid: {', '.join(ARCHS.names())}")
-        _, arch_modality = ARCHS.get(spec.arch)
-        if arch_modality != modality:
-            raise ConfigError(f"architecture {spec.arch!r} is a {arch_modality} tower, not a {modality} tower")
+                             f"source: new; valid: {', '.join(ARCHS.names())}, or hf:<model_type> (any transformers "
+                             "vision model, e.g. hf:convnext)")
+        kind = arch_modality(spec.arch)
+        if kind != modality:
+            raise ConfigError(f"architecture {spec.arch!r} is a {kind} tower, not a {modality} tower")
         kwargs = dict(spec.config)
         if modality == "text" and vocab_size is not None:
             kwargs.setdefault("vocab_size", vocab_size)
