@@ -100,6 +100,16 @@ def test_types_that_are_no_tower_are_refused_with_the_valid_ones(info: TeacherIn
         student(info, arch[3:], {})
 
 
+def test_a_family_named_without_hf_prefix_is_a_config_error_suggesting_it(info: TeacherInfo) -> None:
+    """It was an internal error (a KeyError from the registry, exit 1) before the hf: towers."""
+    cfg = StudentConfig(vision=TowerSpec(source="new", arch="convnext"))
+    with pytest.raises(ConfigError, match="student.vision.arch 'convnext' is unknown \\(did you mean 'hf:convnext'"):
+        build_student(info, cfg)
+    cfg = StudentConfig(vision=TowerSpec(source="new", arch="nope"))
+    with pytest.raises(ConfigError, match="'nope' is unknown; valid: bert, .*or hf:<model_type>"):
+        build_student(info, cfg)
+
+
 def test_a_misspelt_setting_is_refused_naming_it(info: TeacherInfo) -> None:
     """transformers keeps unknown kwargs as attributes: the typo would silently build the default-sized model."""
     with pytest.raises(ConfigError, match="student.vision.config: 'hiden_sizes' is not a setting of hf:convnext"):
