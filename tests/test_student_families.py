@@ -84,6 +84,18 @@ def test_family_builds_trains_a_step_saves_and_loads_identically(info: TeacherIn
         assert torch.equal(model.encode_text(**tok), loaded.encode_text(**tok))
 
 
+@pytest.mark.parametrize("model_type", ["efficientnet", "regnet", "levit"])
+def test_other_poolings_keep_a_weightless_pooler(info: TeacherInfo, model_type: str) -> None:
+    """Dropping an unused pooler is for dead weights; EfficientNet's and RegNet's average pool, called in every
+    forward, was dropped too (a TypeError at the first image)."""
+    cfg = StudentConfig(vision=TowerSpec(source="new", arch=f"hf:{model_type}", config=dict(FAMILIES[model_type]),
+                                         pooling="mean"), text=TowerSpec(source="new", arch="bert", config=dict(TEXT)))
+    model = build_student(info, cfg, seed=0).eval()
+    assert model.meta.vision_pooling == "mean"
+    with torch.no_grad():
+        assert model.encode_image(pixels(model)).shape == (2, 12)
+
+
 def test_image_size_comes_from_the_family_config(info: TeacherInfo) -> None:
     assert student(info, "mobilevitv2", FAMILIES["mobilevitv2"]).meta.image_size == 64
     assert student(info, "regnet", FAMILIES["regnet"]).meta.image_size == 32  # no image_size: the teacher's
