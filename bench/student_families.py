@@ -132,6 +132,15 @@ def main() -> None:
 
     sizes = {dtype: cache_size(folder).to_json() for dtype, folder in CACHES.items()}
     run(mmkd("sweep", CONFIG, "--seeds", str(args.seeds)))
+    # the teacher's own zero-shot top-1 on the sweep's test images: the ceiling the students distil towards
+    import yaml
+
+    run_cfg = yaml.safe_load(Path(CONFIG).read_text())
+    zs = next(e for e in run_cfg["eval"] if e["kind"] == "zeroshot")
+    eval_cmd = mmkd("eval", "zeroshot", "--model", str(teacher), "--data", zs["data"], "--class-set",
+                    zs["class_set"], "--limit", str(zs["limit"]), "--cache", run_cfg["cache_dir"])
+    print("$ " + shlex.join(eval_cmd), flush=True)
+    teacher_zs = json.loads(subprocess.run(eval_cmd, check=True, capture_output=True, text=True).stdout)["zeroshot"]
     board = json.loads((SWEEP / "leaderboard.json").read_text())
     rows = [r for r in board["rows"] if r["role"] not in ("teacher", "scratch")]
     saved = students(SWEEP)
@@ -142,7 +151,7 @@ def main() -> None:
     figure(rows, lat, fig)
     pts = [(r["run"], lat[r["run"]]["ms"], r["zs_top1"]) for r in rows if r["run"] in lat
            and not r["run"].endswith("_int8")]
-    result = {"cache_sizes": sizes, "command": "python " + shlex.join(sys.argv),
+    result = {"cache_sizes": sizes, "teacher_zeroshot": teacher_zs, "command": "python " + shlex.join(sys.argv),
               "teacher_command": teacher_cmd and shlex.join(teacher_cmd),
               "sweep_command": board["command"], "notes": board["notes"], "versus": board.get("versus"),
               "rows": rows, "latency": lat, "pareto": pareto(pts), "figure": str(fig), "seconds": time.time() - start}

@@ -160,10 +160,12 @@ def test_readme_section_renders_the_leaderboard_latency_and_int8_bytes(tmp_path:
     (tmp_path / "bench" / "results" / "student_families.json").write_text(json.dumps({
         "command": "python bench/student_families.py", "sweep_command": "mmkd sweep x", "notes": "Zero-shot: …",
         "versus": "student-vit", "rows": rows, "latency": lat, "pareto": ["student-vit", "student-convnext"],
-        "figure": "bench/results/student_families.png", "seconds": 1800, "cache_sizes": size}))
+        "figure": "bench/results/student_families.png", "seconds": 1800, "cache_sizes": size,
+        "teacher_zeroshot": {"top1": 0.124, "top5": 0.516}}))
     text = student_families_section(tmp_path)
     assert "| `student-convnext` (convnext) | 899,232 | 1.90 | 45.0 ± 1.0 | +5.0 (+1.0 to +9.0) beyond noise | yes |" \
         in text
     assert "| `student-vit` (clip_vision_model) | 622,208 | 1.60 | 40.0 ± 2.0 | — | yes |" in text
     assert "in 30 minutes" in text and "float16 384 bytes per sample" in text and "int8 200 (0.521×)" in text
     assert "![accuracy–latency Pareto figure](bench/results/student_families.png)" in text
+    assert "zero-shot top-1 12.4%, top-5 51.6%" in text

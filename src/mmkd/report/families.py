@@ -49,6 +49,10 @@ def student_families_section(root: Path) -> str:
                               "of interleaved rounds (so a load change hits every model alike); `_int8` rows share "
                               "their tower with the row without it and are left out of the front.", 115), "",
             f"![accuracy–latency Pareto figure](bench/results/{Path(r['figure']).name})"]
+    tz = r.get("teacher_zeroshot")
+    if tz:
+        out += ["", textwrap.fill(f"The teacher (`configs/families/teacher.yaml`) on the same test images: zero-shot "
+                                  f"top-1 {100 * tz['top1']:.1f}%, top-5 {100 * tz['top5']:.1f}%.", 115)]
     sizes = r.get("cache_sizes") or {}
     if {"float16", "int8"} <= set(sizes):
         h, q = sizes["float16"], sizes["int8"]
