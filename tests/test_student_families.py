@@ -150,9 +150,10 @@ def test_readme_section_renders_the_leaderboard_latency_and_int8_bytes(tmp_path:
 
     from mmkd.report.families import student_families_section
 
-    rows = [{"run": "student-vit", "role": "distilled", "zs_top1": 0.40, "zs_top1_sd": 0.02, "seeds": 3},
+    rows = [{"run": "student-vit", "role": "distilled", "zs_top1": 0.40, "zs_top1_sd": 0.02, "seeds": 3,
+             "train_s": 200},
             {"run": "student-convnext", "role": "distilled", "zs_top1": 0.45, "zs_top1_sd": 0.01, "seeds": 3,
-             "d_top1": 0.05, "d_top1_lo": 0.01, "d_top1_hi": 0.09, "beyond_noise": True}]
+             "d_top1": 0.05, "d_top1_lo": 0.01, "d_top1_hi": 0.09, "beyond_noise": True, "train_s": 400}]
     lat = {"student-vit": {"ms": 1.6, "params_vision": 622208, "model_type": "clip_vision_model"},
            "student-convnext": {"ms": 1.9, "params_vision": 899232, "model_type": "convnext"}}
     size = {"float16": {"embedding_bytes_per_sample": 384.0}, "int8": {"embedding_bytes_per_sample": 200.0}}
@@ -166,6 +167,7 @@ def test_readme_section_renders_the_leaderboard_latency_and_int8_bytes(tmp_path:
     assert "| `student-convnext` (convnext) | 899,232 | 1.90 | 45.0 ± 1.0 | +5.0 (+1.0 to +9.0) beyond noise | yes |" \
         in text
     assert "| `student-vit` (clip_vision_model) | 622,208 | 1.60 | 40.0 ± 2.0 | — | yes |" in text
-    assert "in 30 minutes" in text and "float16 384 bytes per sample" in text and "int8 200 (0.521×)" in text
+    assert "2 grid points × 3 seeds, 30 minutes of student training" in text and "took 30 minutes" in text
+    assert "float16 384 bytes per sample" in text and "int8 200 (0.521×)" in text
     assert "![accuracy–latency Pareto figure](bench/results/student_families.png)" in text
     assert "zero-shot top-1 12.4%, top-5 51.6%" in text

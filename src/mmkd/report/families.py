@@ -35,9 +35,12 @@ def student_families_section(root: Path) -> str:
     r = read_json(root / "bench" / "results" / "student_families.json", "student-families", HOW)
     rows, lat = r["rows"], r["latency"]
     seeds = max((x.get("seeds") or 1) for x in rows) if rows else 0
-    out = [textwrap.fill(f"From `bench/results/student_families.json`, written by `{r['command']}` in "
-                         f"{r['seconds'] / 60:.0f} minutes (the sweep: `{r['sweep_command']}`, {seeds} seeds; a short "
-                         f"schedule, see `configs/families/world.yaml`). {r['notes']}", 115), "",
+    train_s = sum((x.get("train_s") or 0) * (x.get("seeds") or 1) for x in rows)
+    out = [textwrap.fill(f"From `bench/results/student_families.json`, written by `{r['command']}` (the sweep: "
+                         f"`{r['sweep_command']}`, {len(rows)} grid points × {seeds} seeds, {train_s / 60:.0f} minutes "
+                         f"of student training; a short schedule, see `configs/families/world.yaml`; the last call "
+                         f"took {r['seconds'] / 60:.0f} minutes, skipping the steps already done). {r['notes']}", 115),
+           "",
            f"| student image tower | vision params | ms per image¹ | zero-shot top-1 (%) | Δ top-1 vs "
            f"`{r.get('versus')}` (paired 95% interval) | Pareto front |", "|---|---:|---:|---:|---|:---:|"]
     for x in rows:
