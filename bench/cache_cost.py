@@ -22,7 +22,7 @@ Subprocesses get ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc): large buffers are th
 growing the heap, which the prototype found cuts allocator growth and makes the memory figures comparable.
 
 Usage: python bench/cache_cost.py [--steps 10] [--warmup 2] [--repeats 3] [--batch 64] [--samples 256] [--threads N]
-                                  [--teachers b16,demo] [--work DIR] [--json PATH]
+                                  [--teachers b16,demo] [--dtype float16|int8|…] [--work DIR] [--json PATH]
 Prints each mode's figures, then the ratios; the ensemble's time ratio over plain is the last line.
 """
 
@@ -108,6 +108,11 @@ def records(n: int, work: Path) -> list:
 # ------------------------------------------------------------------------------------------------- workers
 
 
+def _cache_name(args: argparse.Namespace) -> str:
+    """The cache folder of a teacher shape and storage type (one --work can hold both dtypes' caches)."""
+    return f"cache-{args.shape}" + ("" if args.dtype == "float16" else f"-{args.dtype}")
+
+
 def build_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Build the cache of ``args.shape`` (in its own process too, so the parent stays small)."""
     import torch
@@ -117,14 +122,14 @@ def build_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = _tokenizer()
-    seed, views, name = 1234, VIEWS, f"cache-{args.shape}"
+    seed, views, name = 1234, VIEWS, _cache_name(args)
     if args.mode.startswith("ensemble"):  # ensemble0, ensemble1: the members of the K=10 ensemble
         member = int(args.mode[len("ensemble"):])
-        seed, views, name = ENSEMBLE_SEEDS[member], ENSEMBLE_VIEWS, f"cache-{args.shape}-ensemble{member}"
+        seed, views, name = ENSEMBLE_SEEDS[member], ENSEMBLE_VIEWS, f"{_cache_name(args)}-ensemble{member}"
     teacher = make_teacher(args.shape, tok, seed)
     recs = records(args.samples, Path(args.work))
     res = build_cache(teacher, recs, Path(args.work) / name, views=views, seed=SEED,
-                      dtype="float16", batch_size=64, chunk_rows=256)
+                      dtype=args.dtype, batch_size=64, chunk_rows=256)
     return {"seconds": res.seconds, "built": res.chunks_built, "params": sum(p.numel() for p in teacher.parameters())}
 
 
@@ -145,7 +150,7 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     tok = _tokenizer()
     recs = records(args.samples, Path(args.work))
-    cache_dir = Path(args.work) / f"cache-{args.shape}"
+    cache_dir = Path(args.work) / _cache_name(args)
     aug = CachedTeacher.open(cache_dir).augmentation  # the same views in every mode
     bank = ImageBank(recs, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment=True, seed=SEED, augmentation=aug)
     ensemble = args.mode == "cached_ensemble_k10"
@@ -160,7 +165,7 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
         teacher = CachedTeacher.open(cache_dir, expect=CacheExpectation.for_data(data))
         t_dim, t_feats = teacher.embed_dim, teacher.feature_dims
     elif ensemble:  # both members' targets for every batch, as the DataLoader workers look them up in training
-        caches = [CachedTeacher.open(Path(args.work) / f"cache-{args.shape}-ensemble{i}",
+        caches = [CachedTeacher.open(Path(args.work) / f"{_cache_name(args)}-ensemble{i}",
                                      expect=CacheExpectation.for_data(data)) for i in range(len(ENSEMBLE_SEEDS))]
         check_agreement(caches)
         teacher = EnsembleLookup(caches)
@@ -210,7 +215,8 @@ def _run(worker: str, shape: str, args: argparse.Namespace, mode: str = "") -> d
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [sys.executable, __file__, "--worker", worker, "--shape", shape, "--mode", mode or "-", "--work",
            str(args.work), "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-           "--samples", str(args.samples)] + (["--threads", str(args.threads)] if args.threads else [])
+           "--samples", str(args.samples), "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads
+                                                                      else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{worker} {shape} {mode} failed:\n{proc.stderr[-4000:]}")
@@ -225,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--samples", type=int, default=256, help="training images (epochs repeat over them)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every mode (default: torch's)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32", "int8"],
+                    help="storage type of the caches (c) and (d) read (int8: dequantised in the lookup)")
     ap.add_argument("--teachers", default="b16,demo", help="comma list of b16, demo")
     ap.add_argument("--work", type=Path, default=None, help="folder for the world data and caches (default: temp)")
     ap.add_argument("--no-malloc-tuning", action="store_true", help="do not set MALLOC_MMAP_THRESHOLD_")
@@ -244,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args.work.mkdir(parents=True, exist_ok=True)
     ratios: dict[str, float] = {}
     details: dict[str, Any] = {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "batch": args.batch,
-                               "samples": args.samples, "views": VIEWS, "threads": args.threads,
+                               "samples": args.samples, "views": VIEWS, "threads": args.threads, "dtype": args.dtype,
                                "malloc_mmap_threshold": None if args.no_malloc_tuning else 131072}
     lines = []
     for shape in args.teachers.split(","):

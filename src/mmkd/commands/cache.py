@@ -25,8 +25,9 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--randaugment", metavar="N,M[,BINS]", default=None,
                    help="RandAugment on views ≥ 1: N ops per view at magnitude bin M of BINS (default 31), e.g. 2,9 "
                         "(default: off, or the --config's data.randaugment); part of the cache's fingerprint")
-    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                   help="storage type (default float16)")
+    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "int8"], default="float16",
+                   help="storage type (default float16; int8: per-vector symmetric quantisation, about half "
+                        "float16's bytes, dequantised on lookup)")
     c.add_argument("--features", action="store_true",
                    help="also store pooled pre-projection features (for objectives with level: features)")
     c.add_argument("--seed", type=int, default=0, help="view seed: view v of sample k is f(seed, k, v)")
@@ -70,8 +71,9 @@ def add_parser(sub: Any) -> None:
     i.add_argument("--match", choices=["auto", "key", "path"], default="auto",
                    help="how metadata rows name samples: key (the key column, else image_path, against sample keys), "
                         "path (image_path against image files), auto (whichever matches more rows; the default)")
-    i.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
-                   help="storage type (auto: float16 input stays float16, bit-exact; else float32)")
+    i.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32", "int8"], default="auto",
+                   help="storage type (auto: float16 input stays float16, bit-exact; else float32; int8: "
+                        "quantised per vector)")
     i.add_argument("--logit-scale", type=float, default=100.0,
                    help="the source model's temperature scale, for logit objectives like kl (default 100, CLIP's)")
     i.add_argument("--chunk-rows", type=int, default=1024, help="samples per stored chunk (default 1024)")

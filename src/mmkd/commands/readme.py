@@ -17,6 +17,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import mmkd.report.families  # noqa: F401  (registers the student-families section)
     import mmkd.report.reinforce  # noqa: F401  (registers the dataset-reinforcement section)
     import mmkd.studies.matching.report  # noqa: F401  (registers the matching study's README sections)
     from mmkd.report.readme import update_readme

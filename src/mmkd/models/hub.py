@@ -207,8 +207,11 @@ def _image_settings(folder: Path, image_size: int, mean: tuple[float, ...] = CLI
 
 
 def drop_unused_pooler(tower: nn.Module, pooling: str) -> nn.Module:
-    """BERT/ViT poolers that the chosen pooling ignores would be dead weights (and break DDP's unused check)."""
-    if pooling != "pooler" and getattr(tower, "pooler", None) is not None and not isinstance(
+    """BERT/ViT poolers that the chosen pooling ignores would be dead weights (and break DDP's unused check).
+
+    A pooler without weights (the average pool of convolutional families, which call it unconditionally) stays."""
+    pooler = getattr(tower, "pooler", None)
+    if pooling != "pooler" and pooler is not None and any(True for _ in pooler.parameters()) and not isinstance(
             tower, (CLIPVisionModel, CLIPTextModel)):
         tower.pooler = None
     return tower

@@ -13,6 +13,7 @@ from transformers import AutoModel, CLIPModel, SiglipModel, SiglipTextModel, Sig
 
 from mmkd.config import ConfigError, StudentConfig, TowerSpec
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta, SiglipDualEncoder
+from mmkd.models.hf_vision import hf_vision_types, is_hf_arch
 from mmkd.models.hub import (
     LOADERS,
     converted_source,
@@ -24,6 +25,7 @@ from mmkd.models.hub import (
 )
 from mmkd.models.towers import (
     ARCHS,
+    arch_modality,
     build_tower,
     check_text_pooling,
     clip_text_ids,
@@ -84,10 +86,16 @@ def make_tower(spec: TowerSpec, teacher_tower: nn.Module | None, modality: str, 
     if spec.source == "new":
         if spec.arch is None:
             raise ConfigError(f"student.{'vision' if modality == 'image' else 'text'}.arch is required with "
-                             f"source: new; valid: {', '.join(ARCHS.names())}")
-        _, arch_modality = ARCHS.get(spec.arch)
-        if arch_modality != modality:
-            raise ConfigError(f"architecture {spec.arch!r} is a {arch_modality} tower, not a {modality} tower")
+                             f"source: new; valid: {', '.join(ARCHS.names())}, or hf:<model_type> (any transformers "
+                             "vision model, e.g. hf:convnext)")
+        if not is_hf_arch(spec.arch) and spec.arch not in ARCHS:  # ARCHS.get's KeyError would be an internal error
+            key = "vision" if modality == "image" else "text"
+            hint = f" (did you mean 'hf:{spec.arch}'?)" if spec.arch in hf_vision_types() else ""
+            raise ConfigError(f"student.{key}.arch {spec.arch!r} is unknown{hint}; valid: {', '.join(ARCHS.names())}, "
+                              "or hf:<model_type> for an image tower (any transformers vision model)")
+        kind = arch_modality(spec.arch)
+        if kind != modality:
+            raise ConfigError(f"architecture {spec.arch!r} is a {kind} tower, not a {modality} tower")
         kwargs = dict(spec.config)
         if modality == "text" and vocab_size is not None:
             kwargs.setdefault("vocab_size", vocab_size)

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from mmkd.config import ConfigError
+from mmkd.models.hf_vision import build_hf_vision, hf_vision_types, is_hf_arch, probe
 from mmkd.registry import Registry
 
 # arch name → (config class, modality); a new architecture is one line here
@@ -59,8 +60,15 @@ def model_from_config(config: PretrainedConfig) -> nn.Module:
     return AutoModel.from_config(config)
 
 
+def arch_modality(arch: str) -> str:
+    """``image`` or ``text``: what a registered architecture, or any ``hf:<model_type>`` (vision), encodes."""
+    return "image" if is_hf_arch(arch) else ARCHS.get(arch)[1]
+
+
 def build_tower(arch: str, kwargs: dict[str, Any]) -> nn.Module:
-    """A randomly initialised tower of a registered architecture."""
+    """A randomly initialised tower of a registered architecture, or of any transformers vision type (``hf:``)."""
+    if is_hf_arch(arch):
+        return build_hf_vision(arch, kwargs)
     cfg_cls, _ = ARCHS.get(arch)
     try:
         config = cfg_cls(**kwargs)
@@ -79,11 +87,20 @@ def config_from_dict(d: dict[str, Any]) -> PretrainedConfig:
 
 def default_pooling(model: nn.Module, modality: str) -> str:
     """Pooling that matches the architecture's own convention (what HF's dual encoders use)."""
+    if modality == "image" and is_hf_family(model):
+        return "pooler" if probe(model)[1] else "mean"
     if modality == "image":
         return "pooler" if isinstance(model, (CLIPVisionModel, SiglipVisionModel)) or _is_resnet(model) else "cls"
     if isinstance(model, (CLIPTextModel, SiglipTextModel)):
         return "pooler"  # CLIP's EOS token after the final layer norm; SigLIP's last position through its head
     return "mean"
+
+
+def is_hf_family(model: nn.Module) -> bool:
+    """A vision tower of a transformers family mmkd has no entry for (an ``hf:`` tower): its width and pooling
+    come from a probe forward rather than from its config."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    return model_type in hf_vision_types() and model_type not in {ARCHS.get(n)[0].model_type for n in ARCHS.names()}
 
 
 def _is_resnet(model: nn.Module) -> bool:
@@ -94,6 +111,8 @@ def tower_width(model: nn.Module) -> int:
     cfg = model.config
     if getattr(cfg, "model_type", "") == "resnet":
         return int(cfg.hidden_sizes[-1])
+    if is_hf_family(model):
+        return probe(model)[0]
     if isinstance(model, SiglipTextModel):  # its pooler output leaves through its head
         return int(cfg.projection_size)
     return int(cfg.hidden_size)

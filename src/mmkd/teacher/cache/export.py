@@ -34,7 +34,8 @@ class ExportResult:
 
 
 def _native(stored_dtype: str) -> np.dtype:
-    """The exported dtype: float16 and float32 as stored (bit-exact); bfloat16, which numpy lacks, as float32."""
+    """The exported dtype: float16 and float32 as stored (bit-exact); bfloat16, which numpy lacks, and int8
+    (dequantised: clip-retrieval's readers expect floats) as float32."""
     return np.dtype("<f2") if stored_dtype == "float16" else np.dtype("<f4")
 
 

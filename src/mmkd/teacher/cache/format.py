@@ -50,7 +50,10 @@ from mmkd.fileio import atomic_write, atomic_write_json
 
 FORMAT = "mmkd-teacher-cache"
 FORMAT_VERSION = 2
-DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4"), "int8": np.dtype("i1")}
+# int8 rows: symmetric per-vector quantisation, x ≈ q·s with s = max|x|/127; each row carries its float32 scale in
+# 4 bytes after its D values, so one .npy per array stays one row per sample (gathers and checks are unchanged)
+INT8_SCALE = np.dtype("<f4")
 PRECISIONS = ("auto", "bf16", "fp32")
 IMAGE_ARRAYS = ("image_embeds", "image_features")
 TEXT_ARRAYS = ("text_embeds", "text_features")
@@ -61,7 +64,7 @@ META_KEYS = ("layout.chunk_rows", "layout.arrays", "fingerprint.views",
              "fingerprint.storage.dtype", "fingerprint.teacher.projection_dim", "fingerprint.teacher.feature_dims",
              "fingerprint.teacher.logit_scale", "fingerprint.teacher.weights_sha256", "fingerprint.teacher.meta",
              "fingerprint.transform.view_seed", "fingerprint.transform.augmentation", "fingerprint.transform.version")
-NORM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4}
+NORM_TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2, "float32": 1e-4, "int8": 1.6e-2}
 
 
 class CacheError(MmkdError, ValueError):
@@ -105,9 +108,37 @@ def array_sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
 
 
+def stored_row(shape: Sequence[int], dtype: str) -> tuple[int, ...]:
+    """The trailing shape of one row as stored: an int8 row holds its D values and its scale's 4 bytes."""
+    shape = tuple(int(x) for x in shape)
+    return (*shape[:-1], shape[-1] + INT8_SCALE.itemsize) if dtype == "int8" else shape
+
+
+def row_format(dtype: str) -> dict[str, str]:
+    """What meta.json's layout says of a row beyond its dtype (int8: where the scale is and how to dequantise)."""
+    if dtype != "int8":
+        return {}
+    return {"row_format": "int8 symmetric per-vector: D int8 values q, then the float32 scale s (little-endian, "
+                          "4 bytes); x = q * s, s = max|x| / 127"}
+
+
+def quantise_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): int8 values and the per-vector scale, |x - q·s| ≤ s/2 elementwise (a zero vector gets s = 1)."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """float32 tensor (any device) → the stored numpy array (bfloat16 as its raw bit pattern)."""
+    """float32 tensor (any device) → the stored numpy array (bfloat16 as its raw bit pattern; int8 rows with their
+    scale's bytes appended, see ``stored_row``)."""
     t = t.detach().cpu()
+    if dtype == "int8":
+        q, scale = quantise_int8(t.float())
+        out = np.empty((*q.shape[:-1], q.shape[-1] + INT8_SCALE.itemsize), np.int8)
+        out[..., :q.shape[-1]] = q.numpy()
+        out[..., q.shape[-1]:] = scale.numpy().astype(INT8_SCALE).view(np.int8)
+        return out
     if dtype == "bfloat16":
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return t.numpy().astype(DTYPES[dtype], copy=False)
@@ -116,6 +147,9 @@ def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
 def from_storage(arr: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored numpy rows → float32 tensor (a fresh buffer, safe to use in autograd)."""
     arr = np.ascontiguousarray(arr)
+    if dtype == "int8":  # dequantised here, in the loader worker that gathers the rows
+        scale = np.ascontiguousarray(arr[..., -INT8_SCALE.itemsize:]).view(INT8_SCALE)
+        return torch.from_numpy(arr[..., :-INT8_SCALE.itemsize].astype(np.float32) * scale)
     if dtype == "bfloat16":
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(arr).float()
@@ -179,7 +213,8 @@ class Layout:
         return self.root / f"{chunk.name}.done.json"
 
     def shape(self, chunk: Chunk, array: str) -> tuple[int, ...]:
-        return (chunk.hi - chunk.lo, *self.arrays[array])
+        """The stored shape of one chunk's array (int8 rows are wider: see ``stored_row``)."""
+        return (chunk.hi - chunk.lo, *stored_row(self.arrays[array], self.dtype))
 
     def check_shard(self, chunk: Chunk, array: str) -> None:
         """Header and size of one committed shard; raise CacheError naming the file (nothing is modified)."""

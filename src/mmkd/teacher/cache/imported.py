@@ -42,13 +42,14 @@ from mmkd.teacher.cache.format import (
     SEGMENTS,
     CacheError,
     Layout,
+    row_format,
     segment_name,
     to_storage,
     write_json,
 )
 
 MATCHES = ("auto", "key", "path")
-IMPORT_DTYPES = ("auto", "float16", "bfloat16", "float32")
+IMPORT_DTYPES = ("auto", "float16", "bfloat16", "float32", "int8")
 DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained temperature (1/0.01), where the source's is not known
 BLOCK = 1 << 16  # rows checked at a time
 
@@ -267,7 +268,8 @@ def import_meta(source: _Source, src: Path, *, match: str, dtype: str, logit_sca
                          "rows": int(source.starts[-1]), "text": source.texts is not None, "sha256": digest,
                          "absent": ["teacher weights", "tokenizer", "pooled features", "views > 0"]},
         },
-        "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str},
+        "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str,
+                   **row_format(dtype)},
     }
 
 

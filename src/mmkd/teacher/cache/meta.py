@@ -13,7 +13,7 @@ from mmkd.data.transforms import TRANSFORM_VERSION, augmentation_settings
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher import fingerprint as fp
 from mmkd.teacher.cache import synthetic
-from mmkd.teacher.cache.format import DTYPES, FORMAT, FORMAT_VERSION
+from mmkd.teacher.cache.format import DTYPES, FORMAT, FORMAT_VERSION, row_format
 from mmkd.teacher.captioner import Captioner, Sampling
 
 
@@ -50,5 +50,6 @@ def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, 
             "storage": {"dtype": dtype, "features": bool(features), "precision": precision},
             **extra,
         },
-        "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str},
+        "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str,
+                   **row_format(dtype)},
     }

@@ -40,6 +40,7 @@ from mmkd.teacher.cache.format import (
     read_manifest,
     read_meta,
     shard_id,
+    stored_row,
 )
 from mmkd.teacher.cache.index import KeyIndex
 
@@ -445,7 +446,7 @@ class CachedTeacher:
         seg = np.searchsorted(starts, rows, side="right") - 1
         local = rows - starts[seg]
         cidx, off = local // per, local % per
-        out = np.empty((len(rows), lay0.arrays[array][-1]), DTYPES[lay0.dtype])
+        out = np.empty((len(rows), stored_row(lay0.arrays[array], lay0.dtype)[-1]), DTYPES[lay0.dtype])
         group = seg * (1 + int(cidx.max(initial=0))) + cidx
         for g in np.unique(group):
             sel = np.nonzero(group == g)[0]

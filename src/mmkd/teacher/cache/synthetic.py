@@ -24,6 +24,7 @@ from mmkd.teacher.cache.format import (
     Layout,
     StringTable,
     array_sha256,
+    stored_row,
     to_storage,
     write_strings,
 )
@@ -64,7 +65,7 @@ def compute(teacher: DualEncoder, captioner: Captioner | CachedCaptions, samplin
             captions = captioner.caption([raw_image(r) for r in recs], sampling,
                                          chunk_seed(seed, segment, chunk.index))
         flat = [c for caps in captions for c in caps]
-        arrays = {a: np.empty((len(flat), *layout.arrays[a][1:]), DTYPES[layout.dtype])
+        arrays = {a: np.empty((len(flat), *stored_row(layout.arrays[a], layout.dtype)[1:]), DTYPES[layout.dtype])
                   for a in layout.arrays_of("syncap")}
         for lo in range(0, len(flat), batch_size):
             out = teacher_outputs(teacher, None, flat[lo:lo + batch_size], bf16=bf16, features=features)
