@@ -10,16 +10,14 @@ import os
 import re
 import signal
 import struct
-import subprocess
-import sys
 import tarfile
-import time
 import zlib
 from pathlib import Path
 
 import pytest
 from conftest import tiny_dual_encoder, write_run_config
 from PIL import Image
+from tiny_runs import signal_after_first_checkpoint
 
 import mmkd.commands.objectives
 from mmkd.cli import main
@@ -285,26 +283,11 @@ def test_a_second_cache_build_into_a_busy_folder_fails_at_once_naming_the_holder
 @pytest.mark.slow
 def test_ctrl_c_stops_distill_with_130_and_leaves_a_loadable_checkpoint(tmp_path: Path, teacher: Path) -> None:
     cfg = run_config(tmp_path, teacher, train="steps: 100000, ckpt_every: 2")
-    env = {k: v for k, v in os.environ.items() if k != "MMKD_DEBUG"}
     # a shell's background job inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
     # give the child the default disposition, as a terminal's foreground process has
-    proc = subprocess.Popen([sys.executable, "-m", "mmkd.cli", "distill", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     folder = tmp_path / "run" / "checkpoints"
-    deadline = time.monotonic() + 300
-    try:
-        while not (folder / "latest").is_file():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    code, err = signal_after_first_checkpoint(cfg, folder, signal.SIGINT, default_sigint=True)
+    assert code == 130, err
     match = re.search(r"mmkd: interrupted at step (\d+); resume with --resume", err)
     assert match and "Traceback" not in err, err
     state = CheckpointManager(folder).load_latest()

@@ -56,33 +56,17 @@ def test_json_files_never_hold_nan(tmp_path: Path) -> None:
 def test_sigterm_stops_distill_like_ctrl_c_and_the_run_resumes(teacher_dir: Path, tmp_path: Path) -> None:
     """What a scheduler sends (SIGTERM) to a real `mmkd distill`: one line, exit 143, a whole checkpoint, and
     `--resume` continues from it (before, the process died silently with 143 in the middle of whatever it did)."""
-    import os
     import re
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from tiny_runs import signal_after_first_checkpoint
 
     from mmkd.train.checkpoint import CheckpointManager
 
     cfg = write_run_config(tmp_path, teacher_dir, train="steps: 100000, ckpt_every: 2, log_every: 1, warmup_steps: 1")
-    env = {k: v for k, v in os.environ.items() if k != "MMKD_DEBUG"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmkd.cli", "distill", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
     folder = tmp_path / "run" / "checkpoints"
-    deadline = time.monotonic() + 300
-    try:
-        while not (folder / "latest").is_file():
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, err
+    code, err = signal_after_first_checkpoint(cfg, folder, signal.SIGTERM)
+    assert code == 143, err
     match = re.search(r"^mmkd: terminated \(SIGTERM\) at step (\d+); resume with --resume$", err, re.M)
     assert match and "Traceback" not in err, err
     # stderr is not a terminal here: no progress bar in it (a log of carriage returns), so the line stands alone

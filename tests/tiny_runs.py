@@ -128,6 +128,31 @@ def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: st
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
+def signal_after_first_checkpoint(cfg: Path, folder: Path, sig: int, default_sigint: bool = False,
+                                  deadline_s: float = 300) -> tuple[int, str]:
+    """Start a real ``mmkd distill CFG``, send ``sig`` once ``folder`` (its checkpoints) holds one, and return its
+    exit code and stderr. default_sigint: give the child SIGINT's default disposition, as a terminal's foreground
+    process has (a shell's background job, such as a suite started with ``&``, inherits SIGINT ignored)."""
+    env = {k: v for k, v in os.environ.items() if k != "MMKD_DEBUG"}
+    proc = subprocess.Popen([sys.executable, "-m", "mmkd.cli", "distill", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if default_sigint
+                            else None)
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not (folder / "latest").is_file():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, f"no checkpoint within {deadline_s:.0f} s"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
