@@ -203,7 +203,8 @@ def wants_features(objectives: WeightedSum) -> bool:
 
 
 def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *, overwrite: bool = False,
-                info: DistInfo | None = None, cache: TargetCache | None = None, progress: bool = True
+                info: DistInfo | None = None, cache: TargetCache | None = None, progress: bool = True,
+                curve: Callable[[Any], dict[str, Any]] | None = None, curve_every: int = 0
                 ) -> dict[str, Any]:
     """Load the teacher (or open its cache, or run without one), build the student, train, save, evaluate.
 
@@ -211,7 +212,9 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     newest checkpoint (refusing a folder without one or a checkpoint of another config), "auto" continues
     when there is a checkpoint and starts otherwise. overwrite: move a run already in ``cfg.out`` aside
     (to ``OUT.old-<time>``) once this one has started. info: the process group (default: join torchrun's, or
-    none); cache: teachers/targets shared across runs. The run folder is locked (one writer) by rank 0.
+    none); cache: teachers/targets shared across runs; curve(student), curve_every: evaluations during
+    training (`train`: logged to metrics.jsonl, their time left out of the training clock). The run folder is
+    locked (one writer) by rank 0.
     """
     check_specs(cfg.objectives)  # unknown objectives fail before any model is loaded
     check_eval_specs(cfg.eval)  # and unknown evaluation kinds before training, not after
@@ -247,7 +250,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
 
         result = train(student, objectives, data, targets, cfg.train, out, info, resume=plan == "resume",
                        desc="distill", progress=progress, identity=identity, on_start=on_start, device=device,
-                       workers=cfg.data.workers)
+                       workers=cfg.data.workers, evaluate=curve, eval_every=curve_every)
         metrics: dict[str, Any] = {"train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                              "final_loss": result.final_loss, "resumed_from": result.resumed_from},
                                    "data": {"on_error": cfg.data.on_error, "skipped": bad.count}}
