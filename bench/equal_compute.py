@@ -18,6 +18,7 @@ added; and the same fraction for a ViT-B/16-shaped teacher, from the per-step ti
 
 Usage: python bench/equal_compute.py [--steps 400] [--eval-every 50] [--val 1000] [--views 2] [--seeds 0,1,2]
        [--teacher-steps 600] [--teacher DIR] [--work runs/equal_compute] [--json PATH] [--png PATH]
+       [--teacher-override KEY=VALUE] [--override KEY=VALUE] [--from-json PATH (summary and figure only)]
 Full study: python bench/equal_compute.py --seeds 0,1,2 --json bench/results/equal_compute.json
 """
 
@@ -58,7 +59,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], cache_build_s: float, b16_o
         row: dict[str, Any] = {"seed": online["seed"], "online_final_top1": target,
                                "cached_final_top1": cached["curve"][-1]["top1"],
                                "online_s": online_s, "cached_s": cached["curve"][-1]["time_s"],
-                               "reached": hit is not None}
+                               "reached": hit is not None,
+                               "equal_steps_time_fraction": cached["curve"][-1]["time_s"] / online_s,
+                               "equal_steps_cpu_fraction": cached["curve"][-1]["cpu_s"] / online["curve"][-1]["cpu_s"]}
         if hit is not None:
             row["reached_at_step"] = hit["step"]
             row["time_fraction"] = hit["time_s"] / online_s
@@ -68,7 +71,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], cache_build_s: float, b16_o
                 row["b16_time_fraction"] = hit["step"] / online["curve"][-1]["step"] / b16_online_over_cached
         per_seed.append(row)
     out: dict[str, Any] = {"per_seed": per_seed}
-    for key in ("time_fraction", "time_fraction_with_build", "cpu_fraction", "b16_time_fraction"):
+    for key in ("time_fraction", "time_fraction_with_build", "cpu_fraction", "b16_time_fraction",
+                "equal_steps_time_fraction", "equal_steps_cpu_fraction"):
         vals = [r[key] for r in per_seed if key in r]
         if vals and len(vals) == len(per_seed):
             out[key] = statistics.median(vals)
@@ -242,6 +246,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/equal_compute")
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="bench/results/equal_compute.png")
+    ap.add_argument("--from-json", default="", help="recompute the summary and figure of a finished study's JSON")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
@@ -250,9 +255,15 @@ def main() -> None:
         args.mode = args.worker
         print(json.dumps(worker(args)))
         return
-    result = study(args)
+    if args.from_json:  # summary and figure again from a finished study's JSON (no training)
+        result = json.loads(Path(args.from_json).read_text())
+        d = result["details"]
+        result["summary"] = summarise(result["runs"], d["cache_build_s"], d["b16_online_over_cached_time"])
+    else:
+        result = study(args)
     s = result["summary"]
-    for key in ("time_fraction", "time_fraction_with_build", "cpu_fraction", "b16_time_fraction"):
+    for key in ("time_fraction", "time_fraction_with_build", "cpu_fraction", "b16_time_fraction",
+                "equal_steps_time_fraction", "equal_steps_cpu_fraction"):
         if key in s:
             print(f"{key}: {s[key]:.3f}")
     if not all(r["reached"] for r in s["per_seed"]):

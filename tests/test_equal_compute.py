@@ -85,6 +85,7 @@ def test_summary_finds_where_the_cached_student_reaches_the_online_one() -> None
     assert r["time_fraction_with_build"] == pytest.approx(26 / 120)
     assert r["cpu_fraction"] == pytest.approx(40 / 240)
     assert r["b16_time_fraction"] == pytest.approx(20 / 40 / 7.0)
+    assert r["equal_steps_time_fraction"] == pytest.approx(40 / 120)
     missed = _result([0.3, 0.4, 0.45, 0.49])["summary"]
     assert not missed["per_seed"][0]["reached"] and "time_fraction" not in missed
 
@@ -96,6 +97,7 @@ def test_readme_section_renders_the_study(tmp_path: Path) -> None:
     text = SECTIONS.get("bench-equal-compute")(tmp_path)
     assert "| cached | 0 | 60.0 | 40 | 2,560 | 40 s | 80 s |" in text
     assert "**0.17**" in text and "step 20" in text and "**0.071**" in text
+    assert "At equal steps the cached student trains in 0.33" in text
     assert "equal_compute.png" in text and "trained 200 steps, top-1 70.0" in text
     (results / "equal_compute.json").write_text(json.dumps(_result([0.3, 0.4, 0.45, 0.49])))
     assert "does not reach" in SECTIONS.get("bench-equal-compute")(tmp_path)

@@ -432,4 +432,8 @@ def bench_equal_compute_section(root: Path) -> str:
                 + "; ".join(f"{_pct(x['online_final_top1'])} vs {_pct(x['cached_final_top1'])}" for x in seeds)
                 + "; training seconds " + ", ".join(f"{x['online_s']:.0f} vs {x['cached_s']:.0f}" for x in seeds)
                 + ").")
+    text += (f" At equal steps the cached student trains in {s['equal_steps_time_fraction']:.2f} of the online "
+             f"student's wall-clock ({s['equal_steps_cpu_fraction']:.2f} of its CPU seconds) with this teacher; with "
+             f"the B/16-shaped one, 1/{d['b16_online_over_cached_time']:.2f} = "
+             f"{1 / d['b16_online_over_cached_time']:.2f}.")
     return "\n".join(lines + [textwrap.fill(text, 115), "", "![equal compute](bench/results/equal_compute.png)"])
