@@ -211,7 +211,8 @@ def wants_features(objectives: WeightedSum) -> bool:
 
 
 def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *, overwrite: bool = False,
-                info: DistInfo | None = None, cache: TargetCache | None = None, progress: bool = True
+                info: DistInfo | None = None, cache: TargetCache | None = None, progress: bool = True,
+                curve: Callable[[Any], dict[str, Any]] | None = None, curve_every: int = 0
                 ) -> dict[str, Any]:
     """Load the teacher (or open its cache, or run without one), build the student, train, save, evaluate.
 
@@ -219,7 +220,9 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
     newest checkpoint (refusing a folder without one or a checkpoint of another config), "auto" continues
     when there is a checkpoint and starts otherwise. overwrite: move a run already in ``cfg.out`` aside
     (to ``OUT.old-<time>``) once this one has started. info: the process group (default: join torchrun's, or
-    none); cache: teachers/targets shared across runs. The run folder is locked (one writer) by rank 0.
+    none); cache: teachers/targets shared across runs; curve(student), curve_every: evaluations during
+    training (`train`: logged to metrics.jsonl, their time left out of the training clock). The run folder is
+    locked (one writer) by rank 0.
     """
     check_specs(cfg.objectives)  # unknown objectives fail before any model is loaded
     check_eval_specs(cfg.eval)  # and unknown evaluation kinds before training, not after
@@ -260,7 +263,7 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
 
         result = train(student, objectives, data, targets, cfg.train, out, info, resume=plan == "resume",
                        desc="distill", progress=progress, identity=identity, on_start=on_start, device=device,
-                       workers=cfg.data.workers)
+                       workers=cfg.data.workers, evaluate=curve, eval_every=curve_every)
         kept = finished_record(out, identity, result.steps) if result.resumed_from >= result.steps else None
         if kept is not None and sorted(kept.get("eval") or {}) == sorted(map(run_eval_name, cfg.eval)):
             # a finished run resumed: nothing trained, nothing new to evaluate, so its record stays as it was

@@ -428,3 +428,49 @@ def bench_cache_build_memory_section(root: Path) -> str:
               f"300,000-sample cache by one shard over building it (`grow_rss_over_build_300k`): "
               f"{r['grow_rss_over_build_300k']:.2f}."]
     return "\n".join([textwrap.fill(lines[0], 115)] + lines[1:-1] + [textwrap.fill(lines[-1], 115)])
+
+
+@SECTIONS.register("bench-equal-compute")
+def bench_equal_compute_section(root: Path) -> str:
+    """The teacher cache's worth at equal compute: where the cached student reaches the online student's final
+    zero-shot top-1, in training time (``bench/equal_compute.py``)."""
+    r = read_json(root / "bench" / "results" / "equal_compute.json", "bench-equal-compute",
+                  "run `python bench/equal_compute.py --json bench/results/equal_compute.json`")
+    d, s = r["details"], r["summary"]
+    rows = []
+    for mode in ("scratch", "online", "cached"):
+        for run in r["runs"][mode]:
+            last = run["curve"][-1]
+            rows.append(f"| {mode} | {run['seed']} | {_pct(last['top1'])} | {last['step']} | {last['samples']:,} | "
+                        f"{last['time_s']:.0f} s | {last['cpu_s']:.0f} s |")
+    seeds = s["per_seed"]
+    reached = [x for x in seeds if x["reached"]]
+    teacher = (f"the demo teacher trained {d['teacher_steps']} steps" if d.get("teacher_steps")
+               else f"the teacher {d['teacher']}") + f", top-1 {_pct(d['teacher_top1'])} on the same images"
+
+    lines = [textwrap.fill(f"`bench/equal_compute.py` ({teacher}; students of `configs/demo/` for {d['steps']} steps, "
+                           f"seed(s) {', '.join(map(str, d['seeds']))}; colour+shape zero-shot top-1 on "
+                           f"{d['val_images']:,} validation images every {d['eval_every']} steps, evaluation left out "
+                           f"of the training clock; cache of {d['views']} views per image built in "
+                           f"{d['cache_build_s']:.0f} s; `bench/results/equal_compute.json`, figure "
+                           "`bench/results/equal_compute.png`):", 115), "",
+             "| student | seed | final top-1 (val) | steps | images seen | training wall-clock | CPU s |",
+             "|---|---|---|---|---|---|---|", *rows, ""]
+    if len(reached) == len(seeds):
+        text = (f"The cached student reaches the online student's final top-1 at step "
+                f"{', '.join(str(x['reached_at_step']) for x in seeds)}: **{s['time_fraction']:.2f}** of the online "
+                f"student's training wall-clock (goal ≤ 0.33; CPU seconds {s['cpu_fraction']:.2f}; with the cache's "
+                f"build counted {s['time_fraction_with_build']:.2f}). With a ViT-B/16-shaped teacher, whose online "
+                f"step costs {d['b16_online_over_cached_time']:.2f}× the cached one (`{d['b16_source']}`), the same "
+                f"steps take **{s['b16_time_fraction']:.3f}** of the online student's time.")
+    else:
+        text = (f"The cached student does not reach the online student's final top-1 in {len(seeds) - len(reached)} "
+                f"of {len(seeds)} seed(s) (final top-1, online vs cached: "
+                + "; ".join(f"{_pct(x['online_final_top1'])} vs {_pct(x['cached_final_top1'])}" for x in seeds)
+                + "; training seconds " + ", ".join(f"{x['online_s']:.0f} vs {x['cached_s']:.0f}" for x in seeds)
+                + ").")
+    text += (f" At equal steps the cached student trains in {s['equal_steps_time_fraction']:.2f} of the online "
+             f"student's wall-clock ({s['equal_steps_cpu_fraction']:.2f} of its CPU seconds) with this teacher; with "
+             f"the B/16-shaped one, 1/{d['b16_online_over_cached_time']:.2f} = "
+             f"{1 / d['b16_online_over_cached_time']:.2f}.")
+    return "\n".join(lines + [textwrap.fill(text, 115), "", "![equal compute](bench/results/equal_compute.png)"])

@@ -313,6 +313,8 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=None if progress and dist_info.is_main else True,
                dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    eval_s = eval_cpu_s = 0.0  # time spent evaluating, left out of the training clock (time_s, cpu_s, seconds)
     last_loss = float("nan")
     sums: dict[str, float] = {}
     n_sum = 0
@@ -372,21 +374,29 @@ def train(
         if done % cfg.log_every == 0 or done == cfg.steps:
             means = {k: float(all_reduce_mean(torch.tensor(v / n_sum, device=device))) for k, v in sums.items()}
             last_loss = means["loss"]
-            log.write({"step": done, "lr": sched.get_last_lr()[0], "time_s": round(time.perf_counter() - t0, 3),
+            log.write({"step": done, "lr": sched.get_last_lr()[0],
+                       "time_s": round(time.perf_counter() - t0 - eval_s, 3),
+                       "cpu_s": round(time.process_time() - cpu0 - eval_cpu_s, 3),
                        **{k: round(v, 6) for k, v in means.items()}})
             bar.set_postfix(loss=f"{last_loss:.4f}")
             sums, n_sum = {}, 0
         if evaluate is not None and eval_every and (done % eval_every == 0 or done == cfg.steps):
             if dist_info.is_main:
+                e0, c0 = time.perf_counter(), time.process_time()
                 student.eval()
-                log.write({"step": done, "eval": evaluate(student)})
+                result = evaluate(student)
                 _train_mode(task, text_frozen)
+                eval_s += time.perf_counter() - e0
+                eval_cpu_s += time.process_time() - c0
+                log.write({"step": done, "time_s": round(time.perf_counter() - t0 - eval_s, 3),
+                           "cpu_s": round(time.process_time() - cpu0 - eval_cpu_s, 3),
+                           "eval_s": round(time.perf_counter() - e0, 3), "eval": result})
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
             checkpoint(done)
     bar.close()
     checkpoint(cfg.steps)
     task.eval()
-    return TrainResult(cfg.steps, time.perf_counter() - t0, last_loss, start)
+    return TrainResult(cfg.steps, time.perf_counter() - t0 - eval_s, last_loss, start)
 
 
 def _stop_if_nonfinite(step: int, terms: dict[str, float], grad_norm: float, ckpts: CheckpointManager) -> None:
