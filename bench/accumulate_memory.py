@@ -28,6 +28,8 @@ from procstat import status_kb  # bench/: sys.path[0] when a benchmark runs as a
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_STUDENT = ROOT / "configs" / "demo" / "student_cached.yaml"
+MEASURED_VISION = dict(image_size=32, patch_size=8, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=512)
 GLOBAL_BATCH = 256
 PROJECTION_DIM = 384  # configs/demo/teacher.yaml
 MODES = {"batch": (1, 256), "accumulate": (8, 32)}  # (micro-batches, micro-batch size)
@@ -38,7 +40,7 @@ def worker(mode: str, steps: int, threads: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from mmkd.config import ObjectiveSpec, load_config
+    from mmkd.config import ObjectiveSpec, TowerSpec, load_config
     from mmkd.data.batches import TrainBatch
     from mmkd.models.student import build_student, feature_widths
     from mmkd.objectives.base import ObjectiveContext, build_objectives
@@ -47,6 +49,9 @@ def worker(mode: str, steps: int, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     spec = load_config(DEMO_STUDENT).student  # its width comes from the teacher (cached): the demo teacher's
+    # the ViT the recorded results were measured with (the demo's student then): the demo's students now inherit
+    # the teacher's layers, which a student built without a teacher cannot
+    spec = replace(spec, vision=TowerSpec(source="new", arch="clip_vision", config=MEASURED_VISION))
     student = build_student(None, replace(spec, projection_dim=PROJECTION_DIM), seed=0)
     dim = student.projection_dim
     objectives = build_objectives([ObjectiveSpec(name="clip"), ObjectiveSpec(name="fd_mse_cosine")],

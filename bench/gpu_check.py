@@ -107,6 +107,9 @@ def demo_check(work: Path, device: str, sizes: Sizes, smoke: bool) -> dict[str, 
     tok = _tokenizer()
     teacher_dir = save_dual_encoder(shaped_model("tiny" if smoke else "demo", tok), work / "demo-teacher")
     base = read_yaml(DEMO_STUDENT)
+    # the demo students' ViT, freshly initialised (the demo's inherit the teacher's layers; this check is about
+    # devices, and a smoke run shrinks it below)
+    base["student"]["vision"] = read_yaml(DEMO_STUDENT.with_name("scratch.yaml"))["student"]["vision"]
     base.update(teacher=f"cache:{work / 'demo-cache'}", cache_dir=str(work / "data"), eval=[])
     base["data"].update(world_size_train=sizes.world_train, world_size_unpaired=sizes.world_unpaired,
                         batch_size=sizes.batch, unpaired_batch_size=sizes.unpaired_batch)

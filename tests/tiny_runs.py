@@ -168,7 +168,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def losses(run: Path) -> list[dict[str, float]]:
     """Every logged step's loss terms (times left out: they are the only thing allowed to differ)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k not in ("time_s",)} for r in rows if "loss" in r]
+    return [{k: v for k, v in r.items() if k not in ("time_s", "cpu_s")} for r in rows if "loss" in r]
 
 
 # a fresh tiny student (a 1-layer ViT and BERT, 16-d projections), as a config's YAML `student:` section
