@@ -13,6 +13,7 @@ from mmkd.cli import main
 from mmkd.report.readme import ReadmeError, update_readme
 
 REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # the front page and the docs site's pages
 
 
 def _model(top1: float, params: int, ms: float) -> dict:
@@ -138,7 +139,7 @@ def test_loader_bench_section_comes_from_the_committed_results(tmp_path: Path) -
     assert f"| simplejpeg (every n/8) | {train['simplejpeg']['images_per_s']:.0f} (" in text and "**mmkd's**" in text
     assert f"`loader_w2_over_bare` = {r['loader_w2_over_bare']:.2f} (target ≥ 1.7)" in text
     assert f"`decoder_over_pil` = {r['decoder_over_pil']:.2f}" in text
-    assert "<!-- results:bench-loader -->" in (REPO / "README.md").read_text()
+    assert "<!-- results:bench-loader -->" in (REPO / "docs" / "scaling-up.md").read_text()
 
 
 def test_data_scale_and_cache_lookup_sections_come_from_the_committed_results(tmp_path: Path) -> None:
@@ -188,18 +189,22 @@ def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> N
     import mmkd.studies.matching.report  # noqa: F401  (registers the study's sections, as `mmkd readme` does)
     from mmkd.report.readme import _BLOCK, SECTIONS
 
-    text = (REPO / "README.md").read_text()
-    names = [m.group("name") for m in _BLOCK.finditer(text)]
+    names: list[str] = []
+    for page in PAGES:
+        text = page.read_text()
+        found = [m.group("name") for m in _BLOCK.finditer(text)]
+        # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
+        opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)
+        closed = re.findall(r"^<!-- /results:([\w.-]+) -->$", text, re.M)
+        assert opened == closed == found, page
+        for m in _BLOCK.finditer(text):
+            assert "<!-- results:" not in m.group("body") and "<!-- /results:" not in m.group("body")
+        names += found
     assert {"demo", "demo-seeds", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1",
             "bench-loader", "bench-data-scale", "bench-cache-lookup", "reinforce-world",
             "bench-cache-build-memory"} <= set(names)
-    assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))
-    # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
-    opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)
-    closed = re.findall(r"^<!-- /results:([\w.-]+) -->$", text, re.M)
-    assert opened == closed == names
-    for m in _BLOCK.finditer(text):
-        assert "<!-- results:" not in m.group("body") and "<!-- /results:" not in m.group("body")
+    assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))  # each block in one page
+    assert "<!-- results:demo -->" in (REPO / "README.md").read_text()  # the headline table stays on the front page
 
 
 def _board_row(run: str, role: str, top1: float | None, ref: str = "", d: float | None = None) -> dict:
@@ -335,10 +340,10 @@ def test_matching_section_from_the_study_demo_json(tmp_path: Path) -> None:
 
 
 def test_bad_input_table_names_tests_that_exist() -> None:
-    """Every test the README's "What mmkd does with bad input" table cites exists (names drift when tests move)."""
-    text = (REPO / "README.md").read_text()
-    table = text[text.index("## What mmkd does with bad input"):]
-    table = table[:table.index("\n## ")]
+    """Every test the docs' "What mmkd does with bad input" table cites exists (names drift when tests move)."""
+    text = (REPO / "docs" / "bad-input.md").read_text()
+    table = text[text.index("# What mmkd does with bad input"):]
+    table = table.split("\n## ")[0]
     cited: list[tuple[str, str]] = []
     for line in table.splitlines():
         if not line.startswith("| ") or line.startswith("| fault"):
