@@ -18,9 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/mmkd demo
 
-# the README's results sections (<!-- results:NAME -->) from runs/demo/metrics.json and bench/results/*.json
+# the results blocks (<!-- results:NAME -->) of README.md and docs/*.md from runs/*/…json and bench/results/*.json
 readme: $(VENV)/.installed
-	$(VENV)/bin/mmkd readme --readme README.md
+	$(PY) tools/readme.py
 
 # the docs site (mkdocs.yml, docs/) into site/, offline; --strict: a broken link or anchor, or a page left out of
 # the nav, fails the build
@@ -35,7 +35,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 	$(VENV)/bin/lint-imports
 
 clean-venv:
