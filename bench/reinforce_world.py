@@ -14,7 +14,7 @@ when its output is already complete, so an interrupted run continues where it st
    teacher;
 5. ``mmkd sweep configs/reinforce/world.yaml --seeds 3``;
 6. the bytes per sample of every cache (``mmkd.teacher.cache.cache_size``) and the teachers' own zero-shot top-1,
-   written with ``--json`` (default ``bench/results/reinforce_world.json``) for ``mmkd readme``.
+   written with ``--json`` (default ``bench/results/reinforce_world.json``) for ``make readme`` (``tools/readme.py``).
 
 Usage: python bench/reinforce_world.py [--seeds 3] [--teacher-a DIR] [--json PATH]   (writes under runs/reinforce)
 Prints the leaderboard and the bytes per sample last.

@@ -13,7 +13,7 @@ step is an ordinary mmkd command (printed before it runs), skipped when its outp
    more from the int8 cache: KD from int8 targets vs float16's);
 4. each trained student's image-encoder latency (``encode_image``, one 32-pixel image, one thread, median of
    interleaved rounds) and parameter count; the figure ``bench/results/student_families.png``; everything in
-   ``--json`` (default ``bench/results/student_families.json``) for ``mmkd readme``.
+   ``--json`` (default ``bench/results/student_families.json``) for ``make readme`` (``tools/readme.py``).
 
 A short schedule (see the config): sized to about 40 minutes on a loaded 2-core machine.
 

@@ -8,6 +8,7 @@ tiny_dual_encoder``) where they need a model at module level or in a spawned wor
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the repository's tools (tools/readme.py and its readme_sections, the README renderer) are not in the installed
+# package: their tests import them from here
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 TINY_MEAN, TINY_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 NO_TOKENIZER_VOCAB = 64  # a model built without a tokenizer only ever sees ids the test makes up
 

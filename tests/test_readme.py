@@ -1,4 +1,5 @@
-"""`mmkd readme`: the README's results sections are rebuilt from the runs' JSON; nothing else is touched."""
+"""`make readme` (tools/readme.py): the results blocks of README.md and docs/*.md are rebuilt from the runs' JSON;
+nothing else is touched."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mmkd.cli import main
-from mmkd.report.readme import ReadmeError, update_readme
+from readme import main
+from readme_sections import ReadmeError, update_pages, update_readme
 
 REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # the front page and the docs site's pages
 
 
 def _model(top1: float, params: int, ms: float) -> dict:
@@ -89,25 +91,25 @@ def test_cli_regenerates_and_names_what_is_missing(tmp_path: Path, capsys: pytes
     old = BEFORE + "the last run's table\n" + AFTER
     readme.write_text(old)
     # every section: one whose JSON has not been made here keeps its block, and the command says so in one line
-    assert main(["readme", "--readme", str(readme), "--root", str(tmp_path)]) == 0
+    assert main(["--page", str(readme), "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "results:demo: " in out and "runs/demo/metrics.json not found; run `make demo`" in out
     assert "its block is kept as it is" in out and "regenerated no section" in out
     assert readme.read_text() == old
     # asked for by name, it must be there: an error, nothing written
-    assert main(["readme", "--readme", str(readme), "--root", str(tmp_path), "--section", "demo"]) == 2
+    assert main(["--page", str(readme), "--root", str(tmp_path), "--section", "demo"]) == 2
     assert "runs/demo/metrics.json not found; run `make demo`" in capsys.readouterr().err
     assert readme.read_text() == old
 
     fake_demo(tmp_path)
-    assert main(["readme", "--readme", str(readme), "--root", str(tmp_path)]) == 0
+    assert main(["--page", str(readme), "--root", str(tmp_path)]) == 0
     assert "regenerated demo" in capsys.readouterr().out
 
     (tmp_path / "runs" / "demo" / "metrics.json").write_text("{not json")  # a broken file is never skipped
     with pytest.raises(ReadmeError, match="metrics.json is not valid JSON"):
         update_readme(readme, tmp_path, kept=print)
     (tmp_path / "runs" / "demo" / "metrics.json").write_text("{}")  # valid JSON of another shape: one line too
-    assert main(["readme", "--readme", str(readme), "--root", str(tmp_path), "--section", "demo"]) == 2
+    assert main(["--page", str(readme), "--root", str(tmp_path), "--section", "demo"]) == 2
     err = capsys.readouterr().err
     assert "results:demo: its JSON lacks or mistypes" in err and "internal error" not in err, err
 
@@ -138,7 +140,7 @@ def test_loader_bench_section_comes_from_the_committed_results(tmp_path: Path) -
     assert f"| simplejpeg (every n/8) | {train['simplejpeg']['images_per_s']:.0f} (" in text and "**mmkd's**" in text
     assert f"`loader_w2_over_bare` = {r['loader_w2_over_bare']:.2f} (target ≥ 1.7)" in text
     assert f"`decoder_over_pil` = {r['decoder_over_pil']:.2f}" in text
-    assert "<!-- results:bench-loader -->" in (REPO / "README.md").read_text()
+    assert "<!-- results:bench-loader -->" in (REPO / "docs" / "scaling-up.md").read_text()
 
 
 def test_data_scale_and_cache_lookup_sections_come_from_the_committed_results(tmp_path: Path) -> None:
@@ -184,22 +186,24 @@ def test_demo_seeds_section_is_mean_and_sd_with_its_command(tmp_path: Path) -> N
 
 
 def test_the_project_readme_has_its_sections_and_every_one_has_a_renderer() -> None:
-    import mmkd.report.reinforce  # noqa: F401  (registers its section, as `mmkd readme` does)
-    import mmkd.studies.matching.report  # noqa: F401  (registers the study's sections, as `mmkd readme` does)
-    from mmkd.report.readme import _BLOCK, SECTIONS
+    from readme_sections.core import _BLOCK, SECTIONS
 
-    text = (REPO / "README.md").read_text()
-    names = [m.group("name") for m in _BLOCK.finditer(text)]
+    names: list[str] = []
+    for page in PAGES:
+        text = page.read_text()
+        found = [m.group("name") for m in _BLOCK.finditer(text)]
+        # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
+        opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)
+        closed = re.findall(r"^<!-- /results:([\w.-]+) -->$", text, re.M)
+        assert opened == closed == found, page
+        for m in _BLOCK.finditer(text):
+            assert "<!-- results:" not in m.group("body") and "<!-- /results:" not in m.group("body")
+        names += found
     assert {"demo", "demo-seeds", "bench-cache", "matching", "matching-seeds", "matching-sweep", "sweep-s1",
             "bench-loader", "bench-data-scale", "bench-cache-lookup", "reinforce-world",
             "bench-cache-build-memory"} <= set(names)
-    assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))
-    # well-formed: every opening marker is closed by its own closing marker, none is left over or nested
-    opened = re.findall(r"^<!-- results:([\w.-]+) -->$", text, re.M)
-    closed = re.findall(r"^<!-- /results:([\w.-]+) -->$", text, re.M)
-    assert opened == closed == names
-    for m in _BLOCK.finditer(text):
-        assert "<!-- results:" not in m.group("body") and "<!-- /results:" not in m.group("body")
+    assert set(names) <= set(SECTIONS.names()) and len(names) == len(set(names))  # each block in one page
+    assert "<!-- results:demo -->" in (REPO / "README.md").read_text()  # the headline table stays on the front page
 
 
 def _board_row(run: str, role: str, top1: float | None, ref: str = "", d: float | None = None) -> dict:
@@ -260,8 +264,6 @@ def _r(f1: float) -> dict:
 
 
 def test_matching_seeds_section_is_mean_and_sd_over_the_seeds(tmp_path: Path) -> None:
-    import mmkd.studies.matching.report  # noqa: F401
-
     f1 = {("baseline", None): [0.80, 0.82, 0.84], ("kd_kl", 0): [0.85, 0.85, 0.85], ("kd_kl", 4): [0.90, 0.94, 0.92],
           ("kd_bce", 0): [0.81, 0.83, 0.85], ("kd_bce", 4): [0.86, 0.86, 0.89]}
     runs = [{"seed": seed, "model": m, "transfer": t, "reused": seed == 0 and t in (None, 4), "val": _r(v),
@@ -284,8 +286,6 @@ def test_matching_seeds_section_is_mean_and_sd_over_the_seeds(tmp_path: Path) ->
 
 
 def test_matching_sweep_section_shows_the_top_the_last_and_the_references(tmp_path: Path) -> None:
-    import mmkd.studies.matching.report  # noqa: F401
-
     def row(rank: object, model: str, variant: str, t: object, a: object, val: float) -> dict:
         return {"rank": rank, "model": model, "variant": variant, "temperature": t, "alpha": a, "val_f1": val,
                 "val_accuracy": val, "test_accuracy": 0.9, "test_precision": 0.8, "test_recall": 1.0,
@@ -316,8 +316,6 @@ def test_matching_sweep_section_shows_the_top_the_last_and_the_references(tmp_pa
 
 
 def test_matching_section_from_the_study_demo_json(tmp_path: Path) -> None:
-    import mmkd.studies.matching.report  # noqa: F401  (registers the section, as `mmkd readme` does)
-
     r = {"accuracy": 0.9, "precision": 0.8, "recall": 1.0, "f1": 0.889, "roc_auc": 0.95}
     results = {"random": {"teacher": r, "kd_kl": {**r, "f1": 0.8}}}
     folder = tmp_path / "runs" / "matching"
@@ -335,10 +333,10 @@ def test_matching_section_from_the_study_demo_json(tmp_path: Path) -> None:
 
 
 def test_bad_input_table_names_tests_that_exist() -> None:
-    """Every test the README's "What mmkd does with bad input" table cites exists (names drift when tests move)."""
-    text = (REPO / "README.md").read_text()
-    table = text[text.index("## What mmkd does with bad input"):]
-    table = table[:table.index("\n## ")]
+    """Every test the docs' "What mmkd does with bad input" table cites exists (names drift when tests move)."""
+    text = (REPO / "docs" / "bad-input.md").read_text()
+    table = text[text.index("# What mmkd does with bad input"):]
+    table = table.split("\n## ")[0]
     cited: list[tuple[str, str]] = []
     for line in table.splitlines():
         if not line.startswith("| ") or line.startswith("| fault"):
@@ -364,3 +362,53 @@ def test_export_bench_section_comes_from_the_committed_results(tmp_path: Path) -
     assert f"| ONNX int8 | {lat['1']:.3f} | {lat['64']:.3f} | {r['size_mb_total']['onnx_int8']:.1f} MB" in text
     assert f"| {100 * top1:.1f} |" in text
     assert f"**{r['int8_speedup_over_pytorch_b1']:.2f}×** faster at batch 1" in text
+
+
+def test_blocks_are_rewritten_in_whichever_page_holds_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The front page and the docs pages are one set: each block is rendered in its own page, a name in two pages
+    is refused before anything is written, and the tool's default pages are README.md and docs/*.md."""
+    fake_demo(tmp_path)
+    shutil.copytree(REPO / "bench" / "results", tmp_path / "bench" / "results")
+    front, page = tmp_path / "README.md", tmp_path / "docs" / "guide.md"
+    page.parent.mkdir()
+    front.write_text(BEFORE + "old\n" + AFTER)
+    page.write_text("# Guide\n<!-- results:bench-cache -->\nold\n<!-- /results:bench-cache -->\nend\n")
+    assert main(["--root", str(tmp_path)]) == 0
+    assert f"{page}: regenerated bench-cache" in capsys.readouterr().out
+    assert "| teacher | – | 27.6 | 50.0 |" in front.read_text() and "old" not in front.read_text()
+    text = page.read_text()
+    assert text.startswith("# Guide\n<!-- results:bench-cache -->\n") and "≤ 1.05" in text and "old" not in text
+
+    before = {p: p.read_text() for p in (front, page)}
+    page.write_text(page.read_text() + "<!-- results:demo -->\nx\n<!-- /results:demo -->\n")
+    before[page] = page.read_text()
+    with pytest.raises(ReadmeError, match=r"block results:demo is also in .*README\.md; keep one of them"):
+        update_pages([front, page], tmp_path)
+    assert main(["--root", str(tmp_path)]) == 2
+    assert "keep one of them" in capsys.readouterr().err
+    assert {p: p.read_text() for p in (front, page)} == before  # nothing written
+
+
+def test_the_renderer_is_not_in_the_installed_package() -> None:
+    """`mmkd readme` is a repository tool now (tools/readme.py): neither the package nor its CLI carry it."""
+    import importlib.util
+
+    from mmkd.cli import COMMAND_MODULES
+
+    assert importlib.util.find_spec("mmkd.report.readme") is None
+    assert not any("readme" in m for m in COMMAND_MODULES)
+
+
+def test_the_front_page_is_short_and_links_every_docs_page() -> None:
+    """README.md is a front page (issue 22): at most ~300 lines, none over 200 characters outside the generated
+    blocks, one statement of the test time, and a link to each page of the docs site."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    prose = _BLOCK_ANY.sub("", text)
+    assert [line for line in prose.splitlines() if len(line) > 200] == []
+    assert len(re.findall(r"minutes on 2 cores", text)) == 1
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", text))
+    assert {p.name for p in (REPO / "docs").glob("*.md")} <= linked
+
+
+_BLOCK_ANY = re.compile(r"<!-- results:([\w.-]+) -->\n.*?<!-- /results:\1 -->", re.S)

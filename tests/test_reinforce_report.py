@@ -1,4 +1,4 @@
-"""The dataset-reinforcement README section (``mmkd.report.reinforce``) and the bytes a setting stores
+"""The dataset-reinforcement results section (``tools/readme_sections/reinforce.py``) and the bytes a setting stores
 (``bench/reinforce_world.py``): rendered from the JSON, with verdicts that follow the sweep's noise rule."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from tiny_runs import bench_script
 
-from mmkd.report.readme import ResultsMissing, update_readme
-from mmkd.report.reinforce import reinforce_world_section, verdict
+from readme_sections import ResultsMissing, update_readme
+from readme_sections.reinforce import reinforce_world_section, verdict
 
 
 def _bench():

@@ -148,7 +148,7 @@ def test_an_hf_tower_is_an_image_tower_only(info: TeacherInfo) -> None:
 def test_readme_section_renders_the_leaderboard_latency_and_int8_bytes(tmp_path: Path) -> None:
     import json
 
-    from mmkd.report.families import student_families_section
+    from readme_sections.families import student_families_section
 
     rows = [{"run": "student-vit", "role": "distilled", "zs_top1": 0.40, "zs_top1_sd": 0.02, "seeds": 3,
              "train_s": 200},

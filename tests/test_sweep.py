@@ -161,7 +161,7 @@ def test_sweep_runs_once_skips_finished_runs_and_writes_the_leaderboard(
         assert float(r["train_s"]) == metrics["train"]["seconds"]
     top1s = [float(r["zs_top1"]) for r in rows[1:]]
     assert top1s == sorted(top1s, reverse=True)
-    # leaderboard.json (what `mmkd readme` renders the README's copy from): the same table, and its command
+    # leaderboard.json (what `make readme` renders the docs' copy from): the same table, and its command
     from mmkd.report.leaderboard import markdown
 
     saved = json.loads((tmp_path / "sweep" / "leaderboard.json").read_text())

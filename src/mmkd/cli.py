@@ -21,7 +21,6 @@ COMMAND_MODULES = (
     "mmkd.commands.eval",
     "mmkd.commands.export",
     "mmkd.commands.report",
-    "mmkd.commands.readme",
     "mmkd.studies.matching.cli",
 )
 

@@ -2,7 +2,7 @@
 
 Written as ``leaderboard.md`` (what a person reads), ``leaderboard.csv`` (every metric, for a notebook),
 ``leaderboard.png`` (zero-shot top-1/top-5, retrieval R@1 and train time per grid point) and ``leaderboard.json``
-(the rows, notes and the command, from which ``mmkd readme`` renders the README's copy). A grid point run with
+(the rows, notes and the command, from which ``make readme`` renders the docs' copy). A grid point run with
 several seeds shows each metric's mean ± sd over them; every row has a bootstrap interval of zero-shot top-1
 over test images and every distilled row says whether its Δ vs scratch is beyond noise (``mmkd.report.noise``).
 """

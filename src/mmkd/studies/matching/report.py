@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.fileio import atomic_write_text
-from mmkd.report.readme import SECTIONS, read_json
 from mmkd.studies.matching.metrics import confusion_table
 
 LABELS = {"teacher": "teacher", "baseline": "baseline (BCE)", "kd_kl": "KD-KL", "kd_bce": "KD-BCE"}
@@ -143,20 +142,6 @@ def plot_demo(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> No
     fig.savefig(path, dpi=110)
 
 
-@SECTIONS.register("matching")
-def readme_section(root: Path) -> str:
-    """The README's matching results: the demo's table from ``runs/matching/matching.json`` and ``demo.json``."""
-    how = "run `mmkd matching demo configs/matching/demo.yaml` first"
-    results = read_json(root / "runs" / "matching" / "matching.json", "matching", how)
-    demo = read_json(root / "runs" / "matching" / "demo.json", "matching", how)
-    settings = demo.get("settings", {})
-    study_s = sum(d.get("seconds", 0) for d in settings.values())
-    head = (f"From `runs/matching/matching.json` of one `mmkd matching demo configs/matching/demo.yaml` run (seed "
-            f"{demo.get('config', {}).get('train', {}).get('seed', 0)}, nothing tuned on test; "
-            f"{demo['seconds']:.0f} s in all, {study_s:.0f} s of it in the studies):")
-    return head + "\n\n" + demo_table(results)
-
-
 # ------------------------------------------------------------------------------------------------ seeds
 
 
@@ -204,53 +189,3 @@ def seeds_summary(seeds: dict[str, Any]) -> list[str]:
         out.append(f"- {setting}: mean test F1 as a share of the teacher's: baseline "
                    f"{_kept(runs, t_f1, 'baseline', None)}, {', '.join(parts)} ({sizes}).")
     return out
-
-
-@SECTIONS.register("matching-seeds")
-def seeds_section(root: Path) -> str:
-    """The demo's students over several seeds (``runs/matching/seeds.json``): mean ± sd of test F1."""
-    how = "run `mmkd matching demo configs/matching/demo.yaml` (its seeds section) first"
-    seeds = read_json(root / "runs" / "matching" / "seeds.json", "matching-seeds", how)
-    n = sum(1 for s in seeds["settings"].values() for r in s["runs"] if not r["reused"])
-    head = (f"From `runs/matching/seeds.json` of the same `mmkd matching demo configs/matching/demo.yaml` run: "
-            f"seeds {', '.join(map(str, seeds['seeds']))} on the same pairs and teacher (the seed sets a student's "
-            f"initialisation and batch order; {n} extra student runs, the demo's own seed reused). Test F1, "
-            "mean ± sample sd over the seeds; the baseline never uses transfer pairs, so its two rows are the "
-            "same runs:")
-    return "\n".join([head, "", seeds_table(seeds), "", *seeds_summary(seeds)])
-
-
-# ------------------------------------------------------------------------------------------------ sweep section
-
-SWEEP_COMMAND = "mmkd matching sweep configs/matching/demo_sweep.yaml"
-
-
-@SECTIONS.register("matching-sweep")
-def sweep_section(root: Path, top: int = 5) -> str:
-    """The KD sweep on the demo's random pairs (``runs/matching/sweep/sweep.json``): top of the leaderboard,
-    the last row and the references, and the spread of the whole grid."""
-    how = f"run `mmkd matching demo configs/matching/demo.yaml`, then `{SWEEP_COMMAND}`"
-    sweep = read_json(root / "runs" / "matching" / "sweep" / "sweep.json", "matching-sweep", how)
-    rows = sweep["leaderboard"]
-    kd = [r for r in rows if r["rank"] != ""]
-    refs = [r for r in rows if r["rank"] == ""]
-    train = sweep.get("config", {}).get("train", {})
-    cut = len(kd) > top + 1
-    table = leaderboard_md([*kd[:top], kd[-1]] + refs if cut else kd + refs).split("\n")
-    if cut:  # after the header's two lines and the top rows
-        table.insert(2 + top, "| … |" + " |" * 9)
-    head = (f"From `runs/matching/sweep/sweep.json`, written by `{SWEEP_COMMAND}` on `{sweep['pairs']}` "
-            f"({len(kd)} KD runs, {train.get('epochs', '?')} epochs each, transfer pairs per pair: "
-            f"{train.get('transfer', 0)}; {sweep['seconds'] / 60:.0f} minutes in all). Ranked by validation F1; "
-            "the top, the last and the references:")
-    out = [head, "", *table, ""]
-    if kd:
-        vals, tests = [r["val_f1"] for r in kd], [r["test_f1"] for r in kd]
-        out.append(f"The {len(kd)} KD runs span {_pct(min(vals))}–{_pct(max(vals))} validation F1 and "
-                   f"{_pct(min(tests))}–{_pct(max(tests))} test F1; "
-                   + "; ".join(f"{LABELS.get(r['model'], r['model'])} {_pct(r['val_f1'])} / {_pct(r['test_f1'])}"
-                               for r in refs) + " (validation / test F1).")
-    s2 = next((r for r in kd if (r["variant"], r["temperature"], r["alpha"]) == ("bce", 3.0, 0.5)), None)
-    if s2 is not None:
-        out.append(f"S2's best setting (KD-BCE, T = 3, α = 0.5) ranks {s2['rank']} of {len(kd)} here.")
-    return "\n".join(out)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.report.leaderboard import markdown
-from mmkd.report.readme import SECTIONS, read_json
+from readme_sections.core import SECTIONS, read_json
 
 HOW = "run `python bench/reinforce_world.py` (after `make demo`, whose teacher is teacher A)"
 

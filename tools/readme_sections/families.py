@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from mmkd.report.readme import SECTIONS, read_json
+from readme_sections.core import SECTIONS, read_json
 
 HOW = "run `nice -n 10 python bench/student_families.py` (about 40 minutes on a loaded 2-core machine)"
 
