@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cache_cost import _tokenizer, make_teacher, records  # noqa: E402
 
 from mmkd.data.batches import ImageBank  # noqa: E402
-from mmkd.teacher.cache import build_cache, resolve_precision  # noqa: E402
+from mmkd.teacher.cache import BuildSpec, build_cache, resolve_precision  # noqa: E402
 from mmkd.teacher.targets import teacher_outputs  # noqa: E402
 
 
@@ -66,7 +66,8 @@ def time_forward(teacher: Any, pix: list[torch.Tensor], texts: list[list[str]], 
 def time_build(teacher: Any, recs: list, views: int, out: Path, batch_size: int, chunk_rows: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    build_cache(teacher, recs, out, views=views, dtype="float16", batch_size=batch_size, chunk_rows=chunk_rows)
+    build_cache(teacher, recs, out, BuildSpec(views=views, dtype="float16", batch_size=batch_size,
+                                              chunk_rows=chunk_rows))
     return time.perf_counter() - t0
 
 

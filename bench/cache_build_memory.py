@@ -57,7 +57,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from mmkd.data.resolve import records_from_spec
-    from mmkd.teacher.cache import build_cache
+    from mmkd.teacher.cache import BuildSpec, build_cache
 
     torch.set_num_threads(1)
     teacher = _teacher()
@@ -66,8 +66,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     recs = records_from_spec(_spec(args.work, 0, shards), args.work / f"dc-{args.n}", stream=True)
     index_s = time.perf_counter() - t0
-    result = build_cache(teacher, recs, args.work / f"tc-{args.n}", views=1, dtype="float16", batch_size=256,
-                         chunk_rows=1024, precision="fp32")
+    result = build_cache(teacher, recs, args.work / f"tc-{args.n}",
+                         BuildSpec(views=1, dtype="float16", batch_size=256, chunk_rows=1024, precision="fp32"))
     peak_kb = status_kb("VmHWM")
     return {"n": len(recs), "index_s": round(index_s, 1), "build_s": round(time.perf_counter() - t0 - index_s, 1),
             "chunks_built": result.chunks_built, "peak_rss_mb": round(peak_kb / 1024, 1),

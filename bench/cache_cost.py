@@ -117,7 +117,7 @@ def build_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Build the cache of ``args.shape`` (in its own process too, so the parent stays small)."""
     import torch
 
-    from mmkd.teacher.cache import build_cache
+    from mmkd.teacher.cache import BuildSpec, build_cache
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,8 +128,8 @@ def build_worker(args: argparse.Namespace) -> dict[str, Any]:
         seed, views, name = ENSEMBLE_SEEDS[member], ENSEMBLE_VIEWS, f"{_cache_name(args)}-ensemble{member}"
     teacher = make_teacher(args.shape, tok, seed)
     recs = records(args.samples, Path(args.work))
-    res = build_cache(teacher, recs, Path(args.work) / name, views=views, seed=SEED,
-                      dtype=args.dtype, batch_size=64, chunk_rows=256)
+    res = build_cache(teacher, recs, Path(args.work) / name, BuildSpec(views=views, seed=SEED, dtype=args.dtype,
+                                                                       batch_size=64, chunk_rows=256))
     return {"seconds": res.seconds, "built": res.chunks_built, "params": sum(p.numel() for p in teacher.parameters())}
 
 

@@ -26,6 +26,7 @@ from mmkd.data.records import Record
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.hub import save_dual_encoder
 from mmkd.teacher.cache import (
+    BuildSpec,
     CachedTeacher,
     CacheError,
     CacheExpectation,
@@ -65,7 +66,7 @@ def records() -> list[Record]:
 def _build(teacher: DualEncoder, records: list[Record], out: Path, **kw: Any) -> Any:
     kw = {"views": VIEWS, "dtype": "float32", "features": True, "chunk_rows": 8, "batch_size": 8,
           "precision": "fp32", **kw}
-    return build_cache(teacher, records, out, **kw)
+    return build_cache(teacher, records, out, BuildSpec(**kw))
 
 
 # -------------------------------------------------------------------------------------------------- replay
@@ -361,8 +362,8 @@ def _build_worker(rank: int, world: int, port: int, tok_path: str, out: str) -> 
     torch.set_num_threads(1)
     info = mdist.init_distributed()
     assert info.world_size == world
-    result = build_cache(tiny_dual_encoder(tok_path), make_records(per_shard=10), out, views=VIEWS, features=True,
-                         chunk_rows=8, batch_size=8)
+    result = build_cache(tiny_dual_encoder(tok_path), make_records(per_shard=10), out,
+                         BuildSpec(views=VIEWS, features=True, chunk_rows=8, batch_size=8))
     (Path(out).parent / f"rank{rank}.json").write_text(json.dumps({"built": result.chunks_built}))
     torch.distributed.destroy_process_group()
 
@@ -377,8 +378,8 @@ def test_two_process_build_equals_one_process_build(minilm_path: str, tmp_path: 
             for p in ctx.processes:
                 p.kill()
             pytest.fail("2 cache-building processes did not finish within 180 s")
-    one = build_cache(tiny_dual_encoder(minilm_path), make_records(per_shard=10), tmp_path / "one", views=VIEWS,
-                      features=True, chunk_rows=8, batch_size=8)
+    one = build_cache(tiny_dual_encoder(minilm_path), make_records(per_shard=10), tmp_path / "one",
+                      BuildSpec(views=VIEWS, features=True, chunk_rows=8, batch_size=8))
     built = [json.loads((tmp_path / f"rank{r}.json").read_text())["built"] for r in range(2)]
     # 4 shards of 10 samples: per segment 2 image chunks + 2 text chunks (15 captions); 2 segments per rank
     assert sum(built) == one.chunks_built == 16 and built == [8, 8]
@@ -480,7 +481,7 @@ def test_distill_refuses_a_cache_without_what_the_objectives_need(
     data = _jsonl(tmp_path, records[:16])
     from mmkd.data.resolve import records_from_spec
 
-    build_cache(teacher, records_from_spec(f"jsonl:{data}"), tmp_path / "tc", views=1, chunk_rows=8)
+    build_cache(teacher, records_from_spec(f"jsonl:{data}"), tmp_path / "tc", BuildSpec(views=1, chunk_rows=8))
     cfg = _run_config(tmp_path, tmp_path / "tc", data)
     assert main(["distill", str(cfg)]) == 2
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ from mmkd.cli import main
 from mmkd.data.records import Record
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.hub import save_dual_encoder
-from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, build_cache, verify_cache
+from mmkd.teacher.cache import BuildSpec, CachedTeacher, CacheError, CacheExpectation, build_cache, verify_cache
 from mmkd.teacher.cache import build as cache_build
 from mmkd.teacher.cache import format as cache_format
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 
 def _build(teacher: DualEncoder, records: list[Record], out: Path, **kw: Any) -> Any:
     kw = {"views": 2, "dtype": "float32", "chunk_rows": 4, "batch_size": 8, "precision": "fp32", **kw}
-    return build_cache(teacher, records, out, **kw)
+    return build_cache(teacher, records, out, BuildSpec(**kw))
 
 
 def _stat(folder: Path) -> dict[str, tuple[bytes, int]]:

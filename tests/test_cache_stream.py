@@ -16,7 +16,7 @@ from test_cache_scale import _tar
 from mmkd.data.records import BadSamples
 from mmkd.data.sharded import ShardedRecords, open_shards
 from mmkd.models.dual_encoder import DualEncoder
-from mmkd.teacher.cache import CacheError, build_cache
+from mmkd.teacher.cache import BuildSpec, CacheError, build_cache
 
 SHARDS, PER_SHARD = 3, 5
 
@@ -35,7 +35,8 @@ def _shards(folder: Path) -> str:
 
 
 def _build(teacher: DualEncoder, records: Any, out: Path) -> Any:
-    return build_cache(teacher, records, out, views=2, dtype="float32", chunk_rows=4, batch_size=8, precision="fp32")
+    return build_cache(teacher, records, out,
+                       BuildSpec(views=2, dtype="float32", chunk_rows=4, batch_size=8, precision="fp32"))
 
 
 def _files(folder: Path) -> dict[str, bytes]:

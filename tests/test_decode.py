@@ -206,14 +206,14 @@ def test_cache_built_by_the_previous_transform_version_is_refused(minilm_path: s
     from conftest import tiny_dual_encoder
 
     from mmkd.data import transforms
-    from mmkd.teacher.cache import CachedTeacher, CacheExpectation, CacheFingerprintError, build_cache
+    from mmkd.teacher.cache import BuildSpec, CachedTeacher, CacheExpectation, CacheFingerprintError, build_cache
     from mmkd.teacher.cache import meta as cache_meta
 
     assert transforms.TRANSFORM_VERSION == 2  # 2: JPEGs decoded with DCT scaling (mmkd.data.decode)
     recs = [Record(f"s{i}", SYNTHETIC["jpeg"](), (f"a photo {i}",)) for i in range(4)]
     monkeypatch.setattr(cache_meta, "TRANSFORM_VERSION", 1)  # as the mmkd before DCT-scaled decoding wrote it
-    build_cache(tiny_dual_encoder(minilm_path), recs, tmp_path / "c", views=2, dtype="float32", chunk_rows=4,
-                batch_size=4, precision="fp32")
+    build_cache(tiny_dual_encoder(minilm_path), recs, tmp_path / "c",
+                BuildSpec(views=2, dtype="float32", chunk_rows=4, batch_size=4, precision="fp32"))
     with pytest.raises(CacheFingerprintError, match="transform.version: the cache's views come from transform "
                                                     "version 1, this mmkd makes version 2"):
         CachedTeacher.open(tmp_path / "c").check(CacheExpectation())

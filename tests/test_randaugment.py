@@ -37,7 +37,14 @@ from mmkd.data.transforms import (
 from mmkd.dist import DistInfo
 from mmkd.errors import UsageError
 from mmkd.models.dual_encoder import DualEncoder
-from mmkd.teacher.cache import CachedTeacher, CacheExpectation, CacheFingerprintError, build_cache, cache_size
+from mmkd.teacher.cache import (
+    BuildSpec,
+    CachedTeacher,
+    CacheExpectation,
+    CacheFingerprintError,
+    build_cache,
+    cache_size,
+)
 from mmkd.teacher.targets import teacher_outputs
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -372,8 +379,8 @@ def test_bytes_per_sample_are_exact(teacher: DualEncoder, tmp_path: Path, dtype:
     n, caps = 10, 2
     recs = records(n, caps)
     out = tmp_path / "c"
-    build_cache(teacher, recs, out, views=views, dtype=dtype, features=features, chunk_rows=4, batch_size=8,
-                precision="fp32", augmentation=with_randaugment(None, RA))
+    build_cache(teacher, recs, out, BuildSpec(views=views, dtype=dtype, features=features, chunk_rows=4, batch_size=8,
+                                              precision="fp32", augmentation=with_randaugment(None, RA)))
     size = cache_size(out)
     item = {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
     d = teacher.projection_dim

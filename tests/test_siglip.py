@@ -207,7 +207,7 @@ def test_a_siglip_teacher_cache_carries_the_bias(siglip_dir: Path, tmp_path: Pat
     cfg.write_text(text.replace(old, student))
     assert main(["cache", "--teacher", str(siglip_dir), "--config", str(cfg), "--threads", "1"]) == 0
     cache = CachedTeacher.open(tmp_path / "tc")
-    assert cache.meta["fingerprint"]["teacher"]["logit_bias"] == -12.5
+    assert cache.info.teacher.logit_bias == -12.5
     assert main(["distill", str(cfg), "train.threads=1"]) == 0
     log = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "siglip" in log

@@ -17,7 +17,7 @@ from mmkd.data.transforms import with_randaugment
 from mmkd.devices import resolve_device
 from mmkd.dist import init_distributed
 from mmkd.errors import UsageError
-from mmkd.teacher.cache import BuildResult, CacheError, build_cache
+from mmkd.teacher.cache import BuildResult, BuildSpec, CacheError, build_cache
 from mmkd.teacher.cache.size import cache_size
 
 
@@ -106,13 +106,12 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
     teacher_path, records, out = cache_inputs(args)
     ra = cache_randaugment(flag, getattr(args, "randaugment_config", None))
     captioner, sampling = _captioner(args)  # a bad captioner fails before the teacher is loaded
+    spec = BuildSpec(views=args.views, dtype=args.dtype, features=args.features, seed=args.seed,
+                     augmentation=with_randaugment(None, ra) or None, precision=args.precision,
+                     chunk_rows=args.chunk_rows, batch_size=args.batch_size, source=_source_name(teacher_path),
+                     captioner=captioner.to(device) if captioner is not None else None, sampling=sampling)
     teacher = load_dual_encoder(teacher_path).to(device)
-    result = build_cache(teacher, records, out, views=args.views, dtype=args.dtype, features=args.features,
-                         seed=args.seed, augmentation=with_randaugment(None, ra) or None,
-                         batch_size=args.batch_size, chunk_rows=args.chunk_rows,
-                         precision=args.precision, source=_source_name(teacher_path), progress=info.is_main,
-                         log=log if info.is_main else None,
-                         captioner=captioner.to(device) if captioner is not None else None, sampling=sampling)
+    result = build_cache(teacher, records, out, spec, progress=info.is_main, log=log if info.is_main else None)
     if info.is_main:
         log(f"teacher cache ready: {result.root} ({result.n_samples} samples × {result.views} view(s), "
             f"{result.n_captions} captions; {result.chunks_built} chunk(s) written in {result.segments_built} shard "

@@ -239,12 +239,13 @@ def build_teacher_cache(cfg: RunConfig, teacher: DualEncoder, teacher_dir: str, 
     """The cache ``mmkd cache --config`` would build for the cached student's data, with the demo's mild crops
     (built once; a partial one resumes)."""
     from mmkd.pipeline import training_records
-    from mmkd.teacher.cache import build_cache
+    from mmkd.teacher.cache import BuildSpec, build_cache
 
     paired, unpaired = training_records(cfg)
     records = paired + (unpaired or [])
-    build_cache(teacher, records, folder, views=settings.cache_views, dtype="float16", seed=4,
-                augmentation=settings.cache_augmentation, source=teacher_dir, log=log)
+    build_cache(teacher, records, folder, BuildSpec(views=settings.cache_views, dtype="float16", seed=4,
+                                                    augmentation=settings.cache_augmentation, source=teacher_dir),
+                log=log)
 
 
 def link(name: Path, target: Path) -> None:

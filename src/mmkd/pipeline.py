@@ -7,7 +7,6 @@ The teacher may be a dual encoder (``teacher_modality: image_text``), an image m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -387,7 +386,7 @@ def _online_ensemble(members: list[RunConfig], parts: list[tuple[Targets, tuple[
 
 def cache_context(student: Any, cache: CachedTeacher) -> ObjectiveContext:
     """What the objectives need to know of a cached teacher (its widths; a SigLIP teacher's scale and bias)."""
-    t_bias = cache.meta["fingerprint"]["teacher"].get("logit_bias")  # a SigLIP teacher's (None for others)
+    t_bias = cache.info.teacher.logit_bias  # a SigLIP teacher's (None for others)
     return ObjectiveContext(student.projection_dim, cache.embed_dim, feature_widths(student), cache.feature_dims,
                             teacher_logit_scale=cache.logit_scale if t_bias is not None else None,
                             teacher_logit_bias=t_bias,
@@ -447,8 +446,8 @@ def _cached_setup(cfg: RunConfig, folders: list[str], info: DistInfo, log: Any, 
     views = cfg.data.views or (cache.views if cfg.data.augment else 1)
     data = TrainData(s_paired, s_unpaired, cfg.data.batch_size, cfg.data.unpaired_batch_size,
                      world=info.world_size, seed=cfg.train.seed, views=views, window=cfg.data.shard_window)
-    t_prints = [c.meta["fingerprint"]["teacher"].get("weights_sha256") for c in caches]
-    c_prints = [hashlib.sha256(json.dumps(c.meta["fingerprint"], sort_keys=True).encode()).hexdigest() for c in caches]
+    t_prints = [c.info.teacher.weights_sha256 for c in caches]
+    c_prints = [c.info.fingerprint_sha256 for c in caches]
     prints = ({"teacher": t_prints[0], "cache": c_prints[0]} if len(caches) == 1
               else {"teacher": t_prints, "cache": c_prints})
     if cfg.data.synthetic_captions.enabled:

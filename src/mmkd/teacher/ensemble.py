@@ -51,7 +51,7 @@ def targets_to(targets: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 AGREE = (("views", lambda c: c.views), ("transform.view_seed", lambda c: c.view_seed),
          ("transform.augmentation", lambda c: c.augmentation),
-         ("transform.version", lambda c: c.meta["fingerprint"]["transform"]["version"]))
+         ("transform.version", lambda c: c.info.transform_version))
 
 
 def check_agreement(caches: Sequence[CachedTeacher]) -> None:

@@ -10,7 +10,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,7 +23,6 @@ import torch
 from mmkd import dist as mdist
 from mmkd.data.batches import ImageBank
 from mmkd.data.records import DataError, Record
-from mmkd.data.transforms import AUGMENTATION_FIELDS
 from mmkd.locking import FolderLock
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher import fingerprint as fp
@@ -32,38 +31,27 @@ from mmkd.teacher.cache.folder import check_same_build, prepare_folder, prepare_
 from mmkd.teacher.cache.format import (
     DONE_FILE,
     DTYPES,
-    PRECISIONS,
     SEGMENT_FILE,
     SEGMENTS,
     SHARD_STAMP,
     CacheError,
     Chunk,
     Layout,
-    array_sha256,
+    commit_chunk,
     read_json_or_none,
     read_manifest,
     segment_name,
     shard_id,
     to_storage,
     write_json,
-    write_npy,
 )
 from mmkd.teacher.cache.index import KeyIndex
 from mmkd.teacher.cache.meta import cache_meta
-from mmkd.teacher.captioner import Captioner, Sampling
-from mmkd.teacher.targets import bf16_supported, teacher_outputs
+from mmkd.teacher.cache.spec import BuildSpec
+from mmkd.teacher.targets import teacher_outputs
 
 PUBLISH_EVERY_S = 300.0  # rank 0 rewrites the manifest during a build at most this often
 PUBLISH_SHARE = 0.1  # and spends at most about this share of the build's time on it (the index grows with the data)
-
-
-def resolve_precision(precision: str, device_type: str | None = None) -> str:
-    """``auto`` → bf16 where the device computes it fast, else fp32."""
-    if precision not in PRECISIONS:
-        raise CacheError(f"precision {precision!r} unknown; valid: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if bf16_supported(device_type) else "fp32"
-    return precision
 
 
 @dataclass
@@ -239,39 +227,11 @@ class _Writer:
             self._pool.shutdown(wait=True)
 
 
-def commit_chunk(layout: Layout, chunk: Chunk, arrays: dict[str, np.ndarray],
-                 extra: dict[str, Any] | None = None) -> None:
-    """Write a chunk's shards (each atomically), then its marker (with ``extra``): the marker is the commit."""
-    files = {}
-    for name, arr in arrays.items():
-        expected = layout.shape(chunk, name)
-        if arr.shape != expected:
-            raise RuntimeError(f"internal error: {chunk.name}.{name} has shape {arr.shape}, expected {expected}")
-        write_npy(layout.shard(chunk, name), arr)
-        files[name] = {"shape": list(arr.shape), "sha256": array_sha256(arr)}
-    write_json(layout.marker(chunk), {"rows": [chunk.lo, chunk.hi], "files": files, **(extra or {})})
-
-
-def build_cache(
-    teacher: DualEncoder,
-    records: Sequence[Record] | Sequence[Sequence[Record]],
-    out_dir: str | os.PathLike,
-    *,
-    views: int = 1,
-    dtype: str = "float16",
-    features: bool = False,
-    seed: int = 0,
-    augmentation: Mapping[str, Any] | None = None,
-    batch_size: int = 64,
-    chunk_rows: int = 1024,
-    precision: str = "auto",
-    source: str = "",
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
-    captioner: Captioner | None = None,
-    sampling: Sampling | None = None,
-) -> BuildResult:
-    """Run ``teacher`` once over ``records`` (K views each) and their captions, writing a cache to ``out_dir``.
+def build_cache(teacher: DualEncoder, records: Sequence[Record] | Sequence[Sequence[Record]],
+                out_dir: str | os.PathLike, spec: BuildSpec | None = None, *, progress: bool = False,
+                log: Callable[[str], None] | None = None) -> BuildResult:
+    """Run ``teacher`` once over ``records`` (``spec.views`` views each) and their captions, writing a cache to
+    ``out_dir`` as ``spec`` says (default: ``BuildSpec()``).
 
     ``records``: one source (a list, or sharded records read on demand) or a tuple of sources (e.g. paired and
     unpaired). Sharded sources are walked shard by shard, so the build holds one shard's records at a time.
@@ -279,35 +239,14 @@ def build_cache(
     segment is complete is checked against the data and left untouched, a partial one resumes chunk by chunk, a new
     one is computed, so a grown dataset costs only its new shards. Under torchrun (an initialised process group)
     rank r builds data segments r, r + N, ...; rank 0 publishes the manifest after a barrier, and the call returns
-    when all are committed. ``augmentation`` holds
-    TransformConfig's ``scale``/``ratio``/``hflip`` (default: the training defaults); ``precision`` is the
-    teacher's compute precision (``auto``: bfloat16 where the CPU/GPU supports it). The teacher's training
-    mode is restored afterwards and its parameters are not modified. ``captioner`` with ``sampling``: also store
-    ``sampling.n`` synthetic captions per sample and their teacher text targets (``mmkd.teacher.cache.synthetic``).
+    when all are committed. The teacher's training mode is restored afterwards and its parameters are not modified.
     """
     t0 = time.perf_counter()
-    if views < 1:
-        raise CacheError(f"views must be ≥ 1 (view 0 is the plain eval transform), got {views}")
-    if dtype not in DTYPES:
-        raise CacheError(f"dtype {dtype!r} unknown; valid: {', '.join(DTYPES)}")
-    if batch_size < 1 or chunk_rows < 1:
-        raise CacheError(f"batch_size and chunk_rows must be ≥ 1, got {batch_size} and {chunk_rows}")
-    unknown = sorted(set(augmentation or {}) - set(AUGMENTATION_FIELDS))
-    if unknown:
-        raise CacheError(f"augmentation: unknown setting(s) {unknown}; valid: {', '.join(AUGMENTATION_FIELDS)}")
-    sources = list(records) if isinstance(records, tuple) else [records]
-    if not any(len(src) for src in sources):
-        raise CacheError("no records to cache: the data is empty")
-    # keys are checked unique here for records in memory; a shard index refused duplicates when it was built, and
-    # a key another segment holds is refused as each segment starts
-    _check_keys([r for src in sources if not _sharded(src) for r in src])
-    shards = shard_groups(sources)
-    n_samples = sum(g.n for g in shards)
-    prec = resolve_precision(precision, next(teacher.parameters()).device.type)
-    meta = cache_meta(teacher, views=views, dtype=dtype, features=features, seed=seed, augmentation=augmentation,
-                      precision=prec, chunk_rows=chunk_rows, source=source, captioner=captioner, sampling=sampling)
+    shards = shard_groups(_sources(records))
+    spec = (spec or BuildSpec()).resolved(next(teacher.parameters()).device.type)
+    meta = cache_meta(teacher, spec)
     root = Path(out_dir)
-    rank, world = mdist.rank(), mdist.world_size()
+    rank = mdist.rank()
     stats = {"chunks_built": 0, "chunks_skipped": 0, "segments_built": 0, "segments_skipped": 0, "captions": 0}
     # rank 0 holds the folder for the whole build: a second build fails at once instead of deleting this one's
     # temporary files or racing it at the rename
@@ -319,43 +258,66 @@ def build_cache(
         mdist.barrier()
         if rank != 0:
             check_same_build(root, meta)
-        cached = _published_keys(root)
-        mine = shards[rank::world]  # rank r builds data segments r, r + N, ...
-        if log and rank == 0:
-            done = sum((root / SEGMENTS / segment_name(g.shard) / DONE_FILE).is_file() for g in shards)
-            log(f"teacher cache {root}: {n_samples} samples in {len(shards)} data shard(s) × {views} view(s), "
-                f"{dtype}, {prec} compute" + (f"; {done} shard(s) already cached" if done else "")
-                + (f"; ranks split the shards ({world} ranks)" if world > 1 else ""))
-        bar = _progress_bar(mine, views, enabled=progress and rank == 0)
-        order = [segment_name(g.shard) for g in shards]
-        published, publish_s = time.monotonic(), 0.0
-        was_training = teacher.training
-        teacher.eval()
-        try:
-            for group in mine:
-                _build_segment(teacher, root, meta, group, cached, stats, bar, log if rank == 0 else None,
-                               views=views, seed=seed, augmentation=augmentation, features=features,
-                               bf16=prec == "bf16", batch_size=batch_size, captioner=captioner, sampling=sampling)
-                # a long build publishes what every rank finished now and then, so training can use it early
-                # (data.only_cached_shards) before it ends
-                if rank == 0 and time.monotonic() - published >= max(PUBLISH_EVERY_S, publish_s / PUBLISH_SHARE):
-                    t = time.monotonic()
-                    publish(root, order)
-                    published, publish_s = time.monotonic(), time.monotonic() - t
-        finally:
-            teacher.train(was_training)
-            bar.close()
+        _build_segments(teacher, root, meta, spec, shards, stats, progress, log)
         mdist.barrier()
         if rank == 0:
-            manifest = publish(root, order, final=True)
-            listed = {s["name"] for s in manifest["segments"]}
-            missing = [g.shard or "in memory" for g in shards if segment_name(g.shard) not in listed]
-            if missing:
-                raise CacheError(f"{root}: the segments of {len(missing)} shard(s) were not written by their ranks "
-                                 f"(first: {missing[0]}); rerun the same command to complete them")
-    return BuildResult(root, n_samples, stats["captions"], views,
+            _publish_final(root, shards)
+    return BuildResult(root, sum(g.n for g in shards), stats["captions"], spec.views,
                        stats["chunks_built"], stats["chunks_skipped"], time.perf_counter() - t0,
                        stats["segments_built"], stats["segments_skipped"])
+
+
+def _sources(records: Sequence[Record] | Sequence[Sequence[Record]]) -> list[Sequence[Record]]:
+    """The data sources of ``records`` (a tuple of sources, or one), refused when empty or keys repeat."""
+    sources = list(records) if isinstance(records, tuple) else [records]
+    if not any(len(src) for src in sources):
+        raise CacheError("no records to cache: the data is empty")
+    # keys are checked unique here for records in memory; a shard index refused duplicates when it was built, and
+    # a key another segment holds is refused as each segment starts
+    _check_keys([r for src in sources if not _sharded(src) for r in src])
+    return sources
+
+
+def _build_segments(teacher: DualEncoder, root: Path, meta: dict[str, Any], spec: BuildSpec,
+                    shards: list[ShardGroup], stats: dict[str, int], progress: bool,
+                    log: Callable[[str], None] | None) -> None:
+    """This rank's segments (rank r builds data segments r, r + N, ...), rank 0 publishing now and then."""
+    rank, world = mdist.rank(), mdist.world_size()
+    cached = _published_keys(root)
+    mine = shards[rank::world]
+    if log and rank == 0:
+        done = sum((root / SEGMENTS / segment_name(g.shard) / DONE_FILE).is_file() for g in shards)
+        log(f"teacher cache {root}: {sum(g.n for g in shards)} samples in {len(shards)} data shard(s) × "
+            f"{spec.views} view(s), {spec.dtype}, {spec.precision} compute"
+            + (f"; {done} shard(s) already cached" if done else "")
+            + (f"; ranks split the shards ({world} ranks)" if world > 1 else ""))
+    bar = _progress_bar(mine, spec.views, enabled=progress and rank == 0)
+    order = [segment_name(g.shard) for g in shards]
+    published, publish_s = time.monotonic(), 0.0
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for group in mine:
+            _build_segment(teacher, root, meta, spec, group, cached, stats, bar, log if rank == 0 else None)
+            # a long build publishes what every rank finished now and then, so training can use it early
+            # (data.only_cached_shards) before it ends
+            if rank == 0 and time.monotonic() - published >= max(PUBLISH_EVERY_S, publish_s / PUBLISH_SHARE):
+                t = time.monotonic()
+                publish(root, order)
+                published, publish_s = time.monotonic(), time.monotonic() - t
+    finally:
+        teacher.train(was_training)
+        bar.close()
+
+
+def _publish_final(root: Path, shards: list[ShardGroup]) -> None:
+    """The manifest of every segment, once all ranks committed theirs; refused if a rank's segment is missing."""
+    manifest = publish(root, [segment_name(g.shard) for g in shards], final=True)
+    listed = {s["name"] for s in manifest["segments"]}
+    missing = [g.shard or "in memory" for g in shards if segment_name(g.shard) not in listed]
+    if missing:
+        raise CacheError(f"{root}: the segments of {len(missing)} shard(s) were not written by their ranks "
+                         f"(first: {missing[0]}); rerun the same command to complete them")
 
 
 Published = tuple[KeyIndex, list[dict[str, Any]]] | None
@@ -378,9 +340,8 @@ def _progress_bar(mine: Sequence[ShardGroup], views: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="teacher cache", disable=None if enabled else True, leave=False, unit="item")
 
 
-def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], group: ShardGroup,
-                   cached: Published, stats: dict[str, int], bar: Any, log: Callable[[str], None] | None,
-                   **compute: Any) -> None:
+def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], spec: BuildSpec, group: ShardGroup,
+                   cached: Published, stats: dict[str, int], bar: Any, log: Callable[[str], None] | None) -> None:
     """One data shard's segment: its index (keys, digests, captions), then every chunk not yet committed, then
     its commit. A complete segment is checked and left as it is: not one of its files is written again (but its
     shard stamp, which is not the segment's data, is added when missing)."""
@@ -414,15 +375,14 @@ def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], group
     stats["chunks_skipped"] += len(layout.chunks()) - len(todo)
     skipped = [c for c in layout.chunks() if c not in todo]
     bar.total += sum(c.hi - c.lo for c in layout.chunks("syncap"))
-    bar.update(sum((c.hi - c.lo) * (compute["views"] if c.kind == "image" else 1) for c in skipped))
+    bar.update(sum((c.hi - c.lo) * (spec.views if c.kind == "image" else 1) for c in skipped))
     if todo:
-        captioner, sampling = compute.pop("captioner"), compute.pop("sampling")
-        _compute(teacher, records, captions, layout, [c for c in todo if c.kind != "syncap"], bar=bar, **compute)
+        _compute(teacher, records, captions, layout, [c for c in todo if c.kind != "syncap"], spec, bar)
         syncaps = [c for c in todo if c.kind == "syncap"]
         if syncaps:
-            synthetic.compute(teacher, captioner, sampling, records, layout, syncaps, seed=compute["seed"],
-                              features=compute["features"], bf16=compute["bf16"],
-                              batch_size=compute["batch_size"], bar=bar)
+            synthetic.compute(teacher, spec.captioner, spec.sampling, records, layout, syncaps,  # type: ignore[arg-type]
+                              seed=spec.seed, features=spec.features, bf16=spec.bf16, batch_size=spec.batch_size,
+                              bar=bar)
         stats["chunks_built"] += len(todo)
         stats["segments_built"] += 1
     else:
@@ -434,11 +394,12 @@ def _build_segment(teacher: DualEncoder, root: Path, meta: dict[str, Any], group
 
 
 def _compute(teacher: DualEncoder, records: list[Record], captions: list[str], layout: Layout, todo: list[Chunk],
-             *, views: int, seed: int, augmentation: Mapping[str, Any] | None, features: bool, bf16: bool,
-             batch_size: int, bar: Any) -> None:
+             spec: BuildSpec, bar: Any) -> None:
+    """Run the teacher over the image and caption chunks ``todo``, committing each chunk in a background writer."""
     tm = teacher.meta
-    bank = ImageBank(records, tm.image_size, tm.image_mean, tm.image_std, augment=True, seed=seed,
-                     augmentation=augmentation)
+    views, batch_size, features, bf16 = spec.views, spec.batch_size, spec.features, spec.bf16
+    bank = ImageBank(records, tm.image_size, tm.image_mean, tm.image_std, augment=True, seed=spec.seed,
+                     augmentation=spec.augmentation)
 
     def jobs() -> Iterator[tuple[Any, Callable[[], Any]]]:
         for c in todo:

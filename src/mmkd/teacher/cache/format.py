@@ -243,6 +243,26 @@ class Layout:
                              f"{DTYPES[self.dtype]} array. {fix}")
 
 
+def commit_chunk(layout: Layout, chunk: Chunk, arrays: dict[str, np.ndarray],
+                 extra: dict[str, Any] | None = None) -> None:
+    """Write a chunk's shards (each atomically), then its marker (with ``extra``): the marker is the commit."""
+    files = {}
+    for name, arr in arrays.items():
+        expected = layout.shape(chunk, name)
+        if arr.shape != expected:
+            raise RuntimeError(f"internal error: {chunk.name}.{name} has shape {arr.shape}, expected {expected}")
+        write_npy(layout.shard(chunk, name), arr)
+        files[name] = {"shape": list(arr.shape), "sha256": array_sha256(arr)}
+    write_json(layout.marker(chunk), {"rows": [chunk.lo, chunk.hi], "files": files, **(extra or {})})
+
+
+STRINGS = "syncaps"  # a synthetic-caption chunk's string table: ``syncap-00000.syncaps.bytes.npy`` / ``.offsets.npy``
+
+
+def strings_name(chunk: Chunk) -> str:
+    return f"{chunk.name}.{STRINGS}"
+
+
 def read_meta(root: Path) -> dict[str, Any]:
     meta = read_json(root / "meta.json", f"{root} is not a teacher cache (build one with `mmkd cache`)")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

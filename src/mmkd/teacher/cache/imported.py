@@ -30,7 +30,7 @@ from mmkd.data.transforms import TRANSFORM_VERSION, TransformConfig, augmentatio
 from mmkd.locking import FolderLock
 from mmkd.models.dual_encoder import EncoderMeta
 from mmkd.teacher import fingerprint as fp
-from mmkd.teacher.cache.build import by_shard, commit_chunk
+from mmkd.teacher.cache.build import by_shard
 from mmkd.teacher.cache.clip_retrieval import Partition, list_partitions, load_embeddings, read_metadata
 from mmkd.teacher.cache.folder import prepare_folder, prepare_segment, publish, segment_meta
 from mmkd.teacher.cache.format import (
@@ -42,6 +42,7 @@ from mmkd.teacher.cache.format import (
     SEGMENTS,
     CacheError,
     Layout,
+    commit_chunk,
     row_format,
     segment_name,
     to_storage,

@@ -4,7 +4,6 @@ cache *is* reads in one place."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from mmkd.data.batches import ImageBank
@@ -14,27 +13,26 @@ from mmkd.models.dual_encoder import DualEncoder
 from mmkd.teacher import fingerprint as fp
 from mmkd.teacher.cache import synthetic
 from mmkd.teacher.cache.format import DTYPES, FORMAT, FORMAT_VERSION, row_format
-from mmkd.teacher.captioner import Captioner, Sampling
+from mmkd.teacher.cache.spec import BuildSpec
 
 
-def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, seed: int,
-               augmentation: Mapping[str, Any] | None, precision: str, chunk_rows: int, source: str = "",
-               captioner: Captioner | None = None, sampling: Sampling | None = None) -> dict[str, Any]:
-    """meta.json of the cache these arguments build: the fingerprint of everything but the data (each segment
-    fingerprints its own shard's data) and the layout."""
+def cache_meta(teacher: DualEncoder, spec: BuildSpec) -> dict[str, Any]:
+    """meta.json of the cache ``spec`` builds with ``teacher`` (``spec.precision`` resolved: ``BuildSpec.resolved``):
+    the fingerprint of everything but the data (each segment fingerprints its own shard's data) and the layout."""
+    views, seed, features = spec.views, spec.seed, spec.features
     bank = ImageBank([], teacher.meta.image_size, teacher.meta.image_mean, teacher.meta.image_std, True, seed,
-                     augmentation)
-    identity = fp.teacher_identity(teacher, source)
+                     spec.augmentation)
+    identity = fp.teacher_identity(teacher, spec.source)
     dim, fdims = identity["projection_dim"], identity["feature_dims"]
     arrays: dict[str, list[int]] = {"image_embeds": [views, dim], "text_embeds": [dim]}
     if features:
         arrays.update(image_features=[views, fdims["image"]], text_features=[fdims["text"]])
     extra: dict[str, Any] = {}
-    if captioner is not None and sampling is not None:  # N synthetic captions per sample and their text targets
-        extra["captioner"] = synthetic.fingerprint(captioner, sampling, seed)
-        arrays["syncap_embeds"] = [sampling.n, dim]
+    if spec.captioner is not None and spec.sampling is not None:  # N synthetic captions per sample, text targets
+        extra["captioner"] = synthetic.fingerprint(spec.captioner, spec.sampling, seed)
+        arrays["syncap_embeds"] = [spec.sampling.n, dim]
         if features:
-            arrays["syncap_features"] = [sampling.n, fdims["text"]]
+            arrays["syncap_features"] = [spec.sampling.n, fdims["text"]]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -47,9 +45,9 @@ def cache_meta(teacher: DualEncoder, *, views: int, dtype: str, features: bool, 
                           # simplejpeg and PIL's draft() decode a JPEG to slightly different pixels
                           "decoder": jpeg_decoder().name},
             "views": int(views),
-            "storage": {"dtype": dtype, "features": bool(features), "precision": precision},
+            "storage": {"dtype": spec.dtype, "features": bool(features), "precision": spec.precision},
             **extra,
         },
-        "layout": {"chunk_rows": int(chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[dtype].str,
-                   **row_format(dtype)},
+        "layout": {"chunk_rows": int(spec.chunk_rows), "arrays": arrays, "numpy_dtype": DTYPES[spec.dtype].str,
+                   **row_format(spec.dtype)},
     }

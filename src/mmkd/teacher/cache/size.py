@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmkd.teacher.cache.format import SEGMENTS, CacheError, read_manifest, read_meta
+from mmkd.teacher.cache.format import SEGMENTS, CacheError, read_manifest
+from mmkd.teacher.cache.info import CacheInfo
 
 CHUNK_ARRAY = re.compile(r"^[a-z_]+-\d{5}\.(?P<array>[A-Za-z0-9_]+)\.npy$")  # a chunk's array file (format.Layout)
 
@@ -80,10 +81,10 @@ def cache_size(path: str | os.PathLike) -> CacheSize:
     Samples are those of the manifest's segments (a partial build's unfinished segments are in the folder total but
     not in the sample count). Several caches used together (an ensemble of teachers) cost the sum of theirs."""
     root = Path(path)
-    meta = read_meta(root)
+    info = CacheInfo.read(root)
     manifest = read_manifest(root)
     segments = manifest["segments"] if manifest else []
-    arrays: dict[str, int] = {name: 0 for name in meta["layout"]["arrays"]}
+    arrays: dict[str, int] = {name: 0 for name in info.arrays}
     for seg in segments:
         folder = root / SEGMENTS / seg["name"]
         for p in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -91,6 +92,5 @@ def cache_size(path: str | os.PathLike) -> CacheSize:
             if m:
                 arrays[m["array"]] = arrays.get(m["array"], 0) + _data_bytes(p)
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    f = meta["fingerprint"]
     return CacheSize(root, sum(int(s["n_samples"]) for s in segments), sum(int(s["n_captions"]) for s in segments),
-                     int(f["views"]), str(f["storage"]["dtype"]), arrays, total)
+                     info.views, info.dtype, arrays, total)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from mmkd.data.records import Record, open_encoded
@@ -24,23 +23,20 @@ from mmkd.teacher.cache.format import (
     Layout,
     StringTable,
     array_sha256,
+    commit_chunk,
     stored_row,
+    strings_name,
     to_storage,
     write_strings,
 )
+from mmkd.teacher.cache.info import CacheInfo
 from mmkd.teacher.captioner import Captioner, Sampling, chunk_seed
 from mmkd.teacher.targets import teacher_outputs
 
-STRINGS = "syncaps"  # the chunk's string table: ``syncap-00000.syncaps.bytes.npy`` / ``.offsets.npy``
 
-
-def fingerprint(captioner: Captioner, sampling: Sampling, seed: int) -> dict[str, Any]:
+def fingerprint(captioner: Captioner | CachedCaptions, sampling: Sampling, seed: int) -> dict[str, Any]:
     """meta.json's ``fingerprint.captioner``: what the stored captions depend on."""
     return {**captioner.identity(), "sampling": sampling.to_json(), "seed": int(seed)}
-
-
-def strings_name(chunk: Chunk) -> str:
-    return f"{chunk.name}.{STRINGS}"
 
 
 def raw_image(record: Record) -> Image.Image | np.ndarray:
@@ -54,8 +50,6 @@ def compute(teacher: DualEncoder, captioner: Captioner | CachedCaptions, samplin
             bar: Any) -> None:
     """Caption and embed every synthetic-caption chunk in ``todo``, committing each (strings, arrays, then its
     marker) before the next: a killed build loses at most the chunk it was writing."""
-    from mmkd.teacher.cache.build import commit_chunk
-
     segment = layout.root.name
     for chunk in todo:
         recs = records[chunk.lo:chunk.hi]
@@ -155,20 +149,13 @@ def synthetic_count(cache: Any) -> int:
     return int(shape[0]) if shape else 0
 
 
-def targets(cache: Any, keys: Sequence[str], idx: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The teacher's text targets of the drawn synthetic captions: ``text_embeds`` (and ``text_features``)."""
-    rows = cache.image_rows(list(keys))
-    sel = np.asarray(idx, dtype=np.int64)
-    return {a.replace("syncap", "text"): cache._gather(a, rows, sel) for a in cache.layouts[0].arrays_of("syncap")}
-
-
 def check_same_captions(first: Any, other: Any) -> None:
     """An ensemble's caches must hold the same synthetic captions (training draws the first cache's and asks each
     cache for its teacher's targets of them): the same captioner weights, sampling, seed and chunking."""
     def key(cache: Any) -> Any:
-        fp = dict(cache.meta["fingerprint"].get("captioner") or {})
+        fp = dict(cache.info.captioner or {})
         fp.pop("source", None)  # (names the captioner for people)
-        return fp, cache.meta["layout"]["chunk_rows"]
+        return fp, cache.info.chunk_rows
 
     if key(first) != key(other):
         raise CacheError(f"teacher caches {first.root} and {other.root} hold different synthetic captions (captioner "
@@ -183,20 +170,18 @@ class CachedCaptions:
     passes ``check_same_captions``; the source must have the same chunk rows and hold every chunk it is asked for."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        from mmkd.teacher.cache.format import read_meta
-
         self.root = Path(root)
-        self.meta = read_meta(self.root)
-        fp = self.meta["fingerprint"].get("captioner")
+        self.info = CacheInfo.read(self.root)
+        fp = self.info.captioner
         if not fp:
             raise CacheError(f"--captioner cache:{self.root}: that cache holds no synthetic captions to reuse; give a "
                              "cache built with --captioner MODEL --synthetic-captions N (or the model itself)")
-        self.fingerprint = fp
+        self.fingerprint = dict(fp)
         self.source = f"cache:{self.root}"
 
     def sampling(self, n: int, seed: int, chunk_rows: int) -> Sampling:
         """The source's sampling settings, checked against this build's (the captions depend on all of them)."""
-        fp, rows = self.fingerprint, self.meta["layout"]["chunk_rows"]
+        fp, rows = self.fingerprint, self.info.chunk_rows
         source = Sampling(**fp["sampling"])
         for flag, mine, theirs in (("--synthetic-captions", n, source.n), ("--seed", seed, fp["seed"]),
                                    ("--chunk-rows", chunk_rows, rows)):

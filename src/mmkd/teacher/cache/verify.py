@@ -22,6 +22,7 @@ from mmkd.teacher.cache.format import (
     SEGMENTS,
     SHARD_STAMP,
     CacheError,
+    Chunk,
     Layout,
     StringTable,
     array_sha256,
@@ -29,9 +30,9 @@ from mmkd.teacher.cache.format import (
     load_npy,
     read_json,
     read_manifest,
-    read_meta,
 )
 from mmkd.teacher.cache.index import KeyIndex
+from mmkd.teacher.cache.info import CacheInfo
 from mmkd.teacher.cache.size import cache_size
 
 
@@ -54,7 +55,7 @@ def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
     root = Path(path)
     rep = VerifyReport(root)
     try:
-        meta = read_meta(root)
+        cache = CacheInfo.read(root)
         manifest = read_manifest(root)
     except CacheError as e:
         rep.problems.append(str(e))
@@ -74,16 +75,14 @@ def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
         rep.notes.append(f"files that are not part of the cache: {stray[:5]}")
     rows = 0
     for seg in manifest["segments"] if manifest else []:
-        rows += _verify_segment(rep, root, meta, seg, deep)
+        rows += _verify_segment(rep, cache, seg, deep)
     if manifest and listed:
         _verify_index(rep, root, manifest)
-    f = meta["fingerprint"]
-    t = f["teacher"]
-    arrays = list(meta["layout"]["arrays"])
+    t = cache.teacher
     n_captions = manifest["n_captions"] if manifest else 0
-    rep.summary = (f"{rows} samples in {len(listed)} segment(s) × {f['views']} view(s), {n_captions} captions, "
-                   f"arrays {', '.join(arrays)}, {f['storage']['dtype']}; teacher {t.get('source') or '(in-process)'} "
-                   f"weights {t['weights_sha256'][:12]}, embedding width {t['projection_dim']}")
+    rep.summary = (f"{rows} samples in {len(listed)} segment(s) × {cache.views} view(s), {n_captions} captions, "
+                   f"arrays {', '.join(cache.arrays)}, {cache.dtype}; teacher {t.source or '(in-process)'} "
+                   f"weights {t.weights_sha256[:12]}, embedding width {t.projection_dim}")
     if rows:
         try:
             rep.summary += f"; {cache_size(root).line()}"
@@ -92,9 +91,9 @@ def verify_cache(path: str | os.PathLike, deep: bool = True) -> VerifyReport:
     return rep
 
 
-def _verify_segment(rep: VerifyReport, root: Path, meta: dict, seg: dict, deep: bool) -> int:
+def _verify_segment(rep: VerifyReport, cache: CacheInfo, seg: dict, deep: bool) -> int:
     """One listed segment: its commit, tables and fingerprint, then every chunk. Returns its sample count."""
-    folder = root / SEGMENTS / seg["name"]
+    folder = cache.root / SEGMENTS / seg["name"]
     try:
         info = read_json(folder / SEGMENT_FILE, "the segment's index is missing: delete the folder and rerun")
         if not (folder / DONE_FILE).is_file():
@@ -120,11 +119,10 @@ def _verify_segment(rep: VerifyReport, root: Path, meta: dict, seg: dict, deep: 
     if not np.array_equal(key_hash, fmt.key_hashes(keys)) or not np.array_equal(caption_hash,
                                                                                 fmt.key_hashes(captions)):
         rep.problems.append(f"segment {folder}: keys.hash.npy or captions.hash.npy does not match its strings")
-    layout = Layout.of_segment(folder, meta, len(keys), len(captions))
+    layout = Layout(folder, len(keys), len(captions), cache.chunk_rows, dict(cache.arrays), cache.dtype)
     known = {SEGMENT_FILE, DONE_FILE, SHARD_STAMP} | {f"{n}.{part}.npy" for n in ("keys", "digests", "captions")
                                          for part in ("bytes", "offsets")} | {"keys.hash.npy", "captions.hash.npy"}
     incomplete = 0
-    tol = NORM_TOLERANCE[layout.dtype]
     for c in layout.chunks():
         marker = layout.marker(c)
         known.add(marker.name)
@@ -148,26 +146,9 @@ def _verify_segment(rep: VerifyReport, root: Path, meta: dict, seg: dict, deep: 
         if problem:
             rep.problems.append(problem)
         for a in names:
-            try:
-                layout.check_shard(c, a)
-            except CacheError as e:
-                rep.problems.append(str(e))
-                continue
-            if not deep:
-                continue
-            arr = np.load(layout.shard(c, a), mmap_mode="r")
-            if array_sha256(arr) != m["files"][a]["sha256"]:
-                rep.problems.append(f"shard {layout.shard(c, a)}: contents differ from the checksum in {marker} "
-                                    f"(corrupted); delete {marker} and rerun `mmkd cache` to recompute the chunk")
-                continue
-            x = from_storage(np.array(arr), layout.dtype)
-            if not torch.isfinite(x).all():
-                rep.problems.append(f"shard {layout.shard(c, a)} holds NaN or infinite values")
-            elif a.endswith("_embeds") and x.numel():
-                dev = float((x.norm(dim=-1) - 1).abs().max())
-                if dev > tol:
-                    rep.problems.append(f"shard {layout.shard(c, a)}: embeddings are not unit-norm (max deviation "
-                                        f"{dev:.3g} > {tol:g})")
+            problem = _verify_array(layout, c, a, m["files"][a], deep)
+            if problem:
+                rep.problems.append(problem)
     if incomplete:
         rep.problems.append(f"segment {folder.name}: {incomplete} of {len(layout.chunks())} chunks are not written "
                             "(an interrupted build): rerun the same `mmkd cache` command to finish it")
@@ -176,6 +157,31 @@ def _verify_segment(rep: VerifyReport, root: Path, meta: dict, seg: dict, deep: 
         rep.notes.append(f"{len(leftovers)} uncommitted file(s) in {folder} (left by an interrupted build; the next "
                          f"build overwrites or removes them): {leftovers[:3]}")
     return len(keys)
+
+
+def _verify_array(layout: Layout, c: Chunk, a: str, committed: dict, deep: bool) -> str | None:
+    """One committed array: its header and size, and (``deep``) its checksum (``committed``: its marker's entry),
+    finite values and unit norms. The problem in words, or None."""
+    try:
+        layout.check_shard(c, a)
+    except CacheError as e:
+        return str(e)
+    if not deep:
+        return None
+    path, marker = layout.shard(c, a), layout.marker(c)
+    arr = np.load(path, mmap_mode="r")
+    if array_sha256(arr) != committed["sha256"]:
+        return (f"shard {path}: contents differ from the checksum in {marker} (corrupted); delete {marker} and "
+                "rerun `mmkd cache` to recompute the chunk")
+    x = from_storage(np.array(arr), layout.dtype)
+    if not torch.isfinite(x).all():
+        return f"shard {path} holds NaN or infinite values"
+    tol = NORM_TOLERANCE[layout.dtype]
+    if a.endswith("_embeds") and x.numel():
+        dev = float((x.norm(dim=-1) - 1).abs().max())
+        if dev > tol:
+            return f"shard {path}: embeddings are not unit-norm (max deviation {dev:.3g} > {tol:g})"
+    return None
 
 
 def _verify_index(rep: VerifyReport, root: Path, manifest: dict) -> None:
