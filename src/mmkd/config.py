@@ -17,12 +17,8 @@ from typing import Any, Union
 import yaml
 
 from mmkd.devices import DeviceError, check_device_spec, check_precision
-from mmkd.errors import MmkdError
+from mmkd.errors import ConfigError  # re-exported: ``from mmkd.config import ConfigError`` keeps working
 from mmkd.recipes import expand_recipe
-
-
-class ConfigError(MmkdError, ValueError):
-    """A bad configuration: the message names the key (dotted path) and what is allowed."""
 
 
 class _Loader(yaml.SafeLoader):

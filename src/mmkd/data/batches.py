@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmkd.config import ConfigError
 from mmkd.data.plan import DEFAULT_WINDOW, ShardPlan
 from mmkd.data.plan import rng_of as _rng
 from mmkd.data.records import DataError, Record, open_encoded
 from mmkd.data.transforms import ImageTransform, TransformConfig, apply_view_pixels
+from mmkd.errors import ConfigError
 
 
 def in_memory(records: Sequence[Record]) -> bool:

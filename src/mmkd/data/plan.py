@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 
 DEFAULT_WINDOW = 8  # shards per shuffle window: enough mixing for shards of thousands, little to fetch at once
 

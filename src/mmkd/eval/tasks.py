@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import ConfigError, EvalSpec
+from mmkd.config import EvalSpec
 from mmkd.data.records import Record
+from mmkd.errors import ConfigError
 from mmkd.registry import Registry
 
 RUN_EVAL_DATA = "world:test"  # a run's ``eval:`` entry without ``data``

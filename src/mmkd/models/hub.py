@@ -23,8 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModel, VisionTextDualEncoderModel
 
-from mmkd.config import ConfigError
-from mmkd.errors import MmkdError
+from mmkd.errors import ConfigError, MmkdError
 from mmkd.fileio import disk_full_error, is_disk_full
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
 from mmkd.models.onnx_export import EXPORT_FILE

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.towers import tower_width
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, CLIPModel, SiglipModel, SiglipTextModel, SiglipVisionModel
 
-from mmkd.config import ConfigError, StudentConfig, TowerSpec
+from mmkd.config import StudentConfig, TowerSpec
+from mmkd.errors import ConfigError
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta, SiglipDualEncoder
 from mmkd.models.hf_vision import hf_vision_types, is_hf_arch
 from mmkd.models.hub import (

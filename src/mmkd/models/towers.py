@@ -27,7 +27,7 @@ from transformers import (
     ViTConfig,
 )
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.models.hf_vision import build_hf_vision, hf_vision_types, is_hf_arch, probe
 from mmkd.registry import Registry
 
