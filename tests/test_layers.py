@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import mmkd.config
 import mmkd.errors
@@ -26,3 +32,34 @@ def _imports_config_only_for_its_error(path: Path) -> bool:
 def test_no_module_imports_config_only_for_config_error() -> None:
     offenders = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if _imports_config_only_for_its_error(p)]
     assert offenders == []
+
+
+ROOT = SRC.parents[1]
+LINT = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint(src: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    return subprocess.run([str(LINT), "--no-cache", str(ROOT / "pyproject.toml")], capture_output=True, text=True,
+                          env=env, cwd=src)
+
+
+@pytest.mark.skipif(not LINT.exists(), reason="import-linter is not installed (pip install -e '.[dev]')")
+def test_every_import_contract_is_kept() -> None:
+    out = _lint(SRC.parent)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "acyclic_siblings" in (ROOT / "pyproject.toml").read_text()
+
+
+@pytest.mark.skipif(not LINT.exists(), reason="import-linter is not installed (pip install -e '.[dev]')")
+@pytest.mark.parametrize(("module", "back"), [("data/loader.py", "mmkd.data.batches"),
+                                              ("models/siglip.py", "mmkd.models.hub"),
+                                              ("report/collect.py", "mmkd.report.demo_report")])
+def test_a_circle_inside_a_package_fails_the_contracts(tmp_path: Path, module: str, back: str) -> None:
+    # the circles of issue 22, put back as imports inside a function, where they used to hide
+    shutil.copytree(SRC, tmp_path / "mmkd", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tmp_path / "mmkd" / module, "a") as f:
+        f.write(f"\n\ndef _circle() -> None:\n    import {back}  # noqa: F401\n")
+    out = _lint(tmp_path)
+    package = back.rsplit(".", 1)[0]
+    assert out.returncode != 0 and f"No cycles are allowed in {package}" in out.stdout, out.stdout[-3000:]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmkd.data.loader import iterate_batches
 from mmkd.data.plan import DEFAULT_WINDOW, ShardPlan
 from mmkd.data.plan import rng_of as _rng
 from mmkd.data.records import DataError, Record, open_encoded
@@ -220,8 +221,6 @@ class TrainData:
                 device: torch.device | None = None) -> Iterator[TrainBatch]:
         """Batches ``start..stop-1`` of this rank, decoded by ``workers`` DataLoader processes (0: in this one),
         their pixels normalised on ``device`` (default: the CPU)."""
-        from mmkd.data.loader import iterate_batches
-
         return iterate_batches(self, start, stop, rank, workers, prefetch, device)
 
 
