@@ -63,3 +63,23 @@ def test_a_circle_inside_a_package_fails_the_contracts(tmp_path: Path, module: s
     out = _lint(tmp_path)
     package = back.rsplit(".", 1)[0]
     assert out.returncode != 0 and f"No cycles are allowed in {package}" in out.stdout, out.stdout[-3000:]
+
+
+def test_one_helper_where_two_did_the_same_and_no_dead_code() -> None:
+    import mmkd.data.batches
+    import mmkd.data.resolve
+    import mmkd.data.transforms
+    import mmkd.models.hub
+    import mmkd.models.student
+    import mmkd.train.loop
+    from mmkd.data.records import DataError
+    from mmkd.data.resolve import split_options
+
+    assert split_options("cifar10:x", "test") == {"split": "test"} and split_options("jsonl:x", "test") == {}
+    with pytest.raises(DataError, match=r"split 'test' given, but only cifar10, cifar100, stl10 have splits"):
+        split_options("jsonl:x", "test", strict=True)  # a run's eval: naming a split the format lacks
+    assert mmkd.train.loop.first_nonfinite is mmkd.models.hub.first_nonfinite  # the loop and the loader agree
+    gone = [(mmkd.data.batches, "BatchPlan"), (mmkd.data.resolve, "spec_options"),
+            (mmkd.data.transforms, "resize_shorter"), (mmkd.data.transforms, "center_crop"),
+            (mmkd.models.student, "tower_widths")]
+    assert [name for module, name in gone if hasattr(module, name)] == []

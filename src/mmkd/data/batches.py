@@ -108,13 +108,6 @@ class TrainBatch:
                        teacher_pixels=None if self.teacher_pixels is None else self.teacher_pixels.pin_memory())
 
 
-class BatchPlan(ShardPlan):
-    """Global batch ``step`` of an epoch-wise permutation of ``n`` samples held in memory (one shard)."""
-
-    def __init__(self, n: int, global_batch: int, seed: int, name: str) -> None:
-        super().__init__([n], global_batch, seed, name)
-
-
 class TrainData:
     """Paired (captioned) samples plus optional unpaired images, batched deterministically.
 

@@ -59,9 +59,9 @@ class EvalContext:
     def records(self, spec: EvalSpec) -> list[Record]:
         data = spec_data(spec)
         if spec.split and self.strict_split:
-            from mmkd.data.resolve import spec_options
+            from mmkd.data.resolve import split_options
 
-            spec_options(data, spec.split)
+            split_options(data, spec.split, strict=True)
         split = spec.split or DEFAULT_SPLIT
         world_n = self.world_n or spec.limit or WORLD_N
         key = (data, split, spec.limit, world_n)

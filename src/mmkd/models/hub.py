@@ -32,6 +32,7 @@ from mmkd.models.model_files import (
     WEIGHT_FILES,
     ModelLoadError,
     drop_unused_pooler,
+    first_nonfinite,
     image_settings,
     load_plain_tokenizer,
     load_strict,
@@ -253,11 +254,11 @@ def load_dual_encoder(path_or_id: str | os.PathLike, tokenizer_path: str | None 
 
 def check_finite(model: nn.Module, folder: Path) -> None:
     """Refuse weights holding NaN/inf (a diverged or damaged save): every output of such a model is garbage."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            where = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), folder)
-            raise ModelLoadError(f"{where}: tensor {name} holds non-finite values (NaN/inf); the model is damaged "
-                                 "or its training diverged, so it cannot be used")
+    name = first_nonfinite(model)
+    if name is not None:
+        where = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), folder)
+        raise ModelLoadError(f"{where}: tensor {name} holds non-finite values (NaN/inf); the model is damaged "
+                             "or its training diverged, so it cannot be used")
 
 
 def save_dual_encoder(model: DualEncoder, out: str | os.PathLike) -> Path:

@@ -150,6 +150,15 @@ def image_settings(folder: Path, image_size: int, mean: tuple[float, ...] = CLIP
     return out
 
 
+def first_nonfinite(module: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN/inf, or None: a model loaded or about to be saved
+    with one is garbage (hub's load refuses it, the training loop stops before checkpointing it)."""
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def drop_unused_pooler(tower: nn.Module, pooling: str) -> nn.Module:
     """BERT/ViT poolers that the chosen pooling ignores would be dead weights (and break DDP's unused check).
 

@@ -257,10 +257,6 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
             p.requires_grad_(False)
 
 
-def tower_widths(model: DualEncoder) -> dict[str, int]:
-    return {"image": tower_width(model.vision_model), "text": tower_width(model.text_model)}
-
-
 def feature_widths(model: DualEncoder) -> dict[str, int]:
     """Widths of the pooled pre-projection features each tower hands its projection (a shared block's width)."""
     return {"image": model.visual_projection.in_features, "text": model.text_projection.in_features}

@@ -118,6 +118,11 @@ def tower_width(model: nn.Module) -> int:
     return int(cfg.hidden_size)
 
 
+def tower_widths(model: Any) -> dict[str, int]:
+    """A dual encoder's tower widths (``image``, ``text``): what feature objectives and a cache's identity need."""
+    return {"image": tower_width(model.vision_model), "text": tower_width(model.text_model)}
+
+
 def pool_image(outputs: Any, pooling: str) -> torch.Tensor:
     if pooling == "pooler":
         pooled = outputs.pooler_output
