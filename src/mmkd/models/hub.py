@@ -23,19 +23,19 @@ from mmkd.errors import ConfigError
 from mmkd.fileio import disk_full_error, is_disk_full
 from mmkd.models import siglip
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
-from mmkd.models.model_files import (  # re-exported: importable from here as before the split
-    MINILM as MINILM,
-)
 from mmkd.models.model_files import (
+    MINILM,
     PACKAGE_PREFIX,
     PACKAGED_MODELS,
     WEIGHT_FILES,
     ModelLoadError,
+    check_tokenizer,
     drop_unused_pooler,
     first_nonfinite,
     image_settings,
     load_plain_tokenizer,
     load_strict,
+    load_weights_file,
     looks_local,
     packaged_model,
     read_config,
@@ -43,15 +43,14 @@ from mmkd.models.model_files import (
     relative_note,
     weights_file,
 )
-from mmkd.models.model_files import (
-    check_tokenizer as check_tokenizer,
-)
-from mmkd.models.model_files import (
-    load_weights_file as load_weights_file,
-)
 from mmkd.models.onnx_export import EXPORT_FILE
 from mmkd.models.open_clip import load_open_clip, open_clip_tokenizer, parse_spec
 from mmkd.models.towers import config_from_dict, model_from_config
+
+# what callers import from here; the model files' helpers among them are re-exported (they lived here before)
+__all__ = ["CONVERTED_SOURCES", "LOADERS", "MINILM", "ConvertedSource", "ModelLoadError", "check_finite",
+           "check_model_path", "check_tokenizer", "converted_source", "drop_unused_pooler", "first_nonfinite",
+           "load_dual_encoder", "load_tokenizer", "load_weights_file", "read_config", "resolve", "save_dual_encoder"]
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
