@@ -128,6 +128,17 @@ def test_a_plugin_path_on_the_command_line_is_one_line_and_exit_2(capsys: pytest
     assert "plugins[0]: './my_objective.py' is not a module name" in err and "\n" not in err
 
 
+def test_mmkd_objectives_lists_a_plugins_objectives(registries: None, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.delitem(sys.modules, "my_objective", raising=False)
+    assert main(["objectives", "--plugin", "my_objective"]) == 0
+    assert "angle_kd power=2.0" in capsys.readouterr().out.splitlines()
+    monkeypatch.delitem(sys.modules, "my_objective", raising=False)  # the registry is restored: import it anew
+    assert main(["objectives", "--plugin", "my_objective.py"]) == 2
+    assert "--plugin[0]: 'my_objective.py' is not a module name" in capsys.readouterr().err
+
+
 def test_the_public_api_is_typed_and_import_stays_light() -> None:
     for name in mmkd.__all__:
         obj = getattr(mmkd, name)

@@ -16,7 +16,7 @@ def import_plugins(names: list[str], key: str = "plugins") -> None:
     only: a file path is refused, because a config that names a file would run code from wherever it points."""
     for i, name in enumerate(names):
         where = f"{key}[{i}]"
-        if not isinstance(name, str) or not MODULE_NAME.match(name):
+        if not isinstance(name, str) or not MODULE_NAME.match(name) or name.endswith(".py"):  # a.py: a file
             raise ConfigError(f"{where}: {name!r} is not a module name; a plugin is an importable module "
                               "(my_pkg.losses), never a file path: put its folder on PYTHONPATH or pip-install it")
         try:
