@@ -44,10 +44,6 @@ class SharedBlockDualEncoder(DualEncoder):
         self.meta.extra = {**self.meta.extra, "shared_block": {"width": width, "layers": layers, "heads": heads,
                                                                 "mlp_ratio": mlp_ratio}}
 
-    @property
-    def shared_width(self) -> int:
-        return self.image_in.out_features
-
     def _block(self, tokens: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         for layer in self.shared:
             tokens = layer(tokens, src_key_padding_mask=padding)
