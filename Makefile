@@ -35,7 +35,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff check src tests bench tools examples
 	$(VENV)/bin/lint-imports
 
 clean-venv:

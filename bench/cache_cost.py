@@ -139,7 +139,7 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from mmkd.config import ObjectiveSpec
     from mmkd.data.batches import ImageBank, TrainData
-    from mmkd.models.student import tower_widths
+    from mmkd.models.towers import tower_widths
     from mmkd.objectives.base import ObjectiveContext, build_objectives
     from mmkd.teacher.cache import CachedTeacher, CacheExpectation
     from mmkd.teacher.ensemble import EnsembleLookup, check_agreement

@@ -37,7 +37,7 @@ from mmkd.config import ObjectiveSpec, TrainConfig
 from mmkd.data.batches import ImageBank, TrainBatch, TrainData
 from mmkd.data.records import Record
 from mmkd.models.dual_encoder import DualEncoder
-from mmkd.models.student import tower_widths
+from mmkd.models.towers import tower_widths
 from mmkd.objectives import contrastive
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives
 from mmkd.train.loop import DistillTask, train

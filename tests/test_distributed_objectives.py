@@ -36,7 +36,7 @@ from torch import nn
 
 from mmkd.config import ObjectiveSpec
 from mmkd.data.batches import ImageBank, TrainBatch, TrainData
-from mmkd.models.student import tower_widths
+from mmkd.models.towers import tower_widths
 from mmkd.objectives import contrastive, shared
 from mmkd.objectives.base import ObjectiveContext, build_objectives
 from mmkd.train.loop import DistillTask

@@ -16,14 +16,27 @@ from mmkd.data.transforms import (
     ImageTransform,
     TransformConfig,
     apply_view,
-    center_crop,
     random_resized_crop_box,
-    resize_shorter,
     to_normalized_tensor,
     view_rng,
 )
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
+
+
+# the two-step reference for the fused resize + centre crop of ImageTransform (the library never runs these)
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Scale so the shorter side is `size` (bicubic), keeping the aspect ratio."""
+    w, h = image.size
+    s = size / min(w, h)
+    return image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The central size x size square (the image must be at least that big)."""
+    w, h = image.size
+    left, top = round((w - size) / 2), round((h - size) / 2)
+    return image.crop((left, top, left + size, top + size))
 
 
 def _cfg(**kw) -> TransformConfig:

@@ -90,7 +90,7 @@ def test_s4_config_trains_and_both_regression_terms_fall(tmp_path: Path, minilm_
     # the student is a dual encoder with a shared block: saved, reloaded, evaluated like any other
     assert set(metrics["eval"]) == {"zeroshot:world:test:colour_shape", "retrieval:world:test"}
     student = load_dual_encoder(tmp_path / "run" / "student")
-    assert isinstance(student, SharedBlockDualEncoder) and student.shared_width == 48  # the teacher's CLS width
+    assert isinstance(student, SharedBlockDualEncoder) and student.image_in.out_features == 48  # teacher's CLS width
     tok = student.tokenize(["a red circle", "a small blue star on grass"])
     with torch.no_grad():
         emb = student(torch.randn(2, 3, 32, 32), tok["input_ids"], tok["attention_mask"])

@@ -8,21 +8,62 @@ side effects.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict, cast
+
+from mmkd.plugins import ObjectiveInfo, list_objectives
+
+if TYPE_CHECKING:
+    from mmkd.config import EvalSpec, RunConfig, StudentConfig
+    from mmkd.models.dual_encoder import DualEncoder
 
 PathLike = str | os.PathLike
+Log = Callable[[str], None]
+# one evaluation's scores by name (zeroshot: top1, top5, mean_per_class_recall; retrieval: i2t_r1, ...; bias and
+# efficiency: nested tables), keyed as a run's ``eval:`` names them (``zeroshot:world:test:shape``)
+EvalResults = dict[str, dict[str, object]]
 
 
-def load(path_or_id: PathLike, **kwargs: Any) -> Any:
+class TrainSummary(TypedDict):
+    steps: int
+    seconds: float
+    final_loss: float | None  # None: no step ran in this call (a resumed run that had finished)
+    resumed_from: int | None
+
+
+class DataSummary(TypedDict):
+    on_error: str
+    skipped: int  # bad samples left out (data.on_error: skip)
+
+
+class _RunMetricsRequired(TypedDict):
+    train: TrainSummary
+    data: DataSummary
+
+
+class RunMetrics(_RunMetricsRequired, total=False):
+    """A run's ``metrics.json``: what ``distill`` returns."""
+
+    eval: EvalResults
+    eval_overlap: dict[str, object]  # eval sets that share samples with the training data
+    run: dict[str, object]  # run_id, config_sha256, fingerprints
+
+
+__all__ = ["EvalResults", "ObjectiveInfo", "RunMetrics", "create_student", "distill", "evaluate", "list_objectives",
+           "load"]
+
+
+def load(path_or_id: PathLike, tokenizer_path: str | None = None) -> DualEncoder:
     """A dual encoder from an mmkd folder, a ``CLIPModel`` or ``VisionTextDualEncoderModel`` (folder, hub id or
     ``package:NAME``). The result answers ``encode_image``, ``encode_text`` and ``tokenize``."""
     from mmkd.models.hub import load_dual_encoder
 
-    return load_dual_encoder(path_or_id, **kwargs)
+    return load_dual_encoder(path_or_id, tokenizer_path)
 
 
-def create_student(teacher: Any, student: Any = "half-depth", *, seed: int | None = 0) -> Any:
+def create_student(teacher: DualEncoder | PathLike, student: str | Mapping[str, object] | StudentConfig = "half-depth",
+                   *, seed: int | None = 0) -> DualEncoder:
     """A student for ``teacher`` (a loaded dual encoder, or a path/hub id to load one).
 
     student: a preset name (``half-depth``, ``half-depth-locked-text``; see ``mmkd.config.student_presets``), a
@@ -37,8 +78,8 @@ def create_student(teacher: Any, student: Any = "half-depth", *, seed: int | Non
     return build_student(teacher, student_config(student), seed=seed)
 
 
-def distill(config: PathLike | dict[str, Any] | Any, overrides: list[str] | None = None, *,
-            resume: bool | str = False, overwrite: bool = False, log: Any = print) -> dict[str, Any]:
+def distill(config: PathLike | Mapping[str, object] | RunConfig, overrides: list[str] | None = None, *,
+            resume: bool | str = False, overwrite: bool = False, log: Log = print) -> RunMetrics:
     """One distillation run, as ``mmkd distill`` runs it; returns the run's metrics (also in OUT/metrics.json).
 
     config: a YAML file, a dict of the same keys, or a RunConfig; overrides: ``key=value`` strings.
@@ -51,14 +92,16 @@ def distill(config: PathLike | dict[str, Any] | Any, overrides: list[str] | None
         if overrides:
             raise TypeError("overrides apply to a YAML file or a dict; edit the RunConfig's fields instead")
         cfg = config
-    elif isinstance(config, dict):
-        cfg = config_from_dict(config, overrides)
+    elif isinstance(config, Mapping):
+        cfg = config_from_dict(dict(config), overrides)
     else:
         cfg = load_config(Path(config), overrides)
-    return run_distill(cfg, resume=resume, overwrite=overwrite, log=log)
+    return cast(RunMetrics, run_distill(cfg, resume=resume, overwrite=overwrite, log=log))
 
 
-def evaluate(model: Any, specs: Any, *, cache_dir: PathLike = "runs/.cache", log: Any = print) -> dict[str, Any]:
+def evaluate(model: DualEncoder | PathLike, specs: Mapping[str, object] | EvalSpec
+             | Sequence[Mapping[str, object] | EvalSpec], *, cache_dir: PathLike = "runs/.cache",
+             log: Log = print) -> EvalResults:
     """Evaluate one model (loaded, or a path/hub id) as a run's ``eval:`` section does; returns name -> metrics.
 
     specs: one or a list of evaluation specs, as dicts of ``eval:`` keys (``{"kind": "zeroshot", "data":
@@ -69,15 +112,6 @@ def evaluate(model: Any, specs: Any, *, cache_dir: PathLike = "runs/.cache", log
 
     if isinstance(model, (str, os.PathLike)):
         model = load(model)
-    items = specs if isinstance(specs, list) else [specs]
-    parsed = [s if isinstance(s, EvalSpec) else from_dict(EvalSpec, s, f"eval[{i}]") for i, s in enumerate(items)]
-    return run_specs(model, parsed, cache_dir=cache_dir, log=log)
-
-
-def list_objectives() -> dict[str, dict[str, Any]]:
-    """Every registered objective: its tunable parameters with defaults, and whether it needs a teacher."""
-    from mmkd.objectives import OBJECTIVES
-    from mmkd.objectives.base import objective_params
-
-    return {name: {"params": objective_params(OBJECTIVES.get(name)),
-                   "uses_teacher": OBJECTIVES.get(name).uses_teacher} for name in OBJECTIVES.names()}
+    items = list(specs) if isinstance(specs, Sequence) else [specs]
+    parsed = [s if isinstance(s, EvalSpec) else from_dict(EvalSpec, dict(s), f"eval[{i}]") for i, s in enumerate(items)]
+    return cast(EvalResults, run_specs(model, parsed, cache_dir=cache_dir, log=log))

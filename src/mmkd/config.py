@@ -17,12 +17,9 @@ from typing import Any, Union
 import yaml
 
 from mmkd.devices import DeviceError, check_device_spec, check_precision
-from mmkd.errors import MmkdError
+from mmkd.errors import ConfigError  # re-exported: ``from mmkd.config import ConfigError`` keeps working
+from mmkd.plugin_modules import import_plugins
 from mmkd.recipes import expand_recipe
-
-
-class ConfigError(MmkdError, ValueError):
-    """A bad configuration: the message names the key (dotted path) and what is allowed."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -257,6 +254,12 @@ class RunConfig:
     eval: list[EvalSpec] = field(default_factory=list)
     out: str = "runs/distill"
     cache_dir: str = "runs/.cache"
+    # modules imported before anything is built: a user's own objectives, formats, towers (mmkd.register_*);
+    # left out of the written config when empty, so runs from before plugins existed keep their config hash
+    plugins: list[str] = field(default_factory=list, metadata={"omit_when_empty": True})
+
+    def __post_init__(self) -> None:
+        import_plugins(self.plugins)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,7 +339,11 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    return dataclasses.asdict(obj)
+    out = dataclasses.asdict(obj)
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("omit_when_empty") and not out[f.name]:
+            del out[f.name]
+    return out
 
 
 def parse_value(text: str) -> Any:

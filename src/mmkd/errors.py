@@ -15,3 +15,7 @@ class MmkdError(Exception):
 
 class UsageError(MmkdError, ValueError):
     """A bad command-line option or argument combination."""
+
+
+class ConfigError(MmkdError, ValueError):
+    """A bad configuration: the message names the key (dotted path) and what is allowed."""

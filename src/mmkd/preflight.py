@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import ConfigError, RunConfig, teacher_members
+from mmkd.config import RunConfig, teacher_members
 from mmkd.data.batches import in_memory
 from mmkd.data.overlap import overlap, training_identities
 from mmkd.data.paths import check_spec_paths
 from mmkd.data.records import Record
 from mmkd.data.templates import load_templates
-from mmkd.errors import MmkdError
+from mmkd.errors import ConfigError, MmkdError
 from mmkd.eval.bias import load_bias_words
 from mmkd.eval.tasks import DEFAULT_SPLIT, data_format, eval_records, run_eval_name
 from mmkd.models.hub import check_model_path

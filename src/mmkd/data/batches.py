@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmkd.config import ConfigError
+from mmkd.data.loader import iterate_batches
 from mmkd.data.plan import DEFAULT_WINDOW, ShardPlan
 from mmkd.data.plan import rng_of as _rng
 from mmkd.data.records import DataError, Record, open_encoded
 from mmkd.data.transforms import ImageTransform, TransformConfig, apply_view_pixels
+from mmkd.errors import ConfigError
 
 
 def in_memory(records: Sequence[Record]) -> bool:
@@ -105,13 +106,6 @@ class TrainBatch:
         """DataLoader's ``pin_memory`` hook: the pixels in page-locked memory, for non-blocking copies to a GPU."""
         return replace(self, pixel_values=self.pixel_values.pin_memory(),
                        teacher_pixels=None if self.teacher_pixels is None else self.teacher_pixels.pin_memory())
-
-
-class BatchPlan(ShardPlan):
-    """Global batch ``step`` of an epoch-wise permutation of ``n`` samples held in memory (one shard)."""
-
-    def __init__(self, n: int, global_batch: int, seed: int, name: str) -> None:
-        super().__init__([n], global_batch, seed, name)
 
 
 class TrainData:
@@ -220,8 +214,6 @@ class TrainData:
                 device: torch.device | None = None) -> Iterator[TrainBatch]:
         """Batches ``start..stop-1`` of this rank, decoded by ``workers`` DataLoader processes (0: in this one),
         their pixels normalised on ``device`` (default: the CPU)."""
-        from mmkd.data.loader import iterate_batches
-
         return iterate_batches(self, start, stop, rank, workers, prefetch, device)
 
 

@@ -17,15 +17,23 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmkd.errors import MmkdError
 
-if TYPE_CHECKING:
-    from mmkd.data.batches import TrainBatch, TrainData
+B = TypeVar("B")
+
+
+class StepBatches(Protocol[B]):
+    """What the loader needs of a data plane (``batches.TrainData``): a rank's raw batch of a step, built in a
+    worker, and its finishing touch in the training process. A protocol, so the loader sits below the batches."""
+
+    def raw_batch(self, step: int, rank: int = 0) -> B: ...
+
+    def normalized(self, batch: B, device: torch.device | None = None) -> B: ...
 
 
 def default_workers(streaming: bool) -> int:
@@ -36,13 +44,13 @@ def default_workers(streaming: bool) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-class StepDataset(Dataset):
+class StepDataset(Dataset, Generic[B]):
     """Item ``step`` = rank ``rank``'s batch of global step ``step``."""
 
-    def __init__(self, data: TrainData, rank: int) -> None:
+    def __init__(self, data: StepBatches[B], rank: int) -> None:
         self.data, self.rank = data, rank
 
-    def __getitem__(self, step: int) -> TrainBatch | Failure:
+    def __getitem__(self, step: int) -> B | Failure:
         try:
             return self.data.raw_batch(int(step), self.rank)  # uint8 pixels: `_finished` normalises them
         except MmkdError as e:  # sent back whole: DataLoader would re-raise it with a worker traceback inside
@@ -90,8 +98,8 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
-def iterate_batches(data: TrainData, start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2,
-                    device: torch.device | None = None) -> Iterator[TrainBatch]:
+def iterate_batches(data: StepBatches[B], start: int, stop: int, rank: int = 0, workers: int = 0, prefetch: int = 2,
+                    device: torch.device | None = None) -> Iterator[B]:
     """This rank's batches of steps ``start..stop-1``; ``workers`` > 0 decodes them in that many processes.
 
     Transport: workers send uint8 pixels (a quarter of float32's bytes through shared memory), pinned in the
@@ -112,13 +120,12 @@ def iterate_batches(data: TrainData, start: int, stop: int, rank: int = 0, worke
     return _finished(iter(loader), data, device)
 
 
-def _finished(batches: Iterator[TrainBatch | Failure], data: TrainData, device: torch.device | None
-              ) -> Iterator[TrainBatch]:
+def _finished(batches: Iterator[B | Failure], data: StepBatches[B], device: torch.device | None) -> Iterator[B]:
     for b in batches:
         if isinstance(b, Failure):
             raise b.error
         yield data.normalized(b, device)
 
 
-def _identity(batch: TrainBatch | Failure) -> TrainBatch | Failure:
+def _identity(batch: B | Failure) -> B | Failure:
     return batch

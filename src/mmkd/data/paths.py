@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmkd.config import ConfigError
 from mmkd.data.records import DataError
 from mmkd.data.shards import URL_RE, _split_top_level, shard_refs
 from mmkd.data.sources.registry import parse_spec
+from mmkd.errors import ConfigError
 
 SHARD_FORMATS = ("wds", "cifar10")  # paths that may be comma lists or brace patterns of shards
 

@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 
 DEFAULT_WINDOW = 8  # shards per shuffle window: enough mixing for shards of thousands, little to fetch at once
 
@@ -83,8 +83,3 @@ class ShardPlan:
         parts = [self.window_samples(epoch, w)[max(lo, starts[w]) - starts[w]:min(hi, starts[w + 1]) - starts[w]]
                  for w in range(first, last + 1)]
         return np.concatenate(parts)
-
-    def window_of(self, epoch: int, shard: int) -> int:
-        """The window that reads ``shard`` in ``epoch`` (for tests and tools)."""
-        order, _ = self._layout(epoch)
-        return int(np.nonzero(order == shard)[0][0]) // self.window

@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -65,6 +66,15 @@ class Record:
     label: int | None = None
     origin: str = ""
     shard: str = ""
+
+
+def clean_caption(text: Any, origin: str) -> str:
+    if not isinstance(text, str):
+        raise DataError(f"{origin}: caption must be a string, got {type(text).__name__}: {text!r}")
+    text = text.strip()
+    if not text:
+        raise DataError(f"{origin}: empty caption; remove it or fill it with text")
+    return text
 
 
 def set_max_image_pixels(limit: int | None) -> None:

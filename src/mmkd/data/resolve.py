@@ -34,12 +34,23 @@ def records_from_spec(spec: str, cache_dir: str | Path = "runs/.cache", world_n:
     return sources.read_records(spec, bad=bad, **options)
 
 
-def split_options(spec: str, split: str | None) -> dict[str, str]:
-    """``{"split": split}`` for the formats whose reader has splits (CIFAR-10/100, STL-10), else nothing."""
-    fmt = spec.partition(":")[0].strip().lower()
-    if split is None or fmt not in sources.FORMATS:
+def split_options(spec: str, split: str | None, strict: bool = False) -> dict[str, str]:
+    """``{"split": split}`` for the formats whose reader has splits (CIFAR-10/100, STL-10); for another format
+    nothing, or with ``strict`` (a split the user named in a run's ``eval:``) a DataError saying which have."""
+    if split is None:
         return {}
-    return {"split": split} if "split" in inspect.signature(sources.FORMATS.get(fmt).read).parameters else {}
+    fmt = spec.partition(":")[0].strip().lower()
+    if fmt in split_formats():
+        return {"split": split}
+    if strict:
+        raise DataError(f"data spec {spec!r}: split {split!r} given, but only {', '.join(split_formats())} "
+                        "have splits; point the spec at the split's files instead")
+    return {}
+
+
+def split_formats() -> list[str]:
+    """The registered formats whose reader takes a ``split`` (a plugin format with one counts too)."""
+    return [n for n in sources.FORMATS.names() if "split" in inspect.signature(sources.FORMATS.get(n).read).parameters]
 
 
 def zeroshot_classes(spec: str, class_set: str | None = None, templates: str | Path | None = None,
@@ -66,17 +77,3 @@ def zeroshot_classes(spec: str, class_set: str | None = None, templates: str | P
                          "(imagefolder, cifar10, cifar100, stl10, wds with classes.txt)")
     names = [n.replace("_", " ") for n in names]
     return names, load_templates(templates) if templates else templates_for_format(fmt)
-
-
-SPLIT_FORMATS = ("cifar10", "cifar100", "stl10")
-
-
-def spec_options(spec: str, split: str | None) -> dict[str, str]:
-    """Reader options for a spec: ``split`` where the format has splits (the readers default to train)."""
-    if split is None:
-        return {}
-    fmt = spec.partition(":")[0]
-    if fmt not in SPLIT_FORMATS:
-        raise DataError(f"data spec {spec!r}: split {split!r} given, but only {', '.join(SPLIT_FORMATS)} "
-                         "have splits; point the spec at the split's files instead")
-    return {"split": split}

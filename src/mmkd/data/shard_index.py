@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mmkd.data.records import BadSamples, DataError, Record
-from mmkd.data.shards import ShardRef, ShardStore
+from mmkd.data.shards import ShardRef, ShardStore, file_sha256
 from mmkd.fileio import atomic_write, atomic_write_json
 
 INDEX_VERSION = 2  # 2: per-shard SHA-256 digests
@@ -132,15 +132,6 @@ def _has_end_marker(tf: tarfile.TarFile, last: tarfile.TarInfo) -> bool:
     tf.fileobj.seek(last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
     block = tf.fileobj.read(tarfile.BLOCKSIZE)
     return len(block) == tarfile.BLOCKSIZE and not any(block)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks (the shard was just scanned: its pages are cached)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_span(data: bytes, name: str) -> tuple[str, dict[str, bytes]]:

@@ -18,6 +18,7 @@ import numpy as np
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.shard_index import ShardIndex, load_or_build, read_span
 from mmkd.data.shards import ShardStore, shard_refs
+from mmkd.data.wds_samples import wds_class_names, wds_record
 
 RecordFn = Callable[[Record], Record]
 
@@ -102,8 +103,6 @@ def open_shards(spec_path: str, cache_dir: str | Path | None, bad: BadSamples | 
     fetched (remote, piped or compressed) shards stay on local disk at once."""
     import hashlib
     import json
-
-    from mmkd.data.sources.webdataset import wds_class_names, wds_record
 
     bad = bad or BadSamples()
     refs = shard_refs(spec_path)

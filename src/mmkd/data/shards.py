@@ -205,6 +205,15 @@ def _copy(src: IO[bytes], dst: IO[bytes], name: str) -> None:
         shutil.copyfileobj(src, dst, 1 << 20)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (a freshly scanned or fetched shard: its pages are cached)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 class ShardStore:
     """Seekable local files for shards: local tars in place, the rest fetched into ``folder`` (a bounded LRU).
 
@@ -253,8 +262,6 @@ class ShardStore:
         """Fetch shard ``i`` into ``dst`` whole: a copy cut short, or (once the shard is indexed) whose SHA-256
         is not the indexed one, is deleted and fetched again, at most ``FETCH_TRIES`` times; only a verified copy
         is renamed into place, so no later run reads a partial shard as whole."""
-        from mmkd.data.shard_index import file_sha256
-
         name, want = self.refs[i].name, self.digests.get(i)
         tmp = dst.with_suffix(f".part-{os.getpid()}")
         problem = ""

@@ -74,20 +74,6 @@ def to_pil(image: ImageLike) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
 
 
-def resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    """Scale so the shorter side is `size` (bicubic), keeping the aspect ratio."""
-    w, h = image.size
-    s = size / min(w, h)
-    return image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
-
-
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """The central size x size square (the image must be at least that big)."""
-    w, h = image.size
-    left, top = round((w - size) / 2), round((h - size) / 2)
-    return image.crop((left, top, left + size, top + size))
-
-
 def center_box(width: int, height: int) -> Box:
     """Source box that resize-shorter-side + centre-crop maps to the output: the central square."""
     m = min(width, height)

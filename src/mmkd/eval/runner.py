@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import ConfigError, EvalSpec, from_dict, read_yaml
+from mmkd.config import EvalSpec, from_dict, read_yaml
 from mmkd.data import sources
 from mmkd.data.paths import check_spec_paths, rebase_path, rebase_spec
-from mmkd.errors import UsageError
+from mmkd.errors import ConfigError, UsageError
 from mmkd.eval.tasks import EVALS, WORLD_N, EvalContext, check_kind, data_format, run_spec
 from mmkd.fileio import atomic_write_json
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import ConfigError, EvalSpec
+from mmkd.config import EvalSpec
 from mmkd.data.records import Record
+from mmkd.errors import ConfigError
 from mmkd.registry import Registry
 
 RUN_EVAL_DATA = "world:test"  # a run's ``eval:`` entry without ``data``
@@ -58,9 +59,9 @@ class EvalContext:
     def records(self, spec: EvalSpec) -> list[Record]:
         data = spec_data(spec)
         if spec.split and self.strict_split:
-            from mmkd.data.resolve import spec_options
+            from mmkd.data.resolve import split_options
 
-            spec_options(data, spec.split)
+            split_options(data, spec.split, strict=True)
         split = spec.split or DEFAULT_SPLIT
         world_n = self.world_n or spec.limit or WORLD_N
         key = (data, split, spec.limit, world_n)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.eval.embed import Batch, embed_images, embed_texts
 
 Template = str | Callable[[str], str]

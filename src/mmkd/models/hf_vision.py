@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 
 HF_PREFIX = "hf:"
 # image-classification backbones that are not a tower mmkd can pool: why, for the refusal

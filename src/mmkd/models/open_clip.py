@@ -18,7 +18,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD
-from mmkd.models.hub import ModelLoadError, check_tokenizer, load_tokenizer, load_weights_file
+from mmkd.models.model_files import ModelLoadError, check_tokenizer, load_plain_tokenizer, load_weights_file
 
 PREFIX = "open_clip:"
 CONFIG_FILE = "open_clip_config.json"
@@ -237,10 +237,12 @@ def has_tokenizer_files(folder: Path) -> bool:
 
 def find_tokenizer(folder: Path, tokenizer: str | None, cfg: dict[str, Any], vocab_size: int) -> Any:
     """The folder's own tokenizer files, else the one named by ``?tokenizer=`` (or the API's tokenizer_path)."""
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer, where=f"{tokenizer} (the tokenizer of open_clip:{folder})")
+    if tokenizer is not None and tokenizer.startswith(PREFIX):  # ?tokenizer=open_clip:OTHER
+        tok = open_clip_tokenizer(tokenizer)
+    elif tokenizer is not None:
+        tok = load_plain_tokenizer(tokenizer, where=f"{tokenizer} (the tokenizer of open_clip:{folder})")
     elif has_tokenizer_files(folder):
-        tok = load_tokenizer(folder, where=f"open_clip:{folder}")
+        tok = load_plain_tokenizer(folder, where=f"open_clip:{folder}")
     else:
         hint = cfg["model_cfg"]["text_cfg"].get("hf_tokenizer_name") or "openai/clip-vit-base-patch32"
         raise ModelLoadError(f"open_clip:{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); name one "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta
 from mmkd.models.towers import tower_width
 
@@ -43,10 +43,6 @@ class SharedBlockDualEncoder(DualEncoder):
         self.text_projection = nn.Linear(width, projection_dim, bias=False)
         self.meta.extra = {**self.meta.extra, "shared_block": {"width": width, "layers": layers, "heads": heads,
                                                                 "mlp_ratio": mlp_ratio}}
-
-    @property
-    def shared_width(self) -> int:
-        return self.image_in.out_features
 
     def _block(self, tokens: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         for layer in self.shared:

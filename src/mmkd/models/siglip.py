@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from mmkd.models.dual_encoder import SIGLIP_MEAN, SIGLIP_STD, EncoderMeta, SiglipDualEncoder
+from mmkd.models.model_files import ModelLoadError, image_settings
 
 
 def siglip_meta(folder: Path, cfg: dict[str, Any], hf: Any) -> EncoderMeta:
@@ -15,17 +16,13 @@ def siglip_meta(folder: Path, cfg: dict[str, Any], hf: Any) -> EncoderMeta:
     text padded to the full length (the text head pools the last position, so the length is part of the model)."""
     if "mmkd" in cfg:
         return EncoderMeta.from_json(cfg["mmkd"])
-    from mmkd.models.hub import _image_settings
-
-    settings = _image_settings(folder, int(hf.config.vision_config.image_size), SIGLIP_MEAN, SIGLIP_STD)
+    settings = image_settings(folder, int(hf.config.vision_config.image_size), SIGLIP_MEAN, SIGLIP_STD)
     return EncoderMeta(vision_pooling="pooler", text_pooling="pooler", text_padding="max_length",
                        max_text_length=int(hf.config.text_config.max_position_embeddings), **settings)
 
 
 def load_siglip(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> SiglipDualEncoder:
     from transformers import SiglipModel, SiglipTextConfig
-
-    from mmkd.models.hub import ModelLoadError
 
     vocab = int((cfg.get("text_config") or {}).get("vocab_size", SiglipTextConfig().vocab_size))
     if tokenizer is not None and len(tokenizer) > vocab:  # ids past the table would fail mid-run, or worse
@@ -50,8 +47,6 @@ def load_siglip(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> SiglipDual
 
 
 def refuse_siglip2(folder: Path, cfg: dict[str, Any], tokenizer: Any) -> Any:
-    from mmkd.models.hub import ModelLoadError
-
     raise ModelLoadError(f"{folder}: SigLIP 2 (Siglip2Model) is not supported: its vision tower takes NaFlex "
                          "patch sequences with spatial shapes and masks, not fixed-size images, which mmkd's image "
                          "pipeline does not produce; use a SigLIP (SiglipModel) teacher")

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, CLIPModel, SiglipModel, SiglipTextModel, SiglipVisionModel
 
-from mmkd.config import ConfigError, StudentConfig, TowerSpec
+from mmkd.config import StudentConfig, TowerSpec
+from mmkd.errors import ConfigError
 from mmkd.models.dual_encoder import DualEncoder, EncoderMeta, SiglipDualEncoder
 from mmkd.models.hf_vision import hf_vision_types, is_hf_arch
 from mmkd.models.hub import (
@@ -254,10 +255,6 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:
     for n, p in model.named_parameters():
         if any(matches(n, pre) for pre in prefixes):
             p.requires_grad_(False)
-
-
-def tower_widths(model: DualEncoder) -> dict[str, int]:
-    return {"image": tower_width(model.vision_model), "text": tower_width(model.text_model)}
 
 
 def feature_widths(model: DualEncoder) -> dict[str, int]:

@@ -27,7 +27,7 @@ from transformers import (
     ViTConfig,
 )
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.models.hf_vision import build_hf_vision, hf_vision_types, is_hf_arch, probe
 from mmkd.registry import Registry
 
@@ -116,6 +116,11 @@ def tower_width(model: nn.Module) -> int:
     if isinstance(model, SiglipTextModel):  # its pooler output leaves through its head
         return int(cfg.projection_size)
     return int(cfg.hidden_size)
+
+
+def tower_widths(model: Any) -> dict[str, int]:
+    """A dual encoder's tower widths (``image``, ``text``): what feature objectives and a cache's identity need."""
+    return {"image": tower_width(model.vision_model), "text": tower_width(model.text_model)}
 
 
 def pool_image(outputs: Any, pooling: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.objectives.ensemble import PerTeacher, member_targets
 from mmkd.registry import Registry
 from mmkd.seeding import seeded

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmkd.config import ConfigError
 from mmkd.dist import gather_with_grad
+from mmkd.errors import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from mmkd.objectives.shared import MAX_LOGIT_SCALE, gathered, need, paired
 

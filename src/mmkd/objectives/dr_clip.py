@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from mmkd.objectives.contrastive import clip_loss
 from mmkd.objectives.shared import gathered, need, paired, student_scale, teacher_scale

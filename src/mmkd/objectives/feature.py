@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 
 

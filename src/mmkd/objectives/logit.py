@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from mmkd.objectives.shared import gathered, kl_rows, need, paired, student_scale, teacher_scale
 

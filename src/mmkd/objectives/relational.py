@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkd.config import ConfigError
+from mmkd.errors import ConfigError
 from mmkd.objectives.base import OBJECTIVES, Objective, ObjectiveContext
 from mmkd.objectives.logit import DIRECTIONS, similarity_logits
 from mmkd.objectives.shared import (

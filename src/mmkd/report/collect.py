@@ -12,12 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmkd import fileio
 from mmkd.errors import UsageError
 from mmkd.fileio import JsonLineError
-from mmkd.report.demo_report import ROWS, read_jsonl
+
+# the demo's models and their labels (the demo's report and `mmkd report` on a demo folder say the same)
+ROWS = (("teacher", "teacher"), ("student", "distilled student"),
+        ("student_cached", "distilled (cache, killed + resumed)"), ("scratch", "scratch student"))
 
 DEMO_LABELS = dict(ROWS)
 FLAT_RETRIEVAL_NAME = "world"  # the demo's retrieval block is the built-in world's test split
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """A training log's records; none when it does not exist (yet)."""
+    if not path.is_file():
+        return []
+    return [obj for _, obj in fileio.read_jsonl(path, "a metrics log")]
 
 
 @dataclass

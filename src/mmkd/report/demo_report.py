@@ -6,17 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from mmkd import fileio
+from mmkd.report.collect import ROWS, read_jsonl
 from mmkd.report.figures import png, subplots
-
-ROWS = (("teacher", "teacher"), ("student", "distilled student"),
-        ("student_cached", "distilled (cache, killed + resumed)"), ("scratch", "scratch student"))
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """A training log's records; none when it does not exist (yet)."""
-    if not path.is_file():
-        return []
-    return [obj for _, obj in fileio.read_jsonl(path, "a metrics log")]
 
 
 def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:

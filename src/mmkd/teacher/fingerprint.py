@@ -18,7 +18,7 @@ import torch
 
 from mmkd.data.records import Record
 from mmkd.models.dual_encoder import DualEncoder
-from mmkd.models.towers import tower_width
+from mmkd.models.towers import tower_widths
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -72,7 +72,7 @@ def teacher_identity(model: DualEncoder, source: str = "") -> dict[str, Any]:
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "tokenizer_sha256": tokenizer_sha256(model.tokenizer),
         "projection_dim": int(model.projection_dim),
-        "feature_dims": {"image": tower_width(model.vision_model), "text": tower_width(model.text_model)},
+        "feature_dims": tower_widths(model),
         "logit_scale": float(model.logit_scale.detach().float().exp()),
         "meta": model.meta.to_json(),
     }

@@ -14,7 +14,8 @@ from torch import nn
 from transformers import AutoModel, CLIPModel, CLIPVisionModel
 
 from mmkd.models.dual_encoder import EncoderMeta
-from mmkd.models.hub import LOADERS, ModelLoadError, _image_settings, load_dual_encoder, read_config, resolve
+from mmkd.models.hub import LOADERS, load_dual_encoder, resolve
+from mmkd.models.model_files import ModelLoadError, image_settings, read_config
 from mmkd.models.towers import default_pooling, pool_image
 
 
@@ -57,7 +58,7 @@ def load_image_teacher(path_or_id: str | os.PathLike, pooling: str | None = None
         raise ModelLoadError(f"{folder}: {type(model).__name__} is not an image model (no image_size in its "
                              "config); teacher_modality: image needs a vision model")
     image_size = int(getattr(model.config, "image_size", 224))
-    settings = _image_settings(folder, image_size)
+    settings = image_settings(folder, image_size)
     vision_pooling = pooling or default_pooling(model, "image")
     if vision_pooling == "pooler" and not isinstance(model, CLIPVisionModel) and getattr(model, "pooler", 1) is None:
         vision_pooling = "cls"

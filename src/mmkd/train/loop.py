@@ -25,6 +25,7 @@ from mmkd.dist import DistInfo, all_reduce_mean, any_rank, broadcast_int, gather
 from mmkd.errors import MmkdError
 from mmkd.fileio import atomic_write_text
 from mmkd.models.dual_encoder import DualEncoder
+from mmkd.models.model_files import first_nonfinite
 from mmkd.objectives.base import WeightedSum
 from mmkd.objectives.feature import masked_image_features
 from mmkd.objectives.shared import MAX_LOGIT_SCALE
@@ -229,14 +230,6 @@ class MetricsLog:
 
 class NonFiniteLossError(MmkdError, ValueError):
     """Training produced a NaN/inf loss, gradient or weight; raised before anything is saved from it."""
-
-
-def first_nonfinite(module: nn.Module) -> str | None:
-    """The name of the first parameter or buffer holding NaN/inf, or None."""
-    for name, t in module.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
 
 
 def _fmt(v: float) -> str:

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmkd.data.records import DataError, Record
-from mmkd.data.sources.checks import clean_caption, existing_dir, existing_file, resolve_image
+from mmkd.data.records import DataError, Record, clean_caption
+from mmkd.data.sources.checks import existing_dir, existing_file, resolve_image
 from mmkd.data.sources.registry import register_format
 from mmkd.fileio import read_jsonl
 

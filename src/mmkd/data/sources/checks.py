@@ -4,7 +4,6 @@ same way (naming the file and what to do)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from mmkd.data.records import DataError
 
@@ -34,14 +33,3 @@ def resolve_image(value: str, root: Path, origin: str, check: bool) -> Path:
         raise DataError(f"{origin}: image file {p} does not exist; fix the path (relative paths are "
                         f"resolved against {root}) or remove the entry")
     return p
-
-
-def clean_caption(text: Any, origin: str) -> str:
-    if not isinstance(text, str):
-        raise DataError(f"{origin}: caption must be a string, got {type(text).__name__}: {text!r}")
-    text = text.strip()
-    if not text:
-        raise DataError(f"{origin}: empty caption; remove it or fill it with text")
-    return text
-
-

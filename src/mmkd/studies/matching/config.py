@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mmkd.config import ConfigError, apply_overrides, from_dict, read_yaml
+from mmkd.config import apply_overrides, from_dict, read_yaml
 from mmkd.devices import DeviceError, check_device_spec
+from mmkd.errors import ConfigError
 from mmkd.studies.matching.losses import MATCHING_KD, KDConfig, check_kd_params
 from mmkd.studies.matching.models import StudentConfig
 from mmkd.studies.matching.pairs import BuildConfig
