@@ -7,7 +7,7 @@ zero-shot top-1 on ``--val`` held-out single-object images of the ``val`` split 
 ``test``). Shortened budgets make it fit a busy machine; the full demo's budgets are the configs' own.
 
 Usage: python bench/demo_val.py [--teacher-steps 300] [--student-steps 150] [--val 1000] [--threads 1]
-           [--cache runs/demo/cache] [--out runs/demo-val] [--json PATH] VARIANT …
+           [--teacher-override KEY=VALUE …] [--cache runs/demo/cache] [--out runs/demo-val] [--json PATH] VARIANT …
 e.g.   python bench/demo_val.py student:student scratch:scratch \\
            "noinherit:student:student.vision.source=new;student.vision.arch=clip_vision;student.vision.config={…}"
 """
@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--student-steps", type=int, default=150)
     p.add_argument("--val", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher-override", action="append", default=[],
+                   help="KEY=VALUE applied to configs/demo/teacher.yaml (repeatable), e.g. a deeper teacher")
     p.add_argument("--cache", default="runs/demo/cache")
     p.add_argument("--out", default="runs/demo-val")
     p.add_argument("--json", default=None)
@@ -59,13 +61,15 @@ def main() -> None:
     t0 = time.perf_counter()
     cache, common = Path(a.cache), [f"cache_dir={a.cache}", f"train.threads={a.threads}"]
     teacher = load_config(CONFIGS / "teacher.yaml", common + [f"train.steps={a.teacher_steps}",
-                                                              f"train.ckpt_every={a.teacher_steps}"])
+                                                              f"train.ckpt_every={a.teacher_steps}",
+                                                              *a.teacher_override])
     teacher = replace(teacher, out=str(cache / f"teacher-{config_key(teacher)}"))
     if not finished(teacher):
         train_run("teacher", teacher, log, None)
     teacher_dir = str(Path(teacher.out) / "student")
     val = world.to_records(world.load_split("val", a.val, cache / "world"))
-    results: dict[str, Any] = {"teacher": {"steps": a.teacher_steps, "val": score(load_dual_encoder(teacher_dir), val)}}
+    results: dict[str, Any] = {"teacher": {"steps": a.teacher_steps, "overrides": a.teacher_override,
+                                           "val": score(load_dual_encoder(teacher_dir), val)}}
     log("teacher", results["teacher"])
     shared = TargetCache()
     for spec in a.variants:
@@ -81,7 +85,8 @@ def main() -> None:
                          "val": score(load_dual_encoder(Path(cfg.out) / "student"), val)}
         log(name, results[name]["val"])
     out = {"command": "python bench/demo_val.py " + " ".join(f"'{v}'" for v in a.variants)
-           + f" --teacher-steps {a.teacher_steps} --student-steps {a.student_steps} --val {a.val}",
+           + f" --teacher-steps {a.teacher_steps} --student-steps {a.student_steps} --val {a.val}"
+           + "".join(f" --teacher-override '{o}'" for o in a.teacher_override),
            "split": "val", "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out, indent=1))
     if a.json:

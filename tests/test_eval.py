@@ -298,24 +298,46 @@ def test_latency_keys_positive(model: FakeDualEncoder) -> None:
     assert all(v > 0 for v in out.values())
 
 
-def test_paired_speedup_is_the_median_of_per_round_ratios(model: FakeDualEncoder, monkeypatch) -> None:
-    """Each round times the reference then the model; the figure is the median of the rounds' ratios, so one
-    round caught by a load spike (here the third: the model timed 4x slower) does not move it."""
+def test_paired_speedup_alternates_times_one_thread_and_gives_the_flops_ratio(model: FakeDualEncoder,
+                                                                               monkeypatch) -> None:
+    """Each round times both models back to back, the first alternating (neither always runs on what the other
+    left in the cache), at one intra-op thread (restored afterwards); the figure is the median of the rounds'
+    ratios, by the thread's CPU time (which other processes cannot stretch), so the round whose CPU time a spike
+    still moved (the last) does not move it. The wall-clock ratio and the FLOPs ratio stand beside it (half the
+    image tower's width: half its FLOPs)."""
     from mmkd.errors import UsageError
     from mmkd.eval import efficiency
 
-    seconds = iter([3.0, 1.0, 3.3, 1.1, 3.0, 4.0, 2.8, 1.0, 3.1, 1.0])  # reference, model, reference, model, …
-    calls: list[object] = []
+    small = FakeDualEncoder()
+    small.vision_model = nn.Linear(3 * IMAGE_SIZE**2, HIDDEN // 2)
+    small.visual_projection = nn.Linear(HIDDEN // 2, DIM, bias=False)
+    cpu = {"ref": iter([3.0, 3.3, 3.0, 2.8, 3.1]), "small": iter([1.0, 1.1, 1.0, 1.0, 4.0])}
+    wall = {"ref": iter([2.0] * 5), "small": iter([1.0, 1.0, 1.0, 1.0, 2.0])}
+    order: list[str] = []
+    threads: list[int] = []
 
-    def fake_time_call(fn, repeats, warmup, budget_s, sync):  # noqa: ANN001, ANN202
-        calls.append(fn())
-        return next(seconds)
+    def fake_time_both(fn, repeats, warmup, budget_s):  # noqa: ANN001, ANN202
+        who = "ref" if fn.__defaults__[0] is model else "small"  # each timed fn binds its model
+        order.append(who)
+        threads.append(torch.get_num_threads())
+        fn()
+        return next(wall[who]), next(cpu[who])
 
-    monkeypatch.setattr(efficiency, "_time_call", fake_time_call)
-    out = efficiency.paired_speedup(model, model, rounds=5, budget_s=1.0)
-    assert len(calls) == 10 and out["batch_size"] == 1
-    assert out["rounds"] == pytest.approx([3.0, 3.0, 0.75, 2.8, 3.1])
-    assert out["median"] == pytest.approx(3.0)
+    monkeypatch.setattr(efficiency, "_time_both", fake_time_both)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = efficiency.paired_speedup(model, small, rounds=5, budget_s=1.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert order == ["ref", "small", "small", "ref"] * 2 + ["ref", "small"]
+    assert threads == [1] * 10 and out["threads"] == 1 and out["batch_size"] == 1
+    assert out["rounds"] == pytest.approx([3.0, 3.0, 3.0, 2.8, 0.775])
+    assert out["median"] == pytest.approx(3.0) and out["clock"] == "thread CPU time"
+    assert out["median_wall"] == pytest.approx(2.0)
+    full, half = 3 * IMAGE_SIZE**2 * HIDDEN + HIDDEN * DIM, 3 * IMAGE_SIZE**2 * HIDDEN // 2 + HIDDEN // 2 * DIM
+    assert out["flops_ratio"] == pytest.approx(full / half)
     with pytest.raises(UsageError, match="rounds must be >= 1"):
         efficiency.paired_speedup(model, model, rounds=0)
 

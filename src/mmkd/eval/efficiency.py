@@ -141,26 +141,82 @@ def latency(
     return out
 
 
-def paired_speedup(reference: nn.Module, model: nn.Module, rounds: int = 5, batch_size: int = 1,
-                   budget_s: float = 3.0) -> dict[str, object]:
+def _image_flops(model: nn.Module, batch_size: int = 1) -> float:
+    """FLOPs of encoding ``batch_size`` random images (FlopCounterMode's count, as `flops` gives per image)."""
+    pixels = _random_pixels(model, batch_size)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encode_image(pixels)
+    return float(counter.get_total_flops())
+
+
+def _time_both(fn: Callable[[], object], repeats: int, warmup: int, budget_s: float) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds of this thread per call (CPU only; ``budget_s`` as in
+    `_time_call`). With one intra-op thread every op runs on the calling thread, so its CPU time is the call's
+    work without the time other processes held the core."""
+    deadline = time.perf_counter() + budget_s
+    for _ in range(warmup):
+        fn()
+        if time.perf_counter() > deadline:
+            break
+    wall: list[float] = []
+    cpu: list[float] = []
+    for _ in range(max(1, repeats)):
+        c0, t0 = time.thread_time(), time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+        if time.perf_counter() > deadline:
+            break
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def paired_speedup(reference: nn.Module, model: nn.Module, rounds: int = 7, batch_size: int = 1,
+                   budget_s: float = 3.0, threads: int | None = 1) -> dict[str, object]:
     """How many times faster ``model`` encodes an image than ``reference``: the median over ``rounds`` of the
-    ratio of their median latencies, the two timed back to back in each round.
+    ratio of their median times per call, the two timed back to back in each round, in alternating order.
 
     Why paired rounds: on a shared machine the load drifts between two measurements taken seconds apart; timing
     both models within each round and taking the median ratio cancels what a single pair of timings picks up.
+    Why ``threads`` (default 1, restored afterwards): at batch 1 the ops are too small to share, and a second
+    thread waiting for a busy core makes CPU timings erratic (bench/demo_latency.py). Why CPU time on CPU: with
+    one thread every op runs on the calling thread, so its CPU time is the encode's own work, which other
+    processes holding the core cannot stretch (on a loaded 2-core machine wall-clock rounds of one pair ranged
+    2.3-14.5x, CPU-time rounds 2.3-3.1x). ``median`` is that ratio (wall-clock on GPUs), ``median_wall`` the
+    wall-clock one; ``flops_ratio`` stands beside, counted, not timed.
     """
     if rounds < 1:
         raise UsageError(f"rounds must be >= 1, got {rounds}")
     share = budget_s / (2 * rounds)
     inputs = [(m, _random_pixels(m, batch_size)) for m in (reference, model)]
     fns = [lambda m=m, p=p: m.encode_image(p) for m, p in inputs]
-    sync = model_device_dtype(model)[0].type == "cuda"
-    ratios = []
-    with eval_mode(reference), eval_mode(model), torch.inference_mode():
-        for _ in range(rounds):
-            ref_s, model_s = (_time_call(fn, 10, 2, share, sync) for fn in fns)
-            ratios.append(ref_s / max(model_s, 1e-12))
-    return {"median": statistics.median(ratios), "rounds": [round(r, 3) for r in ratios], "batch_size": batch_size}
+    device = model_device_dtype(model)[0].type
+    cpu = device == "cpu"
+    ratios, cpu_ratios = [], []
+    before = torch.get_num_threads()
+    if threads and cpu:
+        torch.set_num_threads(threads)
+    try:
+        with eval_mode(reference), eval_mode(model), torch.inference_mode():
+            for r in range(rounds):
+                wall, work = [0.0, 0.0], [0.0, 0.0]
+                for i in ((0, 1) if r % 2 == 0 else (1, 0)):  # neither model always runs second
+                    if cpu:
+                        wall[i], work[i] = _time_both(fns[i], 10, 2, share)
+                    else:
+                        wall[i] = _time_call(fns[i], 10, 2, share, sync=device == "cuda")
+                ratios.append(wall[0] / max(wall[1], 1e-12))
+                cpu_ratios.append(work[0] / max(work[1], 1e-12))
+    finally:
+        torch.set_num_threads(before)
+    headline = cpu_ratios if cpu else ratios
+    out: dict[str, object] = {"median": statistics.median(headline), "rounds": [round(r, 3) for r in headline],
+                              "clock": "thread CPU time" if cpu else "wall", "batch_size": batch_size,
+                              "threads": threads if cpu and threads else before}
+    if cpu:
+        out["median_wall"] = statistics.median(ratios)
+        out["rounds_wall"] = [round(r, 3) for r in ratios]
+    out["flops_ratio"] = _image_flops(reference, batch_size) / max(_image_flops(model, batch_size), 1.0)
+    return out
 
 
 def _rss_bytes() -> int | None:

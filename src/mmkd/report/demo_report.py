@@ -59,7 +59,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                      f"{pct(r['kept'])}% |")
     lines.append("")
     lines.append("kept of teacher: colour+shape top-1 relative to the teacher's. × faster b1: the median over rounds "
-                 "of the teacher's and the student's batch-1 image latency timed back to back; FLOPs: image tower.")
+                 "of the teacher's and the student's batch-1 image encode time timed back to back (on one thread, by "
+                 "its CPU time, where metrics.json says so); FLOPs: image tower.")
     return "\n".join(lines)
 
 
