@@ -15,3 +15,15 @@ class MmkdError(Exception):
 
 class UsageError(MmkdError, ValueError):
     """A bad command-line option or argument combination."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (``cause``) stopped training after ``step`` optimizer steps finished in this process, so
+    the command can say where a run stopped without reading the training loop's frame."""
+
+    def __init__(self, step: int, cause: KeyboardInterrupt) -> None:
+        super().__init__(step, cause)  # (the arguments, so that it pickles)
+        self.step, self.cause = step, cause
+
+    def __str__(self) -> str:
+        return f"stopped after step {self.step}"

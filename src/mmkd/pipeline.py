@@ -40,7 +40,7 @@ from mmkd.teacher.ensemble import EnsembleLookup, EnsembleTargets, check_agreeme
 from mmkd.teacher.fingerprint import state_dict_sha256
 from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
-from mmkd.train.loop import train
+from mmkd.train.loop import Curve, train
 from mmkd.train.runfolder import RunFolder, RunIdentity, data_fingerprint, plan_start, run_config
 
 
@@ -263,7 +263,8 @@ def run_distill(cfg: RunConfig, resume: bool | str = False, log: Any = print, *,
 
         result = train(student, objectives, data, targets, cfg.train, out, info, resume=plan == "resume",
                        desc="distill", progress=progress, identity=identity, on_start=on_start, device=device,
-                       workers=cfg.data.workers, evaluate=curve, eval_every=curve_every)
+                       workers=cfg.data.workers,
+                       curve=Curve(curve, curve_every) if curve is not None and curve_every else None)
         kept = finished_record(out, identity, result.steps) if result.resumed_from >= result.steps else None
         if kept is not None and sorted(kept.get("eval") or {}) == sorted(map(run_eval_name, cfg.eval)):
             # a finished run resumed: nothing trained, nothing new to evaluate, so its record stays as it was
