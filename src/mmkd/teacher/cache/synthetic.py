@@ -30,6 +30,7 @@ from mmkd.teacher.cache.format import (
 )
 from mmkd.teacher.captioner import Captioner, Sampling, chunk_seed
 from mmkd.teacher.targets import teacher_outputs
+from mmkd.teacher_spec import cache_value
 
 STRINGS = "syncaps"  # the chunk's string table: ``syncap-00000.syncaps.bytes.npy`` / ``.offsets.npy``
 
@@ -192,7 +193,7 @@ class CachedCaptions:
             raise CacheError(f"--captioner cache:{self.root}: that cache holds no synthetic captions to reuse; give a "
                              "cache built with --captioner MODEL --synthetic-captions N (or the model itself)")
         self.fingerprint = fp
-        self.source = f"cache:{self.root}"
+        self.source = cache_value(self.root)
 
     def sampling(self, n: int, seed: int, chunk_rows: int) -> Sampling:
         """The source's sampling settings, checked against this build's (the captions depend on all of them)."""
