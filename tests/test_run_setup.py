@@ -107,6 +107,7 @@ def teachers(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> dict
 
 
 def _prepare(tmp_path: Path, teacher: str, augment: bool, new_student: bool = False) -> RunSetup:
+    tmp_path.mkdir()
     cfg = write_run_config(tmp_path, teacher, world_size=16, objectives="[{name: clip}, {name: fd_mse}]",
                            data_extra=", augment: true" if augment else "",
                            train="steps: 2, log_every: 1, warmup_steps: 1, threads: 1")
