@@ -45,7 +45,8 @@ def worker(mode: str, steps: int, threads: int) -> dict[str, Any]:
     from mmkd.models.student import build_student, feature_widths
     from mmkd.objectives.base import ObjectiveContext, build_objectives
     from mmkd.train.accumulate import accumulated_backward
-    from mmkd.train.loop import DistillTask, _train_mode, param_groups, text_is_frozen
+    from mmkd.train.loop import param_groups
+    from mmkd.train.task import DistillTask, text_is_frozen, train_mode
 
     torch.set_num_threads(threads)
     spec = load_config(DEMO_STUDENT).student  # its width comes from the teacher (cached): the demo teacher's
@@ -57,7 +58,7 @@ def worker(mode: str, steps: int, threads: int) -> dict[str, Any]:
     objectives = build_objectives([ObjectiveSpec(name="clip"), ObjectiveSpec(name="fd_mse_cosine")],
                                   ObjectiveContext(dim, dim, feature_widths(student), {}), seed=0)
     task = DistillTask(student, objectives)
-    _train_mode(task, text_is_frozen(student))  # as train() runs it: the frozen text tower without dropout
+    train_mode(task, text_is_frozen(student))  # as train() runs it: the frozen text tower without dropout
     opt = torch.optim.AdamW(param_groups(task, 0.1), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     words = ["red", "green", "blue", "circle", "square", "star", "small", "large", "top", "left"]

@@ -144,7 +144,8 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
     from mmkd.teacher.cache import CachedTeacher, CacheExpectation
     from mmkd.teacher.ensemble import EnsembleLookup, check_agreement
     from mmkd.teacher.targets import OnlineTeacher, bf16_supported
-    from mmkd.train.loop import DistillTask, param_groups
+    from mmkd.train.loop import param_groups
+    from mmkd.train.task import DistillTask
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ from mmkd.data import world
 from mmkd.demo import config_key, finished, train_run
 from mmkd.eval.suite import embed_images, pixel_batches, world_labels, zeroshot_classifier, zeroshot_scores
 from mmkd.models.hub import load_dual_encoder
-from mmkd.pipeline import TargetCache
+from mmkd.run_setup import TargetCache
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 SETS = ("colour_shape", "shape", "colour")

@@ -185,7 +185,8 @@ def student_step(device: torch.device, sizes: Sizes) -> dict[str, Any]:
     from mmkd.data.batches import TrainBatch
     from mmkd.devices import autocast
     from mmkd.objectives.base import ObjectiveContext, build_objectives
-    from mmkd.train.loop import DistillTask, param_groups
+    from mmkd.train.loop import param_groups
+    from mmkd.train.task import DistillTask
 
     tok = _tokenizer()
     student = shaped_model(sizes.shape, tok)

@@ -69,7 +69,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 SEED = 0
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 SCALE, RATIO = (0.6, 1.0), (3 / 4, 4 / 3)  # TransformConfig's defaults
-ONLINE_VIEWS = 1 << 30  # mmkd.pipeline's views with an online teacher: every drawn view a fresh training crop
+ONLINE_VIEWS = 1 << 30  # mmkd.run_setup's views with an online teacher: every drawn view a fresh training crop
 VIEWS = {"train224": (224, True), "eval224": (224, False), "train32": (32, True), "eval32": (32, False)}
 
 

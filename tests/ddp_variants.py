@@ -32,8 +32,9 @@ from mmkd.models.student import feature_widths  # noqa: E402
 from mmkd.objectives import OBJECTIVES  # noqa: E402
 from mmkd.objectives.base import ObjectiveContext, build_objectives  # noqa: E402
 from mmkd.train.accumulate import accumulated_backward  # noqa: E402
-from mmkd.train.loop import DistillTask, train  # noqa: E402
+from mmkd.train.loop import train  # noqa: E402
 from mmkd.train.sync import average_gradients  # noqa: E402
+from mmkd.train.task import DistillTask  # noqa: E402
 
 S_DIM, T_DIM, T_FEAT = 16, 24, 40
 MEAN, STD = (0.5,) * 3, (0.25,) * 3

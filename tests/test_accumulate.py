@@ -28,7 +28,8 @@ from mmkd.models.student import feature_widths
 from mmkd.objectives import OBJECTIVES, feature
 from mmkd.objectives.base import Objective, ObjectiveContext, build_objectives
 from mmkd.train.accumulate import accumulated_backward, merge, merge_targets, split
-from mmkd.train.loop import DistillTask, train
+from mmkd.train.loop import train
+from mmkd.train.task import DistillTask
 
 S_DIM, T_DIM, T_FEAT = 16, 24, 40  # different widths: the objectives' learnable maps get gradients too
 K, B, U = 3, 4, 2  # 3 micro-batches of 4 paired + 2 unpaired images

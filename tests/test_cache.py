@@ -437,11 +437,11 @@ def test_distill_from_cache_never_loads_or_runs_the_teacher(
         raise AssertionError("the teacher was loaded or run during distillation from a cache")
 
     import mmkd.models.hub
-    import mmkd.pipeline
+    import mmkd.run_setup
     import mmkd.teacher.targets
 
     monkeypatch.setattr(mmkd.models.hub, "load_dual_encoder", forbidden)
-    monkeypatch.setattr(mmkd.pipeline, "load_dual_encoder", forbidden)
+    monkeypatch.setattr(mmkd.run_setup, "load_dual_encoder", forbidden)
     monkeypatch.setattr(mmkd.teacher.targets, "teacher_outputs", forbidden)
     monkeypatch.setattr(cache_build, "teacher_outputs", forbidden)
     monkeypatch.setattr(mmkd.teacher.targets.OnlineTeacher, "__init__", forbidden)

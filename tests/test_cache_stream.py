@@ -82,7 +82,7 @@ def _cached_run(tmp_path: Path, spec: str, train: str = "", **data: Any) -> tupl
 
     from mmkd.config import load_config
     from mmkd.dist import DistInfo
-    from mmkd.pipeline import _cached_setup
+    from mmkd.run_setup import prepare
 
     extra = "".join(f", {k}: {v}" for k, v in data.items())
     cfg = tmp_path / "run.yaml"
@@ -95,8 +95,8 @@ data: {{train: "wds:{spec}", batch_size: 4, augment: true{extra}}}
 objectives: [{{name: clip}}, {{name: fd_mse}}]
 train: {{steps: 2, ckpt_every: 0, threads: 1{train}}}
 """)
-    data_, teacher, *_ = _cached_setup(load_config(cfg), [str(tmp_path / "tc")], DistInfo(), lambda _: None)
-    return data_, teacher
+    run = prepare(load_config(cfg), DistInfo(), lambda _: None)
+    return run.data, run.targets
 
 
 def _count_sample_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from mmkd.config import ObjectiveSpec, TrainConfig
 from mmkd.data import world
 from mmkd.data.batches import ImageBank, TrainData
+from mmkd.errors import RunStopped
 from mmkd.models.dual_encoder import CLIP_MEAN, CLIP_STD, DualEncoder
 from mmkd.objectives import ObjectiveContext, build_objectives
 from mmkd.objectives.base import WeightedSum
@@ -254,6 +255,25 @@ def test_kill_during_checkpoint_write_in_training(tokenizer: Any, data: TrainDat
     assert result.resumed_from == 2
     assert_same_weights(student, straight[0])
     assert_same_weights(objectives, straight[1])
+
+
+@pytest.mark.parametrize("stop_at_call, finished", [(1, 0), (6, 5)])
+def test_an_interrupted_run_carries_the_steps_it_finished(tokenizer: Any, data: TrainData, teacher: OnlineTeacher,
+                                                         tmp_path: Path, stop_at_call: int, finished: int) -> None:
+    """Ctrl-C inside a step (here: the teacher's call for it) raises RunStopped with the steps finished before it,
+    wrapping the interrupt (a KeyboardInterrupt still, for code that catches those)."""
+    calls = {"n": 0}
+
+    def interrupting(batch: Any) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == stop_at_call:
+            raise KeyboardInterrupt
+        return teacher(batch)
+
+    with pytest.raises(RunStopped) as stopped:
+        run(tokenizer, data, interrupting, tmp_path)  # type: ignore[arg-type]
+    assert stopped.value.step == finished and type(stopped.value.cause) is KeyboardInterrupt
+    assert isinstance(stopped.value, KeyboardInterrupt) and stopped.value.__cause__ is stopped.value.cause
 
 
 @pytest.fixture

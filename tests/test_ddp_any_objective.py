@@ -21,7 +21,7 @@ from test_distributed import _free_port, _torchrun, torchrun_env
 from mmkd.config import ObjectiveSpec
 from mmkd.objectives import OBJECTIVES
 from mmkd.train.accumulate import accumulated_backward
-from mmkd.train.loop import DistillTask
+from mmkd.train.task import DistillTask
 
 
 def test_every_objective_and_freeze_trains_under_two_processes_and_accumulation_is_exact(

@@ -45,17 +45,17 @@ def test_a_pretrained_tower_can_be_shrunk_with_keep_layers(minilm_path: str) -> 
 
 def test_augment_paired_false_augments_only_the_uncaptioned_images(tmp_path: Path, minilm_path: str) -> None:
     from mmkd.dist import DistInfo
-    from mmkd.pipeline import _online_setup
+    from mmkd.run_setup import prepare
 
     overrides = [f"cache_dir={tmp_path}", "data.world_size_train=16", "data.world_size_unpaired=16",
                  "data.unpaired_batch_size=4", "data.batch_size=4", "data.augment=true",
                  "student.vision.config={image_size: 32, patch_size: 8, hidden_size: 32, num_hidden_layers: 1, "
                  "num_attention_heads: 2, intermediate_size: 64}"]
     base = load_config(CONFIGS / "teacher.yaml", [*overrides, "data.unpaired=world:train"])
-    data, *_ = _online_setup(base, DistInfo(), print, None)
+    data = prepare(base, DistInfo(), print).data
     assert data.paired.augment and data.unpaired.augment
     cfg = load_config(CONFIGS / "teacher.yaml", [*overrides, "data.unpaired=world:train", "data.augment_paired=false"])
-    data, *_ = _online_setup(cfg, DistInfo(), print, None)
+    data = prepare(cfg, DistInfo(), print).data
     assert not data.paired.augment and data.unpaired.augment
     batch = data.batch(3)
     assert batch.views[:batch.n_paired] == [0] * batch.n_paired  # captioned images keep the plain view

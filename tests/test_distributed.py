@@ -40,7 +40,8 @@ from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.towers import tower_widths
 from mmkd.objectives import contrastive
 from mmkd.objectives.base import ObjectiveContext, WeightedSum, build_objectives
-from mmkd.train.loop import DistillTask, train
+from mmkd.train.loop import train
+from mmkd.train.task import DistillTask
 
 WORLD = 2
 IMAGE_SIZE = 32

@@ -39,7 +39,7 @@ from mmkd.data.batches import ImageBank, TrainBatch, TrainData
 from mmkd.models.towers import tower_widths
 from mmkd.objectives import contrastive, shared
 from mmkd.objectives.base import ObjectiveContext, build_objectives
-from mmkd.train.loop import DistillTask
+from mmkd.train.task import DistillTask
 
 SPECS = [
     ObjectiveSpec(name="crd", weight=1.0),

@@ -721,7 +721,7 @@ def test_mfd_is_clip_kd_one_masked_forward_that_every_objective_reads(monkeypatc
     from mmkd.data.batches import TrainBatch
     from mmkd.objectives import feature
     from mmkd.objectives.contrastive import clip_loss
-    from mmkd.train.loop import DistillTask
+    from mmkd.train.task import DistillTask
 
     model = tiny_dual_encoder(minilm_path, width=8, patch_size=4, image_size=16, dim=DIM, dropout=False).double()
     pixels = torch.randn(3, 3, 16, 16, dtype=torch.float64)
@@ -762,7 +762,7 @@ def test_mfd_is_clip_kd_one_masked_forward_that_every_objective_reads(monkeypatc
 
 def test_mfd_is_zero_without_masking_when_the_student_is_the_teacher_and_positive_with_it(minilm_path: str) -> None:
     from mmkd.data.batches import TrainBatch
-    from mmkd.train.loop import DistillTask
+    from mmkd.train.task import DistillTask
 
     model = tiny_dual_encoder(minilm_path, width=8, patch_size=4, image_size=16, dim=DIM, dropout=False).double()
     pixels = torch.randn(4, 3, 16, 16, dtype=torch.float64)

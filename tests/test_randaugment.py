@@ -46,6 +46,7 @@ from mmkd.teacher.cache import (
     cache_size,
 )
 from mmkd.teacher.targets import teacher_outputs
+from mmkd.teacher_spec import cache_value
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 RA = RandAugmentConfig(num_ops=2, magnitude=9, num_magnitude_bins=31)
@@ -311,12 +312,12 @@ def ra_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> 
 
 
 def test_online_teacher_sees_the_students_pixels(ra_run: dict[str, Any]) -> None:
-    from mmkd.pipeline import _online_setup
+    from mmkd.run_setup import prepare
 
     one_layer = ["student.vision.keep_layers=[0]"]  # the tiny teacher has one layer
     cfg = load_config(ra_run["ra"]["online"], one_layer)
-    data = _online_setup(cfg, DistInfo(), lambda *a: None, None)[0]
-    plain = _online_setup(load_config(ra_run["plain"]["online"], one_layer), DistInfo(), lambda *a: None, None)[0]
+    data = prepare(cfg, DistInfo(), lambda *a: None).data
+    plain = prepare(load_config(ra_run["plain"]["online"], one_layer), DistInfo(), lambda *a: None).data
     assert data.teacher_banks is not None and data.paired.train_tf.cfg.randaugment == cfg.data.randaugment
     assert data.teacher_banks[0].train_tf.cfg == data.paired.train_tf.cfg  # same size here: the same transform
     for step in range(2):
@@ -332,14 +333,13 @@ def test_online_teacher_sees_the_students_pixels(ra_run: dict[str, Any]) -> None
 def test_cache_replays_randaugmented_views_and_refuses_other_settings(ra_run: dict[str, Any],
                                                                       tiny_teacher_dir: Path) -> None:
     from mmkd.models.hub import load_dual_encoder
-    from mmkd.pipeline import _cached_setup
+    from mmkd.run_setup import prepare
 
     with_ra, without = ra_run["ra"], ra_run["plain"]
     cache = CachedTeacher.open(with_ra["cache"])
     assert cache.augmentation["randaugment"] == {"num_ops": 2, "magnitude": 15, "num_magnitude_bins": 31}
     assert "randaugment" not in CachedTeacher.open(without["cache"]).augmentation
-    data = _cached_setup(load_config(with_ra["config"], NEW_STUDENT), [str(with_ra["cache"])], DistInfo(),
-                         lambda *a: None)[0]
+    data = prepare(load_config(with_ra["config"], NEW_STUDENT), DistInfo(), lambda *a: None).data
     teacher = load_dual_encoder(tiny_teacher_dir).eval()
     batch = data.batch(0)
     assert any(batch.views)
@@ -349,7 +349,8 @@ def test_cache_replays_randaugmented_views_and_refuses_other_settings(ra_run: di
     for cfg, folder, where in ((without["config"], with_ra["cache"], "only in cache"),
                               (with_ra["config"], without["cache"], "only in training")):
         with pytest.raises(CacheFingerprintError, match=f"transform.augmentation.randaugment: {where}"):
-            _cached_setup(load_config(cfg, NEW_STUDENT), [str(folder)], DistInfo(), lambda *a: None)
+            prepare(dataclasses.replace(load_config(cfg, NEW_STUDENT), teacher=cache_value(folder)), DistInfo(),
+                    lambda *a: None)
     # settings that differ are named too
     other = dataclasses.replace(load_config(with_ra["config"], NEW_STUDENT).data.randaugment, magnitude=3)
     expect = CacheExpectation(augmentation=with_randaugment(cache.augmentation, other))

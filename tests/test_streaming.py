@@ -498,7 +498,7 @@ def test_a_frozen_text_tower_computed_per_step_matches_its_table(minilm_path: st
     from conftest import tiny_dual_encoder
 
     from mmkd.objectives.base import WeightedSum
-    from mmkd.train.loop import DistillTask, FrozenText, _train_mode, text_is_frozen
+    from mmkd.train.task import DistillTask, FrozenText, text_is_frozen, train_mode
 
     student = tiny_dual_encoder(minilm_path, dropout=True)
     for p in student.text_model.parameters():
@@ -506,7 +506,7 @@ def test_a_frozen_text_tower_computed_per_step_matches_its_table(minilm_path: st
     captions = ["a red circle at the top", "a blue square in the middle"]
     table = FrozenText(student, captions).lookup(captions)
     task = DistillTask(student, WeightedSum([]))
-    _train_mode(task, text_is_frozen(student))
+    train_mode(task, text_is_frozen(student))
     assert student.training and not student.text_model.training
     tok = student.tokenize(captions)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import tiny_dual_encoder
 
-from mmkd import cli, pipeline
+from mmkd import cli, pipeline, run_setup
 from mmkd.config import ConfigError, load_config
 from mmkd.eval.perimage import PerImageError, read_per_image, write_per_image
 from mmkd.models.hub import save_dual_encoder
@@ -115,13 +115,13 @@ def test_sweep_runs_once_skips_finished_runs_and_writes_the_leaderboard(
     _teacher(tmp_path / "teacher", minilm_path)
     config = _config(tmp_path)
     calls = {"precompute": 0}
-    real_precompute = pipeline.precompute
+    real_precompute = run_setup.precompute
 
     def counting_precompute(*args, **kwargs):
         calls["precompute"] += 1
         return real_precompute(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "precompute", counting_precompute)
+    monkeypatch.setattr(run_setup, "precompute", counting_precompute)
 
     # under torchrun: process 1 of 2 runs every second run and leaves the leaderboard to process 0
     sweep = load_sweep(config)

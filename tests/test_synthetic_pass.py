@@ -18,7 +18,7 @@ from mmkd.data.batches import TrainBatch
 from mmkd.models.student import feature_widths
 from mmkd.objectives.base import ObjectiveContext, build_objectives
 from mmkd.objectives.contrastive import clip_loss
-from mmkd.train.loop import DistillTask
+from mmkd.train.task import DistillTask
 
 S_DIM, T_DIM, T_FEAT, N, U = 16, 24, 40, 5, 2
 WEIGHT = 0.7

@@ -11,7 +11,8 @@ import pytest
 from mmkd.config import ConfigError, load_config
 from mmkd.data.records import DataError, Record
 from mmkd.models.hub import ModelLoadError, load_dual_encoder, load_tokenizer, resolve
-from mmkd.pipeline import label_captions, run_distill
+from mmkd.pipeline import run_distill
+from mmkd.run_setup import label_captions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -19,6 +19,7 @@ from mmkd.dist import init_distributed
 from mmkd.errors import UsageError
 from mmkd.teacher.cache import BuildResult, BuildSpec, CacheError, build_cache
 from mmkd.teacher.cache.size import cache_size
+from mmkd.teacher_spec import cache_folder
 
 
 def parse_randaugment(text: str) -> RandAugmentConfig:
@@ -52,7 +53,7 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record],
         if args.data:
             raise CacheError("give the data either with --data or through --config, not both")
         from mmkd.config import config_from_dict
-        from mmkd.pipeline import cache_path, training_records
+        from mmkd.run_setup import training_records
         from mmkd.sweep_config import load_sweep_config
 
         # a sweep file is a run config plus its sweep section: the caches its variants read come from its data
@@ -65,7 +66,7 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record],
         if isinstance(cfg.teacher, list) and not (teacher and out):  # an ensemble: one cache per member
             raise CacheError(f"{args.config} names a teacher ensemble ({', '.join(cfg.teacher)}): build each "
                              "member's cache with its own --teacher MODEL --out DIR")
-        target = cache_path(cfg.teacher)
+        target = cache_folder(cfg.teacher)
         out = out or target
         if not teacher and target is None:
             teacher = cfg.teacher
@@ -132,10 +133,11 @@ def _captioner(args: argparse.Namespace) -> tuple[Any, Any]:
         raise CacheError("--captioner MODEL and --synthetic-captions N go together (N captions per image from MODEL)")
     from mmkd.teacher.captioner import Sampling, load_captioner
 
-    if name.startswith("cache:"):  # reuse the captions another cache's build wrote (e.g. another teacher's)
+    folder = cache_folder(name)
+    if folder is not None:  # reuse the captions another cache's build wrote (e.g. another teacher's)
         from mmkd.teacher.cache.synthetic import CachedCaptions
 
-        cached = CachedCaptions(name[len("cache:"):])
+        cached = CachedCaptions(folder)
         return cached, cached.sampling(n, args.seed, args.chunk_rows)
     sampling = Sampling(n, top_p=args.caption_top_p, temperature=args.caption_temperature,
                         max_tokens=args.caption_max_tokens, batch_size=args.batch_size)

@@ -20,6 +20,7 @@ from mmkd.devices import DeviceError, check_device_spec, check_precision
 from mmkd.errors import ConfigError  # re-exported: ``from mmkd.config import ConfigError`` keeps working
 from mmkd.plugin_modules import import_plugins
 from mmkd.recipes import expand_recipe
+from mmkd.teacher_spec import CacheTeacher, parse_member, parse_teacher
 
 
 class _Loader(yaml.SafeLoader):
@@ -509,22 +510,23 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.views is not None and cfg.data.views < 1:
         raise ConfigError("data.views must be ≥ 1 (view 0 is the unaugmented image)")
     check_teachers(cfg)
+    spec = parse_teacher(cfg.teacher)
     if cfg.data.randaugment is not None and not cfg.data.augment:
         raise ConfigError("data.randaugment applies to augmented views only, and data.augment is false: set "
                           "data.augment: true, or remove data.randaugment")
-    if cfg.data.only_cached_shards and not cfg.teacher.startswith("cache:"):
+    if cfg.data.only_cached_shards and not isinstance(spec, CacheTeacher):
         raise ConfigError("data.only_cached_shards: true needs teacher: cache:DIR (it trains on the shards a partly "
                           "built teacher cache holds)")
     syn = cfg.data.synthetic_captions
     if syn.weight < 0:
         raise ConfigError(f"data.synthetic_captions.weight must be ≥ 0, got {syn.weight}")
-    if syn.enabled and not all(t.startswith("cache:") for t in teacher_members(cfg) or [""]):
+    if syn.enabled and not (spec.members and all(isinstance(m, CacheTeacher) for m in spec.members)):
         raise ConfigError("data.synthetic_captions.enabled: true needs teacher: cache:DIR, a teacher cache built with "
                           "`mmkd cache --captioner MODEL --synthetic-captions N` (the captions and their teacher "
                           "targets are stored there; for an ensemble, every member's cache)")
-    if cfg.teacher == "cache:":
+    if spec == CacheTeacher(""):
         raise ConfigError("teacher: 'cache:' needs the cache folder, e.g. cache:runs/teacher-cache")
-    if isinstance(cfg.teacher, str) and cfg.teacher.startswith("cache:") and cfg.teacher_modality != "image_text":
+    if isinstance(spec, CacheTeacher) and cfg.teacher_modality != "image_text":
         raise ConfigError("teacher_modality: a teacher cache (cache:DIR) holds a dual encoder's targets; "
                           "use teacher_modality: image_text")
     if not cfg.objectives:
@@ -553,14 +555,14 @@ def check_teachers(cfg: RunConfig) -> None:
     for i, t in enumerate(cfg.teacher):
         if not t.strip():
             raise ConfigError(f"teacher[{i}]: empty; give a model folder, hub id, open_clip:FOLDER or cache:DIR")
-        if t == "cache:":
+        if parse_member(t) == CacheTeacher(""):
             raise ConfigError(f"teacher[{i}]: 'cache:' needs the cache folder, e.g. cache:runs/teacher-cache")
         if t in cfg.teacher[:i]:
             raise ConfigError(f"teacher[{i}]: {t!r} repeats teacher[{cfg.teacher.index(t)}]; name each teacher once")
     if len(cfg.teacher) == 1:
         cfg.teacher = cfg.teacher[0]
         return
-    cached = [t.startswith("cache:") for t in cfg.teacher]
+    cached = [isinstance(parse_member(t), CacheTeacher) for t in cfg.teacher]
     if any(cached) and not all(cached):
         c, m = cached.index(True), cached.index(False)
         raise ConfigError(f"teacher: teacher[{c}] ({cfg.teacher[c]}) is a teacher cache but teacher[{m}] "

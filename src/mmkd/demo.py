@@ -36,6 +36,7 @@ from mmkd.eval.suite import world_metrics
 from mmkd.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.hub import load_dual_encoder
+from mmkd.teacher_spec import cache_value, is_cached, parse_teacher
 from mmkd.train import runfolder
 from mmkd.train.checkpoint import CheckpointManager
 
@@ -107,7 +108,7 @@ def demo_configs(config_dir: Path, out: Path, cache: Path, quick: bool, seed_off
     for name in RUNS[1:]:
         cfg = reseeded(load_config(config_dir / f"{name}.yaml", base + [f"out={out / 'train' / name}"]
                                    + quick_overrides.get(name, [])))
-        cfgs[name] = replace(cfg, teacher=teacher_model) if not cfg.teacher.startswith("cache:") else \
+        cfgs[name] = replace(cfg, teacher=teacher_model) if not is_cached(parse_teacher(cfg.teacher)) else \
             inherit_from_folder(cfg, teacher_model)
     return cfgs
 
@@ -131,7 +132,7 @@ def teacher_gave(cfg: RunConfig, teacher_model: str) -> str:
         return "–"
     got = []
     if any(getattr(OBJECTIVES.get(o.name), "uses_teacher", True) for o in cfg.objectives):
-        got.append("cached targets" if cfg.teacher.startswith("cache:") else "targets")
+        got.append("cached targets" if is_cached(parse_teacher(cfg.teacher)) else "targets")
     if cfg.student.vision.source in ("teacher", teacher_model):  # the demo's teacher trains its ViT, not MiniLM
         got.append("inherited ViT layers")
     return " + ".join(got) or "nothing (captions only)"
@@ -238,7 +239,7 @@ def build_teacher_cache(cfg: RunConfig, teacher: DualEncoder, teacher_dir: str, 
                         settings: DemoSettings, log: Any) -> None:
     """The cache ``mmkd cache --config`` would build for the cached student's data, with the demo's mild crops
     (built once; a partial one resumes)."""
-    from mmkd.pipeline import training_records
+    from mmkd.run_setup import training_records
     from mmkd.teacher.cache import BuildSpec, build_cache
 
     paired, unpaired = training_records(cfg)
@@ -260,7 +261,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
              config_dir: str | Path = "configs/demo", settings: DemoSettings | None = None,
              log: Any = print, seed_offset: int = 0) -> dict[str, Any]:
     """Teacher → students (configs through run_distill) → one evaluation per model → metrics.json, reports."""
-    from mmkd.pipeline import TargetCache
+    from mmkd.run_setup import TargetCache
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     out = Path(out)
@@ -289,7 +290,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     if settings.cache_views:
         c = cfgs["student_cached"]
         folder = cache_folder(cfgs, cache, settings)
-        c = cfgs["student_cached"] = replace(c, teacher=f"cache:{folder}")
+        c = cfgs["student_cached"] = replace(c, teacher=cache_value(folder))
         with phases("teacher cache"):
             teacher = shared.teacher(cfgs["student"])
             build_teacher_cache(c, teacher, str(teacher_dir), folder, settings, log)

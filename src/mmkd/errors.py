@@ -19,3 +19,15 @@ class UsageError(MmkdError, ValueError):
 
 class ConfigError(MmkdError, ValueError):
     """A bad configuration: the message names the key (dotted path) and what is allowed."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (``cause``) stopped training after ``step`` optimizer steps finished in this process, so
+    the command can say where a run stopped without reading the training loop's frame."""
+
+    def __init__(self, step: int, cause: KeyboardInterrupt) -> None:
+        super().__init__(step, cause)  # (the arguments, so that it pickles)
+        self.step, self.cause = step, cause
+
+    def __str__(self) -> str:
+        return f"stopped after step {self.step}"

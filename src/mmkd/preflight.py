@@ -25,6 +25,7 @@ from mmkd.errors import ConfigError, MmkdError
 from mmkd.eval.bias import load_bias_words
 from mmkd.eval.tasks import DEFAULT_SPLIT, data_format, eval_records, run_eval_name
 from mmkd.models.hub import check_model_path
+from mmkd.teacher_spec import CacheTeacher, parse_member
 
 CACHE_META = "meta.json"
 TOWER_SOURCES = ("teacher", "new")  # every other tower source names a pretrained model
@@ -46,10 +47,11 @@ def check_run_paths(cfg: RunConfig) -> None:
     members = teacher_members(cfg)
     for i, t in enumerate(members):
         key = "teacher" if len(members) == 1 else f"teacher[{i}]"
-        if t.startswith("cache:"):
-            check_cache_folder(t[len("cache:"):], key)
+        member = parse_member(t)
+        if isinstance(member, CacheTeacher):
+            check_cache_folder(member.folder, key)
         else:
-            check_model_path(t, key)
+            check_model_path(member.name, key)
     for tower in ("vision", "text"):
         source = getattr(cfg.student, tower).source
         if source not in TOWER_SOURCES:

@@ -62,10 +62,12 @@ from mmkd.fileio import atomic_write_json
 from mmkd.locking import FolderLock
 from mmkd.objectives import OBJECTIVES
 from mmkd.objectives.base import check_specs
-from mmkd.pipeline import TargetCache, cache_path, run_distill, run_eval_specs
+from mmkd.pipeline import run_distill, run_eval_specs
 from mmkd.preflight import warn
+from mmkd.run_setup import TargetCache
 from mmkd.sweep_config import load_sweep_config, parse_seeds_arg
 from mmkd.teacher.unimodal import ImageTeacher
+from mmkd.teacher_spec import cache_folder, short_name
 from mmkd.train.checkpoint import CheckpointError
 from mmkd.train.runfolder import RunFolderError
 
@@ -125,7 +127,7 @@ def _axis_slug(key: str, value: Any) -> str:
     part that tells teachers apart), cut to MAX_SLUG characters with a hash of the whole where longer."""
     if not (key == "teacher" and isinstance(value, list)):
         return _slug(value)
-    text = "+".join(_slug(Path(str(v).removeprefix("cache:")).name or v) for v in value)
+    text = "+".join(_slug(short_name(str(v)) or v) for v in value)
     if len(text) > MAX_SLUG:
         digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
         text = f"{text[:MAX_SLUG - 9]}-{digest}"
@@ -280,7 +282,7 @@ def _teacher_row(sweep: Sweep, cache: TargetCache, log: Any) -> dict[str, Any] |
     if isinstance(cfg.teacher, list):
         log("the teacher is an ensemble: no single teacher row (evaluate a member with `mmkd eval`)")
         return None
-    if cache_path(cfg.teacher) is not None:
+    if cache_folder(cfg.teacher) is not None:
         log(f"the teacher is a cache ({cfg.teacher}): its weights are never loaded, so no teacher row")
         return None
     teacher = cache.teacher(cfg)

@@ -11,9 +11,8 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
-from types import TracebackType
 
-from mmkd.errors import MmkdError
+from mmkd.errors import MmkdError, RunStopped
 
 DEBUG_ENV = "MMKD_DEBUG"
 
@@ -41,24 +40,6 @@ def os_error_message(e: OSError) -> str:
     reason = e.strerror or str(e)
     hint = _OS_HINTS.get(e.errno or -1, "check the path and rerun")
     return f"{where + ': ' if where else ''}{reason}; {hint}"
-
-
-def interrupted_step(tb: TracebackType | None) -> int | None:
-    """The optimizer steps completed when Ctrl-C stopped ``mmkd.train.loop.train``, read from its frame.
-
-    Read from the traceback rather than threaded through every caller, so that the training loop needs no
-    interrupt handling of its own: ``done`` (steps finished) once a step has finished in this process, else
-    ``step`` (where the loop is, i.e. the steps finished before it). None when training was not running.
-    """
-    from mmkd.train.loop import train
-
-    step = None
-    for frame, _ in traceback.walk_tb(tb):
-        if frame.f_code is train.__code__:
-            local = frame.f_locals
-            value = local.get("done", local.get("step"))
-            step = int(value) if isinstance(value, int) else step
-    return step
 
 
 class Terminated(KeyboardInterrupt):
@@ -117,11 +98,12 @@ def run_command(args: argparse.Namespace) -> int:
                 return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         end_progress_bars()
-        step = interrupted_step(e.__traceback__) if getattr(args, "command", None) == "distill" else None
-        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"mmkd: {what}" + (f" at step {step}; resume with --resume" if step is not None else ""),
+        stopped = e if isinstance(e, RunStopped) and getattr(args, "command", None) == "distill" else None
+        cause = e.cause if isinstance(e, RunStopped) else e
+        what = "terminated (SIGTERM)" if isinstance(cause, Terminated) else "interrupted"
+        print(f"mmkd: {what}" + (f" at step {stopped.step}; resume with --resume" if stopped is not None else ""),
               file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
+        return 128 + signal.SIGTERM if isinstance(cause, Terminated) else 130
     except (MmkdError, OSError) as e:
         end_progress_bars()
         if debug:

@@ -32,6 +32,7 @@ from mmkd.teacher.cache.format import (
 from mmkd.teacher.cache.info import CacheInfo
 from mmkd.teacher.captioner import Captioner, Sampling, chunk_seed
 from mmkd.teacher.targets import teacher_outputs
+from mmkd.teacher_spec import cache_value
 
 
 def fingerprint(captioner: Captioner | CachedCaptions, sampling: Sampling, seed: int) -> dict[str, Any]:
@@ -177,7 +178,7 @@ class CachedCaptions:
             raise CacheError(f"--captioner cache:{self.root}: that cache holds no synthetic captions to reuse; give a "
                              "cache built with --captioner MODEL --synthetic-captions N (or the model itself)")
         self.fingerprint = dict(fp)
-        self.source = f"cache:{self.root}"
+        self.source = cache_value(self.root)
 
     def sampling(self, n: int, seed: int, chunk_rows: int) -> Sampling:
         """The source's sampling settings, checked against this build's (the captions depend on all of them)."""
