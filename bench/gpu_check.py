@@ -99,7 +99,8 @@ def _losses(out: Path) -> list[float]:
 
 def demo_check(work: Path, device: str, sizes: Sizes, smoke: bool) -> dict[str, Any]:
     from mmkd.cli import main as mmkd
-    from mmkd.config import EvalSpec, config_from_dict, read_yaml
+    from mmkd.config import EvalSpec, config_from_dict
+    from mmkd.config_io import read_yaml
     from mmkd.eval.tasks import evaluate
     from mmkd.models.hub import load_dual_encoder, save_dual_encoder
     from mmkd.pipeline import run_distill

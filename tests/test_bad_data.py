@@ -13,7 +13,8 @@ import pytest
 from conftest import write_tar
 from PIL import Image
 
-from mmkd.config import ConfigError, load_config, load_yaml
+from mmkd.config import ConfigError, load_config
+from mmkd.config_io import load_yaml
 from mmkd.data.records import BadSamples, DataError
 from mmkd.data.sources import read_records
 from mmkd.fileio import atomic_write_text

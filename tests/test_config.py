@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mmkd.config import ConfigError, ObjectiveSpec, RunConfig, apply_overrides, load_config
+from mmkd.config import ConfigError, ObjectiveSpec, RunConfig, load_config
+from mmkd.config_io import apply_overrides
 from mmkd.objectives import OBJECTIVES, ObjectiveContext, build_objectives
 from mmkd.objectives.base import check_specs
 

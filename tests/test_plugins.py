@@ -17,7 +17,8 @@ from conftest import tiny_dual_encoder
 
 import mmkd
 from mmkd.cli import main
-from mmkd.config import ConfigError, ObjectiveSpec, RunConfig, config_from_dict, to_dict
+from mmkd.config import ConfigError, ObjectiveSpec, RunConfig, config_from_dict
+from mmkd.config_io import to_dict
 from mmkd.data.records import Record
 from mmkd.data.sources import FORMATS, read_records
 from mmkd.models.hub import save_dual_encoder

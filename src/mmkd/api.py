@@ -107,7 +107,8 @@ def evaluate(model: DualEncoder | PathLike, specs: Mapping[str, object] | EvalSp
     specs: one or a list of evaluation specs, as dicts of ``eval:`` keys (``{"kind": "zeroshot", "data":
     "cifar10:DIR", "limit": 1000}``) or EvalSpecs; kinds: zeroshot, retrieval, bias, efficiency.
     """
-    from mmkd.config import EvalSpec, from_dict
+    from mmkd.config import EvalSpec
+    from mmkd.config_io import from_dict
     from mmkd.eval.tasks import evaluate as run_specs
 
     if isinstance(model, (str, os.PathLike)):

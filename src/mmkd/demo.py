@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import yaml
 
-from mmkd.config import RunConfig, load_config, to_dict
+from mmkd.config import RunConfig, load_config
+from mmkd.config_io import to_dict
 from mmkd.data import world
 from mmkd.errors import UsageError
 from mmkd.eval.efficiency import paired_speedup

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import yaml
 
-from mmkd.config import RunConfig, to_dict
+from mmkd.config import RunConfig
+from mmkd.config_io import to_dict
 from mmkd.devices import resolve_device
 from mmkd.dist import DistInfo, barrier, init_distributed
 from mmkd.eval.perimage import write_per_image

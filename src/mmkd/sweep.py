@@ -47,15 +47,8 @@ from typing import Any
 
 import yaml
 
-from mmkd.config import (
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    from_dict,
-    parse_value,
-    to_dict,
-    validate,
-)
+from mmkd.config import ConfigError, RunConfig, validate
+from mmkd.config_io import apply_overrides, from_dict, parse_value, to_dict
 from mmkd.dist import DistInfo
 from mmkd.eval.perimage import write_per_image
 from mmkd.fileio import atomic_write_json

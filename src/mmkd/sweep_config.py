@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import ObjectiveSpec, apply_overrides, expand_preset, from_dict, read_yaml
+from mmkd.config import ObjectiveSpec, expand_preset
+from mmkd.config_io import apply_overrides, from_dict, read_yaml
 from mmkd.errors import ConfigError
 
 

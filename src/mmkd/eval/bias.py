@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from mmkd.config import load_yaml
+from mmkd.config_io import load_yaml
 from mmkd.data.records import Record
 from mmkd.errors import UsageError
 from mmkd.eval.embed import embed_images, embed_texts

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import EvalSpec, from_dict, read_yaml
+from mmkd.config import EvalSpec
+from mmkd.config_io import from_dict, read_yaml
 from mmkd.data import sources
 from mmkd.data.paths import check_spec_paths, rebase_path, rebase_spec
 from mmkd.errors import ConfigError, UsageError

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import RunConfig, to_dict
+from mmkd.config import RunConfig
+from mmkd.config_io import to_dict
 from mmkd.errors import ConfigError
 from mmkd.locking import FolderLock
 from mmkd.teacher import fingerprint as fp

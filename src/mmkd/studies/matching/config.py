@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mmkd.config import apply_overrides, from_dict, read_yaml
+from mmkd.config_io import apply_overrides, from_dict, read_yaml
 from mmkd.devices import DeviceError, check_device_spec
 from mmkd.errors import ConfigError
 from mmkd.studies.matching.losses import MATCHING_KD, KDConfig, check_kd_params

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mmkd.config import to_dict
+from mmkd.config_io import to_dict
 from mmkd.data.records import DataError
 from mmkd.fileio import atomic_write_json, atomic_write_text
 from mmkd.studies.matching.config import DemoConfig, DemoSetting

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import load_config, to_dict
+from mmkd.config import load_config
+from mmkd.config_io import to_dict
 from mmkd.errors import ConfigError
 from mmkd.studies.matching.config import MatchingConfig
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from mmkd.config import to_dict
+from mmkd.config_io import to_dict
 from mmkd.devices import resolve_device
 from mmkd.fileio import atomic_write_bytes, atomic_write_json
 from mmkd.studies.matching.config import MatchingConfig

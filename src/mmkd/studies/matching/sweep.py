@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mmkd.config import to_dict
+from mmkd.config_io import to_dict
 from mmkd.fileio import atomic_write_json, atomic_write_text
 from mmkd.studies.matching.losses import KDConfig
 from mmkd.studies.matching.report import leaderboard_csv, leaderboard_md, leaderboard_rows
