@@ -258,6 +258,38 @@ def link(name: Path, target: Path) -> None:
     name.symlink_to(target.resolve(), target_is_directory=True)
 
 
+def evaluate_demo(cfgs: dict[str, RunConfig], teacher_dir: Path, out: Path, cache: Path, settings: DemoSettings,
+                  runs: dict[str, dict[str, Any]], log: Any) -> dict[str, Any]:
+    """Every model of the demo scored once on the world's test images (zero-shot, retrieval, efficiency, the
+    speed-up at batch 1 against the teacher), with its training time and what it got from the teacher; the bias
+    probe over all of them."""
+    test = world.to_records(world.load_split("test", settings.test, cache / "world"))
+    models: dict[str, Any] = {"teacher": load_dual_encoder(teacher_dir)}
+    metrics: dict[str, Any] = {"models": {}}
+    for name in RUNS:
+        if name == "teacher" or name not in cfgs or (name == "student_cached" and not settings.cache_views):
+            continue
+        run = Path(cfgs[name].out)
+        link(out / name, run / "student")
+        models[name] = load_dual_encoder(run / "student")
+    log(f"evaluating {', '.join(models)} on {len(test)} test images")
+    for name, model in models.items():
+        m = world_metrics(model, test, latency_budget_s=settings.latency_budget_s,
+                          retrieval_images=settings.retrieval_images)
+        run_metrics = json.loads((Path(cfgs[name].out) / "metrics.json").read_text())
+        m["train_seconds"] = run_metrics["train"]["seconds"]
+        m["from_teacher"] = "–" if name == "teacher" else teacher_gave(cfgs[name], str(teacher_dir))
+        if name != "teacher":  # batch 1, timed in rounds against the teacher: the figure load drift moves least
+            m["speedup_b1"] = paired_speedup(models["teacher"], model, budget_s=settings.latency_budget_s)
+        if runs.get(name, {}).get("kill"):
+            m["killed_and_resumed"] = runs[name]["kill"]
+        metrics["models"][name] = m
+    from mmkd.eval.bias import bias_probe  # the gender–profession probe: teacher vs students' text towers
+
+    metrics["bias"] = bias_probe(models)
+    return metrics
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str | Path | None = None,
              config_dir: str | Path = "configs/demo", settings: DemoSettings | None = None,
              log: Any = print, seed_offset: int = 0) -> dict[str, Any]:
@@ -306,30 +338,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
             runs["student_cached"] = {"kill": json.loads(kill_record(c).read_text())}
 
     with phases("evaluation"):
-        test = world.to_records(world.load_split("test", settings.test, cache / "world"))
-        models: dict[str, Any] = {"teacher": load_dual_encoder(teacher_dir)}
-        metrics: dict[str, Any] = {"models": {}}
-        for name in RUNS:
-            if name == "teacher" or name not in cfgs or (name == "student_cached" and not settings.cache_views):
-                continue
-            run = Path(cfgs[name].out)
-            link(out / name, run / "student")
-            models[name] = load_dual_encoder(run / "student")
-        log(f"evaluating {', '.join(models)} on {len(test)} test images")
-        for name, model in models.items():
-            m = world_metrics(model, test, latency_budget_s=settings.latency_budget_s,
-                              retrieval_images=settings.retrieval_images)
-            run_metrics = json.loads((Path(cfgs[name].out) / "metrics.json").read_text())
-            m["train_seconds"] = run_metrics["train"]["seconds"]
-            m["from_teacher"] = "–" if name == "teacher" else teacher_gave(cfgs[name], str(teacher_dir))
-            if name != "teacher":  # batch 1, timed in rounds against the teacher: the figure load drift moves least
-                m["speedup_b1"] = paired_speedup(models["teacher"], model, budget_s=settings.latency_budget_s)
-            if runs.get(name, {}).get("kill"):
-                m["killed_and_resumed"] = runs[name]["kill"]
-            metrics["models"][name] = m
-        from mmkd.eval.bias import bias_probe  # the gender–profession probe: teacher vs students' text towers
-
-        metrics["bias"] = bias_probe(models)
+        metrics = evaluate_demo(cfgs, teacher_dir, out, cache, settings, runs, log)
     metrics["demo"] = {"quick": quick, "configs": {n: to_dict(c) for n, c in cfgs.items()},
                        "settings": asdict(settings), "teacher_dir": str(teacher_dir), "machine": machine(),
                        "phases_s": phases.seconds, "seconds": round(time.perf_counter() - t_start, 1)}
