@@ -62,13 +62,23 @@ def test_no_cache_prefix_is_parsed_or_written_outside_the_teacher_spec() -> None
 
 def test_run_and_training_paths_have_no_function_over_80_lines() -> None:
     long = []
-    for name in ("pipeline.py", "run_setup.py", "train/loop.py", "train/task.py", "teacher_spec.py"):
+    paths = ["pipeline.py", "run_setup.py", "teacher_spec.py", "demo.py", "cache_command.py"]
+    paths += [str(p.relative_to(SRC)) for d in ("train", "teacher/cache") for p in sorted((SRC / d).glob("*.py"))]
+    for name in paths:
         for node in ast.walk(ast.parse((SRC / name).read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
                 if lines > 80:
                     long.append(f"{name}:{node.name} ({lines} lines)")
     assert long == []
+
+
+def test_no_module_over_500_lines() -> None:
+    """Issue 22: a module a maintainer can hold in their head (the package and the repository's tools)."""
+    roots = [SRC, SRC.parents[1] / "tools"]
+    big = {str(p): n for root in roots for p in sorted(root.rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > 500}
+    assert big == {}
 
 
 @pytest.fixture
