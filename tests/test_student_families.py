@@ -211,3 +211,18 @@ def test_readme_int8_cache_table_has_bytes_step_cost_and_paired_kd_difference(tm
     assert "The teacher (`--teacher`, `T`)" in student_families_section(tmp_path)
     _families_json(tmp_path, {"0": 0.002, "1": -0.005, "2": 0.002})  # one seed 0.5 points off, the mean 0.03
     assert "Within 0.3 points: the mean but not every seed" in " ".join(cache_int8_section(tmp_path).split())
+
+
+@pytest.mark.parametrize("model_type", ["convnext", "levit", "regnet"])
+def test_family_exports_to_onnx_with_the_parity_bound(info: TeacherInfo, model_type: str, tmp_path: Path) -> None:
+    """Item 2's towers go through item 1's export: ONNX fp32 embeddings match PyTorch's (cosine ≥ PARITY_MIN)."""
+    pytest.importorskip("onnx", reason="pip install 'mmkd[export]'")
+    pytest.importorskip("onnxruntime", reason="pip install 'mmkd[export]'")
+    from mmkd.exporting import ExportOptions, export_student
+    from mmkd.models.onnx_export import PARITY_MIN
+
+    torch.set_num_threads(1)
+    folder = save_dual_encoder(student(info, model_type, FAMILIES[model_type]).eval(), tmp_path / "student")
+    opts = ExportOptions(tmp_path / "onnx", data="world:test", limit=8, cache_dir=str(tmp_path / "cache"))
+    parity = export_student(str(folder), opts, log=lambda _: None)["parity"]["fp32"]
+    assert parity["image_cosine"] >= PARITY_MIN and parity["text_cosine"] >= PARITY_MIN

@@ -13,7 +13,8 @@ from typing import Any
 
 from mmkd.report.readme import SECTIONS, read_json
 
-HOW = "run `nice -n 10 python bench/student_families.py` (about 40 minutes on a loaded 2-core machine)"
+HOW = ("run `nice -n 10 python bench/student_families.py --teacher runs/demo/teacher` (about 45 minutes on a loaded "
+       "2-core machine)")
 
 
 def _top1(r: dict[str, Any]) -> str:
@@ -104,9 +105,9 @@ def cache_int8_section(root: Path) -> str:
         out.append(f"| {dtype} | {b:,.0f} | {b / base:.3f} | {cost[dtype]['demo_cached_over_plain_time']:.3f} | "
                    f"{_top1(rows[run]) if run in rows else '—'} |")
     d = {k: cost[k]["details"] for k in cost}
-    notes = [f"¹ `cache_size` of the two caches of `{fam['command']}` (the demo's teacher, "
-             f"{sizes['float16']['n_samples']:,} samples, one view).",
-             "² Median training step reading the cache over a plain step, demo teacher, batch 64, "
+    notes = [f"¹ `cache_size` of the float16 and int8 caches that `{fam['command']}` built of one teacher "
+             f"({sizes['float16']['n_samples']:,} samples × {sizes['float16'].get('views', 1)} view(s)).",
+             "² Median training step reading the cache over a plain step, the demo-shaped teacher, batch 64, "
              + "; ".join(f"{k}: `python bench/cache_cost.py{'' if k == 'float16' else ' --teachers demo --dtype int8'}"
                          f"` ({v['steps']} timed steps, {v['repeats']} alternating processes)" for k, v in d.items())
              + " (target ≤ 1.05).",
