@@ -64,7 +64,9 @@ def students(sweep: Path) -> dict[str, list[Path]]:
 def per_seed_top1(sweep: Path) -> dict[str, dict[str, float]]:
     """Zero-shot top-1 of every run of the sweep by grid point and seed (``train.seed`` of its config)."""
     out: dict[str, dict[str, float]] = {}
-    for m in sorted(sweep.glob("*/metrics.json")):
+    for m in sorted(sweep.glob("**/metrics.json")):
+        if not (m.parent / "config.yaml").is_file():  # the sweep's teacher evaluation, not a run
+            continue
         metrics = json.loads(m.read_text())
         zs = next(v for k, v in metrics["eval"].items() if k.startswith("zeroshot"))
         seed = yaml.safe_load((m.parent / "config.yaml").read_text())["train"]["seed"]

@@ -114,6 +114,5 @@ def cache_int8_section(root: Path) -> str:
              f"³ Mean ± sd over {rows.get('tower-vit', {}).get('seeds', '?')} seeds, the families sweep's ViT student "
              "trained from each cache (the student-families leaderboard)."]
     q8 = fam.get("int8_vs_float16")
-    if q8 and q8.get("per_seed"):
-        notes.append(_int8_text(q8))
-    return "\n".join(out + [""] + [textwrap.fill(n, 115) for n in notes])
+    kd = ["", textwrap.fill(_int8_text(q8), 115)] if q8 and q8.get("per_seed") else []
+    return "\n".join(out + [""] + [textwrap.fill(n, 115) for n in notes] + kd)
