@@ -213,16 +213,24 @@ def test_readme_int8_cache_table_has_bytes_step_cost_and_paired_kd_difference(tm
     assert "Within 0.3 points: the mean but not every seed" in " ".join(cache_int8_section(tmp_path).split())
 
 
-@pytest.mark.parametrize("model_type", ["convnext", "levit", "regnet"])
+@pytest.mark.parametrize("model_type", ["convnext", "levit", "regnet", "mobilenet_v2", "mobilevit"])
 def test_family_exports_to_onnx_with_the_parity_bound(info: TeacherInfo, model_type: str, tmp_path: Path) -> None:
-    """Item 2's towers go through item 1's export: ONNX fp32 embeddings match PyTorch's (cosine ≥ PARITY_MIN)."""
+    """Item 2's towers go through item 1's export: ONNX fp32 embeddings match PyTorch's (cosine ≥ PARITY_MIN).
+
+    The BatchNorm families' running statistics are first set by forward passes in training mode: freshly
+    initialised, their eval-mode outputs underflow to zero (|embedding| < 1e-12), which no cosine can check.
+    (The tiny efficientnet of FAMILIES stays at zero even then, features < 1e-36: left out, see README.)"""
     pytest.importorskip("onnx", reason="pip install 'mmkd[export]'")
     pytest.importorskip("onnxruntime", reason="pip install 'mmkd[export]'")
     from mmkd.exporting import ExportOptions, export_student
     from mmkd.models.onnx_export import PARITY_MIN
 
     torch.set_num_threads(1)
-    folder = save_dual_encoder(student(info, model_type, FAMILIES[model_type]).eval(), tmp_path / "student")
+    model = student(info, model_type, FAMILIES[model_type]).train()
+    with torch.no_grad():
+        for seed in range(5):
+            model.encode_image(pixels(model, n=8, seed=seed))
+    folder = save_dual_encoder(model.eval(), tmp_path / "student")
     opts = ExportOptions(tmp_path / "onnx", data="world:test", limit=8, cache_dir=str(tmp_path / "cache"))
     parity = export_student(str(folder), opts, log=lambda _: None)["parity"]["fp32"]
     assert parity["image_cosine"] >= PARITY_MIN and parity["text_cosine"] >= PARITY_MIN
