@@ -171,3 +171,66 @@ def test_readme_section_renders_the_leaderboard_latency_and_int8_bytes(tmp_path:
     assert "float16 384 bytes per sample" in text and "int8 200 (0.521×)" in text
     assert "![accuracy–latency Pareto figure](bench/results/student_families.png)" in text
     assert "zero-shot top-1 12.4%, top-5 51.6%" in text
+
+
+def _families_json(tmp_path: Path, diffs: dict[str, float]) -> None:
+    import json
+
+    rows = [{"run": "tower-vit", "role": "distilled", "zs_top1": 0.50, "zs_top1_sd": 0.01, "seeds": 3, "train_s": 60},
+            {"run": "tower-vit_int8", "role": "distilled", "zs_top1": 0.501, "zs_top1_sd": 0.012, "seeds": 3,
+             "d_top1": 0.001, "d_top1_lo": -0.004, "d_top1_hi": 0.006, "beyond_noise": False, "train_s": 60}]
+    mean = sum(diffs.values()) / len(diffs)
+    q8 = {"per_seed": diffs, "mean": mean, "bound": 0.003, "mean_within_bound": abs(mean) <= 0.003,
+          "every_seed_within_bound": all(abs(d) <= 0.003 for d in diffs.values()), "interval": [-0.004, 0.006],
+          "beyond_noise": False}
+    size = {"float16": {"embedding_bytes_per_sample": 1536.0, "n_samples": 22000},
+            "int8": {"embedding_bytes_per_sample": 776.0, "n_samples": 22000}}
+    res = tmp_path / "bench" / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "student_families.json").write_text(json.dumps({
+        "command": "python bench/student_families.py --teacher T", "sweep_command": "mmkd sweep x", "notes": "",
+        "versus": "tower-vit", "rows": rows, "latency": {}, "pareto": [], "figure": "bench/results/f.png",
+        "seconds": 60, "cache_sizes": size, "teacher": "T", "teacher_command": None,
+        "teacher_zeroshot": {"top1": 0.556, "top5": 0.9}, "int8_vs_float16": q8}))
+    for name, ratio, steps in (("cache_cost.json", 1.0037, 10), ("cache_cost_int8.json", 0.942, 5)):
+        (res / name).write_text(json.dumps({"demo_cached_over_plain_time": ratio,
+                                            "details": {"steps": steps, "repeats": 2}}))
+
+
+def test_readme_int8_cache_table_has_bytes_step_cost_and_paired_kd_difference(tmp_path: Path) -> None:
+    from mmkd.report.families import cache_int8_section, student_families_section
+
+    _families_json(tmp_path, {"0": 0.002, "1": -0.001, "2": 0.002})
+    text = cache_int8_section(tmp_path)
+    assert "| float16 | 1,536 | 1.000 | 1.004 | 50.0 ± 1.0 |" in text
+    assert "| int8 | 776 | 0.505 | 0.942 | 50.1 ± 1.2 |" in text
+    paired = "seed 0 +0.20, seed 1 -0.10, seed 2 +0.20; mean +0.10. Within 0.3 points: every seed and the mean"
+    assert paired in " ".join(text.split())
+    assert "within noise (paired 95% interval over test images -0.4 to +0.6 points)" in " ".join(text.split())
+    assert paired in " ".join(student_families_section(tmp_path).split())
+    assert "The teacher (`--teacher`, `T`)" in student_families_section(tmp_path)
+    _families_json(tmp_path, {"0": 0.002, "1": -0.005, "2": 0.002})  # one seed 0.5 points off, the mean 0.03
+    assert "Within 0.3 points: the mean but not every seed" in " ".join(cache_int8_section(tmp_path).split())
+
+
+@pytest.mark.parametrize("model_type", ["convnext", "levit", "regnet", "mobilenet_v2", "mobilevit"])
+def test_family_exports_to_onnx_with_the_parity_bound(info: TeacherInfo, model_type: str, tmp_path: Path) -> None:
+    """Item 2's towers go through item 1's export: ONNX fp32 embeddings match PyTorch's (cosine ≥ PARITY_MIN).
+
+    The BatchNorm families' running statistics are first set by forward passes in training mode: freshly
+    initialised, their eval-mode outputs underflow to zero (|embedding| < 1e-12), which no cosine can check.
+    (The tiny efficientnet of FAMILIES stays at zero even then, features < 1e-36: left out, see README.)"""
+    pytest.importorskip("onnx", reason="pip install 'mmkd[export]'")
+    pytest.importorskip("onnxruntime", reason="pip install 'mmkd[export]'")
+    from mmkd.exporting import ExportOptions, export_student
+    from mmkd.models.onnx_export import PARITY_MIN
+
+    torch.set_num_threads(1)
+    model = student(info, model_type, FAMILIES[model_type]).train()
+    with torch.no_grad():
+        for seed in range(5):
+            model.encode_image(pixels(model, n=8, seed=seed))
+    folder = save_dual_encoder(model.eval(), tmp_path / "student")
+    opts = ExportOptions(tmp_path / "onnx", data="world:test", limit=8, cache_dir=str(tmp_path / "cache"))
+    parity = export_student(str(folder), opts, log=lambda _: None)["parity"]["fp32"]
+    assert parity["image_cosine"] >= PARITY_MIN and parity["text_cosine"] >= PARITY_MIN
