@@ -198,7 +198,7 @@ def _families_json(tmp_path: Path, diffs: dict[str, float]) -> None:
 
 
 def test_readme_int8_cache_table_has_bytes_step_cost_and_paired_kd_difference(tmp_path: Path) -> None:
-    from mmkd.report.families import cache_int8_section, student_families_section
+    from readme_sections.families import cache_int8_section, student_families_section
 
     _families_json(tmp_path, {"0": 0.002, "1": -0.001, "2": 0.002})
     text = cache_int8_section(tmp_path)
