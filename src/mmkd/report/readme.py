@@ -430,6 +430,26 @@ def bench_cache_build_memory_section(root: Path) -> str:
     return "\n".join([textwrap.fill(lines[0], 115)] + lines[1:-1] + [textwrap.fill(lines[-1], 115)])
 
 
+def _equal_compute_spread(s: dict[str, Any]) -> str:
+    """Final top-1 per mode over seeds and the paired Δs with their noise verdict (summaries before 3 seeds lack
+    them: nothing is said)."""
+    if "final_top1" not in s:
+        return ""
+    f = s["final_top1"]
+
+    def pm(x: dict[str, Any], sign: bool = False) -> str:
+        v = f"{100 * x['mean']:+.1f}" if sign else _pct(x["mean"])
+        return v + (f" ± {100 * x['sd']:.1f}" if x["sd"] is not None else "")
+
+    verdict = {True: "beyond noise", False: "within noise", None: "one seed: noise unknown"}
+    n = next(iter(f.values()))["n"]
+    parts = [f"{m} {pm(f[m])}" for m in ("scratch", "online", "cached") if m in f]
+    deltas = [f"{k.replace('-', ' − ')} {pm(d, sign=True)} ({verdict[d['beyond_noise']]})"
+              for k, d in s["deltas"].items()]
+    return (f" Final top-1 over {n} seed(s) (mean ± sd): {', '.join(parts)}; paired by seed: {'; '.join(deltas)}"
+            " (the noise rule of `mmkd sweep --seeds`).")
+
+
 @SECTIONS.register("bench-equal-compute")
 def bench_equal_compute_section(root: Path) -> str:
     """The teacher cache's worth at equal compute: where the cached student reaches the online student's final
@@ -469,6 +489,7 @@ def bench_equal_compute_section(root: Path) -> str:
                 + "; ".join(f"{_pct(x['online_final_top1'])} vs {_pct(x['cached_final_top1'])}" for x in seeds)
                 + "; training seconds " + ", ".join(f"{x['online_s']:.0f} vs {x['cached_s']:.0f}" for x in seeds)
                 + ").")
+    text += _equal_compute_spread(s)
     text += (f" At equal steps the cached student trains in {s['equal_steps_time_fraction']:.2f} of the online "
              f"student's wall-clock ({s['equal_steps_cpu_fraction']:.2f} of its CPU seconds) with this teacher; with "
              f"the B/16-shaped one, 1/{d['b16_online_over_cached_time']:.2f} = "
