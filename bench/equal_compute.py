@@ -165,8 +165,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- the study
 
 
-def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, float]:
-    """The demo teacher (shortened by --teacher-steps, or --teacher DIR) and its K-view cache; the build's time."""
+def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, dict[str, Any]]:
+    """The demo teacher (shortened by --teacher-steps, or --teacher DIR) and its K-view cache; the build's wall-clock
+    and CPU seconds (``seconds``, ``cpu_s``), with the students' --threads."""
     from mmkd.config import load_config
     from mmkd.demo import DemoSettings, build_teacher_cache
     from mmkd.models.hub import load_dual_encoder
@@ -185,20 +186,26 @@ def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, f
     cached_cfg = run_config("cached", args, 0, teacher, work / "cache" / "none")
     folder = work / "cache" / f"teacher-cache-k{args.views}"
     timing = folder.parent / f"{folder.name}.build.json"  # a rerun finds the cache built: keep the first build's time
-    if timing.is_file() and json.loads(timing.read_text())["teacher"] == str(teacher):
-        return teacher, folder, float(json.loads(timing.read_text())["seconds"])
-    t0 = time.perf_counter()
+    if timing.is_file() and folder.is_dir() and json.loads(timing.read_text())["teacher"] == str(teacher):
+        return teacher, folder, json.loads(timing.read_text())
+    t0, c0 = time.perf_counter(), time.process_time()
     settings = DemoSettings(cache_views=args.views, cache_augmentation={})  # the online student's augmentation
     build_teacher_cache(cached_cfg, load_dual_encoder(teacher), str(teacher), folder, settings, log)
-    seconds = time.perf_counter() - t0
-    timing.write_text(json.dumps({"teacher": str(teacher), "seconds": seconds}) + "\n")
-    return teacher, folder, seconds
+    build = {"teacher": str(teacher), "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+             "threads": args.threads}
+    timing.write_text(json.dumps(build) + "\n")
+    return teacher, folder, build
 
 
 def study(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
-    teacher, cache, build_s = teacher_and_cache(args, print)
-    print(f"cache: {args.views} views per image, built in {build_s:.1f} s")
+    if args.threads:  # the teacher's training and the cache's build too, as each student's run (train.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
+    teacher, cache, build = teacher_and_cache(args, print)
+    build_s = float(build["seconds"])
+    print(f"cache: {args.views} views per image, built in {build_s:.1f} s ({build.get('cpu_s')} CPU s)")
     teacher_top1 = teacher_val_top1(teacher, args)
     run = teacher.parent / "metrics.json"  # a teacher trained by mmkd: its run folder says how long
     teacher_steps = json.loads(run.read_text())["train"]["steps"] if run.is_file() else None
@@ -218,6 +225,7 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
         result = {"summary": summarise(runs, build_s, b16), "runs": runs,
                   "details": {"steps": args.steps, "eval_every": args.eval_every, "val_images": args.val,
                               "views": args.views, "seeds": args.seeds[:i + 1], "cache_build_s": round(build_s, 1),
+                              "cache_build_cpu_s": build.get("cpu_s"), "threads": args.threads,
                               "teacher": str(teacher), "teacher_steps": teacher_steps, "teacher_top1": teacher_top1,
                               "overrides": args.override, "b16_online_over_cached_time": b16,
                               "b16_source": "bench/results/cache_cost.json",

@@ -148,7 +148,7 @@ def test_a_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path: Path, mo
 def test_each_finished_seed_is_written_before_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The study's JSON holds every seed finished so far (a study stopped for time keeps them) and a cache
     found built keeps its first build's time."""
-    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "teacher-cache-k2").mkdir(parents=True)
     (tmp_path / "cache" / "teacher-cache-k2.build.json").write_text(json.dumps({"teacher": str(tmp_path / "t"),
                                                                                 "seconds": 12.5}))
     monkeypatch.setattr(equal_compute, "teacher_val_top1", lambda *_: 0.6)
@@ -193,9 +193,11 @@ def test_readme_section_gives_the_spread_over_seeds(tmp_path: Path) -> None:
     runs = {m: [_run(m, s, [v / 2, v], 1.0) for s, v in enumerate(vals)] for m, vals in finals.items()}
     result = _result([0.3, 0.5])
     result["runs"], result["summary"] = runs, equal_compute.summarise(runs, 6.0, 7.0)
+    result["details"].update(cache_build_cpu_s=5.2, threads=1)
     (tmp_path / "bench" / "results").mkdir(parents=True)
     (tmp_path / "bench" / "results" / "equal_compute.json").write_text(json.dumps(result))
     text = " ".join(SECTIONS.get("bench-equal-compute")(tmp_path).split())
     assert "over 3 seed(s) (mean ± sd): scratch 30.0 ± 1.0, online 50.0 ± 2.0, cached 47.0 ± 2.0" in text
     assert "cached − online -3.0 ± 3.5 (beyond noise)" in text
     assert "online − scratch +20.0 ± 1.0 (beyond noise)" in text
+    assert "built in 6 s (5 CPU s); 1 torch thread(s);" in text

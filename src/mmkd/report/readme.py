@@ -430,18 +430,20 @@ def bench_cache_build_memory_section(root: Path) -> str:
     return "\n".join([textwrap.fill(lines[0], 115)] + lines[1:-1] + [textwrap.fill(lines[-1], 115)])
 
 
+def _build_cpu(d: dict[str, Any]) -> str:
+    cpu, threads = d.get("cache_build_cpu_s"), d.get("threads")
+    return (f" ({cpu:.0f} CPU s)" if cpu is not None else "") + (f"; {threads} torch thread(s)" if threads else "")
+
+
 def _equal_compute_spread(s: dict[str, Any]) -> str:
-    """Final top-1 per mode over seeds and the paired Δs with their noise verdict (summaries before 3 seeds lack
-    them: nothing is said)."""
+    """Final top-1 per mode over seeds and the paired Δs with their noise verdict (older summaries lack them)."""
     if "final_top1" not in s:
         return ""
-    f = s["final_top1"]
+    f, verdict = s["final_top1"], {True: "beyond noise", False: "within noise", None: "one seed: noise unknown"}
 
     def pm(x: dict[str, Any], sign: bool = False) -> str:
-        v = f"{100 * x['mean']:+.1f}" if sign else _pct(x["mean"])
-        return v + (f" ± {100 * x['sd']:.1f}" if x["sd"] is not None else "")
-
-    verdict = {True: "beyond noise", False: "within noise", None: "one seed: noise unknown"}
+        return (f"{100 * x['mean']:+.1f}" if sign else _pct(x["mean"])) + (
+            f" ± {100 * x['sd']:.1f}" if x["sd"] is not None else "")
     n = next(iter(f.values()))["n"]
     parts = [f"{m} {pm(f[m])}" for m in ("scratch", "online", "cached") if m in f]
     deltas = [f"{k.replace('-', ' − ')} {pm(d, sign=True)} ({verdict[d['beyond_noise']]})"
@@ -472,7 +474,7 @@ def bench_equal_compute_section(root: Path) -> str:
                            f"seed(s) {', '.join(map(str, d['seeds']))}; colour+shape zero-shot top-1 on "
                            f"{d['val_images']:,} validation images every {d['eval_every']} steps, evaluation left out "
                            f"of the training clock; cache of {d['views']} views per image built in "
-                           f"{d['cache_build_s']:.0f} s; `bench/results/equal_compute.json`, figure "
+                           f"{d['cache_build_s']:.0f} s{_build_cpu(d)}; `bench/results/equal_compute.json`, figure "
                            "`bench/results/equal_compute.png`):", 115), "",
              "| student | seed | final top-1 (val) | steps | images seen | training wall-clock | CPU s |",
              "|---|---|---|---|---|---|---|", *rows, ""]
