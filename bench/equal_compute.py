@@ -39,7 +39,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
 MODES = ("cached", "online", "scratch")
-CONFIG = {"cached": "student_cached.yaml", "online": "student.yaml", "scratch": "scratch.yaml"}
+# a control (--modes …,online_views): the online teacher on K views per image (view 0 plain, views 1…K−1 fixed
+# crops), as the cache stores them, instead of a fresh crop at every step: the same inputs as the cached student
+# with the teacher run at every step, which separates "fresh crops vs K views" from "stored vs computed targets"
+EXTRA_MODES = ("online_views",)
+CONFIG = {"cached": "student_cached.yaml", "online": "student.yaml", "scratch": "scratch.yaml",
+          "online_views": "student.yaml"}
 
 
 # ------------------------------------------------------------------------------------------------- analysis
@@ -95,7 +100,8 @@ def spread(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
     finals = {m: [r["curve"][-1]["top1"] for r in rs] for m, rs in runs.items() if rs}
     out: dict[str, Any] = {"final_top1": {m: mean_sd(v) for m, v in finals.items()}, "deltas": {}}
-    for a, b in (("cached", "online"), ("online", "scratch"), ("cached", "scratch")):
+    for a, b in (("cached", "online"), ("online", "scratch"), ("cached", "scratch"), ("online_views", "online"),
+                 ("cached", "online_views")):
         if a in finals and b in finals and len(finals[a]) == len(finals[b]):
             d = mean_sd([x - y for x, y in zip(finals[a], finals[b])])
             sa, sb = out["final_top1"][a]["sd"], out["final_top1"][b]["sd"]
@@ -114,8 +120,10 @@ def run_config(mode: str, args: argparse.Namespace, seed: int, teacher: Path, ca
     over = [f"out={Path(args.work) / f'seed{seed}' / mode}", f"cache_dir={Path(args.work) / 'cache'}",
             f"train.steps={args.steps}", f"train.ckpt_every={args.steps}", f"train.seed={seed}",
             f"teacher={f'cache:{cache}' if mode == 'cached' else teacher}"]
-    if mode == "online":
+    if mode in ("online", "online_views"):
         over += ["data.augment=true", "data.augment_paired=false"]
+    if mode == "online_views":
+        over.append(f"data.views={args.views}")
     if args.threads:
         over.append(f"train.threads={args.threads}")
     cfg = load_config(DEMO / CONFIG[mode], over + list(args.override))
@@ -212,10 +220,11 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     print(f"teacher: {teacher} ({teacher_steps} steps), colour+shape top-1 on val {teacher_top1:.3f}")
     cost = ROOT / "bench" / "results" / "cache_cost.json"
     b16 = json.loads(cost.read_text()).get("online_over_cached_time") if cost.is_file() else None
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes}
     result: dict[str, Any] = {}
     for i, seed in enumerate(args.seeds):
-        order = MODES[i % 3:] + MODES[:i % 3]  # rotate the order from seed to seed
+        k = i % len(args.modes)
+        order = args.modes[k:] + args.modes[:k]  # rotate the order from seed to seed
         for mode in order:
             res = one_run(mode, seed, teacher, cache, args)
             last = res["curve"][-1]
@@ -277,7 +286,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    colours = {"scratch": "tab:gray", "online": "tab:blue", "cached": "tab:orange"}
+    colours = {"scratch": "tab:gray", "online": "tab:blue", "cached": "tab:orange", "online_views": "tab:green"}
     build = result["details"]["cache_build_s"]
     for mode, runs in result["runs"].items():
         for i, run in enumerate(runs):
@@ -303,6 +312,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def modes_arg(text: str) -> list[str]:
+    """--modes: cached and online (the study's question), plus any of scratch and the online_views control."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if set(modes) - set(MODES + EXTRA_MODES) or not {"cached", "online"} <= set(modes) or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"takes cached and online, plus any of scratch, online_views, each once; got "
+                                         f"{text!r}")
+    return modes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)  # the demo students'
@@ -319,7 +337,9 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="bench/results/equal_compute.png")
     ap.add_argument("--from-json", default="", help="recompute the summary and figure of a finished study's JSON")
-    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--modes", type=modes_arg, default=list(MODES),
+                    help=f"students to train, in order (default {','.join(MODES)}; control: online_views)")
+    ap.add_argument("--worker", choices=MODES + EXTRA_MODES, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -163,7 +163,8 @@ def test_each_finished_seed_is_written_before_the_next(tmp_path: Path, monkeypat
     MODES_FIRST = equal_compute.MODES[1]  # seed 1's order starts with the second mode
     monkeypatch.setattr(equal_compute, "one_run", fake_one_run)
     args = types.SimpleNamespace(work=str(tmp_path), teacher=str(tmp_path / "t"), views=2, seeds=[0, 1], steps=20,
-                                 eval_every=10, val=50, threads=0, override=[], json=str(out))
+                                 eval_every=10, val=50, threads=0, override=[], json=str(out),
+                                 modes=list(equal_compute.MODES))
     result = equal_compute.study(args)
     assert seen == [0] and result["details"]["seeds"] == [0, 1]
     assert result["details"]["cache_build_s"] == 12.5
@@ -201,3 +202,17 @@ def test_readme_section_gives_the_spread_over_seeds(tmp_path: Path) -> None:
     assert "cached − online -3.0 ± 3.5 (beyond noise)" in text
     assert "online − scratch +20.0 ± 1.0 (beyond noise)" in text
     assert "built in 6 s (5 CPU s); 1 torch thread(s);" in text
+
+
+def test_online_views_control_runs_the_teacher_on_the_caches_views(tmp_path: Path) -> None:
+    """The control differs from the online student only in drawing K views per image (view 0 plain, as a cache
+    stores them) instead of a fresh crop at every step; --modes must keep cached and online."""
+    args = types.SimpleNamespace(work=str(tmp_path), steps=7, threads=0, override=[], views=2)
+    online, control = (equal_compute.run_config(m, args, 3, tmp_path / "teacher", tmp_path / "cache")
+                       for m in ("online", "online_views"))
+    assert online.data.views is None and control.data.views == 2
+    assert replace(control.data, views=None) == online.data and control.teacher == online.teacher
+    assert equal_compute.modes_arg("cached, online,online_views") == ["cached", "online", "online_views"]
+    for bad in ("cached,scratch", "cached,online,offline", "cached,online,online"):
+        with pytest.raises(Exception, match="takes cached and online"):
+            equal_compute.modes_arg(bad)

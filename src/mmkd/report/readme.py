@@ -445,7 +445,7 @@ def _equal_compute_spread(s: dict[str, Any]) -> str:
         return (f"{100 * x['mean']:+.1f}" if sign else _pct(x["mean"])) + (
             f" ± {100 * x['sd']:.1f}" if x["sd"] is not None else "")
     n = next(iter(f.values()))["n"]
-    parts = [f"{m} {pm(f[m])}" for m in ("scratch", "online", "cached") if m in f]
+    parts = [f"{m} {pm(f[m])}" for m in ("scratch", "online", "online_views", "cached") if m in f]
     deltas = [f"{k.replace('-', ' − ')} {pm(d, sign=True)} ({verdict[d['beyond_noise']]})"
               for k, d in s["deltas"].items()]
     return (f" Final top-1 over {n} seed(s) (mean ± sd): {', '.join(parts)}; paired by seed: {'; '.join(deltas)}"
@@ -460,8 +460,8 @@ def bench_equal_compute_section(root: Path) -> str:
                   "run `python bench/equal_compute.py --json bench/results/equal_compute.json`")
     d, s = r["details"], r["summary"]
     rows = []
-    for mode in ("scratch", "online", "cached"):
-        for run in r["runs"][mode]:
+    for mode in ("scratch", "online", "online_views", "cached"):
+        for run in r["runs"].get(mode, []):
             last = run["curve"][-1]
             rows.append(f"| {mode} | {run['seed']} | {_pct(last['top1'])} | {last['step']} | {last['samples']:,} | "
                         f"{last['time_s']:.0f} s | {last['cpu_s']:.0f} s |")
