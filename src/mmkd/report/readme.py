@@ -465,8 +465,8 @@ def bench_equal_compute_section(root: Path) -> str:
             last = run["curve"][-1]
             rows.append(f"| {mode} | {run['seed']} | {_pct(last['top1'])} | {last['step']} | {last['samples']:,} | "
                         f"{last['time_s']:.0f} s | {last['cpu_s']:.0f} s |")
-    seeds = s["per_seed"]
-    reached = [x for x in seeds if x["reached"]]
+    seeds, reached = s["per_seed"], [x for x in s["per_seed"] if x["reached"]]
+    hits = ", ".join(f"step {x['reached_at_step']}: {x['time_fraction']:.2f}" for x in reached)
     teacher = (f"the demo teacher trained {d['teacher_steps']} steps" if d.get("teacher_steps")
                else f"the teacher {d['teacher']}") + f", top-1 {_pct(d['teacher_top1'])} on the same images"
 
@@ -490,7 +490,8 @@ def bench_equal_compute_section(root: Path) -> str:
                 f"of {len(seeds)} seed(s) (final top-1, online vs cached: "
                 + "; ".join(f"{_pct(x['online_final_top1'])} vs {_pct(x['cached_final_top1'])}" for x in seeds)
                 + "; training seconds " + ", ".join(f"{x['online_s']:.0f} vs {x['cached_s']:.0f}" for x in seeds)
-                + ").")
+                + ")" + (f"; the other(s) reach it at {hits} of the online student's wall-clock" if reached else "")
+                + ".")
     text += _equal_compute_spread(s)
     text += (f" At equal steps the cached student trains in {s['equal_steps_time_fraction']:.2f} of the online "
              f"student's wall-clock ({s['equal_steps_cpu_fraction']:.2f} of its CPU seconds) with this teacher; with "
