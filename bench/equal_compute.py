@@ -267,7 +267,7 @@ def one_run(mode: str, seed: int, teacher: Path, cache: Path, args: argparse.Nam
     if done.returncode != 0:
         sys.exit(f"{mode} (seed {seed}) failed:\n{done.stderr[-3000:]}")
     res = json.loads(done.stdout.strip().splitlines()[-1])
-    saved.write_text(json.dumps({"key": key, "result": res}) + "\n")
+    write_json({"key": key, "result": res}, saved)  # atomically: a study killed while writing keeps the old file
     return res
 
 
@@ -279,31 +279,30 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Top-1 against training seconds and against samples seen, one line per mode and seed."""
+    """Top-1 against training wall-clock, CPU seconds (the figure to read on a loaded machine) and samples seen,
+    one line per mode and seed; the first cached run also shifted by the cache's build."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     colours = {"scratch": "tab:gray", "online": "tab:blue", "cached": "tab:orange", "online_views": "tab:green"}
-    build = result["details"]["cache_build_s"]
+    d = result["details"]
+    build = {"time_s": d["cache_build_s"], "cpu_s": d.get("cache_build_cpu_s") or d["cache_build_s"]}
     for mode, runs in result["runs"].items():
         for i, run in enumerate(runs):
-            c = run["curve"]
-            label = mode if i == 0 else None
-            axes[0].plot([p["time_s"] for p in c], [100 * p["top1"] for p in c], "o-", color=colours[mode],
-                         label=label, ms=3)
-            if mode == "cached" and i == 0:
-                axes[0].plot([p["time_s"] + build for p in c], [100 * p["top1"] for p in c], "o--",
-                             color=colours[mode], alpha=0.5, ms=3, label="cached + cache build")
-            axes[1].plot([p["samples"] for p in c], [100 * p["top1"] for p in c], "o-", color=colours[mode],
-                         label=label, ms=3)
-    for ax in axes:
-        ax.axhline(100 * result["details"]["teacher_top1"], color="k", ls=":", lw=1, label="teacher")
-    axes[0].set_xlabel("training wall-clock (s, evaluation excluded)")
-    axes[1].set_xlabel("images seen by the student")
-    for ax in axes:
+            c, label = run["curve"], mode if i == 0 else None
+            top1 = [100 * p["top1"] for p in c]
+            for ax, key in zip(axes, ("time_s", "cpu_s", "samples")):
+                ax.plot([p[key] for p in c], top1, "o-", color=colours[mode], label=label, ms=3)
+                if mode == "cached" and i == 0 and key in build:
+                    ax.plot([p[key] + build[key] for p in c], top1, "o--", color=colours[mode], alpha=0.5, ms=3,
+                            label="cached + cache build")
+    for ax, xlabel in zip(axes, ("training wall-clock (s, evaluation excluded)", "training CPU seconds",
+                                 "images seen by the student")):
+        ax.axhline(100 * d["teacher_top1"], color="k", ls=":", lw=1, label="teacher")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("colour+shape zero-shot top-1 (%, val)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -203,7 +203,9 @@ def test_readme_section_gives_the_spread_over_seeds(tmp_path: Path) -> None:
     assert "online − scratch +20.0 ± 1.0 (beyond noise)" in text
     assert "built in 6 s (5 CPU s); 1 torch thread(s);" in text
     assert "does not reach the online student's final top-1 in 2 of 3 seed(s)" in text
-    assert "the other(s) reach it at step 20: 1.00 of the online student's wall-clock." in text  # seed 2: 49 ≥ 48
+    # seed 2: 49 ≥ 48 at step 20, 20 s of the online student's 20 s; + 6 s of build; B/16: 20/20 steps / 7
+    assert ("the other(s) reach it at step 20: 1.00 (1.30 with the cache's build; B/16-shaped teacher 0.143) of the "
+            "online student's wall-clock.") in text
 
 
 def test_online_views_control_runs_the_teacher_on_the_caches_views(tmp_path: Path) -> None:

@@ -444,12 +444,11 @@ def _equal_compute_spread(s: dict[str, Any]) -> str:
     def pm(x: dict[str, Any], sign: bool = False) -> str:
         return (f"{100 * x['mean']:+.1f}" if sign else _pct(x["mean"])) + (
             f" ± {100 * x['sd']:.1f}" if x["sd"] is not None else "")
-    n = next(iter(f.values()))["n"]
     parts = [f"{m} {pm(f[m])}" for m in ("scratch", "online", "online_views", "cached") if m in f]
     deltas = [f"{k.replace('-', ' − ')} {pm(d, sign=True)} ({verdict[d['beyond_noise']]})"
               for k, d in s["deltas"].items()]
-    return (f" Final top-1 over {n} seed(s) (mean ± sd): {', '.join(parts)}; paired by seed: {'; '.join(deltas)}"
-            " (the noise rule of `mmkd sweep --seeds`).")
+    return (f" Final top-1 over {next(iter(f.values()))['n']} seed(s) (mean ± sd): {', '.join(parts)}; paired by "
+            f"seed: {'; '.join(deltas)} (the noise rule of `mmkd sweep --seeds`).")
 
 
 @SECTIONS.register("bench-equal-compute")
@@ -458,15 +457,16 @@ def bench_equal_compute_section(root: Path) -> str:
     zero-shot top-1, in training time (``bench/equal_compute.py``)."""
     r = read_json(root / "bench" / "results" / "equal_compute.json", "bench-equal-compute",
                   "run `python bench/equal_compute.py --json bench/results/equal_compute.json`")
-    d, s = r["details"], r["summary"]
-    rows = []
+    d, s, rows = r["details"], r["summary"], []
     for mode in ("scratch", "online", "online_views", "cached"):
         for run in r["runs"].get(mode, []):
             last = run["curve"][-1]
             rows.append(f"| {mode} | {run['seed']} | {_pct(last['top1'])} | {last['step']} | {last['samples']:,} | "
                         f"{last['time_s']:.0f} s | {last['cpu_s']:.0f} s |")
     seeds, reached = s["per_seed"], [x for x in s["per_seed"] if x["reached"]]
-    hits = ", ".join(f"step {x['reached_at_step']}: {x['time_fraction']:.2f}" for x in reached)
+    hits = ", ".join(f"step {x['reached_at_step']}: {x['time_fraction']:.2f} ({x['time_fraction_with_build']:.2f} "
+                     f"with the cache's build; B/16-shaped teacher {x.get('b16_time_fraction', float('nan')):.3f})"
+                     for x in reached)
     teacher = (f"the demo teacher trained {d['teacher_steps']} steps" if d.get("teacher_steps")
                else f"the teacher {d['teacher']}") + f", top-1 {_pct(d['teacher_top1'])} on the same images"
 
@@ -492,9 +492,9 @@ def bench_equal_compute_section(root: Path) -> str:
                 + "; training seconds " + ", ".join(f"{x['online_s']:.0f} vs {x['cached_s']:.0f}" for x in seeds)
                 + ")" + (f"; the other(s) reach it at {hits} of the online student's wall-clock" if reached else "")
                 + ".")
-    text += _equal_compute_spread(s)
-    text += (f" At equal steps the cached student trains in {s['equal_steps_time_fraction']:.2f} of the online "
-             f"student's wall-clock ({s['equal_steps_cpu_fraction']:.2f} of its CPU seconds) with this teacher; with "
-             f"the B/16-shaped one, 1/{d['b16_online_over_cached_time']:.2f} = "
-             f"{1 / d['b16_online_over_cached_time']:.2f}.")
-    return "\n".join(lines + [textwrap.fill(text, 115), "", "![equal compute](bench/results/equal_compute.png)"])
+    text += _equal_compute_spread(s) + (
+        f" At equal steps the cached student trains in {s['equal_steps_time_fraction']:.2f} of the online student's "
+        f"wall-clock ({s['equal_steps_cpu_fraction']:.2f} of its CPU seconds) with this teacher; with the B/16-shaped "
+        f"one, 1/{d['b16_online_over_cached_time']:.2f} = {1 / d['b16_online_over_cached_time']:.2f}.")
+    return "\n".join(lines + [textwrap.fill(text, 115, break_on_hyphens=False), "",  # "wall-clock" stays whole
+                              "![equal compute](bench/results/equal_compute.png)"])
