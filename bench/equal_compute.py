@@ -16,10 +16,13 @@ final accuracy, as a fraction of the online student's training time; that fracti
 added; and the same fraction for a ViT-B/16-shaped teacher, from the per-step times ``bench/cache_cost.py`` measured
 (``bench/results/cache_cost.json``: online over cached step time) applied to the steps measured here.
 
-Usage: python bench/equal_compute.py [--steps 400] [--eval-every 50] [--val 1000] [--views 2] [--seeds 0,1,2]
-       [--teacher-steps 600] [--teacher DIR] [--work runs/equal_compute] [--json PATH] [--png PATH]
+Usage: python bench/equal_compute.py [--steps 600] [--eval-every 50] [--val 1000] [--views 2] [--seeds 0,1,2]
+       [--teacher-steps 800] [--teacher DIR] [--threads N] [--work runs/equal_compute] [--json PATH] [--png PATH]
        [--teacher-override KEY=VALUE] [--override KEY=VALUE] [--from-json PATH (summary and figure only)]
-Full study: python bench/equal_compute.py --seeds 0,1,2 --json bench/results/equal_compute.json
+Full study (the demo's 800-step teacher and 600-step students, 20,000 uncaptioned images): python
+bench/equal_compute.py --json bench/results/equal_compute.json; ``--teacher DIR`` reuses a demo's trained teacher.
+A study stopped (or killed) is rerun with the same command: finished runs are read back (``SEED/MODE.result.json``
+in --work), and the JSON is written after every seed.
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
 MODES = ("cached", "online", "scratch")
-CONFIG = {"cached": "student_cached.yaml", "online": "student.yaml", "scratch": "scratch.yaml"}
+# a control (--modes …,online_views): the online teacher on K views per image (view 0 plain, views 1…K−1 fixed
+# crops), as the cache stores them, instead of a fresh crop at every step: the same inputs as the cached student
+# with the teacher run at every step, which separates "fresh crops vs K views" from "stored vs computed targets"
+EXTRA_MODES = ("online_views",)
+CONFIG = {"cached": "student_cached.yaml", "online": "student.yaml", "scratch": "scratch.yaml",
+          "online_views": "student.yaml"}
 
 
 # ------------------------------------------------------------------------------------------------- analysis
@@ -70,7 +78,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], cache_build_s: float, b16_o
             if b16_online_over_cached:  # the cached step is the student's own; online pays the teacher on top
                 row["b16_time_fraction"] = hit["step"] / online["curve"][-1]["step"] / b16_online_over_cached
         per_seed.append(row)
-    out: dict[str, Any] = {"per_seed": per_seed}
+    out: dict[str, Any] = {"per_seed": per_seed, **spread(runs)}
     for key in ("time_fraction", "time_fraction_with_build", "cpu_fraction", "b16_time_fraction",
                 "equal_steps_time_fraction", "equal_steps_cpu_fraction"):
         vals = [r[key] for r in per_seed if key in r]
@@ -79,20 +87,48 @@ def summarise(runs: dict[str, list[dict[str, Any]]], cache_build_s: float, b16_o
     return out
 
 
+def mean_sd(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def spread(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each mode's final top-1 over seeds (mean, sample sd) and the paired differences that answer the study:
+    cached − online (does replaying K views lose accuracy?) and each distilled mode − scratch, with the noise
+    rule of ``mmkd sweep --seeds``: |mean Δ| beyond sqrt(sd_a² + sd_b²) (None with one seed)."""
+    from mmkd.report.noise import beyond_noise
+
+    finals = {m: [r["curve"][-1]["top1"] for r in rs] for m, rs in runs.items() if rs}
+    out: dict[str, Any] = {"final_top1": {m: mean_sd(v) for m, v in finals.items()}, "deltas": {}}
+    for a, b in (("cached", "online"), ("online", "scratch"), ("cached", "scratch"), ("online_views", "online"),
+                 ("cached", "online_views")):
+        if a in finals and b in finals and len(finals[a]) == len(finals[b]):
+            d = mean_sd([x - y for x, y in zip(finals[a], finals[b])])
+            sa, sb = out["final_top1"][a]["sd"], out["final_top1"][b]["sd"]
+            d["beyond_noise"] = beyond_noise(d["mean"], None, sa, sb)
+            out["deltas"][f"{a}-{b}"] = d
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- one run
 
 
 def run_config(mode: str, args: argparse.Namespace, seed: int, teacher: Path, cache: Path) -> Any:
     from mmkd.config import load_config
+    from mmkd.demo import inherit_from_folder
 
     over = [f"out={Path(args.work) / f'seed{seed}' / mode}", f"cache_dir={Path(args.work) / 'cache'}",
             f"train.steps={args.steps}", f"train.ckpt_every={args.steps}", f"train.seed={seed}",
             f"teacher={f'cache:{cache}' if mode == 'cached' else teacher}"]
-    if mode == "online":
+    if mode in ("online", "online_views"):
         over += ["data.augment=true", "data.augment_paired=false"]
+    if mode == "online_views":
+        over.append(f"data.views={args.views}")
     if args.threads:
         over.append(f"train.threads={args.threads}")
-    return load_config(DEMO / CONFIG[mode], over + list(args.override))
+    cfg = load_config(DEMO / CONFIG[mode], over + list(args.override))
+    # a cache holds no weights: the cached student inherits the ViT layers from the teacher's folder, as the demo's
+    return inherit_from_folder(cfg, str(teacher)) if mode == "cached" else cfg
 
 
 def val_scorer(args: argparse.Namespace) -> Any:
@@ -137,8 +173,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- the study
 
 
-def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, float]:
-    """The demo teacher (shortened by --teacher-steps, or --teacher DIR) and its K-view cache; the build's time."""
+def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, dict[str, Any]]:
+    """The demo teacher (shortened by --teacher-steps, or --teacher DIR) and its K-view cache; the build's wall-clock
+    and CPU seconds (``seconds``, ``cpu_s``), with the students' --threads."""
     from mmkd.config import load_config
     from mmkd.demo import DemoSettings, build_teacher_cache
     from mmkd.models.hub import load_dual_encoder
@@ -146,7 +183,7 @@ def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, f
 
     work = Path(args.work)
     if args.teacher:
-        teacher = Path(args.teacher)
+        teacher = Path(args.teacher).resolve()  # a link's target: its run folder (metrics.json) is beside it
     else:
         cfg = load_config(DEMO / "teacher.yaml", [f"out={work / 'teacher'}", f"cache_dir={work / 'cache'}",
                                                    f"train.steps={args.teacher_steps}", *args.teacher_override])
@@ -156,73 +193,116 @@ def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, f
             run_distill(cfg, progress=False, log=log, overwrite=True)
     cached_cfg = run_config("cached", args, 0, teacher, work / "cache" / "none")
     folder = work / "cache" / f"teacher-cache-k{args.views}"
-    t0 = time.perf_counter()
+    timing = folder.parent / f"{folder.name}.build.json"  # a rerun finds the cache built: keep the first build's time
+    if timing.is_file() and folder.is_dir() and json.loads(timing.read_text())["teacher"] == str(teacher):
+        return teacher, folder, json.loads(timing.read_text())
+    t0, c0 = time.perf_counter(), time.process_time()
     settings = DemoSettings(cache_views=args.views, cache_augmentation={})  # the online student's augmentation
     build_teacher_cache(cached_cfg, load_dual_encoder(teacher), str(teacher), folder, settings, log)
-    return teacher, folder, time.perf_counter() - t0
+    build = {"teacher": str(teacher), "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+             "threads": args.threads}
+    timing.write_text(json.dumps(build) + "\n")
+    return teacher, folder, build
 
 
 def study(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
-    teacher, cache, build_s = teacher_and_cache(args, print)
-    print(f"cache: {args.views} views per image, built in {build_s:.1f} s")
+    if args.threads:  # the teacher's training and the cache's build too, as each student's run (train.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
+    teacher, cache, build = teacher_and_cache(args, print)
+    build_s = float(build["seconds"])
+    print(f"cache: {args.views} views per image, built in {build_s:.1f} s ({build.get('cpu_s')} CPU s)")
     teacher_top1 = teacher_val_top1(teacher, args)
     run = teacher.parent / "metrics.json"  # a teacher trained by mmkd: its run folder says how long
     teacher_steps = json.loads(run.read_text())["train"]["steps"] if run.is_file() else None
     print(f"teacher: {teacher} ({teacher_steps} steps), colour+shape top-1 on val {teacher_top1:.3f}")
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
-    for i, seed in enumerate(args.seeds):
-        order = MODES[i % 3:] + MODES[:i % 3]  # rotate the order from seed to seed
-        for mode in order:
-            cmd = [sys.executable, __file__, "--worker", mode, "--seed", str(seed), "--teacher", str(teacher),
-                   "--cache", str(cache), "--steps", str(args.steps), "--eval-every", str(args.eval_every),
-                   "--val", str(args.val), "--work", args.work, "--threads", str(args.threads or 0)]
-            cmd += [f"--override={o}" for o in args.override]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"{mode} (seed {seed}) failed:\n{done.stderr[-3000:]}")
-            res = json.loads(done.stdout.strip().splitlines()[-1])
-            last = res["curve"][-1]
-            print(f"seed {seed} {mode:8s} top-1 {last['top1']:.3f} after {last['step']} steps, "
-                  f"{last['time_s']:.1f} s training ({last['cpu_s']:.1f} CPU s)")
-            runs[mode].append(res)
     cost = ROOT / "bench" / "results" / "cache_cost.json"
     b16 = json.loads(cost.read_text()).get("online_over_cached_time") if cost.is_file() else None
-    summary = summarise(runs, build_s, b16)
-    return {"summary": summary, "runs": runs,
-            "details": {"steps": args.steps, "eval_every": args.eval_every, "val_images": args.val,
-                        "views": args.views, "seeds": args.seeds, "cache_build_s": round(build_s, 1),
-                        "teacher": str(teacher), "teacher_steps": teacher_steps, "teacher_top1": teacher_top1,
-                        "overrides": args.override, "b16_online_over_cached_time": b16,
-                        "b16_source": "bench/results/cache_cost.json", "seconds": round(time.perf_counter() - t_start)}}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes}
+    result: dict[str, Any] = {}
+    for i, seed in enumerate(args.seeds):
+        k = i % len(args.modes)
+        order = args.modes[k:] + args.modes[:k]  # rotate the order from seed to seed
+        for mode in order:
+            res = one_run(mode, seed, teacher, cache, args)
+            last = res["curve"][-1]
+            print(f"seed {seed} {mode:8s} top-1 {last['top1']:.3f} after {last['step']} steps, "
+                  f"{last['time_s']:.1f} s training ({last['cpu_s']:.1f} CPU s)", flush=True)
+            runs[mode].append(res)
+        result = {"summary": summarise(runs, build_s, b16), "runs": runs,
+                  "details": {"steps": args.steps, "eval_every": args.eval_every, "val_images": args.val,
+                              "views": args.views, "seeds": args.seeds[:i + 1], "cache_build_s": round(build_s, 1),
+                              "cache_build_cpu_s": build.get("cpu_s"), "threads": args.threads,
+                              "teacher": str(teacher), "teacher_steps": teacher_steps, "teacher_top1": teacher_top1,
+                              "overrides": args.override, "b16_online_over_cached_time": b16,
+                              "b16_source": "bench/results/cache_cost.json",
+                              "seconds": round(time.perf_counter() - t_start)}}
+        if args.json:  # after every seed: a study stopped for time keeps the seeds it finished
+            write_json(result, Path(args.json))
+    return result
+
+
+def run_key(mode: str, seed: int, teacher: Path, cache: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """What a finished run's curve depends on: a rerun of the study reuses a run whose key matches."""
+    return {"mode": mode, "seed": seed, "teacher": str(teacher), "cache": str(cache), "steps": args.steps,
+            "eval_every": args.eval_every, "val": args.val, "threads": args.threads, "overrides": list(args.override)}
+
+
+def one_run(mode: str, seed: int, teacher: Path, cache: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One student in a fresh process, its result kept beside its run folder; a finished run with the same key
+    is read back instead of trained again (a study stopped for time resumes where it was)."""
+    key = run_key(mode, seed, teacher, cache, args)
+    saved = Path(args.work) / f"seed{seed}" / f"{mode}.result.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if old.get("key") == key:
+            return old["result"]
+    cmd = [sys.executable, __file__, "--worker", mode, "--seed", str(seed), "--teacher", str(teacher),
+           "--cache", str(cache), "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+           "--val", str(args.val), "--work", args.work, "--threads", str(args.threads or 0)]
+    cmd += [f"--override={o}" for o in args.override]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{mode} (seed {seed}) failed:\n{done.stderr[-3000:]}")
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    write_json({"key": key, "result": res}, saved)  # atomically: a study killed while writing keeps the old file
+    return res
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Top-1 against training seconds and against samples seen, one line per mode and seed."""
+    """Top-1 against training wall-clock, CPU seconds (the figure to read on a loaded machine) and samples seen,
+    one line per mode and seed; the first cached run also shifted by the cache's build."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    colours = {"scratch": "tab:gray", "online": "tab:blue", "cached": "tab:orange"}
-    build = result["details"]["cache_build_s"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    colours = {"scratch": "tab:gray", "online": "tab:blue", "cached": "tab:orange", "online_views": "tab:green"}
+    d = result["details"]
+    build = {"time_s": d["cache_build_s"], "cpu_s": d.get("cache_build_cpu_s") or d["cache_build_s"]}
     for mode, runs in result["runs"].items():
         for i, run in enumerate(runs):
-            c = run["curve"]
-            label = mode if i == 0 else None
-            axes[0].plot([p["time_s"] for p in c], [100 * p["top1"] for p in c], "o-", color=colours[mode],
-                         label=label, ms=3)
-            if mode == "cached" and i == 0:
-                axes[0].plot([p["time_s"] + build for p in c], [100 * p["top1"] for p in c], "o--",
-                             color=colours[mode], alpha=0.5, ms=3, label="cached + cache build")
-            axes[1].plot([p["samples"] for p in c], [100 * p["top1"] for p in c], "o-", color=colours[mode],
-                         label=label, ms=3)
-    for ax in axes:
-        ax.axhline(100 * result["details"]["teacher_top1"], color="k", ls=":", lw=1, label="teacher")
-    axes[0].set_xlabel("training wall-clock (s, evaluation excluded)")
-    axes[1].set_xlabel("images seen by the student")
-    for ax in axes:
+            c, label = run["curve"], mode if i == 0 else None
+            top1 = [100 * p["top1"] for p in c]
+            for ax, key in zip(axes, ("time_s", "cpu_s", "samples")):
+                ax.plot([p[key] for p in c], top1, "o-", color=colours[mode], label=label, ms=3)
+                if mode == "cached" and i == 0 and key in build:
+                    ax.plot([p[key] + build[key] for p in c], top1, "o--", color=colours[mode], alpha=0.5, ms=3,
+                            label="cached + cache build")
+    for ax, xlabel in zip(axes, ("training wall-clock (s, evaluation excluded)", "training CPU seconds",
+                                 "images seen by the student")):
+        ax.axhline(100 * d["teacher_top1"], color="k", ls=":", lw=1, label="teacher")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("colour+shape zero-shot top-1 (%, val)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -231,14 +311,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def modes_arg(text: str) -> list[str]:
+    """--modes: cached and online (the study's question), plus any of scratch and the online_views control."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if set(modes) - set(MODES + EXTRA_MODES) or not {"cached", "online"} <= set(modes) or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"takes cached and online, plus any of scratch, online_views, each once; got "
+                                         f"{text!r}")
+    return modes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=600)  # the demo students'
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--val", type=int, default=1000)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    ap.add_argument("--teacher-steps", type=int, default=600)
+    ap.add_argument("--teacher-steps", type=int, default=800)  # the demo teacher's
     ap.add_argument("--teacher", default="", help="a trained teacher's model folder (skips training one)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--override", action="append", default=[], help="key=value for every student's config")
@@ -247,7 +336,9 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="bench/results/equal_compute.png")
     ap.add_argument("--from-json", default="", help="recompute the summary and figure of a finished study's JSON")
-    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--modes", type=modes_arg, default=list(MODES),
+                    help=f"students to train, in order (default {','.join(MODES)}; control: online_views)")
+    ap.add_argument("--worker", choices=MODES + EXTRA_MODES, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -270,8 +361,7 @@ def main() -> None:
         print("the cached student did not reach the online student's final top-1 in some seed(s)")
     plot(result, Path(args.png))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, Path(args.json))
     print(f"equal_compute: {result['details']['seconds']} s")
 
 

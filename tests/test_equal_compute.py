@@ -8,6 +8,7 @@ import json
 import sys
 import time
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ def test_readme_section_renders_the_study(tmp_path: Path) -> None:
     results = tmp_path / "bench" / "results"
     results.mkdir(parents=True)
     (results / "equal_compute.json").write_text(json.dumps(_result([0.3, 0.5, 0.55, 0.6])))
-    text = SECTIONS.get("bench-equal-compute")(tmp_path)
+    text = " ".join(SECTIONS.get("bench-equal-compute")(tmp_path).split())  # wrapping aside
     assert "| cached | 0 | 60.0 | 40 | 2,560 | 40 s | 80 s |" in text
     assert "**0.17**" in text and "step 20" in text and "**0.071**" in text
     assert "At equal steps the cached student trains in 0.33" in text
@@ -114,5 +115,109 @@ def test_online_config_augments_the_uncaptioned_images_and_the_others_match(tmp_
     for c in cfgs.values():
         assert c.train.steps == 7 and c.train.seed == 3
     assert cfgs["online"].objectives == cfgs["cached"].objectives
-    assert cfgs["online"].student.vision == cfgs["cached"].student.vision
+    # both inherit the teacher's ViT layers: the cached one from the teacher's folder (a cache holds no weights;
+    # fa8904a left source: teacher, which a cached teacher refuses)
+    assert cfgs["online"].student.vision.source == "teacher"
+    assert cfgs["cached"].student.vision.source == str(tmp_path / "teacher")
+    assert replace(cfgs["online"].student.vision, source="x") == replace(cfgs["cached"].student.vision, source="x")
     assert [o.name for o in cfgs["scratch"].objectives] == ["clip"]
+
+
+def test_a_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """A study stopped for time resumes: a run whose key (mode, seed, teacher, cache, steps, evaluation,
+    overrides) matches a finished one is read back, not trained again; one with another key is trained."""
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_: Any) -> Any:
+        calls.append(cmd)
+        res = _run(cmd[cmd.index("--worker") + 1], int(cmd[cmd.index("--seed") + 1]), [0.1, 0.2], 1.0)
+        return types.SimpleNamespace(returncode=0, stdout="log line\n" + json.dumps(res) + "\n", stderr="")
+
+    monkeypatch.setattr(equal_compute.subprocess, "run", fake_run)
+    (tmp_path / "seed1").mkdir()
+    args = types.SimpleNamespace(work=str(tmp_path), steps=20, eval_every=10, val=50, threads=0, override=[])
+    first = equal_compute.one_run("cached", 1, tmp_path / "t", tmp_path / "c", args)
+    again = equal_compute.one_run("cached", 1, tmp_path / "t", tmp_path / "c", args)
+    assert again == first and len(calls) == 1
+    args.steps = 30
+    equal_compute.one_run("cached", 1, tmp_path / "t", tmp_path / "c", args)
+    equal_compute.one_run("online", 1, tmp_path / "t", tmp_path / "c", args)
+    assert len(calls) == 3
+
+
+def test_each_finished_seed_is_written_before_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study's JSON holds every seed finished so far (a study stopped for time keeps them) and a cache
+    found built keeps its first build's time."""
+    (tmp_path / "cache" / "teacher-cache-k2").mkdir(parents=True)
+    (tmp_path / "cache" / "teacher-cache-k2.build.json").write_text(json.dumps({"teacher": str(tmp_path / "t"),
+                                                                                "seconds": 12.5}))
+    monkeypatch.setattr(equal_compute, "teacher_val_top1", lambda *_: 0.6)
+    out = tmp_path / "r.json"
+    seen: list[int] = []
+
+    def fake_one_run(mode: str, seed: int, *_: Any) -> dict[str, Any]:
+        if mode == MODES_FIRST and seed == 1:  # seed 0 is on disk before seed 1 starts
+            seen.extend(json.loads(out.read_text())["details"]["seeds"])
+        return _run(mode, seed, [0.1, 0.2 if mode == "cached" else 0.15], 1.0)
+
+    MODES_FIRST = equal_compute.MODES[1]  # seed 1's order starts with the second mode
+    monkeypatch.setattr(equal_compute, "one_run", fake_one_run)
+    args = types.SimpleNamespace(work=str(tmp_path), teacher=str(tmp_path / "t"), views=2, seeds=[0, 1], steps=20,
+                                 eval_every=10, val=50, threads=0, override=[], json=str(out),
+                                 modes=list(equal_compute.MODES))
+    result = equal_compute.study(args)
+    assert seen == [0] and result["details"]["seeds"] == [0, 1]
+    assert result["details"]["cache_build_s"] == 12.5
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+
+
+def test_spread_over_seeds_and_paired_deltas_with_the_sweeps_noise_rule() -> None:
+    """Final top-1 as mean ± sample sd over seeds; Δ paired by seed; beyond noise when |mean Δ| exceeds
+    sqrt(sd_a² + sd_b²) (the rule of `mmkd sweep --seeds`), and undecided with one seed."""
+    finals = {"scratch": [0.30, 0.31, 0.29], "online": [0.50, 0.52, 0.48], "cached": [0.45, 0.47, 0.49]}
+    runs = {m: [_run(m, s, [v / 2, v], 1.0) for s, v in enumerate(vals)] for m, vals in finals.items()}
+    out = equal_compute.summarise(runs, cache_build_s=0.0, b16_online_over_cached=None)
+    assert out["final_top1"]["online"]["mean"] == pytest.approx(0.50)
+    assert out["final_top1"]["online"]["sd"] == pytest.approx(0.02)
+    d = out["deltas"]["cached-online"]  # −0.05, −0.05, +0.01: mean −0.03; sd of each mode 0.02
+    assert d["mean"] == pytest.approx(-0.03) and d["sd"] == pytest.approx(0.034641, rel=1e-4)
+    assert d["beyond_noise"] is True  # |−0.03| > sqrt(0.02² + 0.02²) = 0.0283
+    assert out["deltas"]["online-scratch"]["beyond_noise"] is True
+    runs["cached"][2]["curve"][-1]["top1"] = 0.53  # Δ −0.05, −0.05, +0.05: mean −0.017 < sqrt(0.042² + 0.02²)
+    assert equal_compute.summarise(runs, 0.0, None)["deltas"]["cached-online"]["beyond_noise"] is False
+    one = equal_compute.summarise({m: rs[:1] for m, rs in runs.items()}, 0.0, None)
+    assert one["final_top1"]["cached"]["sd"] is None and one["deltas"]["cached-online"]["beyond_noise"] is None
+
+
+def test_readme_section_gives_the_spread_over_seeds(tmp_path: Path) -> None:
+    finals = {"scratch": [0.30, 0.31, 0.29], "online": [0.50, 0.52, 0.48], "cached": [0.45, 0.47, 0.49]}
+    runs = {m: [_run(m, s, [v / 2, v], 1.0) for s, v in enumerate(vals)] for m, vals in finals.items()}
+    result = _result([0.3, 0.5])
+    result["runs"], result["summary"] = runs, equal_compute.summarise(runs, 6.0, 7.0)
+    result["details"].update(cache_build_cpu_s=5.2, threads=1)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "equal_compute.json").write_text(json.dumps(result))
+    text = " ".join(SECTIONS.get("bench-equal-compute")(tmp_path).split())
+    assert "over 3 seed(s) (mean ± sd): scratch 30.0 ± 1.0, online 50.0 ± 2.0, cached 47.0 ± 2.0" in text
+    assert "cached − online -3.0 ± 3.5 (beyond noise)" in text
+    assert "online − scratch +20.0 ± 1.0 (beyond noise)" in text
+    assert "built in 6 s (5 CPU s); 1 torch thread(s);" in text
+    assert "does not reach the online student's final top-1 in 2 of 3 seed(s)" in text
+    # seed 2: 49 ≥ 48 at step 20, 20 s of the online student's 20 s; + 6 s of build; B/16: 20/20 steps / 7
+    assert ("the other(s) reach it at step 20: 1.00 (1.30 with the cache's build; B/16-shaped teacher 0.143) of the "
+            "online student's wall-clock.") in text
+
+
+def test_online_views_control_runs_the_teacher_on_the_caches_views(tmp_path: Path) -> None:
+    """The control differs from the online student only in drawing K views per image (view 0 plain, as a cache
+    stores them) instead of a fresh crop at every step; --modes must keep cached and online."""
+    args = types.SimpleNamespace(work=str(tmp_path), steps=7, threads=0, override=[], views=2)
+    online, control = (equal_compute.run_config(m, args, 3, tmp_path / "teacher", tmp_path / "cache")
+                       for m in ("online", "online_views"))
+    assert online.data.views is None and control.data.views == 2
+    assert replace(control.data, views=None) == online.data and control.teacher == online.teacher
+    assert equal_compute.modes_arg("cached, online,online_views") == ["cached", "online", "online_views"]
+    for bad in ("cached,scratch", "cached,online,offline", "cached,online,online"):
+        with pytest.raises(Exception, match="takes cached and online"):
+            equal_compute.modes_arg(bad)

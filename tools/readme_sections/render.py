@@ -354,21 +354,43 @@ def bench_cache_build_memory_section(root: Path) -> str:
     return "\n".join([textwrap.fill(lines[0], 115)] + lines[1:-1] + [textwrap.fill(lines[-1], 115)])
 
 
+def _build_cpu(d: dict[str, Any]) -> str:
+    cpu, threads = d.get("cache_build_cpu_s"), d.get("threads")
+    return (f" ({cpu:.0f} CPU s)" if cpu is not None else "") + (f"; {threads} torch thread(s)" if threads else "")
+
+
+def _equal_compute_spread(s: dict[str, Any]) -> str:
+    """Final top-1 per mode over seeds and the paired Δs with their noise verdict (older summaries lack them)."""
+    if "final_top1" not in s:
+        return ""
+    f, verdict = s["final_top1"], {True: "beyond noise", False: "within noise", None: "one seed: noise unknown"}
+
+    def pm(x: dict[str, Any], sign: bool = False) -> str:
+        return (f"{100 * x['mean']:+.1f}" if sign else _pct(x["mean"])) + (
+            f" ± {100 * x['sd']:.1f}" if x["sd"] is not None else "")
+    parts = [f"{m} {pm(f[m])}" for m in ("scratch", "online", "online_views", "cached") if m in f]
+    deltas = [f"{k.replace('-', ' − ')} {pm(d, sign=True)} ({verdict[d['beyond_noise']]})"
+              for k, d in s["deltas"].items()]
+    return (f" Final top-1 over {next(iter(f.values()))['n']} seed(s) (mean ± sd): {', '.join(parts)}; paired by "
+            f"seed: {'; '.join(deltas)} (the noise rule of `mmkd sweep --seeds`).")
+
+
 @SECTIONS.register("bench-equal-compute")
 def bench_equal_compute_section(root: Path) -> str:
     """The teacher cache's worth at equal compute: where the cached student reaches the online student's final
     zero-shot top-1, in training time (``bench/equal_compute.py``)."""
     r = read_json(root / "bench" / "results" / "equal_compute.json", "bench-equal-compute",
                   "run `python bench/equal_compute.py --json bench/results/equal_compute.json`")
-    d, s = r["details"], r["summary"]
-    rows = []
-    for mode in ("scratch", "online", "cached"):
-        for run in r["runs"][mode]:
+    d, s, rows = r["details"], r["summary"], []
+    for mode in ("scratch", "online", "online_views", "cached"):
+        for run in r["runs"].get(mode, []):
             last = run["curve"][-1]
             rows.append(f"| {mode} | {run['seed']} | {_pct(last['top1'])} | {last['step']} | {last['samples']:,} | "
                         f"{last['time_s']:.0f} s | {last['cpu_s']:.0f} s |")
-    seeds = s["per_seed"]
-    reached = [x for x in seeds if x["reached"]]
+    seeds, reached = s["per_seed"], [x for x in s["per_seed"] if x["reached"]]
+    hits = ", ".join(f"step {x['reached_at_step']}: {x['time_fraction']:.2f} ({x['time_fraction_with_build']:.2f} "
+                     f"with the cache's build; B/16-shaped teacher {x.get('b16_time_fraction', float('nan')):.3f})"
+                     for x in reached)
     teacher = (f"the demo teacher trained {d['teacher_steps']} steps" if d.get("teacher_steps")
                else f"the teacher {d['teacher']}") + f", top-1 {_pct(d['teacher_top1'])} on the same images"
 
@@ -376,7 +398,7 @@ def bench_equal_compute_section(root: Path) -> str:
                            f"seed(s) {', '.join(map(str, d['seeds']))}; colour+shape zero-shot top-1 on "
                            f"{d['val_images']:,} validation images every {d['eval_every']} steps, evaluation left out "
                            f"of the training clock; cache of {d['views']} views per image built in "
-                           f"{d['cache_build_s']:.0f} s; `bench/results/equal_compute.json`, figure "
+                           f"{d['cache_build_s']:.0f} s{_build_cpu(d)}; `bench/results/equal_compute.json`, figure "
                            "`bench/results/equal_compute.png`):", 115), "",
              "| student | seed | final top-1 (val) | steps | images seen | training wall-clock | CPU s |",
              "|---|---|---|---|---|---|---|", *rows, ""]
@@ -392,9 +414,11 @@ def bench_equal_compute_section(root: Path) -> str:
                 f"of {len(seeds)} seed(s) (final top-1, online vs cached: "
                 + "; ".join(f"{_pct(x['online_final_top1'])} vs {_pct(x['cached_final_top1'])}" for x in seeds)
                 + "; training seconds " + ", ".join(f"{x['online_s']:.0f} vs {x['cached_s']:.0f}" for x in seeds)
-                + ").")
-    text += (f" At equal steps the cached student trains in {s['equal_steps_time_fraction']:.2f} of the online "
-             f"student's wall-clock ({s['equal_steps_cpu_fraction']:.2f} of its CPU seconds) with this teacher; with "
-             f"the B/16-shaped one, 1/{d['b16_online_over_cached_time']:.2f} = "
-             f"{1 / d['b16_online_over_cached_time']:.2f}.")
-    return "\n".join(lines + [textwrap.fill(text, 115), "", "![equal compute](bench/results/equal_compute.png)"])
+                + ")" + (f"; the other(s) reach it at {hits} of the online student's wall-clock" if reached else "")
+                + ".")
+    text += _equal_compute_spread(s) + (
+        f" At equal steps the cached student trains in {s['equal_steps_time_fraction']:.2f} of the online student's "
+        f"wall-clock ({s['equal_steps_cpu_fraction']:.2f} of its CPU seconds) with this teacher; with the B/16-shaped "
+        f"one, 1/{d['b16_online_over_cached_time']:.2f} = {1 / d['b16_online_over_cached_time']:.2f}.")
+    return "\n".join(lines + [textwrap.fill(text, 115, break_on_hyphens=False), "",  # "wall-clock" stays whole
+                              "![equal compute](bench/results/equal_compute.png)"])
