@@ -85,7 +85,7 @@ def main() -> None:
                          "val": score(load_dual_encoder(Path(cfg.out) / "student"), val)}
         log(name, results[name]["val"])
     out = {"command": "python bench/demo_val.py " + " ".join(f"'{v}'" for v in a.variants)
-           + f" --teacher-steps {a.teacher_steps} --student-steps {a.student_steps} --val {a.val}"
+           + f" --teacher-steps {a.teacher_steps} --student-steps {a.student_steps} --val {a.val} --threads {a.threads}"
            + "".join(f" --teacher-override '{o}'" for o in a.teacher_override),
            "split": "val", "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out, indent=1))

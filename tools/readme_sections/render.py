@@ -52,8 +52,10 @@ def demo_section(root: Path) -> str:
                    f"{kill['killed_with']} as soon as its step-{kill['checkpoint_step']} checkpoint was on disk "
                    f"(its log had reached step {kill['last_logged_step_before_kill']}), and finished in a new "
                    f"process with `--resume`.")
-    out.append("Speed at batch 1 is the median, over rounds, of the teacher's and the student's latency timed back "
-               "to back (a busy machine moves single latencies by ±20%); the FLOPs ratio does not depend on load.")
+    out.append("Speed at batch 1 is the median, over rounds, of the teacher's and the student's image encoding timed "
+               "back to back, alternating which goes first, on one thread by that thread's CPU time (which other "
+               "processes' load cannot stretch; the wall-clock ratio is in metrics.json); the FLOPs ratio does not "
+               "depend on load.")
     return "\n".join(out)
 
 
