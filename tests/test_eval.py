@@ -316,14 +316,14 @@ def test_paired_speedup_alternates_times_one_thread_and_gives_the_flops_ratio(mo
     order: list[str] = []
     threads: list[int] = []
 
-    def fake_time_both(fn, repeats, warmup, budget_s):  # noqa: ANN001, ANN202
+    def fake_time_call(fn, repeats, warmup, budget_s, sync):  # noqa: ANN001, ANN202
         who = "ref" if fn.__defaults__[0] is model else "small"  # each timed fn binds its model
         order.append(who)
         threads.append(torch.get_num_threads())
         fn()
         return next(wall[who]), next(cpu[who])
 
-    monkeypatch.setattr(efficiency, "_time_both", fake_time_both)
+    monkeypatch.setattr(efficiency, "_time_call", fake_time_call)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

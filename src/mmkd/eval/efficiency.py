@@ -81,25 +81,30 @@ def flops(model: nn.Module, batch_size: int = 1, caption: str = DEFAULT_CAPTION)
     return {"image_gflops": image / batch_size / 1e9, "text_gflops": text / batch_size / 1e9}
 
 
-def _time_call(fn: Callable[[], object], repeats: int, warmup: int, budget_s: float, sync: bool) -> float:
-    """Median seconds per call; stops early once ``budget_s`` is spent (always at least one timed call)."""
+def _time_call(fn: Callable[[], object], repeats: int, warmup: int, budget_s: float, sync: bool
+               ) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds of the calling thread per call; stops early once ``budget_s`` is
+    spent (always at least one timed call). With one intra-op thread every op runs on the calling thread, so its
+    CPU time is the call's work without the time other processes held the core (see `paired_speedup`)."""
     deadline = time.perf_counter() + budget_s
     for _ in range(warmup):
         fn()
         if time.perf_counter() > deadline:
             break
-    times: list[float] = []
+    wall: list[float] = []
+    cpu: list[float] = []
     for _ in range(max(1, repeats)):
         if sync:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         fn()
         if sync:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
         if time.perf_counter() > deadline:
             break
-    return statistics.median(times)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def latency(
@@ -134,7 +139,7 @@ def latency(
                 "caption": lambda i=ids, m=mask: model.encode_text(i, m),
             }
             for kind, fn in calls.items():
-                seconds = _time_call(fn, repeats, warmup, share, sync)
+                seconds = _time_call(fn, repeats, warmup, share, sync)[0]
                 out[f"latency_ms_per_{kind}{suffix}"] = 1000.0 * seconds / b
                 if b > 1:
                     out[f"{kind}s_per_s{suffix}"] = b / max(seconds, 1e-12)
@@ -147,27 +152,6 @@ def _image_flops(model: nn.Module, batch_size: int = 1) -> float:
     with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.encode_image(pixels)
     return float(counter.get_total_flops())
-
-
-def _time_both(fn: Callable[[], object], repeats: int, warmup: int, budget_s: float) -> tuple[float, float]:
-    """Median wall seconds and median CPU seconds of this thread per call (CPU only; ``budget_s`` as in
-    `_time_call`). With one intra-op thread every op runs on the calling thread, so its CPU time is the call's
-    work without the time other processes held the core."""
-    deadline = time.perf_counter() + budget_s
-    for _ in range(warmup):
-        fn()
-        if time.perf_counter() > deadline:
-            break
-    wall: list[float] = []
-    cpu: list[float] = []
-    for _ in range(max(1, repeats)):
-        c0, t0 = time.thread_time(), time.perf_counter()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.thread_time() - c0)
-        if time.perf_counter() > deadline:
-            break
-    return statistics.median(wall), statistics.median(cpu)
 
 
 def paired_speedup(reference: nn.Module, model: nn.Module, rounds: int = 7, batch_size: int = 1,
@@ -200,10 +184,7 @@ def paired_speedup(reference: nn.Module, model: nn.Module, rounds: int = 7, batc
             for r in range(rounds):
                 wall, work = [0.0, 0.0], [0.0, 0.0]
                 for i in ((0, 1) if r % 2 == 0 else (1, 0)):  # neither model always runs second
-                    if cpu:
-                        wall[i], work[i] = _time_both(fns[i], 10, 2, share)
-                    else:
-                        wall[i] = _time_call(fns[i], 10, 2, share, sync=device == "cuda")
+                    wall[i], work[i] = _time_call(fns[i], 10, 2, share, sync=device == "cuda")
                 ratios.append(wall[0] / max(wall[1], 1e-12))
                 cpu_ratios.append(work[0] / max(work[1], 1e-12))
     finally:

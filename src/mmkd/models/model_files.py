@@ -114,7 +114,8 @@ def weights_file(folder: Path) -> Path:
 
 def load_weights_file(f: Path) -> Any:
     """A safetensors file, or a torch file of tensors and plain data only (``weights_only``); a file needing code
-    to load is refused in one line of ours (torch's own text advises ``weights_only=False``: the opposite)."""
+    to load is refused in one line of ours (torch's own error text advises turning the safe mode off: the
+    opposite of what we want a user to do)."""
     try:
         if f.suffix == ".safetensors":
             return load_file(str(f))
