@@ -412,3 +412,19 @@ def test_the_front_page_is_short_and_links_every_docs_page() -> None:
 
 
 _BLOCK_ANY = re.compile(r"<!-- results:([\w.-]+) -->\n.*?<!-- /results:\1 -->", re.S)
+
+
+def test_matching_hard_section_comes_from_the_committed_results(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "bench" / "results", tmp_path / "bench" / "results")
+    r = json.loads((tmp_path / "bench" / "results" / "matching_hard.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:matching-hard -->\n<!-- /results:matching-hard -->\n")
+    assert update_readme(readme, tmp_path, only=["matching-hard"]) == ["matching-hard"]
+    text = readme.read_text()
+    chosen = [row for row in r["rows"] if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["label"] == r["chosen"]
+    # chosen on validation: no KD setting has a higher mean validation F1
+    assert chosen[0]["val_f1"] == max(row["val_f1"] for row in r["rows"] if row["alpha"] is not None)
+    assert text.count("| yes |") == 1 and f"keeps {100 * chosen[0]['kept']:.1f}%" in text
+    assert f"{100 * chosen[0]['test_f1']:.1f} ± {100 * chosen[0]['test_f1_sd']:.1f}" in text
+    assert sum(line.startswith("| ") for line in text.splitlines()) == 2 + len(r["rows"])  # header, teacher, rows

@@ -73,3 +73,37 @@ def sweep_section(root: Path, top: int = 5) -> str:
     if s2 is not None:
         out.append(f"S2's best setting (KD-BCE, T = 3, α = 0.5) ranks {s2['rank']} of {len(kd)} here.")
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ hard-negative grid
+
+@SECTIONS.register("matching-hard")
+def hard_section(root: Path) -> str:
+    """KD settings on the demo's hard pairs over seeds (``bench/results/matching_hard.json``): the one chosen on
+    validation F1 and every setting's test F1 as a share of the teacher's."""
+    how = "run `python bench/matching_hard.py` first"
+    r = read_json(root / "bench" / "results" / "matching_hard.json", "matching-hard", how)
+    t_val, t_test = r["teacher"]["val"]["f1"], r["teacher"]["test"]["f1"]
+    head = (f"From `bench/results/matching_hard.json`, written by `{r['command'].strip()}` "
+            f"({len(r['rows']) * len(r['seeds'])} student runs, {r['student_seconds'] / 60:.0f} minutes of student "
+            f"training on {r['threads']} thread): the demo's hard pairs and teacher, {r['epochs']} epochs unless the "
+            f"table says otherwise, seeds {', '.join(map(str, r['seeds']))}; the setting is chosen by mean "
+            "validation F1, test F1 is mean ± sample sd:")
+    lines = ["| student | α | transfer pairs per pair | T | epochs | val F1 | test F1 | test F1 kept of teacher "
+             "| chosen on val |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| teacher | | | | | {_pct(t_val)} | {_pct(t_test)} | | |"]
+    for row in r["rows"]:
+        kd = row["alpha"] is not None
+        name, alpha, transfer, temp = (("KD-KL", f"{row['alpha']:g}", row["transfer"], f"{row['temperature']:g}")
+                                       if kd else ("baseline (BCE)", "", "", ""))
+        lines.append(f"| {name} | {alpha} | {transfer} | {temp} | {row['epochs'] or r['epochs']} | "
+                     f"{_pct(row['val_f1'])} | "
+                     f"{_pct(row['test_f1'])} ± {_pct(row['test_f1_sd'])} | {100 * row['kept']:.0f}% | "
+                     f"{'yes' if row['chosen'] else ''} |")
+    c = r["chosen_vs_demo"]
+    chosen = next(row for row in r["rows"] if row["chosen"])
+    tail = (f"The setting chosen on validation keeps {100 * chosen['kept']:.1f}% of the teacher's test F1; against "
+            f"the demo's setting (α = 0.5, 4 transfer pairs) its test F1 differs by {100 * c['d_test_f1']:+.1f} "
+            f"points, {'beyond' if c['beyond_noise'] else 'within'} the combined spread over seeds.")
+    return "\n".join([head, "", *lines, "", tail])

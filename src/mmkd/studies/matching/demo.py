@@ -47,6 +47,23 @@ def check_settings_data(settings: dict[str, DemoSetting], cache: Path) -> None:
                             f"settings.{name}=null") from None
 
 
+def setting_study(cfg: DemoConfig, name: str, s: DemoSetting, teacher_dir: Path, encoder: Any,
+                  log: Any = print) -> tuple[MatchingStudy, Path, dict[str, Any]]:
+    """One setting's pairs (built once into ``OUT/pairs/NAME.jsonl``) and its study in ``OUT/NAME``: the demo's
+    path, also taken by studies that train more students on the same pairs and teacher (bench/matching_hard.py)."""
+    out, cache = Path(cfg.out), cfg.cache
+    is_world = s.data.startswith("world:")
+    build = replace(cfg.pairs.build, negatives=s.negatives,
+                    hard_candidates=s.hard_candidates or ("drawn" if is_world else "all"))
+    pairs_path, counts = build_pairs_file(s.data, out / "pairs" / f"{name}.jsonl", build, cache_dir=cache,
+                                          world_n=s.world_n, embed=encoder)
+    encoder.save_cache()
+    log(f"pairs: {pairs_path} " + ", ".join(f"{k} {c['pairs']}" for k, c in counts.items()))
+    study = MatchingStudy(load_pair_data(pairs_path, cache), teacher_dir, out / name, cfg, log=log,
+                          text_encoder=encoder)
+    return study, pairs_path, counts
+
+
 def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) -> dict[str, Any]:
     settings = cfg.setting_list()
     seeded = cfg.seed_settings()
@@ -66,15 +83,7 @@ def run_matching_demo(cfg: DemoConfig, quick: bool = False, log: Any = print) ->
     seeds: dict[str, Any] = {}
     for name, s in settings.items():
         log(f"\n== {name}: {s.data}, {s.negatives} negatives ==")
-        is_world = s.data.startswith("world:")
-        build = replace(cfg.pairs.build, negatives=s.negatives,
-                        hard_candidates=s.hard_candidates or ("drawn" if is_world else "all"))
-        pairs_path, counts = build_pairs_file(s.data, out / "pairs" / f"{name}.jsonl", build, cache_dir=cache,
-                                              world_n=s.world_n, embed=encoder)
-        encoder.save_cache()
-        log(f"pairs: {pairs_path} " + ", ".join(f"{k} {c['pairs']}" for k, c in counts.items()))
-        study = MatchingStudy(load_pair_data(pairs_path, cache), teacher_dir, out / name, cfg, log=log,
-                              text_encoder=encoder)
+        study, pairs_path, counts = setting_study(cfg, name, s, teacher_dir, encoder, log)
         metrics = study.run()
         results[name] = {m: summary(r["test"]) for m, r in metrics["models"].items()}
         details[name] = {"pairs": str(pairs_path), "counts": counts,
