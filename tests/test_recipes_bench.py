@@ -129,7 +129,8 @@ def _result() -> dict[str, Any]:
               "d_top1_lo": 0.2, "d_top1_hi": 0.3, "beyond_noise": True}]
     ds = {"teacher": "t", "data": {"batch_size": 64, "world_size_train": 2000}, "steps": 400,
           "student_vision": {"num_hidden_layers": 2, "hidden_size": 256, "patch_size": 8}, "inherit_layers": [0, 7],
-          "cache_build": {"wall_s": 90.0}, "rows": rows, "pairs": pairs}
+          "cache_build": {"wall_s": 90.0}, "rows": rows, "pairs": pairs,
+          "teacher_forward": {"cpu_ms": 250.0, "batch": 64}}
     return {"command": "python bench/recipes.py --seeds 3", "seeds": 3, "views": 10, "seconds": 600,
             "datasets": {"world": ds}}
 
@@ -143,7 +144,8 @@ def test_docs_block_renders_rows_and_generated_verdicts(tmp_path: Path) -> None:
     flat = " ".join(text.split())
     assert "| `clip-kd` | c | 45.0 ± 1.0 | +15.0 ± 1.0 | +13.0 to +17.0 | yes | 100 | 150 |" in text
     assert "| `scratch` | c | 30.0 ± 1.0 | | | | 100 | |" in text
-    assert "Best: `clip-kd` (45.0 ± 1.0%)" in flat
+    assert "Best: `clip-kd` (45.0 ± 1.0%, 75% of the teacher's)" in flat
+    assert "step takes 100–100 ms" in flat and "batch of 64 takes 250 ms, 2.5× the scratch step" in flat
     assert "above scratch: `clip-kd`; below it: `clip-kd-no-task`." in flat
     assert "Keep the task loss? `clip-kd` − `clip-kd-no-task`: +25.0 ± 2.0 points" in flat
     assert "beyond noise." in flat and "Teacher `t`: 60.0%" in flat

@@ -54,7 +54,9 @@ def verdicts(d: dict[str, Any]) -> list[str]:
     best = max((k for k in rows if k != "scratch"), key=lambda k: rows[k]["zs_top1"])
     gain = [k for k in rows if k != "scratch" and rows[k].get("beyond_noise") and rows[k]["d_top1"] > 0]
     loss = [k for k in rows if k != "scratch" and rows[k].get("beyond_noise") and rows[k]["d_top1"] < 0]
-    out = [f"Best: `{best}` ({_pm(rows[best]['zs_top1'], rows[best].get('zs_top1_sd'))}%). Beyond noise above "
+    teacher = (d["rows"].get("teacher") or {}).get("zs_top1")
+    kept = f", {100 * rows[best]['zs_top1'] / teacher:.0f}% of the teacher's" if teacher else ""
+    out = [f"Best: `{best}` ({_pm(rows[best]['zs_top1'], rows[best].get('zs_top1_sd'))}%{kept}). Beyond noise above "
            f"scratch: {', '.join(f'`{k}`' for k in gain) or 'none'}; below it: "
            f"{', '.join(f'`{k}`' for k in loss) or 'none'}."]
     question = {"clip-kd-no-task": "Keep the task loss", "tinyclip-no-inherit": "Inherit the teacher's weights"}
@@ -64,6 +66,13 @@ def verdicts(d: dict[str, Any]) -> list[str]:
         out.append(f"{question.get(p['b'], p['b'])}? `{p['a']}` − `{p['b']}`: "
                    f"{_pm(p['d_top1'], p.get('d_top1_sd'), '+')} points (paired 95% interval {_interval(p)}), "
                    f"{verdict}.")
+    steps = [r["step_cpu_ms"] for r in rows.values()]
+    tf = d.get("teacher_forward") or {}
+    if tf.get("cpu_ms") and "scratch" in rows:
+        out.append(f"Cost: as run, every row's step takes {min(steps):.0f}–{max(steps):.0f} ms (the teacher's targets "
+                   f"are tabled once, or read from the cache); the teacher's forward pass on a batch of {tf['batch']} "
+                   f"takes {tf['cpu_ms']:.0f} ms, {tf['cpu_ms'] / rows['scratch']['step_cpu_ms']:.1f}× the scratch "
+                   "step, which a recipe pays at every step where the teacher must run online.")
     return out
 
 
@@ -80,7 +89,8 @@ def recipes_section(root: Path) -> str:
                          "sample sd over seeds; Δ is paired with scratch seed by seed. ms/step is the median "
                          "training CPU time per step at one thread; the last column adds the teacher's forward "
                          "pass on one batch, for the rows that run a teacher (mmkd computes an unaugmented "
-                         "teacher's targets once, so as run they pay it once, not per step).", 115)]
+                         "teacher's targets once, so as run they pay it once, not per step).", 115,
+                         break_on_hyphens=False)]
     for name, d in r["datasets"].items():
         data = d["data"]
         size = data.get("world_size_train") or data.get("limit")
@@ -91,6 +101,7 @@ def recipes_section(root: Path) -> str:
             f"-layer ViT of width {d['student_vision']['hidden_size']} (patch {d['student_vision']['patch_size']}); "
             f"inheriting rows keep the teacher's layers {d['inherit_layers']}. {d['steps']} steps of "
             f"{data['batch_size']} from {size:,} training images, lr 1e-3. mobileclip's {r['views']}-view cache was "
-            f"built once in {_build_time(build)}.", 115), "", *table(d), ""]
-        out += [textwrap.fill(v, 113, initial_indent="- ", subsequent_indent="  ") for v in verdicts(d)]
+            f"built once in {_build_time(build)}.", 115, break_on_hyphens=False), "", *table(d), ""]
+        out += [textwrap.fill(v, 113, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
+                for v in verdicts(d)]
     return "\n".join(out)
