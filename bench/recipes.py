@@ -329,6 +329,7 @@ def collect(ds: DataSet, prep: dict[str, Any], work: Path) -> dict[str, Any]:
             "d_top1_sd": r.get("d_top1_sd"), "d_top1_lo": r.get("d_top1_lo"), "d_top1_hi": r.get("d_top1_hi"),
             "beyond_noise": r.get("beyond_noise"),
             "per_seed_top1": [next(v["top1"] for v in m["eval"].values() if "top1" in v) for m in seeds],
+            "train_s": sum(m["train"]["seconds"] for m in seeds),
             "step_cpu_ms": cpu, "step_wall_ms": statistics.median(m["wall_ms"] for m in ms),
             "teacher_online_ms": t_ms["cpu_ms"] if online else None,
             "step_cpu_ms_teacher_online": cpu + t_ms["cpu_ms"] if online else None}
@@ -368,7 +369,9 @@ def main() -> None:
     result = {"command": shlex.join(["python", "bench/recipes.py", *sys.argv[1:]]), "seeds": args.seeds,
               "threads": args.threads, "views": VIEWS,
               "datasets": {name: collect(ds, preps[name], work) for name, ds in sets.items()}}
-    result["seconds"] = round(time.perf_counter() - start)
+    result["seconds"] = round(time.perf_counter() - start)  # this call's (finished runs are read back, not rerun)
+    result["train_s"] = round(sum(r.get("train_s", 0) for d in result["datasets"].values()
+                                  for r in d["rows"].values()))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -131,7 +131,7 @@ def _result() -> dict[str, Any]:
           "student_vision": {"num_hidden_layers": 2, "hidden_size": 256, "patch_size": 8}, "inherit_layers": [0, 7],
           "cache_build": {"wall_s": 90.0}, "rows": rows, "pairs": pairs,
           "teacher_forward": {"cpu_ms": 250.0, "batch": 64}}
-    return {"command": "python bench/recipes.py --seeds 3", "seeds": 3, "views": 10, "seconds": 600,
+    return {"command": "python bench/recipes.py --seeds 3", "seeds": 3, "views": 10, "seconds": 60, "train_s": 1500,
             "datasets": {"world": ds}}
 
 
@@ -148,6 +148,7 @@ def test_docs_block_renders_rows_and_generated_verdicts(tmp_path: Path) -> None:
     assert "step takes 100–100 ms" in flat and "batch of 64 takes 250 ms, 2.5× the scratch step" in flat
     assert "above scratch: `clip-kd`; below it: `clip-kd-no-task`." in flat
     assert "Keep the task loss? `clip-kd` − `clip-kd-no-task`: +25.0 ± 2.0 points" in flat
+    assert "(3 seeds per row, one thread per run, 25 minutes of student training)" in flat
     assert "beyond noise." in flat and "Teacher `t`: 60.0%" in flat
 
 

@@ -85,9 +85,9 @@ def _build_time(build: dict[str, Any]) -> str:
 def recipes_section(root: Path) -> str:
     r = read_json(root / "bench" / "results" / "recipes.json", "recipes", HOW)
     out = [textwrap.fill(f"From `bench/results/recipes.json`, written by `{r['command']}` ({r['seeds']} seeds per "
-                         f"row, one thread per run, {r['seconds'] / 60:.0f} minutes in all). Top-1 and Δ are mean ± "
-                         "sample sd over seeds; Δ is paired with scratch seed by seed. ms/step is the median "
-                         "training CPU time per step at one thread; the last column adds the teacher's forward "
+                         f"row, one thread per run, {r['train_s'] / 60:.0f} minutes of student training). Top-1 and Δ"
+                         " are mean ± sample sd over seeds; Δ is paired with scratch seed by seed. ms/step is the "
+                         "median training CPU time per step at one thread; the last column adds the teacher's forward "
                          "pass on one batch, for the rows that run a teacher (mmkd computes an unaugmented "
                          "teacher's targets once, so as run they pay it once, not per step).", 115,
                          break_on_hyphens=False)]
