@@ -19,7 +19,8 @@ Extra controls (``--variant NAME:KEY=VALUE;KEY=VALUE``, repeatable) add settings
 ``--cache 'cache-s035:--hflip --crop-scale 0.35,1' --variant 'k10_s035:teacher=cache:runs/reinforce_cifar/cache-s035;
 data.views=10'`` (a cache built with other settings is refused by the run, so each control names its own).
 
-Usage: python bench/reinforce_cifar.py --teacher DIR [--seeds 3] [--epochs 2,8,30] [--json PATH]
+Usage: python bench/reinforce_cifar.py --teacher DIR [--seeds 3] [--epochs 2,8,30] [--images 5000] [--batch 128]
+       [--work runs/reinforce_cifar] [--json PATH]   (the full-data study: --images 50000)
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ def main() -> None:
     phases["teacher eval"] = time.perf_counter() - t
     data = [f"data.limit={args.images}", f"data.batch_size={args.batch}"]
     caches = dict(CACHES, **{c.split(":", 1)[0]: shlex.split(c.split(":", 1)[1]) for c in args.cache})
+    # the caches must hold the training subset: built from the same (derived) config as the sweeps
+    config = sweep_config(args.variant, work, work, {"limit": args.images, "batch_size": args.batch})
     for name, flags in caches.items():
         t = time.perf_counter()
         # a finished cache is a no-op to rebuild (every segment is committed); a killed one resumes
-        run(mmkd("cache", "--config", CONFIG, "--teacher", str(model), "--out", str(work / name), "--views",
+        run(mmkd("cache", "--config", str(config), "--teacher", str(model), "--out", str(work / name), "--views",
                  str(VIEWS), "--threads", "1", *flags))
         phases[f"cache {name}"] = time.perf_counter() - t
     epochs = [float(e) for e in args.epochs.split(",")]
@@ -125,7 +128,6 @@ def main() -> None:
     for e, s in zip(epochs, steps):
         t = time.perf_counter()
         out = work / f"steps-{s}"
-        config = sweep_config(args.variant, out, work)
         run(mmkd("sweep", str(config), "--seeds", args.seeds, "--out", str(out), f"train.steps={s}",
                  f"train.warmup_steps={min(10, max(1, s // 10))}", *data))
         phases[f"sweep {s} steps"] = time.perf_counter() - t
@@ -141,23 +143,26 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
-def sweep_config(variants: list[str], out: Path, work: Path) -> Path:
-    """CONFIG, with its caches moved to ``work`` and the ``--variant`` settings added to its grid, written under
-    ``out`` (CONFIG itself when neither changes it)."""
-    if not variants and work == DEFAULT_WORK:
-        return Path(CONFIG)
+def sweep_config(variants: list[str], out: Path, work: Path, data: dict[str, Any] | None = None) -> Path:
+    """CONFIG, with its caches moved to ``work``, ``data`` keys set and the ``--variant`` settings added to its grid,
+    written to ``out/sweep.yaml`` (CONFIG itself when nothing changes it)."""
     import yaml
 
     text = Path(CONFIG).read_text().replace(f"cache:{DEFAULT_WORK}/", f"cache:{work}/")
-    data = yaml.safe_load(text)
+    base = yaml.safe_load(Path(CONFIG).read_text())
+    changed = {k: v for k, v in (data or {}).items() if base["data"].get(k) != v}
+    if not variants and work == DEFAULT_WORK and not changed:
+        return Path(CONFIG)
+    config = yaml.safe_load(text)
+    config["data"].update(changed)
     for v in variants:
         name, _, sets = v.partition(":")
         overrides = dict(kv.split("=", 1) for kv in sets.split(";")) if sets else {}
-        data["sweep"]["variants"][name] = {k: yaml.safe_load(val) for k, val in overrides.items()}
-        data["sweep"]["grid"]["setting"].append(name)
+        config["sweep"]["variants"][name] = {k: yaml.safe_load(val) for k, val in overrides.items()}
+        config["sweep"]["grid"]["setting"].append(name)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sweep.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 

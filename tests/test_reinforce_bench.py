@@ -29,7 +29,12 @@ def test_schedules_are_whole_steps_of_the_subset() -> None:
 
 def test_controls_join_the_grid_and_caches_follow_the_work_folder(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.chdir(ROOT)
-    assert reinforce_cifar.sweep_config([], tmp_path, reinforce_cifar.DEFAULT_WORK) == Path(reinforce_cifar.CONFIG)
+    default = reinforce_cifar.DEFAULT_WORK
+    assert reinforce_cifar.sweep_config([], tmp_path, default, {"limit": 5000, "batch_size": 128}) == \
+        Path(reinforce_cifar.CONFIG)
+    # another subset: caches and sweeps read one derived config, so the caches hold the images trained on
+    bigger = yaml.safe_load(reinforce_cifar.sweep_config([], tmp_path, default, {"limit": 50000}).read_text())
+    assert bigger["data"]["limit"] == 50000 and bigger["teacher"] == f"cache:{default}/cache-k10"
     work = tmp_path / "w"
     path = reinforce_cifar.sweep_config([f"k10_s035:teacher=cache:{work}/cache-s035;data.views=10"], tmp_path, work)
     data = yaml.safe_load(path.read_text())
