@@ -370,3 +370,21 @@ def test_a_baseline_grid_point_replaces_the_scratch_references(tmp_path: Path, m
     with pytest.raises(ConfigError, match=r"sweep.baseline: 'setting-lr9' is not a grid point of this sweep; grid "
                                           r"points: task-clip__kd-mse__setting-lr1, task-clip__kd-mse__setting-lr3"):
         load_sweep(config)
+
+
+def test_a_sweep_files_recipe_is_expanded_and_its_own_keys_win(tmp_path: Path) -> None:
+    """``recipe: NAME`` in a sweep file reads as in a run config: every grid point gets the recipe's objectives and
+    settings, the file's own keys and a variant's overrides winning."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "recipe": "mobileclip", "teacher": "cache:tc", "train": {"steps": 3},
+        "sweep": {"variants": {"k1": {"data.augment": False}, "k4": {"data.views": 4}},
+                  "grid": {"setting": ["k1", "k4"]}, "baseline": "setting-k1"}}, sort_keys=False))
+    runs = {r.name: r for r in load_sweep(path).runs}
+    assert set(runs) == {"setting-k1", "setting-k4"}
+    for run in runs.values():
+        assert [o.name for o in run.cfg.objectives] == ["dr_clip"]
+        assert run.cfg.objectives[0].params["contrastive_weight"] == 0.0
+        assert run.cfg.train.steps == 3
+    assert (runs["setting-k4"].cfg.data.augment, runs["setting-k4"].cfg.data.views) == (True, 4)  # the recipe's
+    assert runs["setting-k1"].cfg.data.augment is False  # the variant's

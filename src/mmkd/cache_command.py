@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from mmkd.config import RandAugmentConfig
+from mmkd.config import ConfigError, RandAugmentConfig, check_crop_scale
 from mmkd.data.records import BadSamples, Record, set_max_image_pixels
 from mmkd.data.resolve import records_from_spec
-from mmkd.data.transforms import with_randaugment
+from mmkd.data.transforms import with_crop_scale, with_randaugment
 from mmkd.devices import resolve_device
 from mmkd.dist import init_distributed
 from mmkd.errors import UsageError
@@ -43,6 +43,25 @@ def cache_randaugment(flag: RandAugmentConfig | None, cfg: RandAugmentConfig | N
     return flag if flag is not None else cfg
 
 
+def parse_crop_scale(text: str) -> list[float]:
+    """``--crop-scale LO,HI`` as [lo, hi]; UsageError naming the flag unless 0 < lo ≤ hi ≤ 1."""
+    try:
+        value = [float(p) for p in text.split(",")]
+        check_crop_scale(value)
+    except (ValueError, ConfigError):
+        raise UsageError(f"--crop-scale {text!r}: give LO,HI with 0 < LO ≤ HI ≤ 1 (the fraction of the image's "
+                         "area a crop covers), e.g. --crop-scale 0.35,1") from None
+    return value
+
+
+def cache_crop_scale(flag: list[float] | None, cfg: list[float] | None) -> list[float] | None:
+    """The build's crop range: ``--crop-scale`` or the ``--config``'s data.crop_scale (not both)."""
+    if flag is not None and cfg is not None:
+        raise UsageError("give the crop range either with --crop-scale or through --config's data.crop_scale, "
+                         "not both")
+    return flag if flag is not None else cfg
+
+
 def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record], ...], str]:
     """(teacher, data sources, out folder) from ``--teacher/--data/--out`` or from a distill ``--config``.
 
@@ -59,6 +78,7 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record],
         # a sweep file is a run config plus its sweep section: the caches its variants read come from its data
         cfg = config_from_dict(load_sweep_config(args.config).run)
         args.randaugment_config = cfg.data.randaugment
+        args.crop_scale_config = cfg.data.crop_scale
         set_max_image_pixels(cfg.data.max_image_pixels)
         bad = BadSamples(cfg.data.on_error)
         paired, unpaired = training_records(cfg, bad)
@@ -104,11 +124,17 @@ def run_cache(args: argparse.Namespace, log: Any = print) -> BuildResult:
         torch.set_num_threads(args.threads)
     flag = getattr(args, "randaugment", None)
     flag = parse_randaugment(flag) if flag is not None else None  # a malformed flag fails before data is read
+    crop = getattr(args, "crop_scale", None)
+    crop = parse_crop_scale(crop) if crop is not None else None
     teacher_path, records, out = cache_inputs(args)
     ra = cache_randaugment(flag, getattr(args, "randaugment_config", None))
+    crop = cache_crop_scale(crop, getattr(args, "crop_scale_config", None))
     captioner, sampling = _captioner(args)  # a bad captioner fails before the teacher is loaded
+    augmentation = with_crop_scale(with_randaugment(None, ra), crop)
+    if getattr(args, "hflip", False):
+        augmentation["hflip"] = True
     spec = BuildSpec(views=args.views, dtype=args.dtype, features=args.features, seed=args.seed,
-                     augmentation=with_randaugment(None, ra) or None, precision=args.precision,
+                     augmentation=augmentation or None, precision=args.precision,
                      chunk_rows=args.chunk_rows, batch_size=args.batch_size, source=_source_name(teacher_path),
                      captioner=captioner.to(device) if captioner is not None else None, sampling=sampling)
     teacher = load_dual_encoder(teacher_path).to(device)

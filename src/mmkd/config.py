@@ -125,6 +125,9 @@ class DataConfig:
     workers: int | None = None  # DataLoader processes decoding batches; 0: in the training process; None: auto
     shard_window: int = 8  # shards whose samples are shuffled together (WebDataset shards; see README)
     randaugment: RandAugmentConfig | None = None  # on augmented views (view ≥ 1) after the crop; None: off
+    # [lo, hi]: an augmented view's crop covers a fraction of the image's area drawn from it (part of a teacher
+    # cache's fingerprint); None: (0.6, 1.0), or the range a teacher cache's views were built with
+    crop_scale: list[float] | None = None
     synthetic_captions: SyntheticCaptionsConfig = field(default_factory=SyntheticCaptionsConfig)
 
 
@@ -328,6 +331,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.views must be ≥ 1 (view 0 is the unaugmented image)")
     check_teachers(cfg)
     spec = parse_teacher(cfg.teacher)
+    check_crop_scale(cfg.data.crop_scale)
     if cfg.data.randaugment is not None and not cfg.data.augment:
         raise ConfigError("data.randaugment applies to augmented views only, and data.augment is false: set "
                           "data.augment: true, or remove data.randaugment")
@@ -352,6 +356,13 @@ def validate(cfg: RunConfig) -> None:
         for tower in spec.towers or ():
             if tower not in ("image", "text"):
                 raise ConfigError(f"objectives[{i}].towers: {tower!r} is not one of image, text")
+
+
+def check_crop_scale(value: list[float] | None) -> None:
+    """data.crop_scale must be [lo, hi] with 0 < lo ≤ hi ≤ 1 (area fractions of the image a crop covers)."""
+    if value is not None and not (len(value) == 2 and 0 < value[0] <= value[1] <= 1):
+        raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo ≤ hi ≤ 1 (the fraction of the image's area "
+                          f"a crop covers), got {value}")
 
 
 def teacher_members(cfg: RunConfig) -> list[str]:

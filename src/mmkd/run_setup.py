@@ -20,7 +20,7 @@ from mmkd.config import ConfigError, RunConfig, teacher_members
 from mmkd.data.batches import ImageBank, TrainData, in_memory
 from mmkd.data.records import BadSamples, DataError, Record
 from mmkd.data.resolve import records_from_spec, zeroshot_classes
-from mmkd.data.transforms import with_randaugment
+from mmkd.data.transforms import with_crop_scale, with_randaugment
 from mmkd.dist import DistInfo
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.hub import load_dual_encoder
@@ -78,7 +78,7 @@ def _from_models(cfg: RunConfig, spec: TeacherSpec, info: DistInfo, log: Any, ca
                           "model folder or hub id (or cache:DIR), or keep only task objectives "
                           "(clip, triplet, siglip)")
     paired, unpaired = training_records(cfg, bad)
-    aug = with_randaugment(None, cfg.data.randaugment)  # the teacher's banks below: the same views
+    aug = _augmentation(cfg, None)  # the teacher's banks below: the same views
     banks = _banks(cfg, student, paired, unpaired, aug)
     t_banks = ([_teacher_banks(m, t, paired, unpaired, device, aug) for m, t in zip(members, teachers)]
                if objectives.needs_teacher else [])
@@ -140,8 +140,8 @@ def _from_caches(cfg: RunConfig, spec: TeacherSpec, info: DistInfo, log: Any, ca
     paired, unpaired = training_records(cfg, bad)
     if cfg.data.only_cached_shards:
         paired, unpaired = _cached_shards_only(first, folders[0], paired, unpaired, info, log)
-    # the cache's crops, training's RandAugment: a cache built with other RandAugment settings is refused by check()
-    aug = with_randaugment(first.augmentation, cfg.data.randaugment)
+    # the cache's crops, training's RandAugment and crop range: a cache built with others is refused by check()
+    aug = _augmentation(cfg, first.augmentation)
     banks = _banks(cfg, student, paired, unpaired, aug, first)
     objectives = _objectives(cfg, [cache_context(student, c) for c in caches])
     needed = arrays_needed(objectives) if objectives.needs_teacher else ()
@@ -183,6 +183,12 @@ def _cached_shards_only(cache: CachedTeacher, folder: str, paired: Sequence[Reco
 def _objectives(cfg: RunConfig, contexts: list[ObjectiveContext]) -> WeightedSum:
     """The configured objectives, given what each teacher offers (one context per member of an ensemble)."""
     return build_objectives(cfg.objectives, contexts if len(contexts) > 1 else contexts[0], seed=cfg.train.seed)
+
+
+def _augmentation(cfg: RunConfig, base: dict[str, Any] | None) -> dict[str, Any]:
+    """The views' settings: ``base`` (a cache's, or none: the defaults) with the config's RandAugment and, where set,
+    its data.crop_scale."""
+    return with_crop_scale(with_randaugment(base, cfg.data.randaugment), cfg.data.crop_scale)
 
 
 def _banks(cfg: RunConfig, student: DualEncoder, paired: Sequence[Record], unpaired: Sequence[Record] | None,

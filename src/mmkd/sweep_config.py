@@ -11,6 +11,7 @@ from typing import Any
 from mmkd.config import ObjectiveSpec, expand_preset
 from mmkd.config_io import apply_overrides, from_dict, read_yaml
 from mmkd.errors import ConfigError
+from mmkd.recipes import expand_recipe
 
 
 @dataclass
@@ -87,14 +88,17 @@ class SweepConfig:
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     """Read a sweep file: its ``sweep`` section typed (errors name ``sweep.KEY``), the run config read as
-    ``load_config`` reads it (student presets expanded, ``overrides`` applied); each grid point validates it."""
+    ``load_config`` reads it (recipes and student presets expanded, ``overrides`` applied); each grid point
+    validates it."""
     data = read_yaml(path)
     section = data.pop("sweep", None) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'sweep' must be a mapping with keys "
                           f"{', '.join(f.name for f in dataclasses.fields(SweepSection))}")
     sweep = from_dict(SweepSection, section, "sweep")
+    data = expand_recipe(data)  # as config_from_dict: the file's own keys win over its recipe's
     expand_preset(data)
     apply_overrides(data, overrides or [])
+    data = expand_recipe(data)
     expand_preset(data)
     return SweepConfig(data, sweep)

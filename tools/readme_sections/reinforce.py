@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.report.leaderboard import markdown
-from readme_sections.core import SECTIONS, read_json
+from readme_sections.core import SECTIONS, ResultsMissing, read_json
 
 HOW = "run `python bench/reinforce_world.py` (after `make demo`, whose teacher is teacher A)"
 
@@ -77,4 +77,87 @@ def reinforce_world_section(root: Path) -> str:
         out += ["", "What helped, by the sweep's noise rule (paired interval excludes 0 and |Δ| exceeds the spread "
                     "over seeds):", ""]
         out += [textwrap.fill(v, 113, initial_indent="- ", subsequent_indent="  ") for v in verdicts]
+    return "\n".join(out)
+
+
+CROPS_HOW = "run `python bench/reinforce_crops.py --teacher DIR --seeds 3` (DIR: the demo's teacher)"
+CIFAR_HOW = "run `python bench/reinforce_cifar.py --teacher DIR --seeds 3` (DIR: a CIFAR-10 teacher)"
+
+
+def _top1(row: dict[str, Any]) -> str:
+    sd = row.get("zs_top1_sd")
+    return f"{100 * row['zs_top1']:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def _delta(row: dict[str, Any]) -> str:
+    """Δ vs the baseline, bold where the sweep's noise rule calls it beyond noise."""
+    d, sd = row.get("d_top1"), row.get("d_top1_sd")
+    if d is None:
+        return ""
+    text = f"{100 * d:+.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+    return f"**{text}**" if row.get("beyond_noise") else text
+
+
+def _phases(bench: dict[str, Any]) -> str:
+    return "; ".join(f"{k} {v / 60:.1f} min" for k, v in bench.get("phases_s", {}).items())
+
+
+@SECTIONS.register("reinforce-crops")
+def reinforce_crops_section(root: Path) -> str:
+    bench = read_json(root / "bench" / "results" / "reinforce_crops.json", "reinforce-crops", CROPS_HOW)
+    board = bench["leaderboard"]
+    rows, versus = board["rows"], board.get("versus", "scratch")
+    students = [r for r in rows if r["role"] != "teacher"]
+    seeds = max((r.get("seeds") or 1) for r in students) if students else 0
+    caches = "; ".join(f"{n}: crop_scale {c['crop_scale']}, {c['embedding_bytes_per_sample']:,.0f} B/sample"
+                       for n, c in bench["caches"].items())
+    out = [textwrap.fill(f"From `bench/results/reinforce_crops.json`, written by `{bench['command']}` "
+                         f"(`{board['command']}` inside it: {len(students)} settings × {seeds} seeds, "
+                         f"{bench['steps']} steps each; teacher `{Path(bench['teacher']).name}`; phases: "
+                         f"{_phases(bench)}). {board['notes']}", 115), "",
+           markdown(rows, versus=versus).strip(), "",
+           textwrap.fill(f"Caches ({bench['views']} views, float16): {caches}.", 115)]
+    verdicts = [v for v in (verdict(r, versus) for r in students) if v]
+    if verdicts:
+        out += ["", "By the sweep's noise rule (paired interval excludes 0 and |Δ| exceeds the spread over seeds):",
+                ""]
+        out += [textwrap.fill(v, 113, initial_indent="- ", subsequent_indent="  ") for v in verdicts]
+    return "\n".join(out)
+
+
+@SECTIONS.register("reinforce-cifar")
+def reinforce_cifar_section(root: Path) -> str:
+    bench = read_json(root / "bench" / "results" / "reinforce_cifar.json", "reinforce-cifar", CIFAR_HOW)
+    schedules = sorted(bench["schedules"].values(), key=lambda s: s["steps"])
+    if not schedules:
+        raise ResultsMissing(f"results:reinforce-cifar: no schedule finished yet; {CIFAR_HOW}")
+    first = schedules[0]["leaderboard"]
+    versus = first.get("versus", "scratch")
+    names = [r["run"] for r in first["rows"] if r["role"] != "teacher"]
+    others = [n for n in names if n != versus]
+    head = (f"| schedule | {versus} top-1 % | " + " | ".join(f"{n}: Δ top-1 (pts)" for n in others) + " |")
+    lines = [head, "|---|---:|" + "---:|" * len(others)]
+    for s in schedules:
+        by = {r["run"]: r for r in s["leaderboard"]["rows"]}
+        base = by.get(versus)
+        cells = [_delta(by[n]) if n in by else "" for n in others]
+        lines.append(f"| {s['steps']} steps ({s['epochs']:g} epochs) | {_top1(base) if base else ''} | "
+                     + " | ".join(cells) + " |")
+    seeds = max((r.get("seeds") or 1) for s in schedules for r in s["leaderboard"]["rows"])
+    t = bench["teacher"]
+    caches = "; ".join(f"{n} ({' '.join(c['flags'])}): {c['embedding_bytes_per_sample']:,.0f} B/sample"
+                       for n, c in bench["caches"].items())
+    out = [textwrap.fill(
+        f"From `bench/results/reinforce_cifar.json`, written by `{bench['command']}` ({len(schedules)} schedules × "
+        f"{len(names)} settings × {seeds} seeds; each schedule one `mmkd sweep`, e.g. `{first['command']}`). "
+        f"Training subset: the first {bench['images']:,} training images, batch {bench['batch_size']} "
+        f"({bench['steps_per_epoch']:g} steps per epoch); zero-shot top-1 on the 10,000 test images. Teacher "
+        f"`{t['model']}`: {100 * t['zeroshot']['top1']:.1f}%. Δ is each setting's mean top-1 minus {versus}'s at "
+        "the same steps, ± the sd over seeds of the paired differences; **bold**: beyond noise by the sweep's rule "
+        "(paired 95% bootstrap interval over test images excludes 0 and |Δ| exceeds the spread over seeds). "
+        f"Phases: {_phases(bench)}.", 115), "", *lines, "",
+        textwrap.fill(f"Caches ({bench['views']} views, float16): {caches}.", 115)]
+    for s in schedules:
+        board = s["leaderboard"]
+        out += ["", f"{s['steps']} steps:", "", markdown(board["rows"], versus=versus).strip()]
     return "\n".join(out)

@@ -25,6 +25,12 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--randaugment", metavar="N,M[,BINS]", default=None,
                    help="RandAugment on views ≥ 1: N ops per view at magnitude bin M of BINS (default 31), e.g. 2,9 "
                         "(default: off, or the --config's data.randaugment); part of the cache's fingerprint")
+    c.add_argument("--crop-scale", metavar="LO,HI", default=None,
+                   help="area range of the augmented views' crops, 0 < LO ≤ HI ≤ 1 (default: 0.6,1, or the "
+                        "--config's data.crop_scale); part of the cache's fingerprint")
+    c.add_argument("--hflip", action="store_true",
+                   help="flip half the augmented views left-right (default off: captions may say left or right); "
+                        "part of the cache's fingerprint, replayed by training")
     c.add_argument("--dtype", choices=["float16", "bfloat16", "float32", "int8"], default="float16",
                    help="storage type (default float16; int8: per-vector symmetric quantisation, about half "
                         "float16's bytes, dequantised on lookup)")

@@ -229,6 +229,15 @@ def with_randaugment(augmentation: Mapping[str, object] | None, cfg: RandAugment
     return out
 
 
+def with_crop_scale(augmentation: Mapping[str, object] | None, scale: Sequence[float] | None) -> dict[str, object]:
+    """``augmentation`` with its crop's area range set to ``scale`` (data.crop_scale), or kept where that is None
+    (so a cache's own range, or TransformConfig's default, applies)."""
+    out = dict(augmentation or {})
+    if scale is not None:
+        out["scale"] = [float(x) for x in scale]
+    return out
+
+
 def _key_hash(key: str) -> int:
     """64-bit hash of a sample key that is the same in every process (unlike salted ``hash()``)."""
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
