@@ -156,3 +156,48 @@ def test_demo_seeds_reseed_every_run_and_report_mean_and_sd(tmp_path: Path, monk
     printed = capsys.readouterr().out
     assert "| KD − scratch | 9.5 ± 0.7 points |" in printed and "`mmkd demo --seeds 2`" in printed
     assert main(["demo", "--seeds", "1", "--out", str(tmp_path / "one")]) == 2  # one seed has no spread
+
+
+def test_a_run_folder_another_process_writes_is_refused_not_cleared(tmp_path: Path) -> None:
+    """A second `mmkd demo` on the same folders must not delete a run under the process writing it (it did:
+    two demos on one OUT trained the same run at once, each clearing the other's folder)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from mmkd.demo import fresh_folder
+    from mmkd.locking import FolderLockedError
+
+    cfg = demo_configs(CONFIGS, tmp_path / "out", tmp_path / "cache", True)["scratch"]
+    run = Path(cfg.out)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 10}\n')
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mmkd.locking import FolderLock; "
+                               "FolderLock(sys.argv[1], 'run folder').acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderLockedError, match=f"PID {holder.pid}"):
+            fresh_folder(cfg)
+        assert (run / "metrics.jsonl").read_text() == '{"step": 10}\n' and (run / "checkpoints").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    fresh_folder(cfg)  # the holder is gone (the kernel dropped its lock): the demo's own folder is cleared
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_a_failed_child_run_is_one_line_naming_the_run_and_its_error(tmp_path: Path) -> None:
+    import pytest
+
+    from mmkd.demo import ChildRunFailed, kill_and_resume
+    from mmkd.errors import MmkdError
+
+    cfg = demo_configs(CONFIGS, tmp_path / "out", tmp_path / "cache", True)["student_cached"]
+    bad = tmp_path / "student_cached.yaml"
+    bad.write_text("no_such_key: 1\n")
+    with pytest.raises(ChildRunFailed) as e:
+        kill_and_resume(cfg, bad, log=lambda *a: None)
+    assert isinstance(e.value, MmkdError) and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{cfg.out}: the child run exited with 2") and "no_such_key" in str(e.value)

@@ -31,10 +31,11 @@ import yaml
 from mmkd.config import RunConfig, load_config
 from mmkd.config_io import to_dict
 from mmkd.data import world
-from mmkd.errors import UsageError
+from mmkd.errors import MmkdError, UsageError
 from mmkd.eval.efficiency import paired_speedup
 from mmkd.eval.suite import world_metrics
 from mmkd.fileio import atomic_write_json, atomic_write_text, read_jsonl
+from mmkd.locking import FolderLock
 from mmkd.models.dual_encoder import DualEncoder
 from mmkd.models.hub import load_dual_encoder
 from mmkd.teacher_spec import cache_value, is_cached, parse_teacher
@@ -162,8 +163,30 @@ def finished(cfg: RunConfig) -> bool:
 
 
 def fresh_folder(cfg: RunConfig) -> None:
-    """Clear a demo-owned run folder that holds another or an unfinished run, so the run starts fresh there."""
-    shutil.rmtree(cfg.out, ignore_errors=True)
+    """Clear a demo-owned run folder that holds another or an unfinished run, so the run starts fresh there.
+
+    Under the folder's lock: a run another mmkd process is writing (a second ``mmkd demo`` on the same OUT or
+    cache) is refused in one line naming its PID, never deleted under it."""
+    out = Path(cfg.out)
+    if not out.is_dir():
+        return
+    with FolderLock(out, "run folder"):
+        for child in out.iterdir():
+            if child.name == ".lock":
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+class ChildRunFailed(MmkdError, RuntimeError):
+    """The demo's killed-and-resumed run did not go as planned (its child process failed or finished early)."""
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln for ln in _tail(path, 5).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "(no output)"
 
 
 def kill_record(cfg: RunConfig) -> Path:
@@ -196,7 +219,7 @@ def kill_and_resume(cfg: RunConfig, config_file: Path, log: Any, poll_s: float =
     then finish the run with ``mmkd distill CONFIG --resume`` in a new process. Returns what happened."""
     run = Path(cfg.out)
     fresh_folder(cfg)
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     at = cfg.train.ckpt_every
     if not 0 < at < cfg.train.steps:
         raise ValueError(f"{config_file}: train.ckpt_every ({at}) must fall inside train.steps "
@@ -213,10 +236,10 @@ def kill_and_resume(cfg: RunConfig, config_file: Path, log: Any, poll_s: float =
         try:
             while not ckpt.is_file():
                 if child.poll() is not None:
-                    raise RuntimeError(f"the child run exited with {child.returncode} before writing {ckpt}; "
-                                       f"its last lines:\n{_tail(logs)}")
+                    raise ChildRunFailed(f"{run}: the child run exited with {child.returncode} before writing "
+                                         f"{ckpt}: {_last_line(logs)} (its output: {logs})")
                 if time.monotonic() - t0 > deadline_s:
-                    raise RuntimeError(f"no {ckpt} after {deadline_s:.0f} s; see {logs}")
+                    raise ChildRunFailed(f"{run}: no {ckpt} after {deadline_s:.0f} s; see {logs}")
                 time.sleep(poll_s)
             child.send_signal(signal.SIGKILL)
         finally:
@@ -224,14 +247,15 @@ def kill_and_resume(cfg: RunConfig, config_file: Path, log: Any, poll_s: float =
                 child.kill()
             child.wait()
     if child.returncode != -signal.SIGKILL:
-        raise RuntimeError(f"the child run finished (exit {child.returncode}) before it could be killed; "
-                           f"give it more steps after its step-{at} checkpoint")
+        raise ChildRunFailed(f"{run}: the child run finished (exit {child.returncode}) before it could be killed; "
+                             f"give it more steps after its step-{at} checkpoint")
     killed_at = last_logged_step(run)
     log(f"killed the child (pid {child.pid}) with SIGKILL at step ~{killed_at}; resuming in a new process")
     with open(logs, "a") as out:
         done = subprocess.run(command + ["--resume"], stdout=out, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"the resumed run failed (exit {done.returncode}); its last lines:\n{_tail(logs)}")
+        raise ChildRunFailed(f"{run}: the resumed run failed (exit {done.returncode}): {_last_line(logs)} "
+                             f"(its output: {logs})")
     return {"killed_with": "SIGKILL", "killed_pid": child.pid, "checkpoint_step": at,
             "last_logged_step_before_kill": killed_at, "resumed_with": f"mmkd distill {config_file} --resume"}
 
