@@ -25,11 +25,12 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from reinforce_world import mmkd, run, teacher_model  # bench/ is on sys.path when a script in it runs
 
 CONFIG = "configs/reinforce/world_crops.yaml"
 WORK = Path("runs/reinforce_crops")
@@ -40,20 +41,6 @@ RANGES = {"cache-s035": (0.35, 1.0), "cache-s060": (0.6, 1.0), "cache-s090": (0.
 def repo_relative(arg: str) -> str:
     """An absolute path as a path relative to the repository (what a bench JSON records), anything else as is."""
     return os.path.relpath(arg) if os.path.isabs(arg) and os.path.exists(arg) else arg
-
-
-def run(cmd: list[str]) -> None:
-    print("$ " + shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def mmkd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mmkd.cli", *args]
-
-
-def teacher_model(folder: Path) -> Path:
-    """A run folder's saved model (``OUT/student``), or the folder itself where it holds the model."""
-    return folder / "student" if (folder / "student" / "config.json").is_file() else folder
 
 
 def main() -> None:
