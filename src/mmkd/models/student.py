@@ -139,10 +139,10 @@ def build_student(teacher: Any, cfg: StudentConfig, *, seed: int | None = None) 
     function of it, so a run is a function of its config; None uses torch's global generator as it stands.
     """
     with seeded(seed, "student"):
-        return _build_student(teacher, cfg)
+        return _build_student(teacher, cfg, seed)
 
 
-def _build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
+def _build_student(teacher: Any, cfg: StudentConfig, seed: int | None) -> DualEncoder:
     t_vision = getattr(teacher, "vision_model", None)
     t_text = getattr(teacher, "text_model", None)
     # a new text tower needs the vocabulary size first; a pretrained one brings its own tokenizer
@@ -174,15 +174,19 @@ def _build_student(teacher: Any, cfg: StudentConfig) -> DualEncoder:
         scale_init = math.log(t_scale)
     else:
         scale_init = math.log(1 / 0.07)
-    if cfg.shared is not None:
-        return _shared_student(teacher, cfg, vision, text, meta, tok, scale_init)
-    if _siglip_shaped(vision, text, meta, cfg):
-        return _siglip_student(teacher, cfg, vision, text, meta, tok, scale_init)
-    dim = cfg.projection_dim or t_dim
-    if dim is None:
-        raise ConfigError("student.projection_dim is required when the teacher has no embedding width "
-                         "(no teacher, or an image-only one)")
-    student = DualEncoder(vision, text, dim, meta, tok, logit_scale_init=scale_init)
+    # the heads draw from their own stream: the same fresh projections whether the towers were copied from a
+    # loaded teacher or read from its folder (which draws a random init before loading), e.g. the demo's online
+    # and cached students
+    with seeded(seed, "student/heads"):
+        if cfg.shared is not None:
+            return _shared_student(teacher, cfg, vision, text, meta, tok, scale_init)
+        if _siglip_shaped(vision, text, meta, cfg):
+            return _siglip_student(teacher, cfg, vision, text, meta, tok, scale_init)
+        dim = cfg.projection_dim or t_dim
+        if dim is None:
+            raise ConfigError("student.projection_dim is required when the teacher has no embedding width "
+                              "(no teacher, or an image-only one)")
+        student = DualEncoder(vision, text, dim, meta, tok, logit_scale_init=scale_init)
     if isinstance(teacher, DualEncoder) and cfg.init_projections_from_teacher and dim == t_dim:
         with torch.no_grad():
             for name in ("visual_projection", "text_projection"):
