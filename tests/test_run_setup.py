@@ -146,3 +146,35 @@ def test_prepare_builds_each_kind_of_run_whole(teachers: dict[str, Path], tmp_pa
     assert no_patching == []  # every TrainData came whole from its constructor
     with pytest.raises(dataclasses.FrozenInstanceError):
         cached.targets = None  # type: ignore[misc]
+
+
+def test_an_online_teachers_finite_views_are_tabled_once_with_its_per_step_targets(teachers: dict[str, Path],
+                                                                                     tmp_path: Path) -> None:
+    """``data.views: K`` with an online teacher: the targets of each image's K views are computed once when that
+    costs no more teacher passes than the steps would (16 images × 2 views ≤ 4 steps × 8), and equal the ones the
+    teacher computes on each batch's own views, as a run too short for a table gets them (2 steps × 8 < 32)."""
+    import torch
+
+    def setup(name: str, steps: int) -> RunSetup:
+        (tmp_path / name).mkdir()
+        cfg = write_run_config(tmp_path / name, str(teachers["a"]), world_size=16,
+                               objectives="[{name: clip}, {name: fd_mse}]", data_extra=", augment: true, views: 2",
+                               train=f"steps: {steps}, log_every: 1, warmup_steps: 1, threads: 1")
+        return prepare(load_config(cfg), DistInfo(), lambda *a: None)
+
+    tabled, per_step = setup("table", steps=4), setup("per-step", steps=2)
+    assert isinstance(tabled.targets, TableTeacher) and tabled.data.teacher_banks is None
+    assert isinstance(per_step.targets, OnlineTeacher) and per_step.data.teacher_banks is not None
+    seen = set()
+    for step in range(4):
+        bt, bs = tabled.data.batch(step), per_step.data.batch(step)
+        assert (bt.keys, bt.views) == (bs.keys, bs.views)
+        seen.update(bt.views)
+        got, want = tabled.targets(bt), per_step.targets(bs)
+        for name in ("image_embeds", "text_embeds"):
+            torch.testing.assert_close(got[name], want[name], atol=2e-2, rtol=2e-2)
+    assert seen == {0, 1}  # both views were drawn, so both kinds of table row were read
+    rows = tabled.targets.view_rows
+    key = next(k for k, v in rows)
+    view0, view1 = (tabled.targets.image["image_embeds"][i] for i in (tabled.targets.image_keys[key], rows[(key, 1)]))
+    assert not torch.allclose(view0, view1)  # view 1 is a crop: another embedding than view 0's

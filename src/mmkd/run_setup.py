@@ -9,6 +9,7 @@ only: training from scratch, which is also how mmkd trains a teacher of its own)
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ from mmkd.teacher.cache import CachedTeacher, CacheError, CacheExpectation, arra
 from mmkd.teacher.cache.synthetic import SyntheticCaptions, check_same_captions
 from mmkd.teacher.ensemble import EnsembleLookup, EnsembleTargets, check_agreement
 from mmkd.teacher.fingerprint import state_dict_sha256
-from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute
+from mmkd.teacher.targets import OnlineTeacher, TableTeacher, Targets, precompute, table_images
 from mmkd.teacher.unimodal import ImageTeacher, load_image_teacher
 from mmkd.teacher_spec import CacheTeacher, TeacherSpec, is_cached, parse_teacher
 from mmkd.train.runfolder import data_fingerprint
@@ -78,18 +79,16 @@ def _from_models(cfg: RunConfig, spec: TeacherSpec, info: DistInfo, log: Any, ca
                           "model folder or hub id (or cache:DIR), or keep only task objectives "
                           "(clip, triplet, siglip)")
     paired, unpaired = training_records(cfg, bad)
-    aug = _augmentation(cfg, None)  # the teacher's banks below: the same views
+    aug = view_augmentation(cfg, None)  # the teacher's banks below: the same views
     banks = _banks(cfg, student, paired, unpaired, aug)
     t_banks = ([_teacher_banks(m, t, paired, unpaired, device, aug) for m, t in zip(members, teachers)]
                if objectives.needs_teacher else [])
-    # augmented views differ every step: the teacher must see the same view; and a table over streamed shards
-    # would be O(samples): then the first teacher's pixels ride with the batch, decoded in the loader's workers
-    ride = bool(t_banks) and (cfg.data.augment or not all(in_memory(b.records) for b in banks if b is not None))
     views = cfg.data.views or (ONLINE_VIEWS if cfg.data.augment else 1)
+    ride = bool(t_banks) and not tabled(cfg, t_banks[0], views)
     data = _train_data(cfg, info, banks, views, teacher_banks=t_banks[0] if ride else None)
     targets: Targets | None = None
     if t_banks:
-        parts = [(_online_targets(m, t, b, paired, objectives, cache, device, log, ride), b)
+        parts = [(_online_targets(m, t, b, paired, objectives, cache, device, log, ride, views), b)
                  for m, t, b in zip(members, teachers, t_banks)]
         targets = parts[0][0] if len(parts) == 1 else _online_ensemble(members, parts, data)
     fingerprints = [cache.fingerprint(m, t) if cache is not None else teacher_fingerprint(t)
@@ -111,18 +110,35 @@ def _teacher_banks(cfg: RunConfig, teacher: Any, paired: Sequence[Record], unpai
     return t_paired, t_unpaired
 
 
+def tabled(cfg: RunConfig, banks: TeacherBanks, views: int) -> bool:
+    """Whether the online teacher's targets are computed once into a table rather than at every step: the data
+    are held in memory (a table over streamed shards would be O(samples)) and each sample has finitely many views
+    (no augmentation, or ``data.views`` K of them) whose table costs no more teacher passes than the steps would.
+    Otherwise the teacher's pixels ride with each batch, decoded in the loader's workers."""
+    held = [b for b in banks if b is not None]
+    if not all(in_memory(b.records) for b in held):
+        return False
+    if not cfg.data.augment:
+        return True
+    per_step = cfg.train.steps * (cfg.data.batch_size + cfg.data.unpaired_batch_size)
+    return views != ONLINE_VIEWS and table_images(held, views) <= per_step
+
+
 def _online_targets(cfg: RunConfig, teacher: Any, banks: TeacherBanks, paired: Sequence[Record],
                     objectives: WeightedSum, cache: TargetCache | None, device: torch.device | None, log: Any,
-                    per_batch: bool) -> Targets:
-    """One teacher's targets: run per batch (per_batch: augmented or streamed data), or tabled once."""
+                    per_batch: bool, views: int) -> Targets:
+    """One teacher's targets: run per batch (per_batch: see ``tabled``), or tabled once over ``views`` views."""
     # a shared cache computes features too, so every run of a sweep can use the same table
     online = OnlineTeacher(teacher, *banks, features=cache is not None or wants_features(objectives))
     if per_batch:
         return online
 
     def compute() -> TableTeacher:
-        log(f"computing teacher targets once for {cfg.teacher} (no augmentation: every step reuses them)")
-        return precompute(online, [b for b in banks if b is not None], [c for r in paired for c in r.captions])
+        held = [b for b in banks if b is not None]
+        what = (f"{views} views of each augmented image" if cfg.data.augment else "no augmentation")
+        log(f"computing teacher targets once for {cfg.teacher} ({what}: every step reuses them)")
+        return precompute(online, held, [c for r in paired for c in r.captions], views=views if cfg.data.augment
+                          else 1)
 
     table = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
     return table.to(device or "cpu")
@@ -141,7 +157,7 @@ def _from_caches(cfg: RunConfig, spec: TeacherSpec, info: DistInfo, log: Any, ca
     if cfg.data.only_cached_shards:
         paired, unpaired = _cached_shards_only(first, folders[0], paired, unpaired, info, log)
     # the cache's crops, training's RandAugment and crop range: a cache built with others is refused by check()
-    aug = _augmentation(cfg, first.augmentation)
+    aug = view_augmentation(cfg, first.augmentation)
     banks = _banks(cfg, student, paired, unpaired, aug, first)
     objectives = _objectives(cfg, [cache_context(student, c) for c in caches])
     needed = arrays_needed(objectives) if objectives.needs_teacher else ()
@@ -185,7 +201,7 @@ def _objectives(cfg: RunConfig, contexts: list[ObjectiveContext]) -> WeightedSum
     return build_objectives(cfg.objectives, contexts if len(contexts) > 1 else contexts[0], seed=cfg.train.seed)
 
 
-def _augmentation(cfg: RunConfig, base: dict[str, Any] | None) -> dict[str, Any]:
+def view_augmentation(cfg: RunConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The views' settings: ``base`` (a cache's, or none: the defaults) with the config's RandAugment and, where set,
     its data.crop_scale."""
     return with_crop_scale(with_randaugment(base, cfg.data.randaugment), cfg.data.crop_scale)
@@ -331,8 +347,13 @@ class TargetCache:
 
 def _targets_key(cfg: RunConfig) -> Hashable:
     d = cfg.data
-    return (cfg.teacher, cfg.teacher_modality, os.path.abspath(cfg.cache_dir), d.train, d.limit, d.unpaired,
-            d.unpaired_limit, d.world_size_train, d.world_size_unpaired, d.label_captions, d.captions_per_image)
+    key = (cfg.teacher, cfg.teacher_modality, os.path.abspath(cfg.cache_dir), d.train, d.limit, d.unpaired,
+           d.unpaired_limit, d.world_size_train, d.world_size_unpaired, d.label_captions, d.captions_per_image)
+    if not d.augment:
+        return key
+    # a table of views: which views (their seed is train.seed) of which images
+    return key + (d.augment_paired, d.views, json.dumps(view_augmentation(cfg), sort_keys=True, default=str),
+                  cfg.train.seed)
 
 
 ONLINE_VIEWS = 1 << 30  # an online teacher sees any view: augmented views are then fresh at every step

@@ -118,14 +118,19 @@ def teacher_extras(model: object) -> dict[str, torch.Tensor]:
 
 
 class TableTeacher:
-    """Targets looked up by sample key and caption text: the teacher never runs during training."""
+    """Targets looked up by sample key (and view) and caption text: the teacher never runs during training.
+
+    ``image_keys`` maps a key to its view-0 row; ``view_rows`` maps (key, v) to the row of augmented view v ≥ 1,
+    for data drawn as a finite set of views (``data.views``)."""
 
     def __init__(self, image: dict[str, torch.Tensor], image_keys: dict[str, int],
                  text: dict[str, torch.Tensor], text_keys: dict[str, int],
-                 extras: dict[str, torch.Tensor] | None = None) -> None:
+                 extras: dict[str, torch.Tensor] | None = None,
+                 view_rows: dict[tuple[str, int], int] | None = None) -> None:
         self.image, self.image_keys = image, image_keys
         self.text, self.text_keys = text, text_keys
         self.extras = dict(extras or {})
+        self.view_rows = dict(view_rows or {})
 
     def to(self, device: torch.device | str) -> TableTeacher:
         """The targets moved to ``device`` once (the training device), so no step copies them again."""
@@ -137,7 +142,8 @@ class TableTeacher:
     def __call__(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         device = next(iter(self.image.values())).device if self.image else None
         try:
-            rows = torch.tensor([self.image_keys[k] for k in batch.keys], device=device)
+            rows = torch.tensor([self.image_keys[k] if not v else self.view_rows[(k, v)]
+                                 for k, v in zip(batch.keys, batch.views)], device=device)
         except KeyError as e:
             raise KeyError(f"no teacher target for sample {e.args[0]!r}") from None
         out = {name: t[rows].float() for name, t in self.image.items()}
@@ -153,26 +159,40 @@ def _batched(seq: Sequence, size: int) -> Iterable[Sequence]:
         yield seq[i:i + size]
 
 
+def table_images(banks: Sequence[ImageBank], views: int = 1) -> int:
+    """Images a table of ``banks`` holds: ``views`` per sample of an augmented bank, one per sample otherwise."""
+    return sum(len(b) * (views if b.augment else 1) for b in banks)
+
+
 def precompute(teacher: OnlineTeacher, banks: Sequence[ImageBank], captions: Iterable[str],
-               batch_size: int = 256, progress: bool = False) -> TableTeacher:
-    """Run the teacher once over every image (view 0) and every distinct caption."""
+               batch_size: int = 256, progress: bool = False, views: int = 1) -> TableTeacher:
+    """Run the teacher once over every image and every distinct caption: view 0 of each image, and views
+    1 … ``views`` − 1 of an augmented bank's (the same replayable crops training draws)."""
     from tqdm import tqdm
 
     image: dict[str, list[torch.Tensor]] = {}
     keys: dict[str, int] = {}
-    total = sum(len(b) for b in banks)
-    bar = tqdm(total=total, desc="teacher targets (images)", disable=None if progress else True, leave=False)
+    view_rows: dict[tuple[str, int], int] = {}
+    rows = 0
+    bar = tqdm(total=table_images(banks, views), desc="teacher targets (images)", disable=None if progress else True,
+               leave=False)
     for bank in banks:
-        for chunk in _batched(range(len(bank)), batch_size):
-            out = teacher.encode(bank.pixels(list(chunk)), None)
-            for name, t in out.items():
-                image.setdefault(name, []).append(t)
-            for i in chunk:
-                key = bank.records[i].key
-                if key in keys:
-                    raise DataError(f"sample key {key!r} appears twice across the training sets; keys must be unique")
-                keys[key] = len(keys)
-            bar.update(len(chunk))
+        for v in range(views if bank.augment else 1):
+            for chunk in _batched(range(len(bank)), batch_size):
+                out = teacher.encode(bank.pixels(list(chunk), [v] * len(chunk)), None)
+                for name, t in out.items():
+                    image.setdefault(name, []).append(t)
+                for i in chunk:
+                    key = bank.records[i].key
+                    if v == 0 and key in keys:
+                        raise DataError(f"sample key {key!r} appears twice across the training sets; keys must be "
+                                        "unique")
+                    if v == 0:
+                        keys[key] = rows
+                    else:
+                        view_rows[(key, v)] = rows
+                    rows += 1
+                bar.update(len(chunk))
     bar.close()
     uniq = sorted(set(captions))
     text: dict[str, list[torch.Tensor]] = {}
@@ -181,4 +201,4 @@ def precompute(teacher: OnlineTeacher, banks: Sequence[ImageBank], captions: Ite
             text.setdefault(name, []).append(t)
     return TableTeacher({k: torch.cat(v) for k, v in image.items()}, keys,
                         {k: torch.cat(v) for k, v in text.items()}, {c: i for i, c in enumerate(uniq)},
-                        teacher.extras())
+                        teacher.extras(), view_rows)
