@@ -2,9 +2,9 @@
 
 Three students of the demo (``configs/demo/``), the same architecture, data, objectives, steps and seed:
 (a) ``scratch``: no teacher (scratch.yaml); (b) ``online``: the teacher runs at every step on the augmented views
-the student sees (student.yaml with ``data.augment: true, augment_paired: false``: a fresh random-resized crop +
-flip of each uncaptioned image at every step); (c) ``cached``: the teacher's embeddings read from a cache of K views
-per image built once beforehand (student_cached.yaml; the same augmentation, views replayed exactly). Each student
+the student sees (student.yaml with ``data.views: null``: a fresh random-resized crop of each uncaptioned image at
+every step, student.yaml's crop range, no flip); (c) ``cached``: the teacher's embeddings read from a cache of K views
+per image built once beforehand (student_cached.yaml; student.yaml's K views, seed 0, replayed exactly). Each student
 is evaluated every ``--eval-every`` steps on held-out single-object *validation* images (the world's ``val`` split,
 never the test images): colour+shape zero-shot top-1, as the demo reports. The evaluation runs inside the training
 loop (``run_distill(curve=...)``) and its time is left out of the training clock (``time_s``/``cpu_s`` in each run's
@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
 MODES = ("cached", "online", "scratch")
 # a control (--modes …,online_views): the online teacher on K views per image (view 0 plain, views 1…K−1 fixed
-# crops), as the cache stores them, instead of a fresh crop at every step: the same inputs as the cached student
-# with the teacher run at every step, which separates "fresh crops vs K views" from "stored vs computed targets"
+# crops; student.yaml as the demo runs it), instead of a fresh crop at every step: the cached student's kind of
+# inputs with targets the teacher computes (tabled once, as K finite views allow), which separates "fresh crops
+# vs K views" from "stored vs computed targets"
 EXTRA_MODES = ("online_views",)
 CONFIG = {"cached": "student_cached.yaml", "online": "student.yaml", "scratch": "scratch.yaml",
           "online_views": "student.yaml"}
@@ -120,9 +121,11 @@ def run_config(mode: str, args: argparse.Namespace, seed: int, teacher: Path, ca
     over = [f"out={Path(args.work) / f'seed{seed}' / mode}", f"cache_dir={Path(args.work) / 'cache'}",
             f"train.steps={args.steps}", f"train.ckpt_every={args.steps}", f"train.seed={seed}",
             f"teacher={f'cache:{cache}' if mode == 'cached' else teacher}"]
-    if mode in ("online", "online_views"):
+    if mode in ("online", "online_views"):  # student.yaml's augmentation: its crop range, uncaptioned images only
         over += ["data.augment=true", "data.augment_paired=false"]
-    if mode == "online_views":
+    if mode == "online":  # a fresh crop at every step, so the teacher runs at every step
+        over.append("data.views=null")
+    elif mode in ("online_views", "cached"):  # K views per image, as the cache holds them
         over.append(f"data.views={args.views}")
     if args.threads:
         over.append(f"train.threads={args.threads}")
@@ -177,7 +180,7 @@ def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, d
     """The demo teacher (shortened by --teacher-steps, or --teacher DIR) and its K-view cache; the build's wall-clock
     and CPU seconds (``seconds``, ``cpu_s``), with the students' --threads."""
     from mmkd.config import load_config
-    from mmkd.demo import DemoSettings, build_teacher_cache
+    from mmkd.demo import build_teacher_cache
     from mmkd.models.hub import load_dual_encoder
     from mmkd.pipeline import run_distill
 
@@ -191,14 +194,13 @@ def teacher_and_cache(args: argparse.Namespace, log: Any) -> tuple[Path, Path, d
         if not (work / "teacher" / "metrics.json").is_file():
             log(f"training the demo teacher for {args.teacher_steps} steps → {cfg.out}")
             run_distill(cfg, progress=False, log=log, overwrite=True)
-    cached_cfg = run_config("cached", args, 0, teacher, work / "cache" / "none")
+    views_cfg = run_config("online_views", args, 0, teacher, work / "cache" / "none")  # the views the cache holds
     folder = work / "cache" / f"teacher-cache-k{args.views}"
     timing = folder.parent / f"{folder.name}.build.json"  # a rerun finds the cache built: keep the first build's time
     if timing.is_file() and folder.is_dir() and json.loads(timing.read_text())["teacher"] == str(teacher):
         return teacher, folder, json.loads(timing.read_text())
     t0, c0 = time.perf_counter(), time.process_time()
-    settings = DemoSettings(cache_views=args.views, cache_augmentation={})  # the online student's augmentation
-    build_teacher_cache(cached_cfg, load_dual_encoder(teacher), str(teacher), folder, settings, log)
+    build_teacher_cache(views_cfg, load_dual_encoder(teacher), str(teacher), folder, args.views, log)
     build = {"teacher": str(teacher), "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
              "threads": args.threads}
     timing.write_text(json.dumps(build) + "\n")

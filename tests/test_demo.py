@@ -42,6 +42,16 @@ def test_quick_demo_end_to_end(tmp_path: Path, minilm_path: str, capsys: pytest.
     run_log = (out / "train" / "student_cached.log").read_text()
     assert run_log.count("teacher targets from the cache") == 2  # two processes
     assert (out / "train" / "student_cached" / "student" / "model.safetensors").is_file()
+    # the cache holds exactly the views the online student's teacher runs on, and both students start from the
+    # same weights and batches: they differ only in where the targets come from (stored as float16), so their
+    # losses agree step for step to rounding, through the kill and the resume
+    def losses(name: str) -> list[tuple[int, float]]:
+        rows = (json.loads(line) for line in (out / "train" / name / "metrics.jsonl").read_text().splitlines())
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    online, cached = losses("student"), losses("student_cached")
+    assert [s for s, _ in online] == [s for s, _ in cached] and len(online) >= 4
+    assert all(abs(a - b) <= 1e-3 * abs(a) for (_, a), (_, b) in zip(online, cached)), (online, cached)
     # every model is a config run through run_distill, evaluated once by the demo; the phases are timed
     assert set(metrics["demo"]["configs"]) == {"teacher", "student", "student_cached", "scratch"}
     assert {"teacher", "student", "scratch", "evaluation", "report"} <= set(metrics["demo"]["phases_s"])

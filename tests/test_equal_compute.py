@@ -107,10 +107,14 @@ def test_readme_section_renders_the_study(tmp_path: Path) -> None:
 
 def test_online_config_augments_the_uncaptioned_images_and_the_others_match(tmp_path: Path) -> None:
     """(b) and (c) differ only in where the teacher's answers come from; scratch has no distillation terms."""
-    args = types.SimpleNamespace(work=str(tmp_path), steps=7, threads=0, override=[])
+    args = types.SimpleNamespace(work=str(tmp_path), steps=7, threads=0, override=[], views=3)
     cfgs = {m: equal_compute.run_config(m, args, 3, tmp_path / "teacher", tmp_path / "cache")
-            for m in equal_compute.MODES}
+            for m in equal_compute.MODES + equal_compute.EXTRA_MODES}
     assert cfgs["online"].data.augment and not cfgs["online"].data.augment_paired
+    # online: a fresh crop at every step; the control and the cached student: the K views a cache holds
+    assert cfgs["online"].data.views is None
+    assert cfgs["online_views"].data.views == cfgs["cached"].data.views == 3
+    assert cfgs["online"].data.crop_scale == cfgs["online_views"].data.crop_scale
     assert cfgs["cached"].teacher == f"cache:{tmp_path / 'cache'}"
     for c in cfgs.values():
         assert c.train.steps == 7 and c.train.seed == 3

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +53,9 @@ RUNS = ("teacher", "student", "student_cached", "scratch")  # the order they are
 class DemoSettings:
     """What is not a run config: the teacher cache's views and the evaluation's size."""
 
-    cache_views: int = 2
-    # mild crops only, and no flips: captions say "left" and "right", and crops must keep the object in view
-    cache_augmentation: dict[str, Any] = field(default_factory=lambda: dict(
-        scale=[0.8, 1.0], ratio=[0.9, 1.1], hflip=False))
+    # the cache's K; None: the online student's data.views, so that the cache holds exactly the views (seed, crop
+    # range) the online student's teacher is run on, and the two students differ only in where targets come from
+    cache_views: int | None = None
     test: int = 2000  # held-out single-object test images
     retrieval_images: int = 1000  # test images whose captions form the retrieval gallery
     latency_budget_s: float = 3.0
@@ -142,9 +141,13 @@ def teacher_gave(cfg: RunConfig, teacher_model: str) -> str:
 
 def cache_folder(cfgs: dict[str, RunConfig], cache: Path, settings: DemoSettings) -> Path:
     """The teacher cache's folder: named by its teacher, its data and its views (a change builds a new one)."""
-    d = cfgs["student_cached"].data
+    from mmkd.run_setup import view_augmentation
+
+    online = cfgs["student"]
+    d = online.data
     blob = json.dumps([config_key(cfgs["teacher"]), d.train, d.world_size_train, d.unpaired, d.world_size_unpaired,
-                       d.limit, d.unpaired_limit, settings.cache_views, settings.cache_augmentation], sort_keys=True)
+                       d.limit, d.unpaired_limit, cache_views(cfgs, settings), view_augmentation(online),
+                       online.train.seed], sort_keys=True)
     return cache / f"teacher-cache-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
@@ -260,18 +263,26 @@ def kill_and_resume(cfg: RunConfig, config_file: Path, log: Any, poll_s: float =
             "last_logged_step_before_kill": killed_at, "resumed_with": f"mmkd distill {config_file} --resume"}
 
 
-def build_teacher_cache(cfg: RunConfig, teacher: DualEncoder, teacher_dir: str, folder: Path,
-                        settings: DemoSettings, log: Any) -> None:
-    """The cache ``mmkd cache --config`` would build for the cached student's data, with the demo's mild crops
-    (built once; a partial one resumes)."""
-    from mmkd.run_setup import training_records
+def cache_views(cfgs: dict[str, RunConfig], settings: DemoSettings) -> int:
+    """The teacher cache's K: the settings', else the views the online student draws (1 when it draws none)."""
+    if settings.cache_views is not None:
+        return settings.cache_views
+    return cfgs["student"].data.views or 1
+
+
+def build_teacher_cache(online: RunConfig, teacher: DualEncoder, teacher_dir: str, folder: Path, views: int,
+                        log: Any) -> None:
+    """The teacher's embeddings of the online student's views, as ``mmkd cache --config`` builds them: its data,
+    its view seed (train.seed) and crop range, K = ``views``, computed in the precision the online teacher uses
+    (bf16 where the hardware supports it) and stored as float16 (built once; a partial one resumes)."""
+    from mmkd.run_setup import training_records, view_augmentation
     from mmkd.teacher.cache import BuildSpec, build_cache
 
-    paired, unpaired = training_records(cfg)
+    paired, unpaired = training_records(online)
     records = paired + (unpaired or [])
-    build_cache(teacher, records, folder, BuildSpec(views=settings.cache_views, dtype="float16", seed=4,
-                                                    augmentation=settings.cache_augmentation, source=teacher_dir),
-                log=log)
+    build_cache(teacher, records, folder, BuildSpec(views=views, dtype="float16", seed=online.train.seed,
+                                                    augmentation=view_augmentation(online) or None,
+                                                    source=teacher_dir), log=log)
 
 
 def link(name: Path, target: Path) -> None:
@@ -291,7 +302,7 @@ def evaluate_demo(cfgs: dict[str, RunConfig], teacher_dir: Path, out: Path, cach
     models: dict[str, Any] = {"teacher": load_dual_encoder(teacher_dir)}
     metrics: dict[str, Any] = {"models": {}}
     for name in RUNS:
-        if name == "teacher" or name not in cfgs or (name == "student_cached" and not settings.cache_views):
+        if name == "teacher" or name not in cfgs or (name == "student_cached" and not cache_views(cfgs, settings)):
             continue
         run = Path(cfgs[name].out)
         link(out / name, run / "student")
@@ -344,13 +355,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
                 log(f"reusing {name}: {cfgs[name].out}")
             else:
                 train_run(name, cfgs[name], log, shared)
-    if settings.cache_views:
+    if cache_views(cfgs, settings):
         c = cfgs["student_cached"]
         folder = cache_folder(cfgs, cache, settings)
         c = cfgs["student_cached"] = replace(c, teacher=cache_value(folder))
         with phases("teacher cache"):
             teacher = shared.teacher(cfgs["student"])
-            build_teacher_cache(c, teacher, str(teacher_dir), folder, settings, log)
+            build_teacher_cache(cfgs["student"], teacher, str(teacher_dir), folder, cache_views(cfgs, settings), log)
         with phases("student_cached (killed + resumed)"):
             if finished(c):
                 log(f"reusing student_cached: {c.out}")
@@ -405,7 +416,9 @@ def run_demo_seeds(seeds: int, out: str | Path = "runs/demo-seeds", quick: bool 
         per_seed.append(fig)
     summary = {k: {"mean": statistics.mean(f[k] for f in per_seed), "sd": statistics.stdev(f[k] for f in per_seed)}
                for k in per_seed[0]}
-    result = {"command": f"mmkd demo --seeds {seeds}" + (" --quick" if quick else ""), "seeds": seeds,
+    command = (f"mmkd demo --seeds {seeds}" + (" --quick" if quick else "")
+               + (f" --cache {cache_dir}" if cache_dir else ""))
+    result = {"command": command, "seeds": seeds,
               "per_seed": per_seed, "summary": summary}
     atomic_write_json(out / "seeds.json", result)
     return result
