@@ -338,6 +338,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     phases = Phases()
     t_start = time.perf_counter()
     cfgs = demo_configs(Path(config_dir), out, cache, quick, seed_offset)
+    settings = replace(settings, cache_views=cache_views(cfgs, settings))  # as metrics.json records it
     shared = TargetCache()  # the teacher is loaded once for every in-process run
     runs: dict[str, dict[str, Any]] = {}
 

@@ -46,9 +46,11 @@ def demo_section(root: Path) -> str:
     kill = models.get("student_cached", {}).get("killed_and_resumed")
     if kill and "student" in top1:
         gap = 100 * (top1["student_cached"] - top1["student"])
+        where = ("level with" if round(abs(gap), 1) == 0 else
+                 f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'}")
         out.append(f"The student distilled from the {demo['settings']['cache_views']}-view teacher cache ends "
-                   f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'} the one distilled from "
-                   f"in-memory targets. It ran as `mmkd distill` in a child process that was killed with "
+                   f"{where} the one whose teacher computed its targets in the run (the same views and "
+                   f"weights). It ran as `mmkd distill` in a child process that was killed with "
                    f"{kill['killed_with']} as soon as its step-{kill['checkpoint_step']} checkpoint was on disk "
                    f"(its log had reached step {kill['last_logged_step_before_kill']}), and finished in a new "
                    f"process with `--resume`.")
