@@ -156,6 +156,11 @@ def test_demo_seeds_reseed_every_run_and_report_mean_and_sd(tmp_path: Path, monk
     printed = capsys.readouterr().out
     assert "| KD − scratch | 9.5 ± 0.7 points |" in printed and "`mmkd demo --seeds 2`" in printed
     assert main(["demo", "--seeds", "1", "--out", str(tmp_path / "one")]) == 2  # one seed has no spread
+    # the command recorded is the one to rerun: with the shared cache it was given
+    assert main(["demo", "--seeds", "2", "--out", str(tmp_path / "s2"), "--configs", str(CONFIGS), "--cache",
+                 str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "s2" / "seeds.json").read_text())["command"] == \
+        f"mmkd demo --seeds 2 --cache {tmp_path / 'c'}"
 
 
 def test_a_run_folder_another_process_writes_is_refused_not_cleared(tmp_path: Path) -> None:
