@@ -163,3 +163,31 @@ def test_the_example_objective_runs_end_to_end_through_the_cli(tmp_path: Path, m
     assert any("angle_kd/angle_image" in r and "angle_kd/angle_text" in r for r in logged)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 2 and "zeroshot:world:test:colour_shape" in metrics["eval"]
+
+
+def test_a_global_plugin_is_imported_before_the_command_and_a_plugin_tower_without_it_is_one_line(
+        registries: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        tiny_teacher_dir: Path) -> None:
+    """`mmkd --plugin MODULE <command>` imports the module first, for any command (a saved model whose tower a
+    plugin registers is read by eval/export/cache, which have no config to name it); a saved model whose tower
+    no installed architecture knows is refused in one line naming its config.json and the option."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.delitem(sys.modules, "my_objective", raising=False)
+    assert main(["--plugin", "my_objective", "objectives"]) == 0
+    assert "angle_kd power=2.0" in capsys.readouterr().out.splitlines()
+    assert main(["--plugin", "no_such_plugin_x", "objectives"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--plugin[0]: no module named 'no_such_plugin_x'" in err and "\n" not in err
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_teacher_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vision_config"]["model_type"] = "mmkd_unknown_tower"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", "zeroshot", "--model", str(folder), "--data", "world:test", "--class-set", "colour",
+                 "--cache", str(tmp_path / "cache"), "--world-n", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{folder / 'config.json'} vision_config: model_type 'mmkd_unknown_tower' is no architecture" in err
+    assert "mmkd --plugin MODULE" in err and "\n" not in err

@@ -27,6 +27,9 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkd", description="Multimodal knowledge distillation for CLIP-style models.")
+    p.add_argument("--plugin", dest="cli_plugins", action="append", default=[], metavar="MODULE",
+                   help="import this module before the command (repeatable): a plugin registering the objectives, "
+                        "formats or towers a model or config names, e.g. mmkd --plugin my_pkg.towers eval …")
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)

@@ -137,8 +137,7 @@ def _online_targets(cfg: RunConfig, teacher: Any, banks: TeacherBanks, paired: S
         held = [b for b in banks if b is not None]
         what = (f"{views} views of each augmented image" if cfg.data.augment else "no augmentation")
         log(f"computing teacher targets once for {cfg.teacher} ({what}: every step reuses them)")
-        return precompute(online, held, [c for r in paired for c in r.captions], views=views if cfg.data.augment
-                          else 1)
+        return precompute(online, held, [c for r in paired for c in r.captions], views=views)  # K: augmented banks
 
     table = cache.table(_targets_key(cfg), compute) if cache is not None else compute()
     return table.to(device or "cpu")

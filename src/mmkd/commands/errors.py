@@ -94,6 +94,10 @@ def run_command(args: argparse.Namespace) -> int:
             from mmkd.data.records import max_image_pixels_from_env, set_max_image_pixels
 
             set_max_image_pixels(max_image_pixels_from_env())
+            if getattr(args, "cli_plugins", None):  # `mmkd --plugin MODULE …`: registered before anything is read
+                from mmkd.plugin_modules import import_plugins
+
+                import_plugins(args.cli_plugins, key="--plugin")
             with sigterm_as_interrupt():
                 return int(args.func(args) or 0)
     except KeyboardInterrupt as e:

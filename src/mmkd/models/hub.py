@@ -132,8 +132,8 @@ def _from_dual_encoder_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any)
     mm = cfg.get("mmkd")
     if mm is None:  # a plain transformers VisionTextDualEncoderModel: its conventions
         return _from_plain_dual_encoder_folder(folder, tokenizer)
-    vision_cfg = config_from_dict(cfg["vision_config"])
-    text_cfg = config_from_dict(cfg["text_config"])
+    vision_cfg = config_from_dict(cfg["vision_config"], f"{folder / 'config.json'} vision_config")
+    text_cfg = config_from_dict(cfg["text_config"], f"{folder / 'config.json'} text_config")
     meta = EncoderMeta.from_json(mm)
     vision = drop_unused_pooler(model_from_config(vision_cfg), meta.vision_pooling)
     text = drop_unused_pooler(model_from_config(text_cfg), meta.text_pooling)
@@ -181,8 +181,11 @@ def _from_shared_block_folder(folder: Path, cfg: dict[str, Any], tokenizer: Any)
     kwargs = shared_block_kwargs(meta)
     if not kwargs:
         raise ModelLoadError(f"{folder}: a shared-block model without its mmkd.extra.shared_block settings")
-    vision = drop_unused_pooler(model_from_config(config_from_dict(cfg["vision_config"])), meta.vision_pooling)
-    text = drop_unused_pooler(model_from_config(config_from_dict(cfg["text_config"])), meta.text_pooling)
+    where = folder / "config.json"
+    vision = drop_unused_pooler(model_from_config(config_from_dict(cfg["vision_config"], f"{where} vision_config")),
+                                meta.vision_pooling)
+    text = drop_unused_pooler(model_from_config(config_from_dict(cfg["text_config"], f"{where} text_config")),
+                              meta.text_pooling)
     model = SharedBlockDualEncoder(vision, text, int(cfg["projection_dim"]), meta, tokenizer, **kwargs)
     load_strict(model, read_state_dict(folder), str(folder))
     return model

@@ -77,12 +77,20 @@ def build_tower(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     return model_from_config(config)
 
 
-def config_from_dict(d: dict[str, Any]) -> PretrainedConfig:
+def config_from_dict(d: dict[str, Any], where: str = "tower config") -> PretrainedConfig:
+    """A saved tower's transformers config; ``where`` names it in errors (e.g. a model folder's config.json)."""
     d = dict(d)
     model_type = d.pop("model_type", None)
     if model_type is None:
-        raise ConfigError("tower config has no model_type")
-    return AutoConfig.for_model(model_type, **d)
+        raise ConfigError(f"{where} has no model_type")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except ValueError as e:
+        if "Unrecognized model identifier" not in str(e):
+            raise
+        raise ConfigError(f"{where}: model_type {model_type!r} is no architecture this installation knows; if a "
+                          "plugin registers it, import the plugin first (`mmkd --plugin MODULE …`, or a config's "
+                          "plugins:)") from None
 
 
 def default_pooling(model: nn.Module, modality: str) -> str:
