@@ -302,7 +302,7 @@ def evaluate_demo(cfgs: dict[str, RunConfig], teacher_dir: Path, out: Path, cach
     models: dict[str, Any] = {"teacher": load_dual_encoder(teacher_dir)}
     metrics: dict[str, Any] = {"models": {}}
     for name in RUNS:
-        if name == "teacher" or name not in cfgs or (name == "student_cached" and not cache_views(cfgs, settings)):
+        if name == "teacher" or name not in cfgs or (name == "student_cached" and not settings.cache_views):
             continue
         run = Path(cfgs[name].out)
         link(out / name, run / "student")
@@ -338,7 +338,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     phases = Phases()
     t_start = time.perf_counter()
     cfgs = demo_configs(Path(config_dir), out, cache, quick, seed_offset)
-    settings = replace(settings, cache_views=cache_views(cfgs, settings))  # as metrics.json records it
+    settings = replace(settings, cache_views=cache_views(cfgs, settings))  # resolved, as metrics.json records it
     shared = TargetCache()  # the teacher is loaded once for every in-process run
     runs: dict[str, dict[str, Any]] = {}
 
@@ -356,13 +356,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
                 log(f"reusing {name}: {cfgs[name].out}")
             else:
                 train_run(name, cfgs[name], log, shared)
-    if cache_views(cfgs, settings):
+    if settings.cache_views:
         c = cfgs["student_cached"]
         folder = cache_folder(cfgs, cache, settings)
         c = cfgs["student_cached"] = replace(c, teacher=cache_value(folder))
         with phases("teacher cache"):
             teacher = shared.teacher(cfgs["student"])
-            build_teacher_cache(cfgs["student"], teacher, str(teacher_dir), folder, cache_views(cfgs, settings), log)
+            build_teacher_cache(cfgs["student"], teacher, str(teacher_dir), folder, settings.cache_views, log)
         with phases("student_cached (killed + resumed)"):
             if finished(c):
                 log(f"reusing student_cached: {c.out}")
