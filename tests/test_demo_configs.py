@@ -154,7 +154,13 @@ def test_demo_seeds_reseed_every_run_and_report_mean_and_sd(tmp_path: Path, monk
     assert abs(s["kept"]["mean"] - (0.46 / 0.50 + 0.47 / 0.52) / 2) < 1e-9
     assert abs(s["cached_minus_online"]["sd"] - (0.01 ** 2 / 2) ** 0.5) < 1e-9  # sample sd of -0.01 and 0.0
     printed = capsys.readouterr().out
-    assert "| KD − scratch | 9.5 ± 0.7 points |" in printed and "`mmkd demo --seeds 2`" in printed
+    assert "| KD − scratch | 9.5 ± 0.7 points | 10.0, 9.0 |" in printed and "`mmkd demo --seeds 2`" in printed
+    assert "| cached − online | -0.5 ± 0.7 points | -1.0, 0.0 |" in printed  # each seed's, beside the mean
+    from mmkd.report.demo_report import seeds_table
+
+    tiny = {"seeds": 2, "command": "c", "per_seed": [{"cached_minus_online": -0.0002}, {"cached_minus_online": 0.0}],
+            "summary": {"cached_minus_online": {"mean": -0.0001, "sd": 0.0001}}}
+    assert "| cached − online | 0.0 ± 0.0 points | 0.0, 0.0 |" in seeds_table(tiny)  # no "-0.0"
     assert main(["demo", "--seeds", "1", "--out", str(tmp_path / "one")]) == 2  # one seed has no spread
     # the command recorded is the one to rerun: with the shared cache it was given
     assert main(["demo", "--seeds", "2", "--out", str(tmp_path / "s2"), "--configs", str(CONFIGS), "--cache",

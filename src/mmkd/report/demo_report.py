@@ -72,13 +72,21 @@ SEED_ROWS = (("teacher_top1", "teacher colour+shape top-1", 100, "%"),
              ("cached_minus_online", "cached − online", 100, " points"), ("speedup_b1", "× faster at batch 1", 1, "×"))
 
 
+def _one_decimal(x: float) -> str:
+    return f"{round(x, 1) + 0.0:.1f}"  # + 0.0: a mean that rounds to zero prints 0.0, not -0.0
+
+
 def seeds_table(result: dict[str, Any]) -> str:
-    """``mmkd demo --seeds N``'s summary: each headline figure as mean ± sd over the seeds."""
+    """``mmkd demo --seeds N``'s summary: each headline figure as mean ± sd over the seeds, then each seed's
+    (a goal meant for one run is then seen on every seed, not only on the mean)."""
     s = result["summary"]
-    lines = [f"| figure ({result['seeds']} seeds) | mean ± sd |", "|---|---|"]
+    per_seed = result.get("per_seed") or []
+    lines = [f"| figure ({result['seeds']} seeds) | mean ± sd | per seed |", "|---|---|---|"]
     for key, label, scale, unit in SEED_ROWS:
         if key in s:
-            lines.append(f"| {label} | {scale * s[key]['mean']:.1f} ± {scale * s[key]['sd']:.1f}{unit} |")
+            each = ", ".join(_one_decimal(scale * f[key]) for f in per_seed if key in f)
+            lines.append(f"| {label} | {_one_decimal(scale * s[key]['mean'])} ± {_one_decimal(scale * s[key]['sd'])}"
+                         f"{unit} | {each} |")
     return "\n".join(lines + ["", f"`{result['command']}`"])
 
 
