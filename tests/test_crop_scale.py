@@ -136,3 +136,23 @@ def test_cache_hflip_flag_is_stored_and_fingerprinted(tiny_teacher_dir: Path, tm
     assert flip.augmentation["hflip"] is True and plain.augmentation["hflip"] is False
     assert flip.augmentation["scale"] == plain.augmentation["scale"] == [0.5, 1.0]
     assert flip.fingerprint_sha256 != plain.fingerprint_sha256
+
+
+def test_mmkd_cache_set_changes_the_configs_keys_and_needs_a_config(tmp_path: Path, tiny_teacher_dir: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`mmkd cache --config CONFIG --set KEY=VALUE`: the cache of a variant of a config (a smaller world, another
+    crop range) without copying the file; a key that does not exist, or --set without --config, is one line."""
+    cfg = write_run_config(tmp_path, f"cache:{tmp_path / 'tc'}", world_size=16, data_extra=", augment: true")
+    common = ["--teacher", str(tiny_teacher_dir), "--views", "2", "--chunk-rows", "8", "--threads", "1"]
+    assert main(["cache", "--config", str(cfg), "--set", "data.world_size_train=8", "--set",
+                 "data.crop_scale=[0.5, 1.0]", *common]) == 0
+    built = CachedTeacher.open(tmp_path / "tc")
+    assert built.n_samples == 8 and built.info.augmentation["scale"] == [0.5, 1.0]
+    capsys.readouterr()
+    assert main(["cache", "--config", str(cfg), "--set", "data.no_such_key=1", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.no_such_key" in err and "\n" not in err
+    assert main(["cache", "--data", "world:train", "--set", "data.limit=3", "--out", str(tmp_path / "x"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--set data.limit=3: --set changes a key of --config's run config" in err and "\n" not in err
+    assert not (tmp_path / "x").exists()

@@ -76,7 +76,7 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record],
         from mmkd.sweep_config import load_sweep_config
 
         # a sweep file is a run config plus its sweep section: the caches its variants read come from its data
-        cfg = config_from_dict(load_sweep_config(args.config).run)
+        cfg = config_from_dict(load_sweep_config(args.config, list(getattr(args, "overrides", []))).run)
         args.randaugment_config = cfg.data.randaugment
         args.crop_scale_config = cfg.data.crop_scale
         set_max_image_pixels(cfg.data.max_image_pixels)
@@ -93,6 +93,9 @@ def cache_inputs(args: argparse.Namespace) -> tuple[str, tuple[Sequence[Record],
         if not out:
             raise CacheError(f"--out is required: {args.config} has teacher: {cfg.teacher!r}, not cache:DIR")
     else:
+        if getattr(args, "overrides", None):
+            raise CacheError(f"--set {args.overrides[0]}: --set changes a key of --config's run config; give "
+                             "--config CONFIG, or the data with --data SPEC and no --set")
         if not args.data:
             raise CacheError("mmkd cache needs --data SPEC (or --config CONFIG) and --teacher MODEL and --out DIR; "
                              "or --verify DIR")

@@ -19,6 +19,9 @@ def add_parser(sub: Any) -> None:
                    help="data spec FORMAT:PATH (repeat for several sets, e.g. captioned + uncaptioned images)")
     c.add_argument("--config", help="take the data (train and unpaired specs, limits, world sizes) from a distill "
                                     "or sweep config; --out defaults to its teacher: cache:DIR")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --config: a key of its run config, as `mmkd distill CONFIG key=value` sets it (repeat "
+                        "for several), e.g. --set data.world_size_unpaired=5000")
     c.add_argument("--out", help="cache folder (resumed if it holds a partial cache of the same build)")
     c.add_argument("--views", type=int, default=1, help="views per image: view 0 = eval transform, 1..K-1 "
                                                         "augmented (default 1)")
