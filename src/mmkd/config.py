@@ -268,14 +268,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(read_yaml(path) if path is not None else {}, overrides)
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    """A run config from plain data (a parsed YAML file, or a dict written in a notebook), validated."""
+def expanded(data: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
+    """A run config's plain data (a copy) with its recipe and student preset expanded and ``overrides`` applied:
+    what every reader of a run config (a run's, a sweep file's) types."""
     data = expand_recipe(copy.deepcopy(data))  # the file's own keys win over its recipe's; overrides refine both
     expand_preset(data)  # before overrides, so that student.freeze=... refines the preset
     apply_overrides(data, overrides or [])
     data = expand_recipe(data)  # an override may name a recipe (recipe=NAME) or a preset (student=preset:NAME)
     expand_preset(data)
-    cfg = from_dict(RunConfig, data)
+    return data
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """A run config from plain data (a parsed YAML file, or a dict written in a notebook), validated."""
+    cfg = from_dict(RunConfig, expanded(data, overrides))
     validate(cfg)
     return cfg
 

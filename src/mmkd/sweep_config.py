@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmkd.config import ObjectiveSpec, expand_preset
-from mmkd.config_io import apply_overrides, from_dict, read_yaml
+from mmkd.config import ObjectiveSpec, expanded
+from mmkd.config_io import from_dict, read_yaml
 from mmkd.errors import ConfigError
-from mmkd.recipes import expand_recipe
 
 
 @dataclass
@@ -96,9 +95,4 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
         raise ConfigError(f"{path}: 'sweep' must be a mapping with keys "
                           f"{', '.join(f.name for f in dataclasses.fields(SweepSection))}")
     sweep = from_dict(SweepSection, section, "sweep")
-    data = expand_recipe(data)  # as config_from_dict: the file's own keys win over its recipe's
-    expand_preset(data)
-    apply_overrides(data, overrides or [])
-    data = expand_recipe(data)
-    expand_preset(data)
-    return SweepConfig(data, sweep)
+    return SweepConfig(expanded(data, overrides), sweep)
