@@ -5,9 +5,11 @@ students for ``--student-steps`` each: a variant is ``NAME:RUN[:KEY=VALUE;KEY=VA
 configs (student, scratch) and the overrides applied on top. Each model is scored by colour+shape / shape / colour
 zero-shot top-1 on ``--val`` held-out single-object images of the ``val`` split (its own seed, distinct from
 ``test``). Shortened budgets make it fit a busy machine; the full demo's budgets are the configs' own.
+``--seeds 3`` repeats everything with every run's ``train.seed`` offset by 0, 1, 2 (as ``mmkd demo --seeds``
+does) and adds each model's mean ± sd; without variants it compares teachers alone.
 
-Usage: python bench/demo_val.py [--teacher-steps 300] [--student-steps 150] [--val 1000] [--threads 1]
-           [--teacher-override KEY=VALUE …] [--cache runs/demo/cache] [--out runs/demo-val] [--json PATH] VARIANT …
+Usage: python bench/demo_val.py [--teacher-steps 300] [--student-steps 150] [--val 1000] [--threads 1] [--seeds 1]
+           [--teacher-override KEY=VALUE …] [--cache runs/demo/cache] [--out runs/demo-val] [--json PATH] [VARIANT …]
 e.g.   python bench/demo_val.py student:student scratch:scratch \\
            "noinherit:student:student.vision.source=new;student.vision.arch=clip_vision;student.vision.config={…}"
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,13 +47,64 @@ def score(model: Any, val: list) -> dict[str, float]:
                                 torch.tensor(world_labels(val, cs)))["top1"] for cs in SETS}
 
 
+def reseeded(overrides: list[str], cfg_seed: int, offset: int) -> list[str]:
+    """``train.seed`` moved by the seed offset, after every other override (so a variant's own seed moves too)."""
+    return [*overrides, f"train.seed={cfg_seed + offset}"] if offset else overrides
+
+
+def seeded(a: argparse.Namespace, offset: int, cache: Path, common: list[str], val: list,
+           shared: TargetCache) -> dict[str, Any]:
+    """The teacher and every variant at one seed offset, each scored on ``val``."""
+    base = [f"train.steps={a.teacher_steps}", f"train.ckpt_every={a.teacher_steps}", *a.teacher_override]
+    teacher = load_config(CONFIGS / "teacher.yaml", common + base)
+    teacher = load_config(CONFIGS / "teacher.yaml", common + reseeded(base, teacher.train.seed, offset))
+    teacher = replace(teacher, out=str(cache / f"teacher-{config_key(teacher)}"))
+    if not finished(teacher):
+        train_run("teacher", teacher, log, None)
+    teacher_dir = str(Path(teacher.out) / "student")
+    results: dict[str, Any] = {"teacher": {"steps": a.teacher_steps, "overrides": a.teacher_override,
+                                           "seed": teacher.train.seed,
+                                           "val": score(load_dual_encoder(teacher_dir), val)}}
+    log("teacher", results["teacher"])
+    for spec in a.variants:
+        name, run, *rest = spec.split(":", 2)
+        overrides = [o for o in (rest[0] if rest else "").split(";") if o]
+        suffix = f"-s{offset}" if offset else ""
+        base = common + [f"out={Path(a.out) / f'{name}-{a.teacher_steps}-{a.student_steps}{suffix}'}",
+                         f"train.steps={a.student_steps}", f"train.ckpt_every={a.student_steps}", *overrides]
+        cfg = load_config(CONFIGS / f"{run}.yaml", base)
+        cfg = replace(load_config(CONFIGS / f"{run}.yaml", reseeded(base, cfg.train.seed, offset)), teacher=teacher_dir)
+        if not finished(cfg):
+            train_run(name, cfg, log, shared)
+        results[name] = {"run": run, "overrides": overrides, "steps": cfg.train.steps, "seed": cfg.train.seed,
+                         "val": score(load_dual_encoder(Path(cfg.out) / "student"), val)}
+        log(name, results[name]["val"])
+    return results
+
+
+def summary(per_seed: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Each model's val top-1 over seeds as mean ± sd (points), and its fraction of the teacher's colour+shape."""
+    names = list(next(iter(per_seed.values())))
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        row = {}
+        for cs in SETS:
+            xs = [100 * r[name]["val"][cs] for r in per_seed.values()]
+            row[cs] = f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
+        kept = [100 * r[name]["val"]["colour_shape"] / r["teacher"]["val"]["colour_shape"] for r in per_seed.values()]
+        row["kept_colour_shape_pct"] = f"{statistics.mean(kept):.1f} ± {statistics.stdev(kept):.1f}"
+        out[name] = row
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("variants", nargs="+")
+    p.add_argument("variants", nargs="*")
     p.add_argument("--teacher-steps", type=int, default=300)
     p.add_argument("--student-steps", type=int, default=150)
     p.add_argument("--val", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=1, help="offset every run's train.seed by 0 … N-1")
     p.add_argument("--teacher-override", action="append", default=[],
                    help="KEY=VALUE applied to configs/demo/teacher.yaml (repeatable), e.g. a deeper teacher")
     p.add_argument("--cache", default="runs/demo/cache")
@@ -60,32 +114,15 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     cache, common = Path(a.cache), [f"cache_dir={a.cache}", f"train.threads={a.threads}"]
-    teacher = load_config(CONFIGS / "teacher.yaml", common + [f"train.steps={a.teacher_steps}",
-                                                              f"train.ckpt_every={a.teacher_steps}",
-                                                              *a.teacher_override])
-    teacher = replace(teacher, out=str(cache / f"teacher-{config_key(teacher)}"))
-    if not finished(teacher):
-        train_run("teacher", teacher, log, None)
-    teacher_dir = str(Path(teacher.out) / "student")
     val = world.to_records(world.load_split("val", a.val, cache / "world"))
-    results: dict[str, Any] = {"teacher": {"steps": a.teacher_steps, "overrides": a.teacher_override,
-                                           "val": score(load_dual_encoder(teacher_dir), val)}}
-    log("teacher", results["teacher"])
     shared = TargetCache()
-    for spec in a.variants:
-        name, run, *rest = spec.split(":", 2)
-        overrides = [o for o in (rest[0] if rest else "").split(";") if o]
-        cfg = load_config(CONFIGS / f"{run}.yaml", common + [
-            f"out={Path(a.out) / f'{name}-{a.teacher_steps}-{a.student_steps}'}", f"train.steps={a.student_steps}",
-            f"train.ckpt_every={a.student_steps}", *overrides])
-        cfg = replace(cfg, teacher=teacher_dir)
-        if not finished(cfg):
-            train_run(name, cfg, log, shared)
-        results[name] = {"run": run, "overrides": overrides, "steps": a.student_steps,
-                         "val": score(load_dual_encoder(Path(cfg.out) / "student"), val)}
-        log(name, results[name]["val"])
+    per_seed: dict[str, Any] = {}
+    for offset in range(a.seeds):
+        per_seed[str(offset)] = seeded(a, offset, cache, common, val, shared)
+    results = per_seed["0"] if a.seeds == 1 else {"per_seed": per_seed, "mean_sd": summary(per_seed)}
     out = {"command": "python bench/demo_val.py " + " ".join(f"'{v}'" for v in a.variants)
            + f" --teacher-steps {a.teacher_steps} --student-steps {a.student_steps} --val {a.val} --threads {a.threads}"
+           + (f" --seeds {a.seeds}" if a.seeds > 1 else "")
            + "".join(f" --teacher-override '{o}'" for o in a.teacher_override),
            "split": "val", "results": results, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out, indent=1))
