@@ -41,10 +41,22 @@ def log(*a: Any) -> None:
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
-def score(model: Any, val: list) -> dict[str, float]:
+def towers(model: Any, val: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A model's image embeddings of ``val`` and its zero-shot classifier (text embeddings) for each class set."""
     emb, _ = embed_images(model, pixel_batches(model, val))
-    return {cs: zeroshot_scores(emb, zeroshot_classifier(model, world.class_sets()[cs], world.templates(cs)),
-                                torch.tensor(world_labels(val, cs)))["top1"] for cs in SETS}
+    return emb, {cs: zeroshot_classifier(model, world.class_sets()[cs], world.templates(cs)) for cs in SETS}
+
+
+def score(model: Any, val: list, teacher: tuple | None = None) -> dict[str, float]:
+    """Zero-shot top-1 per class set; given the teacher's towers, also colour+shape with one tower swapped for the
+    teacher's (``image_with_teacher_text``, ``text_with_teacher_image``): which of the student's towers falls short."""
+    (emb, classifiers), labels = towers(model, val), {cs: torch.tensor(world_labels(val, cs)) for cs in SETS}
+    out = {cs: zeroshot_scores(emb, classifiers[cs], labels[cs])["top1"] for cs in SETS}
+    if teacher is not None:
+        cs = "colour_shape"
+        out["image_with_teacher_text"] = zeroshot_scores(emb, teacher[1][cs], labels[cs])["top1"]
+        out["text_with_teacher_image"] = zeroshot_scores(teacher[0], classifiers[cs], labels[cs])["top1"]
+    return out
 
 
 def reseeded(overrides: list[str], cfg_seed: int, offset: int) -> list[str]:
@@ -62,9 +74,10 @@ def seeded(a: argparse.Namespace, offset: int, cache: Path, common: list[str], v
     if not finished(teacher):
         train_run("teacher", teacher, log, None)
     teacher_dir = str(Path(teacher.out) / "student")
+    teacher_model = load_dual_encoder(teacher_dir)
+    teacher_towers = towers(teacher_model, val)
     results: dict[str, Any] = {"teacher": {"steps": a.teacher_steps, "overrides": a.teacher_override,
-                                           "seed": teacher.train.seed,
-                                           "val": score(load_dual_encoder(teacher_dir), val)}}
+                                           "seed": teacher.train.seed, "val": score(teacher_model, val)}}
     log("teacher", results["teacher"])
     for spec in a.variants:
         name, run, *rest = spec.split(":", 2)
@@ -77,7 +90,7 @@ def seeded(a: argparse.Namespace, offset: int, cache: Path, common: list[str], v
         if not finished(cfg):
             train_run(name, cfg, log, shared)
         results[name] = {"run": run, "overrides": overrides, "steps": cfg.train.steps, "seed": cfg.train.seed,
-                         "val": score(load_dual_encoder(Path(cfg.out) / "student"), val)}
+                         "val": score(load_dual_encoder(Path(cfg.out) / "student"), val, teacher_towers)}
         log(name, results[name]["val"])
     return results
 

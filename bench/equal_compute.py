@@ -16,10 +16,10 @@ final accuracy, as a fraction of the online student's training time; that fracti
 added; and the same fraction for a ViT-B/16-shaped teacher, from the per-step times ``bench/cache_cost.py`` measured
 (``bench/results/cache_cost.json``: online over cached step time) applied to the steps measured here.
 
-Usage: python bench/equal_compute.py [--steps 600] [--eval-every 50] [--val 1000] [--views 2] [--seeds 0,1,2]
+Usage: python bench/equal_compute.py [--steps N] [--eval-every 50] [--val 1000] [--views 2] [--seeds 0,1,2]
        [--teacher-steps 800] [--teacher DIR] [--threads N] [--work runs/equal_compute] [--json PATH] [--png PATH]
        [--teacher-override KEY=VALUE] [--override KEY=VALUE] [--from-json PATH (summary and figure only)]
-Full study (the demo's 800-step teacher and 600-step students, 20,000 uncaptioned images): python
+Full study (the demo's 800-step teacher and its students' steps, 20,000 uncaptioned images): python
 bench/equal_compute.py --json bench/results/equal_compute.json; ``--teacher DIR`` reuses a demo's trained teacher.
 A study stopped (or killed) is rerun with the same command: finished runs are read back (``SEED/MODE.result.json``
 in --work), and the JSON is written after every seed.
@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
@@ -324,7 +326,7 @@ def modes_arg(text: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)  # the demo students'
+    ap.add_argument("--steps", type=int, default=0, help="the students' steps (default: student.yaml's)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--val", type=int, default=1000)
     ap.add_argument("--views", type=int, default=2)
@@ -344,6 +346,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.steps = args.steps or int(yaml.safe_load((DEMO / "student.yaml").read_text())["train"]["steps"])
     if args.worker:
         args.mode = args.worker
         print(json.dumps(worker(args)))
