@@ -28,7 +28,7 @@ import torch
 
 from mmkd.config import load_config
 from mmkd.data import world
-from mmkd.demo import config_key, finished, train_run
+from mmkd.demo import config_key, finished, reseeded, train_run
 from mmkd.eval.suite import embed_images, pixel_batches, world_labels, zeroshot_classifier, zeroshot_scores
 from mmkd.models.hub import load_dual_encoder
 from mmkd.run_setup import TargetCache
@@ -47,10 +47,11 @@ def towers(model: Any, val: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]
     return emb, {cs: zeroshot_classifier(model, world.class_sets()[cs], world.templates(cs)) for cs in SETS}
 
 
-def score(model: Any, val: list, teacher: tuple | None = None) -> dict[str, float]:
-    """Zero-shot top-1 per class set; given the teacher's towers, also colour+shape with one tower swapped for the
-    teacher's (``image_with_teacher_text``, ``text_with_teacher_image``): which of the student's towers falls short."""
-    (emb, classifiers), labels = towers(model, val), {cs: torch.tensor(world_labels(val, cs)) for cs in SETS}
+def score(own: tuple, val: list, teacher: tuple | None = None) -> dict[str, float]:
+    """Zero-shot top-1 per class set from a model's ``towers``; given the teacher's, also colour+shape with one tower
+    swapped for the teacher's (``image_with_teacher_text``, ``text_with_teacher_image``): which of the student's
+    towers falls short."""
+    (emb, classifiers), labels = own, {cs: torch.tensor(world_labels(val, cs)) for cs in SETS}
     out = {cs: zeroshot_scores(emb, classifiers[cs], labels[cs])["top1"] for cs in SETS}
     if teacher is not None:
         cs = "colour_shape"
@@ -59,38 +60,33 @@ def score(model: Any, val: list, teacher: tuple | None = None) -> dict[str, floa
     return out
 
 
-def reseeded(overrides: list[str], cfg_seed: int, offset: int) -> list[str]:
-    """``train.seed`` moved by the seed offset, after every other override (so a variant's own seed moves too)."""
-    return [*overrides, f"train.seed={cfg_seed + offset}"] if offset else overrides
-
-
 def seeded(a: argparse.Namespace, offset: int, cache: Path, common: list[str], val: list,
            shared: TargetCache) -> dict[str, Any]:
-    """The teacher and every variant at one seed offset, each scored on ``val``."""
-    base = [f"train.steps={a.teacher_steps}", f"train.ckpt_every={a.teacher_steps}", *a.teacher_override]
-    teacher = load_config(CONFIGS / "teacher.yaml", common + base)
-    teacher = load_config(CONFIGS / "teacher.yaml", common + reseeded(base, teacher.train.seed, offset))
+    """The teacher and every variant at one seed offset (every run's ``train.seed`` moved, as ``mmkd demo --seeds``
+    moves them), each scored on ``val``."""
+    teacher = reseeded(offset, load_config(CONFIGS / "teacher.yaml", common + [
+        f"train.steps={a.teacher_steps}", f"train.ckpt_every={a.teacher_steps}", *a.teacher_override]))
     teacher = replace(teacher, out=str(cache / f"teacher-{config_key(teacher)}"))
     if not finished(teacher):
         train_run("teacher", teacher, log, None)
     teacher_dir = str(Path(teacher.out) / "student")
-    teacher_model = load_dual_encoder(teacher_dir)
-    teacher_towers = towers(teacher_model, val)
+    teacher_towers = towers(load_dual_encoder(teacher_dir), val)
     results: dict[str, Any] = {"teacher": {"steps": a.teacher_steps, "overrides": a.teacher_override,
-                                           "seed": teacher.train.seed, "val": score(teacher_model, val)}}
+                                           "seed": teacher.train.seed, "val": score(teacher_towers, val)}}
     log("teacher", results["teacher"])
     for spec in a.variants:
         name, run, *rest = spec.split(":", 2)
         overrides = [o for o in (rest[0] if rest else "").split(";") if o]
         suffix = f"-s{offset}" if offset else ""
-        base = common + [f"out={Path(a.out) / f'{name}-{a.teacher_steps}-{a.student_steps}{suffix}'}",
-                         f"train.steps={a.student_steps}", f"train.ckpt_every={a.student_steps}", *overrides]
-        cfg = load_config(CONFIGS / f"{run}.yaml", base)
-        cfg = replace(load_config(CONFIGS / f"{run}.yaml", reseeded(base, cfg.train.seed, offset)), teacher=teacher_dir)
+        cfg = reseeded(offset, load_config(CONFIGS / f"{run}.yaml", common + [
+            f"out={Path(a.out) / f'{name}-{a.teacher_steps}-{a.student_steps}{suffix}'}",
+            f"train.steps={a.student_steps}", f"train.ckpt_every={a.student_steps}", *overrides]))
+        cfg = replace(cfg, teacher=teacher_dir)
         if not finished(cfg):
             train_run(name, cfg, log, shared)
         results[name] = {"run": run, "overrides": overrides, "steps": cfg.train.steps, "seed": cfg.train.seed,
-                         "val": score(load_dual_encoder(Path(cfg.out) / "student"), val, teacher_towers)}
+                         "val": score(towers(load_dual_encoder(Path(cfg.out) / "student"), val), val,
+                                      teacher_towers)}
         log(name, results[name]["val"])
     return results
 

@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
 MODES = ("cached", "online", "scratch")
@@ -346,7 +344,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--cache", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.steps = args.steps or int(yaml.safe_load((DEMO / "student.yaml").read_text())["train"]["steps"])
+    if not args.steps:  # the demo students' own
+        from mmkd.config import load_config
+
+        args.steps = load_config(DEMO / "student.yaml").train.steps
     if args.worker:
         args.mode = args.worker
         print(json.dumps(worker(args)))

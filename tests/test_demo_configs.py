@@ -7,6 +7,7 @@ from pathlib import Path
 from mmkd.config import StudentConfig, TowerSpec, load_config
 from mmkd.demo import RUNS, config_key, demo_configs
 from mmkd.models.student import build_student
+from mmkd.report.demo_report import seeds_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
@@ -156,8 +157,6 @@ def test_demo_seeds_reseed_every_run_and_report_mean_and_sd(tmp_path: Path, monk
     printed = capsys.readouterr().out
     assert "| KD − scratch | 9.5 ± 0.7 points | 10.0, 9.0 |" in printed and "`mmkd demo --seeds 2`" in printed
     assert "| cached − online | -0.5 ± 0.7 points | -1.0, 0.0 |" in printed  # each seed's, beside the mean
-    from mmkd.report.demo_report import seeds_table
-
     tiny = {"seeds": 2, "command": "c", "per_seed": [{"cached_minus_online": -0.0002}, {"cached_minus_online": 0.0}],
             "summary": {"cached_minus_online": {"mean": -0.0001, "sd": 0.0001}}}
     assert "| cached − online | 0.0 ± 0.0 points | 0.0, 0.0 |" in seeds_table(tiny)  # no "-0.0"

@@ -87,6 +87,11 @@ def config_key(cfg: RunConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def reseeded(offset: int, cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``train.seed`` moved by ``offset`` (``mmkd demo --seeds N``: offsets 0 … N-1)."""
+    return replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + offset)) if offset else cfg
+
+
 def demo_configs(config_dir: Path, out: Path, cache: Path, quick: bool, seed_offset: int = 0) -> dict[str, RunConfig]:
     """The four run configs, pointed at this demo's folders (``--quick``: plus the overrides of quick.yaml);
     ``seed_offset`` is added to every run's ``train.seed`` (``mmkd demo --seeds N``: offsets 0 … N-1)."""
@@ -98,16 +103,12 @@ def demo_configs(config_dir: Path, out: Path, cache: Path, quick: bool, seed_off
     if quick:
         quick_overrides = yaml.safe_load((config_dir / "quick.yaml").read_text()) or {}
     base = [f"cache_dir={cache}"]
-
-    def reseeded(cfg: RunConfig) -> RunConfig:
-        return replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + seed_offset)) if seed_offset else cfg
-
-    teacher = reseeded(load_config(config_dir / "teacher.yaml", base + quick_overrides.get("teacher", [])))
+    teacher = reseeded(seed_offset, load_config(config_dir / "teacher.yaml", base + quick_overrides.get("teacher", [])))
     teacher = replace(teacher, out=str(cache / f"teacher-{config_key(teacher)}"))
     teacher_model = str(Path(teacher.out) / "student")
     cfgs = {"teacher": teacher}
     for name in RUNS[1:]:
-        cfg = reseeded(load_config(config_dir / f"{name}.yaml", base + [f"out={out / 'train' / name}"]
+        cfg = reseeded(seed_offset, load_config(config_dir / f"{name}.yaml", base + [f"out={out / 'train' / name}"]
                                    + quick_overrides.get(name, [])))
         cfgs[name] = replace(cfg, teacher=teacher_model) if not is_cached(parse_teacher(cfg.teacher)) else \
             inherit_from_folder(cfg, teacher_model)
